@@ -1,0 +1,3 @@
+from carrara.cli import main
+
+raise SystemExit(main())

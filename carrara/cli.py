@@ -1,0 +1,160 @@
+"""The `carrara` command line. Each subcommand imports its module lazily, so `--help` is instant."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from carrara.errors import CarraraError
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {value}")
+    return value
+
+
+def _cmd_data_build(args: argparse.Namespace) -> int:
+    if args.dataset == "shapes":
+        from carrara.data.shapes import build_shapes
+
+        stats = build_shapes(args.out, n=args.n or 2000, size=args.size, seed=args.seed)
+    elif args.dataset == "emoji":
+        from carrara.data.emoji import build_emoji
+
+        if args.n is not None:
+            raise CarraraError("--n does not apply to emoji: every fully-qualified emoji is rendered")
+        stats = build_emoji(args.out, size=args.size, font=args.font)
+    else:  # argparse's choices make this unreachable
+        raise CarraraError(f"unknown dataset {args.dataset!r}")
+    print(f"wrote {stats['written']} images to {args.out}" + (f" (skipped {stats['skipped']})" if stats.get("skipped") else ""))
+    return 0
+
+
+def _cmd_data_info(args: argparse.Namespace) -> int:
+    from carrara.data.folder import load_folder
+
+    ds = load_folder(args.path)
+    print(f"{args.path}: {len(ds)} images")
+    for reason, count in sorted(ds.skipped.items()):
+        print(f"  skipped {count}: {reason}")
+    for i in range(min(args.show, len(ds))):
+        print(f"  {ds.records[i].file_name}: {ds.records[i].text}")
+    return 0
+
+
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be ≥ 0, got {text}")
+    return value
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from carrara.recipe import apply_overrides
+
+    if args.stage == "autoencoder":
+        from carrara.train.autoencoder import AutoencoderRecipe, train_autoencoder
+
+        recipe = AutoencoderRecipe(data=args.data, size=args.size)
+        run = train_autoencoder
+    else:
+        from carrara.train.diffusion import DiffusionRecipe, train_diffusion
+
+        if not args.autoencoder:
+            raise CarraraError("train diffusion needs --autoencoder RUN (a finished `carrara train autoencoder` run)")
+        recipe = DiffusionRecipe(data=args.data, autoencoder=args.autoencoder, size=args.size)
+        run = train_diffusion
+    if args.steps is not None:
+        recipe.train.steps = args.steps
+    if args.batch_size is not None:
+        recipe.train.batch_size = args.batch_size
+    apply_overrides(recipe, args.set or [])
+    result = run(recipe, args.out, resume=args.resume, progress=not args.quiet)
+    print(f"{args.stage} run in {args.out}: {result['steps']} steps, last loss {result['last_loss']:.4f}")
+    return 0
+
+
+def _cmd_recipe(args: argparse.Namespace) -> int:
+    from carrara.recipe import run_recipe
+
+    run_recipe(args.recipe, args.out, resume=args.resume, overrides=args.set or [], progress=not args.quiet)
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from carrara.generate import generate_command
+
+    return generate_command(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="carrara", description="A readable text-to-image diffusion system.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    data = commands.add_parser("data", help="build and inspect captioned image datasets")
+    data_cmds = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    build = data_cmds.add_parser("build", help="build a dataset folder (images + metadata.jsonl)")
+    build.add_argument("dataset", choices=["shapes", "emoji"], help="which dataset to build")
+    build.add_argument("--out", required=True, help="output folder")
+    build.add_argument("--n", type=_positive_int, default=None, help="number of images (shapes; default 2000)")
+    build.add_argument("--size", type=_positive_int, default=64, help="image side in pixels (default 64)")
+    build.add_argument("--seed", type=int, default=0, help="random seed (shapes)")
+    build.add_argument("--font", default=None, help="color emoji font (emoji; default Debian's NotoColorEmoji.ttf)")
+    build.set_defaults(func=_cmd_data_build)
+    info = data_cmds.add_parser("info", help="load a dataset folder and report what it holds")
+    info.add_argument("path", help="dataset folder")
+    info.add_argument("--show", type=int, default=3, help="captions to print")
+    info.set_defaults(func=_cmd_data_info)
+    train = commands.add_parser("train", help="train one stage: autoencoder, then diffusion")
+    train.add_argument("stage", choices=["autoencoder", "diffusion"])
+    train.add_argument("--data", required=True, help="dataset folder (images + metadata.jsonl)")
+    train.add_argument("--out", required=True, help="run folder to create (or continue with --resume)")
+    train.add_argument("--autoencoder", help="autoencoder run folder (diffusion stage)")
+    train.add_argument("--size", type=_positive_int, default=64, help="image side in pixels (default 64)")
+    train.add_argument("--steps", type=_positive_int, help="training steps")
+    train.add_argument("--batch-size", type=_positive_int, help="batch size")
+    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe field, e.g. train.lr=1e-4")
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.set_defaults(func=_cmd_train)
+
+    recipe = commands.add_parser("recipe", help="run a recipe file: build data, train every stage, evaluate")
+    recipe.add_argument("recipe", help="recipe TOML, e.g. recipes/shapes.toml")
+    recipe.add_argument("--out", required=True, help="folder for the recipe's data and runs")
+    recipe.add_argument("--resume", action="store_true", help="skip finished stages, resume the unfinished one")
+    recipe.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. diffusion.train.steps=100")
+    recipe.add_argument("--quiet", action="store_true", help="no progress bars")
+    recipe.set_defaults(func=_cmd_recipe)
+
+    gen = commands.add_parser("generate", help="make images from a prompt")
+    gen.add_argument("prompt", nargs="?", help="what to draw")
+    gen.add_argument("--model", default=None, help="model or run folder (default: the packaged model)")
+    gen.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default 20)")
+    gen.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp"], default=None, help="default dpmpp")
+    gen.add_argument("--guidance", type=_nonnegative_float, default=None, help="classifier-free guidance w (default 4)")
+    gen.add_argument("--negative", default=None, help="negative prompt (default: none)")
+    gen.add_argument("--seed", type=int, default=None, help="random seed (default 0); image i uses seed + i")
+    gen.add_argument("--n", type=_positive_int, default=1, help="number of images (a grid when > 1)")
+    gen.add_argument("-o", "--out", default=None, help="output PNG (default carrara.png)")
+    gen.add_argument("--from", dest="from_png", default=None, help="re-create an image from its PNG metadata")
+    gen.set_defaults(func=_cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CarraraError as e:
+        print(f"carrara: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("carrara: interrupted", file=sys.stderr)
+        return 130

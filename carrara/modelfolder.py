@@ -1,0 +1,91 @@
+"""A model folder in diffusers' Stable Diffusion layout: model_index.json, unet/, vae/, scheduler/,
+and either text_encoder/ + tokenizer/ or a named built-in text encoder (carrara's own runs).
+
+A diffusion run folder *is* a model folder: the trainer exports its EMA weights in this layout.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from carrara.errors import CarraraError
+from carrara.io import write_json_atomic
+
+PACKAGED = Path(__file__).parent / "assets"
+
+
+@dataclass
+class ModelFolder:
+    """Where each component of a model lives on disk."""
+
+    root: Path
+    unet: Path
+    vae: Path
+    scheduler_config: dict
+    text_encoder: str  # "minilm" or a folder
+    tokenizer: str | None
+
+    def unet_hash(self) -> str:
+        """First 12 hex digits of the SHA-256 of the U-Net weights: names the model in PNG metadata."""
+        weights = next(iter(sorted(self.unet.glob("*.safetensors"))), None)
+        if weights is None:
+            raise CarraraError(f"{self.unet} holds no .safetensors weights")
+        h = hashlib.sha256()
+        with open(weights, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+        return h.hexdigest()[:12]
+
+
+def resolve(path: str | Path) -> ModelFolder:
+    """Find the components of the model at `path` ("default" = the packaged model)."""
+    root = PACKAGED / "default" if str(path) == "default" else Path(path)
+    if str(path) == "default" and not root.is_dir():
+        raise CarraraError("no default model is packaged in this checkout; pass --model RUN_DIR "
+                           "(train one with `carrara train diffusion`)")
+    if not root.is_dir():
+        raise CarraraError(f"model folder {root} does not exist")
+    index_path = root / "model_index.json"
+    if not index_path.is_file():
+        hint = " (this is an autoencoder run; pass a diffusion run)" if (root / "vae").is_dir() else ""
+        raise CarraraError(f"{root} is not a model folder: no model_index.json{hint}")
+    try:
+        index = json.loads(index_path.read_text())
+        scheduler = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CarraraError(f"{root}: unreadable model_index.json or scheduler/scheduler_config.json ({e})") from None
+    for part in ("unet", "vae"):
+        if not (root / part / "config.json").is_file():
+            raise CarraraError(f"{root} has no {part}/config.json")
+    if (root / "text_encoder").is_dir():
+        text_encoder, tokenizer = str(root / "text_encoder"), str(root / "tokenizer")
+    else:
+        text_encoder, tokenizer = index.get("carrara", {}).get("text_encoder", "minilm"), None
+    return ModelFolder(root, root / "unet", root / "vae", scheduler, text_encoder, tokenizer)
+
+
+def write_model_folder(root: Path, *, unet, vae_dir: Path | None = None, vae=None, scheduler_config: dict,
+                       text_encoder: str, extra: dict | None = None) -> None:
+    """Write unet/ (and vae/ from a model or a folder), scheduler/ and model_index.json into root."""
+    root = Path(root)
+    unet.save_pretrained(root / "unet")
+    if vae is not None:
+        vae.save_pretrained(root / "vae")
+    elif vae_dir is not None and Path(vae_dir).resolve() != (root / "vae").resolve():
+        (root / "vae").mkdir(parents=True, exist_ok=True)
+        for f in Path(vae_dir).iterdir():
+            if f.is_file():
+                shutil.copy2(f, root / "vae" / f.name)
+    (root / "scheduler").mkdir(parents=True, exist_ok=True)
+    write_json_atomic(root / "scheduler" / "scheduler_config.json",
+                      {"_class_name": "DDIMScheduler", **scheduler_config})
+    write_json_atomic(root / "model_index.json", {
+        "_class_name": "StableDiffusionPipeline",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "carrara": {"text_encoder": text_encoder, **(extra or {})},
+    })

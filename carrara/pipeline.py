@@ -1,0 +1,114 @@
+"""Text → image: encode the prompt, start from noise, denoise with guidance, decode (seeds/001).
+
+The denoising loop is written out once, in `Pipeline.__call__`, and training's sample grids use it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from carrara.errors import CarraraError
+
+MAX_STEPS = 1000
+MAX_BATCH = 64
+
+
+@dataclass
+class GenerationSettings:
+    """Everything that decides the pixels besides the model; recorded in every PNG."""
+
+    prompt: str
+    negative_prompt: str = ""
+    steps: int = 20
+    sampler: str = "dpmpp"
+    guidance: float = 4.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        from carrara.diffusion.samplers import SAMPLERS
+
+        if not isinstance(self.prompt, str):
+            raise CarraraError("the prompt must be text")
+        if not 1 <= self.steps <= MAX_STEPS:
+            raise CarraraError(f"--steps must be between 1 and {MAX_STEPS}, got {self.steps}")
+        if self.sampler not in SAMPLERS:
+            raise CarraraError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if not 0.0 <= self.guidance <= 50.0:
+            raise CarraraError(f"--guidance must be between 0 and 50, got {self.guidance}")
+        if not 0 <= self.seed < 2**63:
+            raise CarraraError(f"--seed must be between 0 and 2^63-1, got {self.seed}")
+
+
+class Pipeline:
+    """A text encoder, a U-Net noise predictor, a noise schedule and an autoencoder's decoder."""
+
+    def __init__(self, *, unet, vae, text_encoder, schedule, prediction_type, model_hash: str = "", name: str = ""):
+        self.unet, self.vae, self.text_encoder = unet.eval(), vae.eval(), text_encoder
+        self.schedule, self.prediction_type = schedule, prediction_type
+        self.model_hash, self.name = model_hash, name
+
+    @classmethod
+    def load(cls, path: str | Path = "default") -> "Pipeline":
+        """Load a carrara run folder, the packaged "default" model, or a diffusers SD folder."""
+        from carrara.diffusion.schedule import NoiseSchedule
+        from carrara.modelfolder import resolve
+        from carrara.models.autoencoder import AutoencoderKL
+        from carrara.models.unet import UNet
+        from carrara.text.encoder import TextEncoder
+
+        folder = resolve(path)
+        unet = UNet.from_pretrained(folder.unet)
+        vae = AutoencoderKL.from_pretrained(folder.vae)
+        text_encoder = TextEncoder.load(folder.text_encoder, tokenizer_path=folder.tokenizer)
+        if text_encoder.dim != unet.config.cross_attention_dim:
+            raise CarraraError(f"text encoder gives {text_encoder.dim}-dim states but the U-Net expects "
+                               f"{unet.config.cross_attention_dim}")
+        schedule = NoiseSchedule.from_diffusers_config(folder.scheduler_config)
+        prediction_type = folder.scheduler_config.get("prediction_type", "epsilon")
+        return cls(unet=unet, vae=vae, text_encoder=text_encoder, schedule=schedule,
+                   prediction_type=prediction_type, model_hash=folder.unet_hash(), name=str(path))
+
+    def latent_shape(self) -> tuple[int, int, int]:
+        c = self.unet.config
+        return (c.in_channels, c.sample_size, c.sample_size)
+
+    @torch.inference_mode()
+    def __call__(self, prompts: list[str] | str, *, steps: int = 20, sampler: str = "dpmpp",
+                 guidance: float = 4.0, negative_prompt: str = "", seed: int = 0,
+                 callback: Callable | None = None, output: str = "pil"):
+        """Generate one image per prompt; image i uses seed + i, so any image can be made again alone."""
+        from carrara.diffusion.guidance import cfg_model
+        from carrara.diffusion.samplers import SAMPLERS, default_timesteps
+        from carrara.utils.grid import to_pil
+
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not 1 <= len(prompts) <= MAX_BATCH:
+            raise CarraraError(f"give between 1 and {MAX_BATCH} prompts, got {len(prompts)}")
+        for p in prompts:
+            GenerationSettings(p, negative_prompt, steps, sampler, guidance, seed).validate()
+        # 1. Encode the text; the negative prompt ("" = the null condition) is the unconditional branch.
+        cond, _ = self.text_encoder.encode(prompts)  # (B, L, D)
+        uncond, _ = self.text_encoder.encode([negative_prompt] * len(prompts))  # (B, L, D)
+        # 2. Initial noise x_T ~ N(0, I), one generator per image (Algorithm 2, line 1).
+        shape = self.latent_shape()
+        x_T = torch.cat([torch.randn(1, *shape, generator=torch.Generator().manual_seed(seed + i))
+                         for i in range(len(prompts))])  # (B, c, h, w)
+        # 3. Denoise with classifier-free guidance: ε̃ = ε(∅) + w·(ε(c) − ε(∅)).
+        model = cfg_model(lambda x, t, states: self.unet(x, t, states), cond, uncond, guidance)
+        timesteps = default_timesteps(sampler, self.schedule, steps)
+        decode_cb = None
+        if callback is not None:
+            def decode_cb(i, t, x_t, x0_hat):
+                callback(i, len(timesteps), lambda: self.decode(x0_hat))
+        z0 = SAMPLERS[sampler](model, x_T, self.schedule, timesteps, prediction_type=self.prediction_type,
+                               generator=torch.Generator().manual_seed(seed), callback=decode_cb)
+        # 4. Decode the latent into pixels.
+        images = self.decode(z0)  # (B, 3, H, W) in [-1, 1]
+        return images if output == "tensor" else to_pil(images)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Scaled latents (B, c, h, w) → images (B, 3, H, W) in [-1, 1]."""
+        return self.vae.decode(z / self.vae.config.scaling_factor).clamp(-1, 1)

@@ -1,0 +1,57 @@
+"""Encode a dataset once: images in memory, then latents (posterior mean and std) and text states.
+
+This is what the three-stage split buys (seeds/001: the parts are trained separately): the frozen
+autoencoder and text encoder run once per example, not once per step.
+"""
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from carrara.errors import CarraraError
+
+
+def preload_images(dataset, *, progress: bool = True) -> tuple[torch.Tensor, list[str]]:
+    """All images as one uint8 tensor (N, 3, H, W) and their captions; sizes must agree."""
+    images, texts = [], []
+    for i in tqdm(range(len(dataset)), desc="loading images", disable=not progress, leave=False):
+        item = dataset[i]
+        images.append(((item["image"].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
+        texts.append(item["text"])
+    if not images:
+        raise CarraraError("the dataset holds no usable images")
+    shapes = {tuple(im.shape) for im in images}
+    if len(shapes) > 1:
+        raise CarraraError(f"images have different sizes {sorted(shapes)[:3]}; pass --size to resize them")
+    return torch.stack(images), texts
+
+
+def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) → float (B, 3, H, W) in [-1, 1]."""
+    return images_uint8.float() / 127.5 - 1.0
+
+
+@torch.inference_mode()
+def encode_latents(autoencoder, images_uint8: torch.Tensor, *, batch_size: int = 64,
+                   progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of every image, unscaled: (N, c, h, w) each."""
+    means, stds = [], []
+    autoencoder.eval()
+    for i in tqdm(range(0, len(images_uint8), batch_size), desc="encoding latents", disable=not progress, leave=False):
+        posterior = autoencoder.encode(to_model_range(images_uint8[i:i + batch_size]))
+        means.append(posterior.mean.float())
+        stds.append(posterior.std.float())
+    return torch.cat(means), torch.cat(stds)
+
+
+@torch.inference_mode()
+def encode_texts(text_encoder, texts: list[str], *, batch_size: int = 128,
+                 progress: bool = True) -> tuple[torch.Tensor, list[int]]:
+    """Token states of each distinct caption (U, L, D) in bf16, and each example's index into them."""
+    unique = sorted(set(texts))
+    position = {t: i for i, t in enumerate(unique)}
+    states = []
+    for i in tqdm(range(0, len(unique), batch_size), desc="encoding captions", disable=not progress, leave=False):
+        s, _ = text_encoder.encode(unique[i:i + batch_size])
+        states.append(s.to(torch.bfloat16))
+    return torch.cat(states), [position[t] for t in texts]

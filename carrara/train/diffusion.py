@@ -1,0 +1,100 @@
+"""Stage 2: train the text-conditioned noise predictor on cached latents (DDPM Algorithm 1).
+
+Latents and text states are computed once (train/cache.py). Each step: pick a batch, sample
+z ~ q(z|x) from the cached posterior, drop the caption to the empty prompt with probability
+`cond_dropout` (Ho & Salimans 2022, so one network learns ε(x_t, c) and ε(x_t, ∅)), and regress
+the ε (or v) target. The run folder is a model folder (modelfolder.py) holding the EMA weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from carrara.data.folder import load_folder
+from carrara.diffusion.objectives import diffusion_loss
+from carrara.diffusion.schedule import NoiseSchedule
+from carrara.errors import CarraraError
+from carrara.io import ensure_dir
+from carrara.modelfolder import write_model_folder
+from carrara.models.autoencoder import AutoencoderKL
+from carrara.models.unet import UNet, UNetConfig, default_unet_config
+from carrara.text.encoder import TextEncoder
+from carrara.train.cache import encode_latents, encode_texts, preload_images
+from carrara.train.core import Trainer, TrainConfig
+from carrara.utils.grid import image_grid
+
+
+@dataclass
+class DiffusionRecipe:
+    """What `carrara train diffusion` builds; saved as the run's config.json."""
+
+    data: str = ""
+    autoencoder: str = ""
+    size: int = 64
+    text_encoder: str = "minilm"
+    schedule: str = "scaled_linear"
+    num_train_timesteps: int = 1000
+    prediction_type: str = "epsilon"
+    cond_dropout: float = 0.1
+    sample_prompts: list[str] = field(default_factory=list)
+    model: dict = field(default_factory=lambda: default_unet_config().to_diffusers_config())
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=3000, batch_size=64, lr=3e-4))
+
+
+def train_diffusion(recipe: DiffusionRecipe, out: str | Path, *, resume: bool = False, progress: bool = True) -> dict:
+    """Encode the dataset once, then train the U-Net; the run folder becomes a model folder."""
+    from carrara.pipeline import Pipeline
+
+    out = ensure_dir(out)
+    vae_dir = Path(recipe.autoencoder) / "vae"
+    if not (vae_dir / "config.json").is_file():
+        raise CarraraError(f"--autoencoder {recipe.autoencoder}: no trained autoencoder there (expected vae/config.json)")
+    if not 0.0 <= recipe.cond_dropout < 1.0:
+        raise CarraraError(f"cond_dropout must be in [0, 1), got {recipe.cond_dropout}")
+    vae = AutoencoderKL.from_pretrained(vae_dir)
+    text_encoder = TextEncoder.load(recipe.text_encoder)
+    dataset = load_folder(recipe.data, size=recipe.size)
+    images, texts = preload_images(dataset, progress=progress)
+    mean, std = encode_latents(vae, images, progress=progress)  # (N, c, h, w) each, unscaled
+    states, caption_of = encode_texts(text_encoder, texts, progress=progress)  # (U, L, D), N indices
+    caption_of = torch.tensor(caption_of)
+    null = text_encoder.null_states(1).to(torch.bfloat16)  # (1, L, D): the empty prompt
+    scale = vae.config.scaling_factor
+
+    config = UNetConfig.from_diffusers_config(recipe.model)
+    if config.cross_attention_dim != text_encoder.dim:
+        config = dataclasses.replace(config, cross_attention_dim=text_encoder.dim)
+    config = dataclasses.replace(config, in_channels=mean.shape[1], out_channels=mean.shape[1], sample_size=mean.shape[-1])
+    recipe.model = config.to_diffusers_config()
+    torch.manual_seed(recipe.train.seed)
+    unet = UNet(config)
+    schedule = NoiseSchedule.from_config(recipe.schedule, T=recipe.num_train_timesteps)
+    scheduler_config = {**schedule.to_diffusers_config(), "prediction_type": recipe.prediction_type}
+    prompts = recipe.sample_prompts or sorted(set(texts), key=texts.index)[:8]
+
+    def loss_fn(model: UNet, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        # Algorithm 1, line 2: x_0 ~ q(x_0), here a latent drawn from the cached posterior q(z|x).
+        eps_z = torch.randn(mean[idx].shape, generator=gen)
+        z0 = (mean[idx] + std[idx] * eps_z) * scale  # (B, c, h, w)
+        cond = states[caption_of[idx]]  # (B, L, D)
+        drop = torch.rand(len(idx), generator=gen) < recipe.cond_dropout
+        cond = torch.where(drop[:, None, None], null, cond).float()
+        return diffusion_loss(lambda x, t: model(x, t, cond), z0, schedule, recipe.prediction_type, generator=gen)
+
+    def sample_fn(ema: UNet, step: int):
+        pipe = Pipeline(unet=ema, vae=vae, text_encoder=text_encoder, schedule=schedule,
+                        prediction_type=recipe.prediction_type)
+        return image_grid(pipe(prompts, steps=20, sampler="dpmpp", guidance=4.0, seed=0), rows=1)
+
+    def export_fn(ema: UNet) -> None:
+        write_model_folder(out, unet=ema, vae_dir=vae_dir, scheduler_config=scheduler_config,
+                           text_encoder=recipe.text_encoder)
+
+    run_config = {"stage": "diffusion", **dataclasses.asdict(recipe)}
+    trainer = Trainer(out, unet, recipe.train, n_examples=len(images), loss_fn=loss_fn, sample_fn=sample_fn,
+                      export_fn=export_fn, run_config=run_config, name="diffusion")
+    result = trainer.fit(resume=resume, progress=progress)
+    return {**result, "skipped": dict(dataset.skipped), "n_images": len(images), "n_captions": len(states)}
