@@ -94,12 +94,19 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return generate_command(args)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (plus where to look), not a usage dump."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="carrara", description="A readable text-to-image diffusion system.")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser = _Parser(prog="carrara", description="A readable text-to-image diffusion system.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
 
     data = commands.add_parser("data", help="build and inspect captioned image datasets")
-    data_cmds = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    data_cmds = data.add_subparsers(dest="data_command", metavar="ACTION", required=True, parser_class=_Parser)
     build = data_cmds.add_parser("build", help="build a dataset folder (images + metadata.jsonl)")
     build.add_argument("dataset", choices=["shapes", "emoji"], help="which dataset to build")
     build.add_argument("--out", required=True, help="output folder")
