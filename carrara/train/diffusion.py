@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from carrara.data.folder import load_folder
-from carrara.diffusion.objectives import diffusion_loss
+from carrara.diffusion.objectives import diffusion_loss, sample_t_and_noise
 from carrara.diffusion.schedule import NoiseSchedule
 from carrara.errors import CarraraError
 from carrara.io import ensure_dir
@@ -71,8 +71,9 @@ def train_diffusion(recipe: DiffusionRecipe, out: str | Path, *, resume: bool = 
     recipe.model = config.to_diffusers_config()
     torch.manual_seed(recipe.train.seed)
     unet = UNet(config)
-    schedule = NoiseSchedule.from_config(recipe.schedule, T=recipe.num_train_timesteps)
-    scheduler_config = {**schedule.to_diffusers_config(), "prediction_type": recipe.prediction_type}
+    schedule = NoiseSchedule.from_config(recipe.schedule, T=recipe.num_train_timesteps,
+                                         prediction_type=recipe.prediction_type)
+    scheduler_config = schedule.to_diffusers_config()
     prompts = recipe.sample_prompts or sorted(set(texts), key=texts.index)[:8]
 
     def loss_fn(model: UNet, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -82,7 +83,8 @@ def train_diffusion(recipe: DiffusionRecipe, out: str | Path, *, resume: bool = 
         cond = states[caption_of[idx]]  # (B, L, D)
         drop = torch.rand(len(idx), generator=gen) < recipe.cond_dropout
         cond = torch.where(drop[:, None, None], null, cond).float()
-        return diffusion_loss(lambda x, t: model(x, t, cond), z0, schedule, recipe.prediction_type, generator=gen)
+        t, noise = sample_t_and_noise(z0, schedule, gen)  # Algorithm 1, lines 3–4
+        return diffusion_loss(lambda x, t: model(x, t, cond), z0, t, noise, schedule, recipe.prediction_type)
 
     def sample_fn(ema: UNet, step: int):
         pipe = Pipeline(unet=ema, vae=vae, text_encoder=text_encoder, schedule=schedule,
