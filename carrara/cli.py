@@ -88,6 +88,12 @@ def _cmd_recipe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval_faithfulness(args: argparse.Namespace) -> int:
+    from carrara.evaluate.faithfulness import faithfulness_command
+
+    return faithfulness_command(args)
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from carrara.generate import generate_command
 
@@ -139,6 +145,19 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. diffusion.train.steps=100")
     recipe.add_argument("--quiet", action="store_true", help="no progress bars")
     recipe.set_defaults(func=_cmd_recipe)
+
+    ev = commands.add_parser("eval", help="measure a model")
+    ev_cmds = ev.add_subparsers(dest="eval_command", metavar="METRIC", required=True, parser_class=_Parser)
+    faith = ev_cmds.add_parser("faithfulness", help="share of generated shapes with the right color/position/size/shape")
+    faith.add_argument("--model", required=True, help="model or run folder trained on shapes")
+    faith.add_argument("--n", type=_positive_int, default=None, help="prompts per setting (default 200)")
+    faith.add_argument("--guidance", type=_nonnegative_float, default=None, help="guidance w (default 4)")
+    faith.add_argument("--steps", type=_positive_int, default=None, help="sampling steps (default 20)")
+    faith.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp"], default=None, help="default dpmpp")
+    faith.add_argument("--seed", type=int, default=None, help="seed for prompts and noise (default 0)")
+    faith.add_argument("--out", default=None, help="write the report JSON here")
+    faith.add_argument("--quiet", action="store_true", help="no progress bar")
+    faith.set_defaults(func=_cmd_eval_faithfulness)
 
     gen = commands.add_parser("generate", help="make images from a prompt")
     gen.add_argument("prompt", nargs="?", help="what to draw")
