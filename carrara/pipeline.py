@@ -56,7 +56,7 @@ class Pipeline:
         from carrara.diffusion.schedule import NoiseSchedule
         from carrara.modelfolder import resolve
         from carrara.models.autoencoder import AutoencoderKL
-        from carrara.models.unet import UNet
+        from carrara.models.unet import UNet2DConditionModel as UNet
         from carrara.text.encoder import TextEncoder
 
         folder = resolve(path)

@@ -20,7 +20,8 @@ from carrara.errors import CarraraError
 from carrara.io import ensure_dir
 from carrara.modelfolder import write_model_folder
 from carrara.models.autoencoder import AutoencoderKL
-from carrara.models.unet import UNet, UNetConfig, default_unet_config
+from carrara.models.config import UNetConfig, default_unet_config
+from carrara.models.unet import UNet2DConditionModel as UNet
 from carrara.text.encoder import TextEncoder
 from carrara.train.cache import encode_latents, encode_texts, preload_images
 from carrara.train.core import Trainer, TrainConfig

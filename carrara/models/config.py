@@ -1,0 +1,368 @@
+"""Typed configs for the two networks, read from and written to diffusers' `config.json`, and the folder layout.
+
+A diffusers model folder holds `config.json` and `diffusion_pytorch_model.safetensors`; a pipeline folder holds
+one such folder per part (`unet/`, `vae/`). Every `config.json` key maps to one dataclass field of the same name;
+diffusers keys carrara does not implement are accepted only at their default value (`_FIXED_*` below), so a
+config that would build a different network is refused with a CarraraError naming the field.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from carrara.errors import CarraraError
+from carrara.io import atomic_path, ensure_dir, write_json_atomic
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+DIFFUSERS_VERSION = "0.42.1"  # the diffusers release whose layout these configs follow (written into config.json)
+
+_ANY = object()  # marks a diffusers field whose value does not change the network
+
+# diffusers fields not implemented by carrara: name -> accepted values (the first is diffusers' default).
+_FIXED_UNET: dict[str, tuple] = {
+    "center_input_sample": (False,),
+    "mid_block_type": ("UNetMidBlock2DCrossAttn",),
+    "only_cross_attention": (False,),
+    "reverse_transformer_layers_per_block": (None,),
+    "encoder_hid_dim": (None,),
+    "encoder_hid_dim_type": (None,),
+    "num_attention_heads": (None,),
+    "dual_cross_attention": (False,),
+    "class_embed_type": (None,),
+    "addition_embed_type": (None,),
+    "addition_time_embed_dim": (None,),
+    "num_class_embeds": (None,),
+    "resnet_time_scale_shift": ("default",),
+    "resnet_skip_time_act": (False,),
+    "resnet_out_scale_factor": (1.0,),
+    "time_embedding_type": ("positional",),
+    "time_embedding_dim": (None,),
+    "time_embedding_act_fn": (None,),
+    "timestep_post_act": (None,),
+    "time_cond_proj_dim": (None,),
+    "conv_in_kernel": (3,),
+    "conv_out_kernel": (3,),
+    "projection_class_embeddings_input_dim": (None,),
+    "attention_type": ("default",),
+    "class_embeddings_concat": (False,),
+    "mid_block_only_cross_attention": (None, False),
+    "cross_attention_norm": (None,),
+    "addition_embed_type_num_heads": (64, _ANY),
+}
+_FIXED_VAE: dict[str, tuple] = {"latents_mean": (None,), "latents_std": (None,)}
+_ACTIVATIONS = ("silu", "swish")  # the same function under two names
+_CLASS_NAMES = {"AutoencoderConfig": "AutoencoderKL", "UNetConfig": "UNet2DConditionModel"}
+
+
+def _same(value: Any, allowed: Any) -> bool:
+    """Equal, without Python's False == 0 and None-vs-value confusions."""
+    return value == allowed and isinstance(value, bool) == isinstance(allowed, bool) and (value is None) == (
+        allowed is None)
+
+
+def _freeze(value: Any) -> Any:
+    """JSON lists -> tuples (recursively), so configs compare and hash like the dataclass defaults."""
+    return tuple(_freeze(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _thaw(value: Any) -> Any:
+    return [_thaw(v) for v in value] if isinstance(value, tuple) else value
+
+
+def _read_config_dict(src: dict | str | os.PathLike) -> dict:
+    """A config dict as given, or read from a `config.json` path or a folder holding one."""
+    if isinstance(src, dict):
+        return dict(src)
+    path = Path(src)
+    path = path / CONFIG_NAME if path.is_dir() else path
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CarraraError(f"config file {path} not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CarraraError(f"cannot read config file {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise CarraraError(f"config file {path} does not hold a JSON object")
+    return data
+
+
+def _config_from_dict(cls, src, fixed: dict[str, tuple], class_name: str):
+    """Build dataclass `cls` from a diffusers config, refusing fields or values carrara does not implement."""
+    data = _read_config_dict(src)
+    if data.get("_class_name", class_name) != class_name:
+        raise CarraraError(f"config describes a {data['_class_name']}, not a {class_name}: check the folder")
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key, value in data.items():
+        if key.startswith("_") or key in names:
+            continue
+        if key not in fixed:
+            raise CarraraError(f"{class_name} config field {key!r} is unknown to carrara; remove it")
+        allowed = fixed[key]
+        values = value if isinstance(value, list) else [value]  # e.g. only_cross_attention: [false, false]
+        if _ANY not in allowed and not all(any(_same(v, a) for a in allowed) for v in values):
+            raise CarraraError(
+                f"{class_name} config field {key}={value!r} is not supported (carrara needs {allowed[0]!r})")
+    return cls(**{k: _freeze(v) for k, v in data.items() if k in names})
+
+
+def _config_to_dict(cfg, fixed: dict[str, tuple], class_name: str) -> dict:
+    out = {"_class_name": class_name, "_diffusers_version": DIFFUSERS_VERSION}
+    out.update({k: _thaw(v) for k, v in dataclasses.asdict(cfg).items()})
+    out.update({k: allowed[0] for k, allowed in fixed.items()})
+    return dict(sorted(out.items()))
+
+
+def _per_block(cfg, name: str, n: int) -> tuple:
+    """An int-or-tuple field expanded to one value per resolution level (checked for length)."""
+    value = getattr(cfg, name)
+    if isinstance(value, tuple):
+        if len(value) != n:
+            raise CarraraError(f"{type(cfg).__name__} config field {name} has {len(value)} entries, "
+                               f"expected {n} (one per block)")
+        return value
+    return (value,) * n
+
+
+_KINDS = {
+    "int ≥ 1": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+    "int ≥ 0": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "number or null": lambda v: v is None or _KINDS["number"](v),
+    "true/false": lambda v: isinstance(v, bool),
+}
+
+
+def _check_types(cfg, **kinds: tuple[str, ...]) -> None:
+    """Each field listed under a kind (`int_pos=...`, see `_KINDS`) holds a value of that kind."""
+    names = {"int_pos": "int ≥ 1", "int": "int ≥ 0", "number": "number", "nullable": "number or null",
+             "bool": "true/false"}
+    for key, fields in kinds.items():
+        for name in fields:
+            value = getattr(cfg, name)
+            if not _KINDS[names[key]](value):
+                raise CarraraError(f"{_CLASS_NAMES[type(cfg).__name__]} config field {name}={value!r} must be "
+                                   f"{names[key]}")
+
+
+def _check_channels(block_out_channels: tuple, groups: int, cls_name: str) -> None:
+    if not block_out_channels or any(not isinstance(c, int) or c <= 0 for c in block_out_channels):
+        raise CarraraError(
+            f"{cls_name} config field block_out_channels must be positive ints, got {block_out_channels}")
+    if not isinstance(groups, int) or groups <= 0 or any(c % groups for c in block_out_channels):
+        raise CarraraError(f"{cls_name} config field norm_num_groups={groups} must divide every block_out_channels "
+                           f"{block_out_channels}")
+
+
+@dataclass
+class AutoencoderConfig:
+    """Shape of the KL autoencoder (Rombach et al. 2022 §3.1); fields are diffusers' `AutoencoderKL` config keys.
+
+    Latents for the diffusion model are z' = (z − shift_factor) · scaling_factor (shift 0 when None); callers apply
+    this, the autoencoder itself works on unscaled z. The image is downsampled by f = 2^(len(block_out_channels)−1).
+    """
+
+    in_channels: int = 3
+    out_channels: int = 3
+    down_block_types: tuple[str, ...] = ("DownEncoderBlock2D",)
+    up_block_types: tuple[str, ...] = ("UpDecoderBlock2D",)
+    block_out_channels: tuple[int, ...] = (64,)
+    layers_per_block: int = 1
+    act_fn: str = "silu"
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    sample_size: int | tuple[int, int] = 32
+    scaling_factor: float = 0.18215
+    shift_factor: float | None = None
+    force_upcast: bool = True
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    mid_block_add_attention: bool = True
+
+    def __post_init__(self):
+        for name in ("down_block_types", "up_block_types", "block_out_channels", "sample_size"):
+            setattr(self, name, _freeze(getattr(self, name)))
+        n = len(self.block_out_channels)
+        _check_types(self, int_pos=("in_channels", "out_channels", "layers_per_block", "latent_channels"),
+                     number=("scaling_factor",), nullable=("shift_factor",),
+                     bool=("force_upcast", "use_quant_conv", "use_post_quant_conv", "mid_block_add_attention"))
+        _check_channels(self.block_out_channels, self.norm_num_groups, "AutoencoderKL")
+        for name, kind in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+            types = getattr(self, name)
+            if len(types) != n or any(t != kind for t in types):
+                raise CarraraError(f"AutoencoderKL config field {name}={list(types)} is not supported "
+                                   f"(carrara needs {n}× {kind!r}, one per block_out_channels)")
+        if self.act_fn not in _ACTIVATIONS:
+            raise CarraraError(f"AutoencoderKL config field act_fn={self.act_fn!r} is not supported (use 'silu')")
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    @classmethod
+    def from_diffusers_config(cls, src: dict | str | os.PathLike) -> AutoencoderConfig:
+        """From a diffusers `AutoencoderKL` config dict, `config.json` path, or folder holding one."""
+        return _config_from_dict(cls, src, _FIXED_VAE, "AutoencoderKL")
+
+    def to_diffusers_config(self) -> dict:
+        """The diffusers `config.json` dict for this config (loadable by `AutoencoderKL.from_config`)."""
+        return _config_to_dict(self, _FIXED_VAE, "AutoencoderKL")
+
+
+@dataclass
+class UNetConfig:
+    """Shape of the conditional U-Net noise predictor; fields are diffusers' `UNet2DConditionModel` config keys.
+
+    Defaults are diffusers' (the Stable Diffusion 1.x layout). As in diffusers, `attention_head_dim` is really the
+    number of attention heads per block (the "naming quirk", diffusers issue #2011); head size = channels // heads.
+    """
+
+    sample_size: int | tuple[int, int] | None = None
+    in_channels: int = 4
+    out_channels: int = 4
+    flip_sin_to_cos: bool = True
+    freq_shift: float = 0
+    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                         "DownBlock2D")
+    up_block_types: tuple[str, ...] = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                                       "CrossAttnUpBlock2D")
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    layers_per_block: int | tuple[int, ...] = 2
+    downsample_padding: int = 1
+    mid_block_scale_factor: float = 1
+    dropout: float = 0.0
+    act_fn: str = "silu"
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    cross_attention_dim: int = 1280
+    transformer_layers_per_block: int | tuple[int, ...] = 1
+    attention_head_dim: int | tuple[int, ...] = 8
+    use_linear_projection: bool = False
+    upcast_attention: bool = False
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _freeze(getattr(self, f.name)))
+        n = len(self.block_out_channels)
+        _check_types(self, int_pos=("in_channels", "out_channels", "cross_attention_dim"), int=("downsample_padding",),
+                     number=("freq_shift", "mid_block_scale_factor", "dropout", "norm_eps"),
+                     bool=("flip_sin_to_cos", "use_linear_projection", "upcast_attention"))
+        _check_channels(self.block_out_channels, self.norm_num_groups, "UNet2DConditionModel")
+        kinds = {"down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+                 "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D")}
+        for name, allowed in kinds.items():
+            types = getattr(self, name)
+            if len(types) != n or any(t not in allowed for t in types):
+                raise CarraraError(f"UNet2DConditionModel config field {name}={list(types)} is not supported "
+                                   f"(carrara needs {n} of {allowed})")
+        if self.act_fn not in _ACTIVATIONS:
+            raise CarraraError(
+                f"UNet2DConditionModel config field act_fn={self.act_fn!r} is not supported (use 'silu')")
+        for name in ("layers_per_block", "transformer_layers_per_block", "attention_head_dim"):
+            if any(not isinstance(v, int) or v < 1 for v in _per_block(self, name, n)):
+                raise CarraraError(f"UNet2DConditionModel config field {name}={getattr(self, name)!r} must be "
+                                   f"positive ints")
+
+    def per_block(self, name: str) -> tuple:
+        """`layers_per_block`, `transformer_layers_per_block` or `attention_head_dim`, one value per level."""
+        return _per_block(self, name, len(self.block_out_channels))
+
+    @classmethod
+    def from_diffusers_config(cls, src: dict | str | os.PathLike) -> UNetConfig:
+        """From a diffusers `UNet2DConditionModel` config dict, `config.json` path, or folder holding one."""
+        return _config_from_dict(cls, src, _FIXED_UNET, "UNet2DConditionModel")
+
+    def to_diffusers_config(self) -> dict:
+        """The diffusers `config.json` dict for this config (loadable by `UNet2DConditionModel.from_config`)."""
+        return _config_to_dict(self, _FIXED_UNET, "UNet2DConditionModel")
+
+
+def default_unet_config() -> UNetConfig:
+    """A 26M-parameter U-Net for 16×16×4 latents conditioned on MiniLM token states (384-d).
+
+    Cross-attention at all three resolutions (16², 8², 4² tokens), 32-d heads; ~0.9 GMAC per sample.
+    """
+    return UNetConfig(
+        sample_size=16,
+        block_out_channels=(64, 128, 256),
+        down_block_types=("CrossAttnDownBlock2D",) * 3,
+        up_block_types=("CrossAttnUpBlock2D",) * 3,
+        layers_per_block=2,
+        attention_head_dim=(2, 4, 8),  # diffusers' name; it is the number of heads per level
+        cross_attention_dim=384,
+        use_linear_projection=True,
+    )
+
+
+def default_autoencoder_config() -> AutoencoderConfig:
+    """A small f=4 KL autoencoder, 64×64×3 ↔ 16×16×4; `scaling_factor` is set after training (1/std of latents)."""
+    return AutoencoderConfig(
+        sample_size=64,
+        block_out_channels=(64, 128, 256),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1,
+        latent_channels=4,
+        scaling_factor=1.0,
+        force_upcast=False,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# diffusers folder layout: <folder>/config.json + <folder>/diffusion_pytorch_model.safetensors
+
+
+def resolve_model_folder(folder: str | os.PathLike, subfolder: str) -> Path:
+    """`folder` itself if it holds `config.json`, else `folder/subfolder` (a diffusers pipeline folder)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CarraraError(f"model folder {folder} not found")
+    for candidate in (folder, folder / subfolder):
+        if (candidate / CONFIG_NAME).is_file():
+            return candidate
+    raise CarraraError(f"no {CONFIG_NAME} in {folder} or {folder / subfolder}: is this a diffusers model folder?")
+
+
+def load_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Read `diffusion_pytorch_model.safetensors` from `folder`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = folder / WEIGHTS_NAME
+    if not path.is_file():
+        raise CarraraError(f"weights file {path} not found (carrara reads safetensors only)")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CarraraError(f"cannot read weights file {path}: {e}") from None
+
+
+def load_into(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Strict `load_state_dict` whose failure is one CarraraError naming the first mismatched keys."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    wrong = sorted(k for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape)
+    if missing or unexpected or wrong:
+        parts = [f"{len(v)} {what} (e.g. {v[0]})" for what, v in
+                 (("missing", missing), ("unexpected", unexpected), ("with wrong shape", wrong)) if v]
+        raise CarraraError(f"weights in {source} do not fit this config: " + ", ".join(parts))
+    module.load_state_dict(state_dict, strict=True)
+
+
+def save_folder(folder: str | os.PathLike, config: dict, state_dict: dict[str, torch.Tensor]) -> Path:
+    """Write `config.json` and the safetensors weights into `folder`, each atomically."""
+    from safetensors.torch import save_file
+
+    folder = ensure_dir(folder)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    with atomic_path(folder / WEIGHTS_NAME) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    write_json_atomic(folder / CONFIG_NAME, config)
+    return folder
