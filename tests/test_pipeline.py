@@ -1,0 +1,154 @@
+"""The pipeline and `carrara generate` on a tiny random model folder: determinism, metadata, errors."""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from carrara.cli import main
+from carrara.diffusion.guidance import cfg_model
+from carrara.diffusion.samplers import default_timesteps, sample_ddim
+from carrara.diffusion.schedule import NoiseSchedule
+from carrara.modelfolder import write_model_folder
+from carrara.models.autoencoder import AutoencoderKL
+from carrara.models.config import AutoencoderConfig, UNetConfig
+from carrara.models.unet import UNet2DConditionModel
+from carrara.pipeline import Pipeline
+from carrara.png import read_png_metadata
+
+TINY_UNET = UNetConfig(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+                       cross_attention_dim=384, attention_head_dim=(2, 4),
+                       down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+TINY_VAE = AutoencoderConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8, latent_channels=4,
+                             sample_size=16, down_block_types=("DownEncoderBlock2D",) * 2,
+                             up_block_types=("UpDecoderBlock2D",) * 2, scaling_factor=0.7)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(TINY_UNET)
+    with torch.no_grad():  # diffusers zero-initialises conv_out; random weights make outputs depend on the text
+        for p in unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    vae = AutoencoderKL(TINY_VAE)
+    schedule = NoiseSchedule.from_config("scaled_linear", T=1000)
+    write_model_folder(root, unet=unet, vae=vae, scheduler_config=schedule.to_diffusers_config(), text_encoder="minilm")
+    return root
+
+
+@pytest.fixture(scope="module")
+def pipe(model_dir):
+    return Pipeline.load(model_dir)
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_generate_is_deterministic_and_seed_dependent(pipe):
+    a = pipe(["a red circle"], steps=4, seed=3, output="tensor")
+    b = pipe(["a red circle"], steps=4, seed=3, output="tensor")
+    c = pipe(["a red circle"], steps=4, seed=4, output="tensor")
+    assert torch.equal(a, b)
+    assert (a - c).abs().max() > 1e-3
+    assert a.shape == (1, 3, 16, 16)
+
+
+def test_image_i_of_a_batch_is_seed_plus_i(pipe):
+    batch = pipe(["a red circle", "a blue square"], steps=4, seed=10, output="tensor")
+    alone = pipe(["a blue square"], steps=4, seed=11, output="tensor")
+    assert (batch[1] - alone[0]).abs().max() < 1e-4
+
+
+def test_text_and_guidance_change_the_image(pipe):
+    red = pipe(["a red circle"], steps=4, seed=0, output="tensor")
+    blue = pipe(["a blue truck"], steps=4, seed=0, output="tensor")
+    w8 = pipe(["a red circle"], steps=4, seed=0, guidance=8.0, output="tensor")
+    assert (red - blue).abs().max() > 1e-4
+    assert (red - w8).abs().max() > 1e-4
+
+
+def test_guidance_one_equals_the_conditional_model(pipe):
+    """CFG with w = 1 is the conditional prediction: compare with a sampler run on the bare U-Net."""
+    got = pipe(["a red circle"], steps=5, sampler="ddim", guidance=1.0, seed=2, output="tensor")
+    cond, _ = pipe.text_encoder.encode(["a red circle"])
+    x_T = torch.randn(1, *pipe.latent_shape(), generator=torch.Generator().manual_seed(2))
+    ts = default_timesteps("ddim", pipe.schedule, 5)
+    with torch.inference_mode():
+        z0 = sample_ddim(lambda x, t: pipe.unet(x, t, cond), x_T, pipe.schedule, ts)
+        want = pipe.decode(z0)
+        guided = cfg_model(lambda x, t, s: pipe.unet(x, t, s), cond, pipe.text_encoder.null_states(1), 1.0)
+        assert torch.equal(guided(x_T, ts[0]), pipe.unet(x_T, ts[0], cond))
+    assert (got - want).abs().max() < 1e-5
+
+
+def test_cli_same_seed_same_pixels_and_metadata_round_trip(model_dir, tmp_path, capsys):
+    args = ["generate", "a small red circle", "--model", str(model_dir), "--steps", "3", "--seed", "7",
+            "--guidance", "3.5", "--negative", "blue", "--sampler", "ddim"]
+    assert main(args + ["-o", str(tmp_path / "a.png")]) == 0
+    assert main(args + ["-o", str(tmp_path / "b.png")]) == 0
+    assert np.array_equal(pixels(tmp_path / "a.png"), pixels(tmp_path / "b.png"))
+    meta = read_png_metadata(tmp_path / "a.png")
+    assert meta["prompt"] == "a small red circle" and meta["seed"] == 7 and meta["steps"] == 3
+    assert meta["sampler"] == "ddim" and meta["guidance"] == 3.5 and meta["negative_prompt"] == "blue"
+    assert len(meta["model_hash"]) == 12
+    assert main(["generate", "--from", str(tmp_path / "a.png"), "-o", str(tmp_path / "c.png")]) == 0
+    assert np.array_equal(pixels(tmp_path / "a.png"), pixels(tmp_path / "c.png"))
+    assert main(["generate", "--from", str(tmp_path / "a.png"), "--seed", "8", "-o", str(tmp_path / "d.png")]) == 0
+    assert not np.array_equal(pixels(tmp_path / "a.png"), pixels(tmp_path / "d.png"))
+
+
+def test_cli_grid_for_n_images(model_dir, tmp_path):
+    assert main(["generate", "x", "--model", str(model_dir), "--steps", "2", "--n", "4", "-o", str(tmp_path / "g.png")]) == 0
+    assert Image.open(tmp_path / "g.png").size == (2 * 16 + 3 * 2, 2 * 16 + 3 * 2)
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]
+
+
+def test_bad_model_path_is_one_line(tmp_path, capsys):
+    rc = main(["generate", "a cat", "--model", str(tmp_path / "nope"), "-o", str(tmp_path / "x.png")])
+    assert rc == 2 and "does not exist" in one_error_line(capsys)
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_corrupt_checkpoint_is_one_line(model_dir, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert main(["generate", "a cat", "--model", str(broken), "-o", str(tmp_path / "x.png")]) == 2
+    one_error_line(capsys)
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("argv", [["--steps", "0"], ["--steps", "-2"], ["--guidance", "-1"], ["--n", "0"]])
+def test_bad_numbers_are_one_line(model_dir, tmp_path, capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "a cat", "--model", str(model_dir), "-o", str(tmp_path / "x.png"), *argv])
+    assert e.value.code == 2
+    one_error_line(capsys)
+
+
+def test_empty_prompt_and_bad_output_are_one_line(model_dir, tmp_path, capsys):
+    assert main(["generate", "  ", "--model", str(model_dir)]) == 2
+    assert "prompt" in one_error_line(capsys)
+    assert main(["generate", "a cat", "--model", str(model_dir), "-o", str(tmp_path / "x.jpg")]) == 2
+    assert ".png" in one_error_line(capsys)
+    assert main(["generate", "--from", str(tmp_path / "none.png")]) == 2
+    one_error_line(capsys)
+
+
+def test_model_folder_round_trips_components(model_dir, pipe):
+    assert dataclasses.asdict(pipe.unet.config) == dataclasses.asdict(TINY_UNET)
+    assert pipe.vae.config.scaling_factor == pytest.approx(0.7)
+    assert pipe.schedule.kind.value == "scaled_linear"
