@@ -40,6 +40,17 @@ class ModelFolder:
         return h.hexdigest()[:12]
 
 
+def _read_json_object(path: Path) -> dict:
+    """A JSON object from `path`, or a one-line CarraraError naming the file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CarraraError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if not isinstance(data, dict):
+        raise CarraraError(f"{path} does not hold a JSON object: is this a diffusers model folder?")
+    return data
+
+
 def resolve(path: str | Path) -> ModelFolder:
     """Find the components of the model at `path` ("default" = the packaged model)."""
     root = PACKAGED / "default" if str(path) == "default" else Path(path)
@@ -52,14 +63,11 @@ def resolve(path: str | Path) -> ModelFolder:
     if not index_path.is_file():
         hint = " (this is an autoencoder run; pass a diffusion run)" if (root / "vae").is_dir() else ""
         raise CarraraError(f"{root} is not a model folder: no model_index.json{hint}")
-    try:
-        index = json.loads(index_path.read_text())
-        scheduler = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise CarraraError(f"{root}: unreadable model_index.json or scheduler/scheduler_config.json ({e})") from None
+    index = _read_json_object(index_path)
     for part in ("unet", "vae"):
         if not (root / part / "config.json").is_file():
-            raise CarraraError(f"{root} has no {part}/config.json")
+            raise CarraraError(f"{root} has no {part}/config.json: copy the complete model folder")
+    scheduler = _read_json_object(root / "scheduler" / "scheduler_config.json")
     if (root / "text_encoder").is_dir():
         text_encoder, tokenizer = str(root / "text_encoder"), str(root / "tokenizer")
     else:

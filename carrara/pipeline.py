@@ -4,13 +4,16 @@ The denoising loop is written out once, in `Pipeline.__call__`, and training's s
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from carrara.errors import CarraraError
+
+if TYPE_CHECKING:
+    from carrara.diffusion.schedule import NoiseSchedule
 
 MAX_STEPS = 1000
 MAX_BATCH = 64
@@ -42,12 +45,48 @@ class GenerationSettings:
             raise CarraraError(f"--seed must be between 0 and 2^63-1, got {self.seed}")
 
 
+@dataclass(frozen=True)
+class DDIMSettings:
+    """DDIM's timestep grid and end point as a diffusers scheduler_config.json sets them (its keys and defaults).
+
+    The defaults are diffusers' DDIMScheduler defaults, which are also carrara's own: the "leading" grid
+    t = 0, k, 2k, … (k = T // steps) and ᾱ = 1, clean data, after the last step. Stable Diffusion's configs say
+    steps_offset=1 (t = 1, 1 + k, …) and set_alpha_to_one=False: the last step ends at ᾱ_0 and that latent is
+    decoded, as diffusers' DDIMScheduler does. Reading both makes an SD folder give diffusers' image; carrara's
+    run folders write neither key, so they sample as before. Only DDIM reads them, as only diffusers' DDIM does.
+    """
+
+    steps_offset: int = 0
+    set_alpha_to_one: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.steps_offset, int) or isinstance(self.steps_offset, bool) or self.steps_offset < 0:
+            raise CarraraError(f"scheduler config steps_offset={self.steps_offset!r} must be an integer ≥ 0")
+        if not isinstance(self.set_alpha_to_one, bool):
+            raise CarraraError(f"scheduler config set_alpha_to_one={self.set_alpha_to_one!r} must be true or false")
+
+    @classmethod
+    def from_scheduler_config(cls, config: dict) -> DDIMSettings:
+        return cls(**{f.name: config[f.name] for f in fields(cls) if f.name in config})
+
+    def timesteps(self, schedule: NoiseSchedule, steps: int) -> list[int]:
+        """The "leading" grid 0, k, 2k, … + steps_offset, descending (diffusers' DDIMScheduler.set_timesteps)."""
+        from carrara.diffusion.schedule import timesteps
+        return timesteps(schedule, steps, "leading", steps_offset=self.steps_offset)
+
+    def final_alpha_bar(self, schedule: NoiseSchedule) -> float:
+        """ᾱ after the last step: 1, or ᾱ_0 when set_alpha_to_one is false (DDIMScheduler's final_alpha_cumprod)."""
+        return 1.0 if self.set_alpha_to_one else float(schedule.alphas_cumprod[0])
+
+
 class Pipeline:
     """A text encoder, a U-Net noise predictor, a noise schedule and an autoencoder's decoder."""
 
-    def __init__(self, *, unet, vae, text_encoder, schedule, prediction_type, model_hash: str = "", name: str = ""):
+    def __init__(self, *, unet, vae, text_encoder, schedule, prediction_type, model_hash: str = "", name: str = "",
+                 ddim: DDIMSettings | None = None):
         self.unet, self.vae, self.text_encoder = unet.eval(), vae.eval(), text_encoder
         self.schedule, self.prediction_type = schedule, prediction_type
+        self.ddim = ddim or DDIMSettings()
         self.model_hash, self.name = model_hash, name
 
     @classmethod
@@ -69,7 +108,8 @@ class Pipeline:
         schedule = NoiseSchedule.from_diffusers_config(folder.scheduler_config)
         prediction_type = folder.scheduler_config.get("prediction_type", "epsilon")
         return cls(unet=unet, vae=vae, text_encoder=text_encoder, schedule=schedule,
-                   prediction_type=prediction_type, model_hash=folder.unet_hash(), name=str(path))
+                   prediction_type=prediction_type, model_hash=folder.unet_hash(), name=str(path),
+                   ddim=DDIMSettings.from_scheduler_config(folder.scheduler_config))
 
     def latent_shape(self) -> tuple[int, int, int]:
         c = self.unet.config
@@ -79,7 +119,10 @@ class Pipeline:
     def __call__(self, prompts: list[str] | str, *, steps: int = 20, sampler: str = "dpmpp",
                  guidance: float = 4.0, negative_prompt: str = "", seed: int = 0,
                  callback: Callable | None = None, output: str = "pil"):
-        """Generate one image per prompt; image i uses seed + i, so any image can be made again alone."""
+        """Generate one image per prompt; image i uses seed + i, so any image can be made again alone.
+
+        output: "pil" images, "tensor" (B, 3, H, W) in [−1, 1], or "latent" (B, c, h, w) before decoding.
+        """
         from carrara.diffusion.guidance import cfg_model
         from carrara.diffusion.samplers import SAMPLERS, default_timesteps
         from carrara.utils.grid import to_pil
@@ -98,13 +141,19 @@ class Pipeline:
                          for i in range(len(prompts))])  # (B, c, h, w)
         # 3. Denoise with classifier-free guidance: ε̃ = ε(∅) + w·(ε(c) − ε(∅)).
         model = cfg_model(lambda x, t, states: self.unet(x, t, states), cond, uncond, guidance)
-        timesteps = default_timesteps(sampler, self.schedule, steps)
+        if sampler == "ddim":  # the folder's grid and end point (DDIMSettings; SD: t = 1, 1 + k, …, ending at ᾱ_0)
+            timesteps = self.ddim.timesteps(self.schedule, steps)
+            options = {"final_alpha_bar": self.ddim.final_alpha_bar(self.schedule)}
+        else:
+            timesteps, options = default_timesteps(sampler, self.schedule, steps), {}
         decode_cb = None
         if callback is not None:
             def decode_cb(i, t, x_t, x0_hat):
                 callback(i, len(timesteps), lambda: self.decode(x0_hat))
         z0 = SAMPLERS[sampler](model, x_T, self.schedule, timesteps, prediction_type=self.prediction_type,
-                               generator=torch.Generator().manual_seed(seed), callback=decode_cb)
+                               generator=torch.Generator().manual_seed(seed), callback=decode_cb, **options)
+        if output == "latent":
+            return z0  # (B, c, h, w), scaled as the U-Net sees it (diffusers' output_type="latent")
         # 4. Decode the latent into pixels.
         images = self.decode(z0)  # (B, 3, H, W) in [-1, 1]
         return images if output == "tensor" else to_pil(images)

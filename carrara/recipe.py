@@ -107,11 +107,11 @@ def run_recipe(path: str | Path, out: str | Path, *, resume: bool = False, overr
         if data_cfg["dataset"] == "shapes":
             from carrara.data.shapes import build_shapes
 
-            build_shapes(data_dir, n=data_cfg["n"], size=data_cfg["size"], seed=data_cfg["seed"])
+            build_shapes(data_dir, n=data_cfg["n"], size=data_cfg["size"], seed=data_cfg["seed"], progress=progress)
         elif data_cfg["dataset"] == "emoji":
             from carrara.data.emoji import build_emoji
 
-            build_emoji(data_dir, size=data_cfg["size"])
+            build_emoji(data_dir, size=data_cfg["size"], progress=progress)
         else:
             data_dir = Path(data_cfg["dataset"])  # a user's own folder
 

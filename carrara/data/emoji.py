@@ -143,7 +143,8 @@ def _readable_alias(alias: str) -> str:
     return alias.strip(":").replace("_", " ")
 
 
-def build_emoji(out, size: int = 64, font: str | Path | None = None, *, only: Iterable[str] | None = None) -> dict:
+def build_emoji(out, size: int = 64, font: str | Path | None = None, *, only: Iterable[str] | None = None,
+                progress: bool = True) -> dict:
     """Render every fully-qualified emoji (or just `only`) to `out` with a metadata.jsonl of CLDR-style names."""
     if size < 8:
         raise CarraraError(f"emoji need an image side of at least 8 pixels, got {size}")
@@ -159,7 +160,7 @@ def build_emoji(out, size: int = 64, font: str | Path | None = None, *, only: It
     (out / "metadata.jsonl").unlink(missing_ok=True)  # the metadata exists only once a build has finished
     skipped: Counter = Counter()
     lines = []
-    for emoji, data in tqdm(table.items(), desc="emoji", unit="img", disable=len(table) < 500, leave=False):
+    for emoji, data in tqdm(table.items(), desc="emoji", unit="img", disable=not progress or len(table) < 500, leave=False):
         image, reason = loaded.render(emoji, size)
         if image is None:
             skipped[reason] += 1

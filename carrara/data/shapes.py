@@ -213,7 +213,8 @@ def scene_metadata(scene: Scene, size: int) -> dict:
     return {"objects": objects, "relation": scene.relation}
 
 
-def build_shapes(out, n: int = 2000, size: int = 64, seed: int = 0, *, two_object_fraction: float = 0.5) -> dict:
+def build_shapes(out, n: int = 2000, size: int = 64, seed: int = 0, *, two_object_fraction: float = 0.5,
+                 progress: bool = True) -> dict:
     """Write `n` captioned shape images and metadata.jsonl to `out`; same seed → byte-identical files."""
     if n < 1:
         raise CarraraError(f"n must be at least 1, got {n}")
@@ -226,7 +227,7 @@ def build_shapes(out, n: int = 2000, size: int = 64, seed: int = 0, *, two_objec
     rng = random.Random(seed)
     width = max(5, len(str(n - 1)))
     lines = []
-    for i in tqdm(range(n), desc="shapes", unit="img", disable=n < 500, leave=False):
+    for i in tqdm(range(n), desc="shapes", unit="img", disable=not progress or n < 500, leave=False):
         scene = sample_attributes(rng, two_object_fraction=two_object_fraction)
         templates = SINGLE_TEMPLATES if scene.relation is None else PAIR_TEMPLATES
         text = caption(scene, rng.randrange(len(templates)))

@@ -5,7 +5,8 @@
 
 `model(x_t, t) -> model_output` is an ε-, v- or x0-prediction (`prediction_type`, default the schedule's) with
 t a (B,) long tensor; `timesteps` are the descending model timesteps (see `default_timesteps`), and after the
-last one every sampler lands on clean data (ᾱ = 1, i.e. diffusers' `set_alpha_to_one` / `final_sigmas_type="zero"`).
+last one every sampler lands on clean data (ᾱ = 1, i.e. diffusers' `set_alpha_to_one` / `final_sigmas_type="zero"`;
+DDIM's `final_alpha_bar` can stop short of it, as Stable Diffusion's configs do).
 `callback(i, t, x_t, x0_hat)` is called once per step, before the update (x̂0 previews for the UI).
 
 Notation per step: t → s (s = next timestep, −1 after the last), ᾱ_t / ᾱ_s the cumulative products,
@@ -93,14 +94,21 @@ def sample_ddpm(model: ModelFn, x_T: torch.Tensor, schedule: NoiseSchedule, time
 @torch.no_grad()
 def sample_ddim(model: ModelFn, x_T: torch.Tensor, schedule: NoiseSchedule, timesteps: Sequence[int], *,
                 prediction_type: PredictionType | str | None = None, generator: torch.Generator | None = None,
-                callback: Callback | None = None, clip_x0: float | None = None, eta: float = 0.0) -> torch.Tensor:
-    """DDIM, Song et al. 2021, eq. 12 with σ_t(η) of eq. 16 (η = 0: deterministic; η = 1: DDPM's variance)."""
+                callback: Callback | None = None, clip_x0: float | None = None, eta: float = 0.0,
+                final_alpha_bar: float = 1.0) -> torch.Tensor:
+    """DDIM, Song et al. 2021, eq. 12 with σ_t(η) of eq. 16 (η = 0: deterministic; η = 1: DDPM's variance).
+
+    `final_alpha_bar` is ᾱ after the last step: 1 lands on clean data (diffusers' `set_alpha_to_one=True`);
+    Stable Diffusion's scheduler configs say `set_alpha_to_one=False`, i.e. end at ᾱ_0, the first trained noise level.
+    """
+    if not 0.0 < final_alpha_bar <= 1.0:
+        raise CarraraError(f"final_alpha_bar must be in (0, 1], got {final_alpha_bar}")
     prediction_type = PredictionType.parse(prediction_type or schedule.prediction_type)
     ts = _check_timesteps(schedule, timesteps)
     x = x_T  # (B, C, H, W)
     for i, t in enumerate(ts):
         s = ts[i + 1] if i + 1 < len(ts) else -1
-        abar_t, abar_s = _alpha_bar(schedule, t), _alpha_bar(schedule, s)
+        abar_t, abar_s = _alpha_bar(schedule, t), (_alpha_bar(schedule, s) if s >= 0 else final_alpha_bar)
         x0, eps = _denoise(model, x, t, abar_t, prediction_type, clip_x0)  # "predicted x0" and ε_θ(x_t), eq. 12
         if callback is not None:
             callback(i, t, x, x0)

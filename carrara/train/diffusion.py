@@ -45,7 +45,8 @@ class DiffusionRecipe:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=3000, batch_size=64, lr=3e-4))
 
 
-def train_diffusion(recipe: DiffusionRecipe, out: str | Path, *, resume: bool = False, progress: bool = True) -> dict:
+def train_diffusion(recipe: DiffusionRecipe, out: str | Path, *, resume: bool = False, progress: bool = True,
+                    stop_at: int | None = None) -> dict:
     """Encode the dataset once, then train the U-Net; the run folder becomes a model folder."""
     from carrara.pipeline import Pipeline
 
@@ -99,5 +100,5 @@ def train_diffusion(recipe: DiffusionRecipe, out: str | Path, *, resume: bool = 
     run_config = {"stage": "diffusion", **dataclasses.asdict(recipe)}
     trainer = Trainer(out, unet, recipe.train, n_examples=len(images), loss_fn=loss_fn, sample_fn=sample_fn,
                       export_fn=export_fn, run_config=run_config, name="diffusion")
-    result = trainer.fit(resume=resume, progress=progress)
+    result = trainer.fit(resume=resume, progress=progress, stop_at=stop_at)
     return {**result, "skipped": dict(dataset.skipped), "n_images": len(images), "n_captions": len(states)}
