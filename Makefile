@@ -35,7 +35,7 @@ demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m carrara.demo
 
 lint: setup
-	$(BIN)/ruff check carrara tests bench
+	$(BIN)/ruff check carrara tests bench experiments
 
 clean:
 	rm -rf $(VENV) demo .pytest_cache

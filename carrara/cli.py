@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from carrara.errors import CarraraError
 
@@ -64,6 +65,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
         recipe = AutoencoderRecipe(data=args.data, size=args.size)
         run = train_autoencoder
+    elif args.stage == "clip":
+        from carrara.train.clip import ClipRecipe, train_clip
+
+        recipe = ClipRecipe(data=args.data, size=args.size)
+        run = train_clip
     else:
         from carrara.train.diffusion import DiffusionRecipe, train_diffusion
 
@@ -78,6 +84,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     apply_overrides(recipe, args.set or [])
     result = run(recipe, args.out, resume=args.resume, progress=not args.quiet)
     print(f"{args.stage} run in {args.out}: {result['steps']} steps, last loss {result['last_loss']:.4f}")
+    if "held_out" in result:
+        h = result["held_out"]
+        print(f"held-out retrieval ({h['n_pairs']} pairs, {h['n_captions']} captions): image→text top-1 "
+              f"{h['i2t_top1']:.1%} top-5 {h['i2t_top5']:.1%}, text→image top-1 {h['t2i_top1']:.1%} "
+              f"top-5 {h['t2i_top5']:.1%}; CLIP score {h['clip_score_matched']:.1f} (shuffled pairs "
+              f"{h['clip_score_shuffled']:.1f})")
     return 0
 
 
@@ -88,10 +100,33 @@ def _cmd_recipe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from carrara.evaluate.suite import EvalSettings, format_metrics, run_eval
+
+    if not args.model or not args.out:
+        raise CarraraError("carrara eval needs --model RUN and --out REPORT_DIR (see carrara eval --help)")
+    settings = EvalSettings(model=args.model, data=args.data, n=args.n, clip=args.clip,
+                            metrics=tuple(m.strip() for m in args.metrics.split(",") if m.strip()),
+                            inception_weights=args.inception_weights, guidance=args.guidance, steps=args.steps,
+                            sampler=args.sampler, seed=args.seed, bootstrap=args.bootstrap)
+    report = run_eval(settings, args.out, progress=not args.quiet)
+    print(format_metrics(report))
+    print(f"wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'report.html'}")
+    return 0
+
+
 def _cmd_eval_faithfulness(args: argparse.Namespace) -> int:
     from carrara.evaluate.faithfulness import faithfulness_command
 
     return faithfulness_command(args)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from carrara.export import export_default
+
+    result = export_default(args.model, args.out, autoencoder_run=args.autoencoder)
+    print(f"wrote {result['out']} ({result['weights_mb']:.1f} MB of fp16 weights)")
+    return 0
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -125,8 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("path", help="dataset folder")
     info.add_argument("--show", type=int, default=3, help="captions to print")
     info.set_defaults(func=_cmd_data_info)
-    train = commands.add_parser("train", help="train one stage: autoencoder, then diffusion")
-    train.add_argument("stage", choices=["autoencoder", "diffusion"])
+    train = commands.add_parser("train", help="train one stage: autoencoder, then diffusion; clip for evaluation")
+    train.add_argument("stage", choices=["autoencoder", "diffusion", "clip"])
     train.add_argument("--data", required=True, help="dataset folder (images + metadata.jsonl)")
     train.add_argument("--out", required=True, help="run folder to create (or continue with --resume)")
     train.add_argument("--autoencoder", help="autoencoder run folder (diffusion stage)")
@@ -146,8 +181,24 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--quiet", action="store_true", help="no progress bars")
     recipe.set_defaults(func=_cmd_recipe)
 
-    ev = commands.add_parser("eval", help="measure a model")
-    ev_cmds = ev.add_subparsers(dest="eval_command", metavar="METRIC", required=True, parser_class=_Parser)
+    ev = commands.add_parser("eval", help="measure a model: FD, KID, CLIP score, faithfulness",
+                             description="carrara eval --model RUN --data DIR --clip CLIP_RUN --out REPORT_DIR "
+                                         "(or: carrara eval faithfulness --model RUN)")
+    ev.add_argument("--model", help="model or run folder to evaluate")
+    ev.add_argument("--data", help="dataset folder: real images (FD, KID) and the captions to generate from")
+    ev.add_argument("--n", type=_positive_int, default=2000, help="images to generate (default 2000)")
+    ev.add_argument("--metrics", default="fd,kid,clipscore", help="comma list of fd,kid,clipscore,faithfulness")
+    ev.add_argument("--clip", help="a `carrara train clip` run: features for FD/KID and the CLIP score")
+    ev.add_argument("--inception-weights", help="pytorch-fid's pt_inception-2015-12-05 file: FID on Inception-v3")
+    ev.add_argument("--guidance", type=_nonnegative_float, default=4.0, help="guidance w (default 4)")
+    ev.add_argument("--steps", type=_positive_int, default=20, help="sampling steps (default 20)")
+    ev.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp"], default="dpmpp", help="default dpmpp")
+    ev.add_argument("--seed", type=int, default=0, help="seed for captions and noise (default 0)")
+    ev.add_argument("--bootstrap", type=_positive_int, default=50, help="bootstrap resamples for intervals (50)")
+    ev.add_argument("--out", help="report folder: metrics.json, report.html, samples.png")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    ev.set_defaults(func=_cmd_eval)
+    ev_cmds = ev.add_subparsers(dest="eval_command", metavar="METRIC", required=False, parser_class=_Parser)
     faith = ev_cmds.add_parser("faithfulness", help="share of generated shapes with the right color/position/size/shape")
     faith.add_argument("--model", required=True, help="model or run folder trained on shapes")
     faith.add_argument("--n", type=_positive_int, default=None, help="prompts per setting (default 200)")
@@ -158,6 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
     faith.add_argument("--out", default=None, help="write the report JSON here")
     faith.add_argument("--quiet", action="store_true", help="no progress bar")
     faith.set_defaults(func=_cmd_eval_faithfulness)
+
+    export = commands.add_parser("export", help="package a trained model")
+    export_cmds = export.add_subparsers(dest="export_command", metavar="FORMAT", required=True)
+    default = export_cmds.add_parser("default", help="copy a diffusion run into the package as the default model (fp16)")
+    default.add_argument("--model", required=True, help="diffusion run folder")
+    default.add_argument("--autoencoder", default=None, help="its autoencoder run (its log is copied too)")
+    default.add_argument("--out", default=None, help="destination (default: carrara/assets/default)")
+    default.set_defaults(func=_cmd_export)
 
     gen = commands.add_parser("generate", help="make images from a prompt")
     gen.add_argument("prompt", nargs="?", help="what to draw")

@@ -4,9 +4,10 @@ The denoising loop is written out once, in `Pipeline.__call__`, and training's s
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -90,7 +91,7 @@ class Pipeline:
         self.model_hash, self.name = model_hash, name
 
     @classmethod
-    def load(cls, path: str | Path = "default") -> "Pipeline":
+    def load(cls, path: str | Path = "default") -> Pipeline:
         """Load a carrara run folder, the packaged "default" model, or a diffusers SD folder."""
         from carrara.diffusion.schedule import NoiseSchedule
         from carrara.modelfolder import resolve

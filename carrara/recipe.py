@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from carrara.errors import CarraraError
 
@@ -41,7 +42,7 @@ def apply_overrides(obj: Any, overrides: dict[str, Any] | list[str]) -> Any:
             if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
             elif current is not None and not isinstance(value, type(current)) and not (
-                    isinstance(current, (dict, list)) or isinstance(value, type(None))):
+                    isinstance(current, (dict, list)) or (value is None)):
                 raise CarraraError(f"setting {key!r} expects {type(current).__name__}, got {value!r}")
             setattr(node, last, value)
         else:

@@ -178,6 +178,19 @@ def test_emoji_name_parsing_on_fixed_strings():
     assert not any("_" in n or n.startswith(":") or n.endswith(":") for n in names)
 
 
+def test_emoji_caption_variants_on_fixed_names():
+    assert emoji_data.caption_variants("cat face", ["cat", "smiley cat"]) == [
+        "cat face", "cat", "smiley cat", "a cat", "an emoji of a cat face", "cat face icon", "cat face emoji"]
+    assert emoji_data.caption_variants("woman detective: medium-dark skin tone", []) == [
+        "woman detective: medium-dark skin tone", "woman detective with medium-dark skin",
+        "medium-dark skinned woman detective", "an emoji of woman detective: medium-dark skin tone",
+        "woman detective icon", "woman detective emoji"]
+    assert emoji_data.caption_variants("apple", []) == ["apple", "an apple", "an emoji of an apple", "apple icon",
+                                                        "apple emoji"]
+    many = emoji_data.caption_variants("black bird", ["raven", "crow", "rook", "jackdaw", "blackbird"])
+    assert len(many) == emoji_data.MAX_CAPTIONS and many[0] == "black bird"  # capped, the name always first
+
+
 @needs_font
 def test_emoji_subset_renders_on_white_with_names(tmp_path):
     only = ["🕵🏾‍♀️", "🇫🇷", "😀", "#️⃣"]
@@ -188,6 +201,8 @@ def test_emoji_subset_renders_on_white_with_names(tmp_path):
     assert lines[0]["text"] == "woman detective: medium-dark skin tone" and lines[0]["base"] == "woman detective"
     assert lines[0]["codepoints"] == "U+1F575 U+1F3FE U+200D U+2640 U+FE0F"
     assert lines[1]["text"] == "flag: France" and lines[3]["text"] == "keycap: #" and lines[3]["aliases"] == ["hash"]
+    assert lines[1]["captions"] == ["flag: France", "flag of France", "France flag", "fr",
+                                    "an emoji of flag: France", "flag of France icon", "flag of France emoji"]
     for line in lines:
         image = Image.open(tmp_path / line["file_name"])
         assert image.mode == "RGB" and image.size == (32, 32)

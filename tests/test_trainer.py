@@ -6,7 +6,7 @@ import torch
 
 from carrara.errors import CarraraError
 from carrara.train.checkpoint import latest_checkpoint, load_checkpoint
-from carrara.train.core import Trainer, TrainConfig, batch_indices
+from carrara.train.core import TrainConfig, Trainer, batch_indices
 
 N = 96
 X = torch.randn(N, 8, generator=torch.Generator().manual_seed(0))
@@ -25,8 +25,8 @@ def loss_fn(model, idx, gen):
 
 
 def cfg(**kw) -> TrainConfig:
-    base = dict(steps=40, batch_size=16, lr=1e-2, warmup_steps=5, checkpoint_every=10, sample_every=10**9,
-                log_every=5, bf16=False, ema_decay=0.9)
+    base = {"steps": 40, "batch_size": 16, "lr": 1e-2, "warmup_steps": 5, "checkpoint_every": 10, "sample_every": 10**9,
+                "log_every": 5, "bf16": False, "ema_decay": 0.9}
     return TrainConfig(**{**base, **kw})
 
 

@@ -143,6 +143,46 @@ def _readable_alias(alias: str) -> str:
     return alias.strip(":").replace("_", " ")
 
 
+def _article(phrase: str) -> str:
+    return ("an " if phrase[:1].lower() in "aeiou" else "a ") + phrase
+
+
+MAX_CAPTIONS = 8  # caption variants kept per emoji (the cached text states grow with this)
+
+
+def caption_variants(name: str, aliases: list[str]) -> list[str]:
+    """Ways people write an emoji's name: the CLDR name first, then aliases, templates and plain forms.
+
+    "cat face" → ["cat face", "cat", "smiley cat", "an emoji of a cat face", "cat face icon", "a cat", …];
+    "woman detective: medium-dark skin tone" → [..., "woman detective with medium-dark skin", ...];
+    "flag: France" → [..., "flag of France", "France flag", ...]. Deterministic, at most MAX_CAPTIONS.
+    """
+    out = [name]
+    head, _, tail = name.partition(": ")
+    plain = [a for a in aliases if not a.startswith("flag for ")]
+    if head == "flag" and tail:
+        out += [f"flag of {tail}", f"{tail} flag"]
+    elif tail and "skin tone" in tail:
+        tone = tail.split(",")[0].replace(" skin tone", "")
+        out += [f"{head} with {tone} skin", f"{tone} skinned {head}"]
+    out += plain
+    short = head[:-len(" face")] if head.endswith(" face") and not tail else ""
+    if short:
+        out.append(short)
+    noun = short or (head if not tail else "")
+    if noun:
+        out.append(_article(noun))
+    subject = f"flag of {tail}" if head == "flag" and tail else head  # a tone-less name matches every tone
+    out += [f"an emoji of {_article(subject) if not tail else name}", f"{subject} icon", f"{subject} emoji"]
+    seen, unique = set(), []
+    for c in out:
+        c = " ".join(c.split())
+        if c and c.lower() not in seen:
+            seen.add(c.lower())
+            unique.append(c)
+    return unique[:MAX_CAPTIONS]
+
+
 def build_emoji(out, size: int = 64, font: str | Path | None = None, *, only: Iterable[str] | None = None,
                 progress: bool = True) -> dict:
     """Render every fully-qualified emoji (or just `only`) to `out` with a metadata.jsonl of CLDR-style names."""
@@ -176,6 +216,8 @@ def build_emoji(out, size: int = 64, font: str | Path | None = None, *, only: It
             "emoji": emoji,
             "codepoints": " ".join(f"U+{ord(c):04X}" for c in emoji),
             "aliases": [_readable_alias(a) for a in data.get("alias", [])],
+            "captions": caption_variants(readable_name(data["en"], emoji),
+                                         [_readable_alias(a) for a in data.get("alias", [])]),
             "base": base_name(data["en"], emoji),
             "emoji_version": data["E"],
         }, ensure_ascii=False))

@@ -356,13 +356,14 @@ def load_into(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], sour
     module.load_state_dict(state_dict, strict=True)
 
 
-def save_folder(folder: str | os.PathLike, config: dict, state_dict: dict[str, torch.Tensor]) -> Path:
+def save_folder(folder: str | os.PathLike, config: dict, state_dict: dict[str, torch.Tensor], *,
+                weights_name: str = WEIGHTS_NAME) -> Path:
     """Write `config.json` and the safetensors weights into `folder`, each atomically."""
     from safetensors.torch import save_file
 
     folder = ensure_dir(folder)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    with atomic_path(folder / WEIGHTS_NAME) as tmp:
+    with atomic_path(folder / weights_name) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
     write_json_atomic(folder / CONFIG_NAME, config)
     return folder

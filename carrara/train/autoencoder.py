@@ -21,7 +21,7 @@ from carrara.io import ensure_dir
 from carrara.models.autoencoder import AutoencoderKL
 from carrara.models.config import AutoencoderConfig, default_autoencoder_config
 from carrara.train.cache import preload_images, to_model_range
-from carrara.train.core import Trainer, TrainConfig
+from carrara.train.core import TrainConfig, Trainer
 from carrara.utils.grid import image_grid, to_pil
 
 

@@ -10,9 +10,9 @@ import copy
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -120,8 +120,10 @@ class Trainer:
 
     def __init__(self, run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, *, n_examples: int,
                  loss_fn: Callable, sample_fn: Callable | None = None, export_fn: Callable | None = None,
-                 run_config: dict | None = None, name: str = "train"):
+                 run_config: dict | None = None, name: str = "train", batch_fn: Callable | None = None):
         self.run_dir, self.model, self.cfg, self.name = Path(run_dir), model, cfg, name
+        # batch_fn(step) -> indices; the default walks seeded epochs. Must be a pure function of step (exact resume).
+        self.batch_fn = batch_fn or (lambda step: batch_indices(n_examples, cfg.batch_size, cfg.seed, step))
         self.n_examples, self.loss_fn, self.sample_fn, self.export_fn = n_examples, loss_fn, sample_fn, export_fn
         self.run_config = run_config or {}
         self.ema = EMA(model, cfg.ema_decay)
@@ -200,7 +202,7 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             gen = step_generator(cfg.seed, step)
-            idx = batch_indices(self.n_examples, cfg.batch_size, cfg.seed, step)
+            idx = self.batch_fn(step)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss = self.loss_fn(self.model, idx, gen)
             if not torch.isfinite(loss):

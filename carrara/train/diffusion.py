@@ -24,7 +24,7 @@ from carrara.models.config import UNetConfig, default_unet_config
 from carrara.models.unet import UNet2DConditionModel as UNet
 from carrara.text.encoder import TextEncoder
 from carrara.train.cache import encode_latents, encode_texts, preload_images
-from carrara.train.core import Trainer, TrainConfig
+from carrara.train.core import TrainConfig, Trainer
 from carrara.utils.grid import image_grid
 
 
@@ -40,9 +40,54 @@ class DiffusionRecipe:
     num_train_timesteps: int = 1000
     prediction_type: str = "epsilon"
     cond_dropout: float = 0.1
+    caption_variants: str = "captions"  # metadata field with alternative captions; one is drawn per step
+    balance_by: str = ""  # metadata field (e.g. "base"): draw batches so each value is equally likely
     sample_prompts: list[str] = field(default_factory=list)
     model: dict = field(default_factory=lambda: default_unet_config().to_diffusers_config())
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=3000, batch_size=64, lr=3e-4))
+
+
+def caption_list(record, field_name: str) -> list[str]:
+    """The record's caption, then its distinct alternative captions from `field_name` (if it holds a list)."""
+    extra = record.extra.get(field_name) if field_name else None
+    out = [record.text]
+    for c in extra if isinstance(extra, list) else []:
+        c = c.strip() if isinstance(c, str) else ""
+        if c and c not in out:
+            out.append(c)
+    return out
+
+
+def variant_table(variants: list[list[str]], flat_index: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example caption indices padded to (N, K) (padding repeats the first), and the counts (N,)."""
+    width = max(len(v) for v in variants)
+    table, counts, at = torch.zeros(len(variants), width, dtype=torch.long), torch.zeros(len(variants)), 0
+    for i, v in enumerate(variants):
+        row = flat_index[at:at + len(v)]
+        at += len(v)
+        table[i] = torch.tensor(row + [row[0]] * (width - len(row)))
+        counts[i] = len(v)
+    return table, counts
+
+
+def balanced_batches(records, field_name: str, cfg: TrainConfig):
+    """A batch_fn drawing examples with weight 1 / (examples sharing their `field_name` value): every value
+    (e.g. an emoji's base concept, whatever its number of skin-tone variants) is seen equally often."""
+    from collections import Counter
+
+    from carrara.train.core import step_generator
+
+    keys = [str(r.extra.get(field_name, r.text)) for r in records]
+    if all(field_name not in r.extra for r in records):
+        raise CarraraError(f"balance_by={field_name!r}: no record of the dataset has that field")
+    count = Counter(keys)
+    weights = torch.tensor([1.0 / count[k] for k in keys], dtype=torch.float64)
+
+    def batch_fn(step: int) -> torch.Tensor:
+        gen = step_generator(cfg.seed + 7, step)
+        return torch.multinomial(weights, cfg.batch_size, replacement=True, generator=gen)
+
+    return batch_fn
 
 
 def train_diffusion(recipe: DiffusionRecipe, out: str | Path, *, resume: bool = False, progress: bool = True,
@@ -61,8 +106,10 @@ def train_diffusion(recipe: DiffusionRecipe, out: str | Path, *, resume: bool = 
     dataset = load_folder(recipe.data, size=recipe.size)
     images, texts = preload_images(dataset, progress=progress)
     mean, std = encode_latents(vae, images, progress=progress)  # (N, c, h, w) each, unscaled
-    states, caption_of = encode_texts(text_encoder, texts, progress=progress)  # (U, L, D), N indices
-    caption_of = torch.tensor(caption_of)
+    variants = [caption_list(r, recipe.caption_variants) for r in dataset.records]  # N lists, caption first
+    states, flat_index = encode_texts(text_encoder, [c for v in variants for c in v], progress=progress)  # (U, L, D)
+    caption_of, n_variants = variant_table(variants, flat_index)  # (N, K) indices into states, (N,)
+    batch_fn = balanced_batches(dataset.records, recipe.balance_by, recipe.train) if recipe.balance_by else None
     null = text_encoder.null_states(1).to(torch.bfloat16)  # (1, L, D): the empty prompt
     scale = vae.config.scaling_factor
 
@@ -82,7 +129,8 @@ def train_diffusion(recipe: DiffusionRecipe, out: str | Path, *, resume: bool = 
         # Algorithm 1, line 2: x_0 ~ q(x_0), here a latent drawn from the cached posterior q(z|x).
         eps_z = torch.randn(mean[idx].shape, generator=gen)
         z0 = (mean[idx] + std[idx] * eps_z) * scale  # (B, c, h, w)
-        cond = states[caption_of[idx]]  # (B, L, D)
+        pick = (torch.rand(len(idx), generator=gen) * n_variants[idx]).long()  # one caption variant each
+        cond = states[caption_of[idx, pick]]  # (B, L, D)
         drop = torch.rand(len(idx), generator=gen) < recipe.cond_dropout
         cond = torch.where(drop[:, None, None], null, cond).float()
         t, noise = sample_t_and_noise(z0, schedule, gen)  # Algorithm 1, lines 3–4
@@ -99,6 +147,6 @@ def train_diffusion(recipe: DiffusionRecipe, out: str | Path, *, resume: bool = 
 
     run_config = {"stage": "diffusion", **dataclasses.asdict(recipe)}
     trainer = Trainer(out, unet, recipe.train, n_examples=len(images), loss_fn=loss_fn, sample_fn=sample_fn,
-                      export_fn=export_fn, run_config=run_config, name="diffusion")
+                      export_fn=export_fn, run_config=run_config, name="diffusion", batch_fn=batch_fn)
     result = trainer.fit(resume=resume, progress=progress, stop_at=stop_at)
     return {**result, "skipped": dict(dataset.skipped), "n_images": len(images), "n_captions": len(states)}

@@ -1,0 +1,176 @@
+"""`carrara eval`: generate from a dataset's captions, then FD, KID, CLIP score and faithfulness, in one report.
+
+Every number is named by what measured it (`FD[carrara-clip[emoji-clip], n_gen=2000, n_real=3789]`); only
+Fréchet distance on Inception-v3 pool3 features is called FID (Heusel et al. 2017). Each number carries a
+bootstrap 95 % interval (percentiles over resamples of the generated and the real set) and its sample
+counts. Generated images stay uint8 tensors in memory: nothing is JPEG-compressed before scoring.
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from carrara.errors import CarraraError
+
+METRICS = ("fd", "kid", "clipscore", "faithfulness")
+
+
+@dataclass
+class EvalSettings:
+    """What `carrara eval` measures and how (written into metrics.json)."""
+
+    model: str
+    data: str | None = None
+    n: int = 2000
+    metrics: tuple[str, ...] = ("fd", "kid", "clipscore")
+    clip: str | None = None
+    inception_weights: str | None = None
+    guidance: float = 4.0
+    steps: int = 20
+    sampler: str = "dpmpp"
+    seed: int = 0
+    batch_size: int = 32
+    bootstrap: int = 50
+    kid_subset_size: int = 1000
+    extra: dict = field(default_factory=dict)
+
+
+def bootstrap_interval(stat, a: np.ndarray, b: np.ndarray | None = None, *, n: int = 50,
+                       seed: int = 0) -> list[float]:
+    """Percentile 95 % interval of stat(a[, b]) over n resamples (with replacement) of a and of b."""
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n):
+        ia = rng.integers(0, len(a), len(a))
+        values.append(stat(a[ia]) if b is None else stat(a[ia], b[rng.integers(0, len(b), len(b))]))
+    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
+
+
+def generate_images(pipe, prompts: list[str], settings: EvalSettings, progress: bool = True) -> torch.Tensor:
+    """uint8 (N, 3, H, W): image j of the run uses seed + j, as `carrara generate --seed` would."""
+    out = []
+    with tqdm(total=len(prompts), desc="generating", unit="img", disable=not progress) as bar:
+        for start in range(0, len(prompts), settings.batch_size):
+            batch = prompts[start:start + settings.batch_size]
+            x = pipe(batch, steps=settings.steps, sampler=settings.sampler, guidance=settings.guidance,
+                     seed=settings.seed + start, output="tensor")  # (B, 3, H, W) in [−1, 1]
+            out.append(((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
+            bar.update(len(batch))
+    return torch.cat(out)
+
+
+def _fd_and_kid(name: str, real: np.ndarray, fake: np.ndarray, settings: EvalSettings, report: dict) -> None:
+    from carrara.evaluate.fid import feature_stats, frechet_distance, kid
+
+    def fd(a, b):
+        return frechet_distance(*feature_stats(b), *feature_stats(a))
+
+    counts = {"n_gen": len(fake), "n_real": len(real)}
+    label = ", ".join([name] + [f"{k}={v}" for k, v in counts.items()])
+    if "fd" in settings.metrics:
+        value = fd(fake, real)
+        title = f"FID[{label}]" if name.startswith("inception") else f"FD[{label}]"
+        report["metrics"][title] = {"value": value, "ci95": bootstrap_interval(fd, fake, real, n=settings.bootstrap),
+                                    "extractor": name, **counts}
+    if "kid" in settings.metrics:
+        size = min(settings.kid_subset_size, len(fake), len(real))  # kid() clips the same way, with a warning
+        mean, std = kid(real, fake, subsets=100, subset_size=settings.kid_subset_size, seed=settings.seed)
+        report["metrics"][f"KID[{label}, subset={size}]"] = {"value": mean, "std_over_subsets": std,
+                                                             "extractor": name, **counts}
+
+
+def run_eval(settings: EvalSettings, out_dir: str | Path, progress: bool = True) -> dict:
+    """Generate n images for captions of `settings.data`, score them, write metrics.json + report.html."""
+    from carrara.io import ensure_dir, save_image_atomic, write_json_atomic
+    from carrara.pipeline import Pipeline
+    from carrara.utils.grid import image_grid
+
+    unknown = set(settings.metrics) - set(METRICS)
+    if unknown:
+        raise CarraraError(f"--metrics: unknown {sorted(unknown)}; choose from {','.join(METRICS)}")
+    needs_data = {"fd", "kid", "clipscore"} & set(settings.metrics)
+    if needs_data and not settings.data:
+        raise CarraraError(f"--metrics {','.join(sorted(needs_data))} need --data DIR (the real images and captions)")
+    if ({"fd", "kid"} & set(settings.metrics)) and not (settings.clip or settings.inception_weights):
+        raise CarraraError("FD and KID need a feature network: --clip RUN (carrara train clip) and/or "
+                           "--inception-weights PATH")
+    if "clipscore" in settings.metrics and not settings.clip:
+        raise CarraraError("clipscore needs --clip RUN (a `carrara train clip` run)")
+    out_dir = ensure_dir(out_dir)
+    pipe = Pipeline.load(settings.model)
+    report = {"settings": asdict(settings), "model_hash": pipe.model_hash, "metrics": {}}
+    started = time.perf_counter()
+
+    if needs_data:
+        from carrara.data.folder import load_folder
+        from carrara.train.cache import preload_images
+
+        real_images, real_texts = preload_images(load_folder(settings.data), progress=progress)
+        rng = random.Random(settings.seed)
+        prompts = [real_texts[rng.randrange(len(real_texts))] for _ in range(settings.n)]
+        fake = generate_images(pipe, prompts, settings, progress)
+        if fake.shape[-2:] != real_images.shape[-2:]:
+            raise CarraraError(f"the model makes {tuple(fake.shape[-2:])} images, the data holds "
+                               f"{tuple(real_images.shape[-2:])}: evaluate against data of the model's size")
+        save_image_atomic(out_dir / "samples.png", image_grid(_to_pil(fake[:64]), rows=8))
+        if settings.clip:
+            from carrara.evaluate.clipscore import ClipScorer, clip_score
+
+            scorer = ClipScorer.load(settings.clip)
+            emb_fake, emb_real = scorer.embed_images(fake), scorer.embed_images(real_images)
+            if "clipscore" in settings.metrics:
+                s_fake = clip_score(emb_fake, scorer.embed_texts(prompts)).numpy()
+                s_real = clip_score(emb_real, scorer.embed_texts(real_texts)).numpy()
+                mean = lambda a: float(a.mean())
+                for key, s in ((f"CLIPScore[{scorer.name}, generated]", s_fake), (f"CLIPScore[{scorer.name}, real]", s_real)):
+                    report["metrics"][key] = {"value": mean(s), "ci95": bootstrap_interval(mean, s, n=settings.bootstrap),
+                                              "n": len(s)}
+            _fd_and_kid(scorer.name, emb_real.numpy().astype(np.float64), emb_fake.numpy().astype(np.float64),
+                        settings, report)
+        if settings.inception_weights and {"fd", "kid"} & set(settings.metrics):
+            from carrara.evaluate.inception import InceptionFeatures
+
+            net = InceptionFeatures(settings.inception_weights)
+            _fd_and_kid(f"{net.name}, resize=PIL-bicubic-299", net.extract(real_images, progress=progress),
+                        net.extract(fake, progress=progress), settings, report)
+
+    if "faithfulness" in settings.metrics:
+        from carrara.evaluate.faithfulness import detector_ceiling, evaluate_faithfulness
+
+        for objects, key in ((1, "one_object"), (2, "two_objects")):
+            n = min(settings.n, 200)
+            model = evaluate_faithfulness(pipe, n=n, objects=objects, steps=settings.steps, sampler=settings.sampler,
+                                          guidance=settings.guidance, seed=settings.seed, progress=progress)
+            ceiling = detector_ceiling(n, objects, settings.seed)
+            report["metrics"][f"faithfulness[{key}, n={n}]"] = {"model": model["attributes"],
+                                                                 "ceiling": ceiling["attributes"]}
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    write_json_atomic(out_dir / "metrics.json", report)
+    from carrara.evaluate.html import write_report_html
+
+    write_report_html(out_dir / "report.html", report, samples="samples.png" if needs_data else None)
+    return report
+
+
+def _to_pil(images_uint8: torch.Tensor):
+    from PIL import Image
+
+    return [Image.fromarray(im.permute(1, 2, 0).numpy(), "RGB") for im in images_uint8]
+
+
+def format_metrics(report: dict) -> str:
+    """One line per number: name, value, interval."""
+    lines = []
+    for name, m in report["metrics"].items():
+        if "value" in m:
+            ci = f" [{m['ci95'][0]:.4g}, {m['ci95'][1]:.4g}]" if "ci95" in m else f" ± {m['std_over_subsets']:.2g}"
+            lines.append(f"{name}: {m['value']:.4g}{ci}")
+        else:
+            lines.append(f"{name}: " + ", ".join(f"{a} {100 * v['accuracy']:.1f}%" for a, v in m["model"].items()))
+    return "\n".join(lines)

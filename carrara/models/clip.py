@@ -1,0 +1,147 @@
+"""A small CLIP for evaluation: an image CNN and a projection of frozen MiniLM sentence embeddings.
+
+CLIP (Radford et al. 2021; seeds/000–001) trains an image encoder and a text encoder so that matching
+image–text pairs have a high cosine similarity (symmetric InfoNCE, learned temperature). carrara's text
+tower is the frozen all-MiniLM-L6-v2 sentence embedding (mean of token states over the mask, as the
+model was trained) followed by a trained two-layer projection; the image tower is a ResNet-style CNN.
+Weights are saved as safetensors + config.json in a folder (`save_pretrained` / `from_pretrained`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from carrara.errors import CarraraError
+
+
+@dataclass
+class ClipConfig:
+    """The shape of the CLIP model (saved as config.json)."""
+
+    image_size: int = 64
+    channels: tuple[int, ...] = (32, 64, 128, 256)
+    text_dim: int = 384  # MiniLM hidden size
+    embed_dim: int = 256
+    groups: int = 8
+    init_temperature: float = 0.07
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ClipConfig:
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        if "channels" in known:
+            known["channels"] = tuple(known["channels"])
+        return cls(**known)
+
+
+class _ResBlock(nn.Module):
+    """GroupNorm → SiLU → conv, twice, with a (strided) shortcut."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, groups: int):
+        super().__init__()
+        self.norm1, self.conv1 = nn.GroupNorm(groups, c_in), nn.Conv2d(c_in, c_out, 3, stride, 1)
+        self.norm2, self.conv2 = nn.GroupNorm(groups, c_out), nn.Conv2d(c_out, c_out, 3, 1, 1)
+        self.skip = nn.Conv2d(c_in, c_out, 1, stride) if (stride != 1 or c_in != c_out) else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.skip(x) + h
+
+
+class ImageEncoder(nn.Module):
+    """(B, 3, S, S) in [−1, 1] → (B, embed_dim): conv stem, one strided ResBlock per stage, mean pool."""
+
+    def __init__(self, cfg: ClipConfig):
+        super().__init__()
+        ch = cfg.channels
+        self.stem = nn.Conv2d(3, ch[0], 3, 1, 1)
+        self.blocks = nn.Sequential(*[_ResBlock(ch[max(i - 1, 0)], c, 1 if i == 0 else 2, cfg.groups)
+                                      for i, c in enumerate(ch)])
+        self.norm = nn.GroupNorm(cfg.groups, ch[-1])
+        self.proj = nn.Linear(ch[-1], cfg.embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.blocks(self.stem(x))  # (B, C, S / 2^(n−1), S / 2^(n−1))
+        return self.proj(F.silu(self.norm(h)).mean(dim=(2, 3)))  # (B, embed_dim)
+
+
+class ClipModel(nn.Module):
+    """encode_image / encode_text give unit vectors; logits = exp(logit_scale) · cos."""
+
+    def __init__(self, config: ClipConfig):
+        super().__init__()
+        self.config = config
+        self.image_encoder = ImageEncoder(config)
+        self.text_proj = nn.Sequential(nn.Linear(config.text_dim, config.embed_dim), nn.GELU(),
+                                       nn.Linear(config.embed_dim, config.embed_dim))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Unit image embeddings (B, E) from images (B, 3, S, S) in [−1, 1]."""
+        if images.shape[-1] != self.config.image_size or images.shape[-2] != self.config.image_size:
+            images = F.interpolate(images, size=(self.config.image_size,) * 2, mode="bicubic", antialias=True)
+        return F.normalize(self.image_encoder(images).float(), dim=-1)
+
+    def encode_text(self, sentence_embeddings: torch.Tensor) -> torch.Tensor:
+        """Unit text embeddings (B, E) from MiniLM sentence embeddings (B, text_dim) (see `sentence_embeddings`)."""
+        return F.normalize(self.text_proj(sentence_embeddings).float(), dim=-1)
+
+    def temperature_scale(self) -> torch.Tensor:
+        """exp(logit_scale), clamped at 100 as in CLIP."""
+        return self.logit_scale.exp().clamp(max=100.0)
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write `config.json` + `model.safetensors`, atomically."""
+        from carrara.models.config import save_folder
+
+        save_folder(folder, asdict(self.config), self.state_dict(), weights_name="model.safetensors")
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike) -> ClipModel:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        try:
+            config = ClipConfig.from_dict(json.loads((folder / "config.json").read_text()))
+            state = load_file(folder / "model.safetensors")
+        except FileNotFoundError:
+            raise CarraraError(f"{folder} is not a CLIP folder (expected config.json and model.safetensors); "
+                               f"train one with: carrara train clip --data DIR --out RUN") from None
+        except (ValueError, OSError, SafetensorError) as e:
+            raise CarraraError(f"cannot read the CLIP weights in {folder}: {str(e).splitlines()[0]}") from None
+        model = cls(config)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise CarraraError(f"{folder}: weights do not match config.json ({str(e).splitlines()[0]})") from None
+        return model.eval()
+
+
+def sentence_embeddings(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """all-MiniLM-L6-v2's sentence embedding: the mean of token states over the attention mask, (B, D)."""
+    m = mask.to(states.dtype).unsqueeze(-1)  # (B, L, 1)
+    return (states * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, scale: torch.Tensor,
+              same_text: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE (CLIP, Radford et al. 2021, Fig. 3) over a batch of unit embeddings (B, E).
+
+    `same_text` (B, B) bool marks pairs whose captions are identical: they are positives too (the target
+    spreads evenly over them) instead of false negatives, which matters on datasets with repeated captions.
+    """
+    logits = scale * image_emb @ text_emb.T  # (B, B): image i vs text j
+    if same_text is None:
+        same_text = torch.eye(len(logits), dtype=torch.bool, device=logits.device)
+    target = same_text.float() / same_text.float().sum(1, keepdim=True)  # symmetric, rows sum to 1
+    loss_i2t = -(target * F.log_softmax(logits, dim=1)).sum(1).mean()
+    loss_t2i = -(target * F.log_softmax(logits.T, dim=1)).sum(1).mean()
+    return 0.5 * (loss_i2t + loss_t2i)

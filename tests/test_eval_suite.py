@@ -1,0 +1,85 @@
+"""`carrara eval`: the numbers it reports are the metrics of the images it generated, named by their features."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from carrara.errors import CarraraError
+from carrara.evaluate.suite import EvalSettings, bootstrap_interval, run_eval
+
+
+@pytest.fixture(scope="module")
+def report(tiny_shapes, tiny_diffusion_run, tiny_clip_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    settings = EvalSettings(model=str(tiny_diffusion_run), data=str(tiny_shapes), n=12, clip=str(tiny_clip_run[0]),
+                            metrics=("fd", "kid", "clipscore"), steps=3, batch_size=5, bootstrap=8)
+    with pytest.warns(UserWarning, match="subset"):  # KID's subset size is clipped to the 12 samples
+        run_eval(settings, out, progress=False)
+    return out, settings
+
+
+def test_report_names_each_number_by_its_features_and_counts(report, tiny_clip_run):
+    out, _ = report
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    name = f"carrara-clip[{tiny_clip_run[0].name}]"
+    assert set(metrics) == {f"FD[{name}, n_gen=12, n_real=48]", f"KID[{name}, n_gen=12, n_real=48, subset=12]",
+                            f"CLIPScore[{name}, generated]", f"CLIPScore[{name}, real]"}
+    assert not any(k.startswith("FID") for k in metrics)  # only Inception features make a FID
+    for m in metrics.values():
+        assert np.isfinite(m["value"])
+        if "ci95" in m:
+            assert m["ci95"][0] <= m["ci95"][1]
+    html = (out / "report.html").read_text()
+    assert all(k in html for k in metrics) and "samples.png" in html
+    assert (out / "samples.png").is_file()
+
+
+def test_reported_fd_and_clip_score_are_those_of_the_generated_images(report, tiny_shapes, tiny_clip_run):
+    """Recompute from scratch: the same captions and seeds through the pipeline, then the metric functions."""
+    import random
+
+    from carrara.data.folder import load_folder
+    from carrara.evaluate.clipscore import ClipScorer, clip_score
+    from carrara.evaluate.fid import feature_stats, frechet_distance
+    from carrara.pipeline import Pipeline
+    from carrara.train.cache import preload_images
+
+    out, s = report
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    real, texts = preload_images(load_folder(tiny_shapes), progress=False)
+    rng = random.Random(s.seed)
+    prompts = [texts[rng.randrange(len(texts))] for _ in range(s.n)]
+    pipe = Pipeline.load(s.model)
+    fake = torch.cat([pipe(prompts[j:j + s.batch_size], steps=s.steps, guidance=s.guidance, seed=s.seed + j,
+                           output="tensor") for j in range(0, s.n, s.batch_size)])
+    fake = ((fake.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    scorer = ClipScorer.load(tiny_clip_run[0])
+    f_fake, f_real = scorer.embed_images(fake).double().numpy(), scorer.embed_images(real).double().numpy()
+    fd = frechet_distance(*feature_stats(f_real), *feature_stats(f_fake))
+    (fd_key,) = [k for k in metrics if k.startswith("FD[")]
+    assert metrics[fd_key]["value"] == pytest.approx(fd, rel=1e-4)
+    (cs_key,) = [k for k in metrics if k.endswith("generated]")]
+    expected = clip_score(scorer.embed_images(fake), scorer.embed_texts(prompts)).mean().item()
+    assert metrics[cs_key]["value"] == pytest.approx(expected, abs=1e-3)
+
+
+def test_bootstrap_interval_is_the_percentile_interval_of_resampled_statistics():
+    a = np.arange(100.0)
+    lo, hi = bootstrap_interval(np.mean, a, n=200, seed=0)
+    rng = np.random.default_rng(0)
+    means = [a[rng.integers(0, 100, 100)].mean() for _ in range(200)]
+    assert (lo, hi) == pytest.approx((np.percentile(means, 2.5), np.percentile(means, 97.5)))
+    assert lo < a.mean() < hi and hi - lo < 20  # the standard error of the mean is ~2.9
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"metrics": ("fd",), "clip": None}, "need a feature network"),
+    ({"metrics": ("clipscore",), "clip": None}, "clipscore needs --clip"),
+    ({"metrics": ("fd",), "data": None}, "need --data"),
+    ({"metrics": ("fid",)}, "unknown"),
+])
+def test_missing_pieces_are_one_clear_error(settings, message, tmp_path):
+    base = {"model": str(tmp_path), "data": str(tmp_path), "clip": str(tmp_path)}
+    with pytest.raises(CarraraError, match=message):
+        run_eval(EvalSettings(**{**base, **settings}), tmp_path / "out", progress=False)
