@@ -105,7 +105,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     if not args.model or not args.out:
         raise CarraraError("carrara eval needs --model RUN and --out REPORT_DIR (see carrara eval --help)")
-    settings = EvalSettings(model=args.model, data=args.data, n=args.n, clip=args.clip,
+    settings = EvalSettings(model=args.model, data=args.data, n=args.n, clip=args.clip, prompts=args.prompts,
                             metrics=tuple(m.strip() for m in args.metrics.split(",") if m.strip()),
                             inception_weights=args.inception_weights, guidance=args.guidance, steps=args.steps,
                             sampler=args.sampler, seed=args.seed, bootstrap=args.bootstrap)
@@ -122,8 +122,12 @@ def _cmd_eval_faithfulness(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from carrara.export import export_default
+    from carrara.export import export_default, export_diffusers
 
+    if args.export_command == "diffusers":
+        result = export_diffusers(args.model, args.out)
+        print(f"wrote {result['out']}: load it with diffusers.StableDiffusionPipeline.from_pretrained({result['out']!r})")
+        return 0
     result = export_default(args.model, args.out, autoencoder_run=args.autoencoder)
     print(f"wrote {result['out']} ({result['weights_mb']:.1f} MB of fp16 weights)")
     return 0
@@ -133,6 +137,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from carrara.generate import generate_command
 
     return generate_command(args)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from carrara.serve.app import serve_command
+
+    return serve_command(args)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -187,7 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", help="model or run folder to evaluate")
     ev.add_argument("--data", help="dataset folder: real images (FD, KID) and the captions to generate from")
     ev.add_argument("--n", type=_positive_int, default=2000, help="images to generate (default 2000)")
-    ev.add_argument("--metrics", default="fd,kid,clipscore", help="comma list of fd,kid,clipscore,faithfulness")
+    ev.add_argument("--metrics", default="fd,kid,clipscore",
+                    help="comma list of fd,kid,clipscore,retrieval,faithfulness")
+    ev.add_argument("--prompts", default=None, help="text file of prompts to generate from (default: the data's captions)")
     ev.add_argument("--clip", help="a `carrara train clip` run: features for FD/KID and the CLIP score")
     ev.add_argument("--inception-weights", help="pytorch-fid's pt_inception-2015-12-05 file: FID on Inception-v3")
     ev.add_argument("--guidance", type=_nonnegative_float, default=4.0, help="guidance w (default 4)")
@@ -217,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     default.add_argument("--autoencoder", default=None, help="its autoencoder run (its log is copied too)")
     default.add_argument("--out", default=None, help="destination (default: carrara/assets/default)")
     default.set_defaults(func=_cmd_export)
+    to_diffusers = export_cmds.add_parser("diffusers", help="a Stable Diffusion folder that diffusers loads offline")
+    to_diffusers.add_argument("--model", required=True, help="diffusion run or model folder")
+    to_diffusers.add_argument("--out", required=True, help="new folder to write")
+    to_diffusers.set_defaults(func=_cmd_export)
 
     gen = commands.add_parser("generate", help="make images from a prompt")
     gen.add_argument("prompt", nargs="?", help="what to draw")
@@ -230,6 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-o", "--out", default=None, help="output PNG (default carrara.png)")
     gen.add_argument("--from", dest="from_png", default=None, help="re-create an image from its PNG metadata")
     gen.set_defaults(func=_cmd_generate)
+
+    serve = commands.add_parser("serve", help="a local web page and HTTP API for generating images")
+    serve.add_argument("--model", default="default", help="model or run folder (default: the packaged model)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 = any free port)")
+    serve.add_argument("--data-dir", default="carrara-gallery", help="where generated images are kept "
+                       "(default ./carrara-gallery)")
+    serve.set_defaults(func=_cmd_serve)
     return parser
 
 

@@ -1,8 +1,13 @@
-"""`carrara export default`: copy a trained diffusion run into the package as the default model.
+"""`carrara export default|diffusers`: package a trained diffusion run.
 
-The packaged folder (carrara/assets/default) is an ordinary model folder with fp16 weights (half the bytes;
+`default`: the packaged folder (carrara/assets/default) is an ordinary model folder with fp16 weights (half the bytes;
 they are cast back to float32 on load) and, under training/, the run's recipe, log, metrics and loss curves,
 so the shipped weights say how they were made.
+
+`diffusers`: a self-contained Stable Diffusion folder that `diffusers.StableDiffusionPipeline.from_pretrained(DIR)`
+loads offline: carrara's run folder already has diffusers' unet/, vae/ and scheduler/; the export adds the text
+encoder (the MiniLM BertModel, with `use_attention_mask` so diffusers passes the mask as carrara does) and its
+tokenizer (`model_max_length` = carrara's 64 tokens, so both pad prompts to the same length).
 """
 from __future__ import annotations
 
@@ -62,3 +67,59 @@ def export_default(model: str | Path, out: str | Path | None = None, *, autoenco
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"out": str(out), "weights_mb": round(size_mb, 2)}
+
+
+def _copy_files(src: Path, dst: Path, names: list[str]) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+
+
+def export_diffusers(model: str | Path, out: str | Path) -> dict:
+    """Write model folder `model` as a diffusers StableDiffusionPipeline folder at `out` (text encoder included)."""
+    import json
+
+    from carrara.io import write_json_atomic
+    from carrara.text.encoder import TextEncoder, resolve_folders
+
+    folder = resolve(model)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise CarraraError(f"--out {out} exists and is not empty; pick a new folder")
+    encoder = TextEncoder.load(folder.text_encoder, tokenizer_path=folder.tokenizer)
+    text_dir, _ = resolve_folders(folder.text_encoder, folder.tokenizer)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))
+    try:
+        for part in ("unet", "vae", "scheduler"):
+            shutil.copytree(folder.root / part, tmp / part)
+        scheduler = {"clip_sample": False, **folder.scheduler_config}  # carrara never clips x̂0; diffusers' default does
+        write_json_atomic(tmp / "scheduler" / "scheduler_config.json", scheduler)
+        _copy_files(text_dir, tmp / "text_encoder", ["config.json", "model.safetensors"])
+        config = json.loads((tmp / "text_encoder" / "config.json").read_text())
+        config["use_attention_mask"] = encoder.use_attention_mask
+        write_json_atomic(tmp / "text_encoder" / "config.json", config)
+        encoder.tokenizer.model_max_length = encoder.max_length
+        encoder.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        classes = {"BertModel": "BertModel", "CLIPTextModel": "CLIPTextModel", "T5EncoderModel": "T5EncoderModel"}
+        text_class = classes.get((config.get("architectures") or ["BertModel"])[0], "BertModel")
+        write_json_atomic(tmp / "model_index.json", {
+            "_class_name": "StableDiffusionPipeline",
+            "_diffusers_version": "0.42.1",
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+            "scheduler": ["diffusers", folder.scheduler_config.get("_class_name", "DDIMScheduler")],
+            "text_encoder": ["transformers", text_class],
+            "tokenizer": ["transformers", type(encoder.tokenizer).__name__],
+            "safety_checker": [None, None],
+            "feature_extractor": [None, None],
+            "image_encoder": [None, None],
+            "requires_safety_checker": False,
+        })
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"out": str(out)}

@@ -89,7 +89,7 @@ def write_model_folder(root: Path, *, unet, vae_dir: Path | None = None, vae=Non
                 shutil.copy2(f, root / "vae" / f.name)
     (root / "scheduler").mkdir(parents=True, exist_ok=True)
     write_json_atomic(root / "scheduler" / "scheduler_config.json",
-                      {"_class_name": "DDIMScheduler", **scheduler_config})
+                      {"_class_name": "DDIMScheduler", "clip_sample": False, **scheduler_config})
     write_json_atomic(root / "model_index.json", {
         "_class_name": "StableDiffusionPipeline",
         "unet": ["diffusers", "UNet2DConditionModel"],

@@ -76,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _err(rows: list[dict], key: str) -> list[list[float]]:
+    """Asymmetric error bars (2, N) from each row's 95 % bootstrap interval."""
+    return [[max(r[key] - r[f"{key}_ci95"][0], 0) for r in rows], [max(r[f"{key}_ci95"][1] - r[key], 0) for r in rows]]
+
+
 def _plot(experiment: str, rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -84,7 +89,8 @@ def _plot(experiment: str, rows: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(5.5, 4), dpi=110)
     if experiment == "guidance":
-        ax.plot([r["clip_score"] for r in rows], [r["fd"] for r in rows], "o-")
+        ax.errorbar([r["clip_score"] for r in rows], [r["fd"] for r in rows], fmt="o-", capsize=3,
+                    xerr=_err(rows, "clip_score"), yerr=_err(rows, "fd"))
         for r in rows:
             ax.annotate(f"w={r['guidance']:g}", (r["clip_score"], r["fd"]), textcoords="offset points", xytext=(4, 4))
         ax.set_xlabel("CLIP score (higher: closer to the text)")
@@ -93,7 +99,8 @@ def _plot(experiment: str, rows: list[dict], path: Path) -> None:
     else:
         for sampler in dict.fromkeys(r["sampler"] for r in rows):
             rs = [r for r in rows if r["sampler"] == sampler]
-            ax.plot([r["steps"] for r in rs], [r["fd"] for r in rs], "o-", label=sampler)
+            ax.errorbar([r["steps"] for r in rs], [r["fd"] for r in rs], yerr=_err(rs, "fd"), fmt="o-", capsize=3,
+                        label=sampler)
         ax.set_xscale("log")
         ax.set_xlabel("sampling steps")
         ax.set_ylabel("FD_clip")

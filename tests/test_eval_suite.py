@@ -83,3 +83,32 @@ def test_missing_pieces_are_one_clear_error(settings, message, tmp_path):
     base = {"model": str(tmp_path), "data": str(tmp_path), "clip": str(tmp_path)}
     with pytest.raises(CarraraError, match=message):
         run_eval(EvalSettings(**{**base, **settings}), tmp_path / "out", progress=False)
+
+
+def test_retrieval_on_a_prompts_file_is_that_of_the_generated_images(tiny_shapes, tiny_diffusion_run, tiny_clip_run,
+                                                                      tmp_path):
+    from carrara.evaluate.clipscore import ClipScorer, retrieval
+    from carrara.pipeline import Pipeline
+
+    prompts = ["a large red circle on the left", "a small blue square at the top", "a green star",
+               "a yellow triangle at the bottom", "a purple diamond", "an orange cross in the center"]
+    (tmp_path / "prompts.txt").write_text("# paraphrases\n" + "\n".join(prompts) + "\n\n")
+    settings = EvalSettings(model=str(tiny_diffusion_run), data=str(tiny_shapes), n=6, clip=str(tiny_clip_run[0]),
+                            prompts=str(tmp_path / "prompts.txt"), metrics=("retrieval",), steps=2, batch_size=6,
+                            bootstrap=8)
+    metrics = run_eval(settings, tmp_path / "out", progress=False)["metrics"]
+    name = f"carrara-clip[{tiny_clip_run[0].name}]"
+    assert set(metrics) == {f"T2I-top1[{name}, among generated, n_gen=6]", f"T2I-top5[{name}, among generated, n_gen=6]"}
+    fake = Pipeline.load(tiny_diffusion_run)(prompts, steps=2, guidance=settings.guidance, seed=0, output="tensor")
+    scorer = ClipScorer.load(tiny_clip_run[0])
+    expected = retrieval(scorer.embed_images(((fake.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)), prompts,
+                         scorer.embed_texts)
+    assert metrics[f"T2I-top1[{name}, among generated, n_gen=6]"]["value"] == pytest.approx(expected["t2i_top1"])
+    assert metrics[f"T2I-top5[{name}, among generated, n_gen=6]"]["value"] == pytest.approx(expected["t2i_top5"])
+
+
+def test_an_empty_prompts_file_is_one_clear_error(tmp_path):
+    (tmp_path / "p.txt").write_text("# nothing\n\n")
+    with pytest.raises(CarraraError, match="no prompts"):
+        run_eval(EvalSettings(model=str(tmp_path), data=str(tmp_path), clip=str(tmp_path), prompts=str(tmp_path / "p.txt"),
+                              metrics=("retrieval",)), tmp_path / "out", progress=False)

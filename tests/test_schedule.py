@@ -167,3 +167,11 @@ def test_sample_t_and_noise_is_uniform_and_seeded():
     counts = torch.bincount(t, minlength=10)
     assert t.min() == 0 and t.max() == 9 and counts.min() > 400 and counts.max() < 600
     assert abs(noise.mean()) < 0.05 and abs(noise.std() - 1) < 0.05
+
+
+@pytest.mark.parametrize("flag", ["clip_sample", "thresholding"])
+def test_scheduler_configs_that_clip_x0_are_refused(flag):
+    config = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, flag: True}
+    with pytest.raises(CarraraError, match="clip_sample or thresholding"):
+        NoiseSchedule.from_diffusers_config(config)
+    NoiseSchedule.from_diffusers_config({**config, flag: False})  # Stable Diffusion's setting loads

@@ -126,6 +126,9 @@ class NoiseSchedule:
         if name not in names:
             raise CarraraError(f"unsupported beta_schedule {name!r} in scheduler config; "
                                "use linear, scaled_linear or squaredcos_cap_v2")
+        if config.get("clip_sample") is True or config.get("thresholding") is True:
+            raise CarraraError("scheduler configs with clip_sample or thresholding set are not supported "
+                               "(carrara never clips the predicted x0; Stable Diffusion folders set both to false)")
         if config.get("trained_betas") is not None or config.get("rescale_betas_zero_snr"):
             raise CarraraError("scheduler configs with trained_betas or rescale_betas_zero_snr are not supported")
         return cls.from_config(names[name], int(config.get("num_train_timesteps", 1000)),

@@ -50,7 +50,8 @@ def clip_score(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
     return 100.0 * (image_emb * text_emb).sum(-1).clamp(min=0.0)
 
 
-def retrieval(image_emb: torch.Tensor, texts: list[str], embed_texts, ks: tuple[int, ...] = (1, 5)) -> dict:
+def retrieval(image_emb: torch.Tensor, texts: list[str], embed_texts, ks: tuple[int, ...] = (1, 5),
+              hits: dict | None = None) -> dict:
     """Top-k accuracy of image→text and text→image over a set of (image, caption) pairs.
 
     `embed_texts(list[str]) -> (U, E)` embeds the distinct captions. Returns {"i2t_top1": …, "t2i_top5": …}.
@@ -66,5 +67,8 @@ def retrieval(image_emb: torch.Tensor, texts: list[str], embed_texts, ks: tuple[
         out[f"i2t_top{k}"] = float((top_texts == own[:, None]).any(1).float().mean())
         k_i = min(k, len(texts))
         top_images = sim.T.topk(k_i, dim=1).indices  # (U, k): closest images to each caption
-        out[f"t2i_top{k}"] = float((own[top_images] == torch.arange(len(unique))[:, None]).any(1).float().mean())
+        t2i = (own[top_images] == torch.arange(len(unique))[:, None]).any(1).float()  # (U,) per distinct caption
+        out[f"t2i_top{k}"] = float(t2i.mean())
+        if hits is not None:  # per-item hits, for bootstrap intervals
+            hits[f"t2i_top{k}"] = t2i.numpy()
     return out

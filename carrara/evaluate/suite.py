@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from carrara.errors import CarraraError
 
-METRICS = ("fd", "kid", "clipscore", "faithfulness")
+METRICS = ("fd", "kid", "clipscore", "retrieval", "faithfulness")
 
 
 @dataclass
@@ -30,6 +30,7 @@ class EvalSettings:
     n: int = 2000
     metrics: tuple[str, ...] = ("fd", "kid", "clipscore")
     clip: str | None = None
+    prompts: str | None = None  # a text file of prompts (one per line, # comments) instead of the data's captions
     inception_weights: str | None = None
     guidance: float = 4.0
     steps: int = 20
@@ -85,6 +86,18 @@ def _fd_and_kid(name: str, real: np.ndarray, fake: np.ndarray, settings: EvalSet
                                                              "extractor": name, **counts}
 
 
+def read_prompts(path: str | Path) -> list[str]:
+    """Non-empty, non-comment lines of a prompts file."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CarraraError(f"--prompts {path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    prompts = [s.strip() for s in lines if s.strip() and not s.lstrip().startswith("#")]
+    if not prompts:
+        raise CarraraError(f"--prompts {path}: no prompts in it (one per line; # starts a comment)")
+    return prompts
+
+
 def run_eval(settings: EvalSettings, out_dir: str | Path, progress: bool = True) -> dict:
     """Generate n images for captions of `settings.data`, score them, write metrics.json + report.html."""
     from carrara.io import ensure_dir, save_image_atomic, write_json_atomic
@@ -94,14 +107,16 @@ def run_eval(settings: EvalSettings, out_dir: str | Path, progress: bool = True)
     unknown = set(settings.metrics) - set(METRICS)
     if unknown:
         raise CarraraError(f"--metrics: unknown {sorted(unknown)}; choose from {','.join(METRICS)}")
-    needs_data = {"fd", "kid", "clipscore"} & set(settings.metrics)
+    needs_data = {"fd", "kid", "clipscore", "retrieval"} & set(settings.metrics)
     if needs_data and not settings.data:
         raise CarraraError(f"--metrics {','.join(sorted(needs_data))} need --data DIR (the real images and captions)")
     if ({"fd", "kid"} & set(settings.metrics)) and not (settings.clip or settings.inception_weights):
         raise CarraraError("FD and KID need a feature network: --clip RUN (carrara train clip) and/or "
                            "--inception-weights PATH")
-    if "clipscore" in settings.metrics and not settings.clip:
-        raise CarraraError("clipscore needs --clip RUN (a `carrara train clip` run)")
+    for metric in ("clipscore", "retrieval"):
+        if metric in settings.metrics and not settings.clip:
+            raise CarraraError(f"{metric} needs --clip RUN (a `carrara train clip` run)")
+    own_prompts = read_prompts(settings.prompts) if settings.prompts else None
     out_dir = ensure_dir(out_dir)
     pipe = Pipeline.load(settings.model)
     report = {"settings": asdict(settings), "model_hash": pipe.model_hash, "metrics": {}}
@@ -113,7 +128,10 @@ def run_eval(settings: EvalSettings, out_dir: str | Path, progress: bool = True)
 
         real_images, real_texts = preload_images(load_folder(settings.data), progress=progress)
         rng = random.Random(settings.seed)
-        prompts = [real_texts[rng.randrange(len(real_texts))] for _ in range(settings.n)]
+        if own_prompts is not None:  # the file's prompts in order, repeated if n asks for more
+            prompts = [own_prompts[i % len(own_prompts)] for i in range(settings.n)]
+        else:
+            prompts = [real_texts[rng.randrange(len(real_texts))] for _ in range(settings.n)]
         fake = generate_images(pipe, prompts, settings, progress)
         if fake.shape[-2:] != real_images.shape[-2:]:
             raise CarraraError(f"the model makes {tuple(fake.shape[-2:])} images, the data holds "
@@ -131,6 +149,16 @@ def run_eval(settings: EvalSettings, out_dir: str | Path, progress: bool = True)
                 for key, s in ((f"CLIPScore[{scorer.name}, generated]", s_fake), (f"CLIPScore[{scorer.name}, real]", s_real)):
                     report["metrics"][key] = {"value": mean(s), "ci95": bootstrap_interval(mean, s, n=settings.bootstrap),
                                               "n": len(s)}
+            if "retrieval" in settings.metrics:  # does each prompt find its own image among the generated ones?
+                from carrara.evaluate.clipscore import retrieval
+
+                hits: dict = {}
+                r = retrieval(emb_fake, prompts, scorer.embed_texts, hits=hits)
+                for k in (1, 5):
+                    h = hits[f"t2i_top{k}"]
+                    report["metrics"][f"T2I-top{k}[{scorer.name}, among generated, n_gen={len(prompts)}]"] = {
+                        "value": r[f"t2i_top{k}"], "ci95": bootstrap_interval(lambda a: float(a.mean()), h,
+                                                                              n=settings.bootstrap), "n": len(h)}
             _fd_and_kid(scorer.name, emb_real.numpy().astype(np.float64), emb_fake.numpy().astype(np.float64),
                         settings, report)
         if settings.inception_weights and {"fd", "kid"} & set(settings.metrics):
@@ -169,7 +197,8 @@ def format_metrics(report: dict) -> str:
     lines = []
     for name, m in report["metrics"].items():
         if "value" in m:
-            ci = f" [{m['ci95'][0]:.4g}, {m['ci95'][1]:.4g}]" if "ci95" in m else f" ± {m['std_over_subsets']:.2g}"
+            ci = (f" [{m['ci95'][0]:.4g}, {m['ci95'][1]:.4g}]" if "ci95" in m else
+                  f" ± {m['std_over_subsets']:.2g}" if "std_over_subsets" in m else "")
             lines.append(f"{name}: {m['value']:.4g}{ci}")
         else:
             lines.append(f"{name}: " + ", ".join(f"{a} {100 * v['accuracy']:.1f}%" for a, v in m["model"].items()))
