@@ -4,10 +4,11 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 FONT   := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
+CHROMIUM := /usr/bin/chromium
 
 .PHONY: setup test test-slow demo lint clean
 
-setup: $(STAMP) $(FONT)
+setup: $(STAMP) $(FONT) $(CHROMIUM)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +24,15 @@ $(FONT):
 		 (apt-get update -qq >/dev/null && apt-get install -y -qq fonts-noto-color-emoji >/dev/null)); \
 	else \
 		echo "note: the emoji dataset needs $(FONT): run 'sudo apt-get install fonts-noto-color-emoji'"; \
+	fi
+
+$(CHROMIUM):
+	@if [ "$$(id -u)" = 0 ]; then \
+		echo "installing chromium (apt) for the browser test"; \
+		(apt-get install -y -qq chromium >/dev/null 2>&1 || \
+		 (apt-get update -qq >/dev/null && apt-get install -y -qq chromium >/dev/null)); \
+	else \
+		echo "note: the browser test needs $(CHROMIUM): run 'sudo apt-get install chromium'"; \
 	fi
 
 test: setup

@@ -1,0 +1,309 @@
+"""`carrara serve`'s HTTP API (FastAPI; schema at /api/openapi.json) and the page in `static/`.
+
+Safe by default: binds 127.0.0.1 and then answers only Host headers naming loopback (no DNS rebinding); refuses
+POST/DELETE from another origin (no cross-site requests); no endpoint takes a path (image ids are uuids the server
+made); request bodies are capped (413); the page loads nothing from the network (Content-Security-Policy 'self').
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Annotated
+from urllib.parse import urlsplit
+
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+
+from carrara import __version__
+from carrara.errors import CarraraError
+from carrara.pipeline import MAX_BATCH, MAX_STEPS
+from carrara.serve.gallery import Gallery
+from carrara.serve.jobs import FINISHED, JobQueue, QueueFull
+from carrara.serve.schema import MAX_PROMPT_CHARS, MAX_SEED, GalleryPage, GenerateRequest, JobInfo
+
+STATIC = Path(__file__).parent / "static"
+MAX_BODY_BYTES = 64 * 1024
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
+                    (b"referrer-policy", b"no-referrer"),
+                    (b"content-security-policy", b"default-src 'self'; img-src 'self' data:; frame-ancestors 'none'")]
+EVENT_POLL_SECONDS = 0.1
+
+
+def rss_mb() -> float:
+    """This process's resident memory in MiB (Linux /proc; elsewhere the peak from getrusage)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class _Guard:
+    """ASGI wrapper: Host check, no cross-origin POST/DELETE, body cap (413, before any handler), security headers."""
+
+    def __init__(self, app, *, allowed_hosts: tuple[str, ...] | None, max_body_bytes: int):
+        self.app, self.allowed_hosts, self.max_body_bytes = app, allowed_hosts, max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        host = headers.get(b"host", b"").decode("latin-1")
+        host = host[1:host.find("]")] if host.startswith("[") else host.rsplit(":", 1)[0]
+        if self.allowed_hosts is not None and host not in self.allowed_hosts:
+            return await JSONResponse({"detail": "invalid Host header"}, 400)(scope, receive, send)
+        origin = headers.get(b"origin")
+        if scope["method"] not in ("GET", "HEAD") and origin is not None and \
+                urlsplit(origin.decode("latin-1")).netloc != headers.get(b"host", b"").decode("latin-1"):
+            return await JSONResponse({"detail": "cross-origin request refused"}, 403)(scope, receive, send)
+        declared = headers.get(b"content-length", b"0")
+        body, more = bytearray(), True
+        if declared.isdigit() and int(declared) <= self.max_body_bytes:
+            while more:
+                message = await receive()
+                if message["type"] != "http.request":
+                    break
+                body += message.get("body", b"")
+                more = message.get("more_body", False)
+                if len(body) > self.max_body_bytes:
+                    break
+        if not declared.isdigit() or int(declared) > self.max_body_bytes or len(body) > self.max_body_bytes:
+            return await JSONResponse({"detail": f"request body larger than {self.max_body_bytes} bytes"}, 413)(
+                scope, receive, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS]
+            await send(message)
+
+        await self.app(scope, replay, send_with_headers)
+
+
+def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 with FastAPI's error list and a one-line `message` ("steps: Input should be ...")."""
+    errors = [{k: e[k] for k in ("loc", "msg", "type") if k in e} for e in exc.errors()]
+    message = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}".replace("Value error, ", "")
+                        for e in errors)
+    return JSONResponse({"detail": errors, "message": message}, 422)
+
+
+def create_app(pipe, data_dir: str | Path, *, max_queued: int = 32, batch_images: int = 16,
+               allowed_hosts: tuple[str, ...] | None = LOOPBACK_HOSTS, max_body_bytes: int = MAX_BODY_BYTES,
+               preview_every: int | None = None) -> FastAPI:
+    """The app over one loaded `Pipeline`; its worker thread starts and stops with the app's lifespan.
+
+    allowed_hosts: Host header names answered (None: any, for a server bound beyond loopback).
+    """
+    gallery = Gallery(data_dir)
+    jobs = JobQueue(pipe, gallery, max_queued=max_queued, batch_images=batch_images, preview_every=preview_every)
+    latent = pipe.latent_shape()  # (c, h, w)
+    image_size = latent[1] * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    defaults = GenerateRequest.model_construct(prompt="").model_dump(exclude={"prompt", "width", "height"})
+    started = time.time()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        jobs.start()
+        yield
+        jobs.stop()
+
+    app = FastAPI(title="carrara", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url="/api/openapi.json", description="Text-to-image generation with one local model.")
+    app.state.jobs, app.state.gallery = jobs, gallery
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    def job_or_404(job_id: str) -> dict:
+        snap = jobs.snapshot(job_id)
+        if snap is None:
+            raise HTTPException(404, f"no job {job_id}")
+        return snap[0]
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    @app.post("/api/generate", status_code=202, response_model=JobInfo,
+              responses={413: {"description": "body too large"}, 429: {"description": "queue full; see Retry-After"}})
+    async def generate(body: GenerateRequest):
+        """Queue a job; poll GET /api/jobs/{id} or stream /api/jobs/{id}/events."""
+        for name in ("width", "height"):
+            if getattr(body, name) not in (None, image_size):
+                message = (f"{name}: this model makes {image_size}×{image_size} images; "
+                           f"give {image_size} or leave it out")
+                return JSONResponse({"detail": [{"loc": ["body", name], "msg": message, "type": "value_error"}],
+                                     "message": message}, 422)
+        try:
+            job = jobs.submit(body.settings(), n=body.n, random_seed=body.seed == "random")
+        except QueueFull as e:
+            return JSONResponse({"detail": str(e)}, 429, headers={"Retry-After": str(e.retry_after)})
+        except CarraraError as e:
+            raise HTTPException(503, str(e)) from None
+        return job_or_404(job.id)
+
+    @app.get("/api/jobs/{job_id}", response_model=JobInfo, responses={404: {"description": "unknown job"}})
+    async def job_status(job_id: str):
+        """Status, progress (step of total) and, when done, the images."""
+        return job_or_404(job_id)
+
+    @app.get("/api/jobs/{job_id}/events", responses={200: {"content": {"text/event-stream": {}}}, 404: {}})
+    async def job_events(job_id: str) -> StreamingResponse:
+        """Server-sent events: the job as JSON on every change, with `preview` (a PNG data URL of x̂0) when new."""
+        job_or_404(job_id)
+
+        async def stream():
+            yield "retry: 2000\n\n"
+            version, sent_preview, last = -1, None, time.monotonic()
+            while (snap := jobs.snapshot(job_id)) is not None:
+                data, v = snap
+                if v != version:
+                    version, preview = v, data.pop("preview")
+                    data["preview"] = preview if preview != sent_preview else None
+                    sent_preview = preview or sent_preview
+                    yield f"event: job\ndata: {json.dumps(data)}\n\n"
+                    last = time.monotonic()
+                    if data["status"] in FINISHED:
+                        return
+                elif time.monotonic() - last > 15:
+                    yield ": keep-alive\n\n"
+                    last = time.monotonic()
+                await asyncio.sleep(EVENT_POLL_SECONDS)
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/api/jobs/{job_id}/cancel", response_model=JobInfo, responses={404: {"description": "unknown job"}})
+    async def cancel(job_id: str):
+        """Cancel: a queued job at once, a running one at its next step (status stays "running" until then)."""
+        if jobs.cancel(job_id) is None:
+            raise HTTPException(404, f"no job {job_id}")
+        return job_or_404(job_id)
+
+    @app.delete("/api/jobs/{job_id}", response_model=JobInfo, responses={404: {"description": "unknown job"}})
+    async def cancel_by_delete(job_id: str):
+        """The same as POST /api/jobs/{id}/cancel."""
+        return await cancel(job_id)
+
+    @app.get("/api/images/{image_id}.png", response_class=FileResponse,
+             responses={200: {"content": {"image/png": {}}}, 404: {"description": "unknown image"}})
+    async def image(image_id: str) -> FileResponse:
+        """The PNG, with its settings in the 'carrara' text chunk (`carrara generate --from` remakes it)."""
+        path = gallery.path(image_id)
+        if path is None:
+            raise HTTPException(404, f"no image {image_id}")
+        return FileResponse(path, media_type="image/png", headers={"Cache-Control": "public, max-age=31536000"})
+
+    @app.get("/api/gallery", response_model=GalleryPage)
+    async def gallery_page(offset: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=500)] = 100):
+        """Generated images, newest first."""
+        items, total = gallery.page(offset, limit)
+        return {"items": items, "total": total, "offset": offset, "limit": limit}
+
+    @app.get("/api/health")
+    async def health() -> dict:
+        """Liveness, memory (rss_mb) and queue counts."""
+        return {"status": "ok", "rss_mb": round(rss_mb(), 1), "uptime_s": round(time.time() - started, 1),
+                "jobs": jobs.stats(), "gallery_skipped": gallery.skipped}
+
+    @app.get("/api/model")
+    async def model() -> dict:
+        """What is loaded, the image size it makes, and the request limits."""
+        return {"name": jobs.model_ref, "model_hash": pipe.model_hash, "image_size": [image_size, image_size],
+                "latent_shape": list(latent), "samplers": ["dpmpp", "ddim", "ddpm"],
+                "defaults": defaults,
+                "limits": {"prompt_chars": MAX_PROMPT_CHARS, "steps": MAX_STEPS, "guidance": 50.0, "n": MAX_BATCH,
+                           "seed": MAX_SEED, "queue": jobs.max_queued, "body_bytes": max_body_bytes}}
+
+    app.add_middleware(_Guard, allowed_hosts=allowed_hosts, max_body_bytes=max_body_bytes)
+    return app
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A bound socket for uvicorn (port 0: any free port), or a one-line CarraraError."""
+    try:
+        family, kind, proto = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)[0][:3]
+        sock = socket.socket(family, kind, proto)  # proto TCP: asyncio then sets TCP_NODELAY (no 40 ms ACK waits)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as e:
+        raise CarraraError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+def server(app: FastAPI):
+    """A uvicorn server for `app`: `.run(sockets=[listen(host, port)])`; set `.should_exit` to stop it."""
+    import uvicorn
+
+    return uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5, lifespan="on"))
+
+
+@contextmanager
+def running(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Serve `app` from a background thread (tests, notebooks); yields its base URL, stops the server on exit."""
+    sock = listen(host, port)
+    srv = server(app)
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, name="carrara-serve", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise CarraraError(f"the server on {host}:{sock.getsockname()[1]} did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        srv.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    """`carrara serve`: load the model, then serve the page and API until Ctrl-C."""
+    from carrara.pipeline import Pipeline
+
+    loopback = is_loopback(args.host)
+    if not loopback:
+        print(f"carrara: warning: serving on {args.host}: anyone who can reach port {args.port} can generate images "
+              "and read the gallery (there is no authentication)", file=sys.stderr)
+    sock = listen(args.host, args.port)
+    try:
+        pipe = Pipeline.load(args.model)
+        app = create_app(pipe, args.data_dir, allowed_hosts=LOOPBACK_HOSTS if loopback else None)
+        host, port = sock.getsockname()[:2]
+        url_host = f"[{host}]" if ":" in host else host
+        print(f"carrara serve: model {app.state.jobs.model_ref} ({pipe.model_hash}) on http://{url_host}:{port}/ "
+              f"— gallery in {Path(args.data_dir).resolve()}; Ctrl-C stops", flush=True)
+        server(app).run(sockets=[sock])
+    finally:
+        sock.close()
+    return 0

@@ -1,0 +1,105 @@
+"""The JSON bodies of `carrara serve`'s API as pydantic models: FastAPI validates requests (422) and writes the
+OpenAPI schema from them. Limits reuse the pipeline's (MAX_STEPS, MAX_BATCH, `GenerationSettings.validate`).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from carrara.errors import CarraraError
+from carrara.pipeline import MAX_BATCH, MAX_STEPS, GenerationSettings
+
+MAX_PROMPT_CHARS = 1000
+MAX_SEED = 2**53 - 1  # the largest integer JavaScript numbers hold exactly
+MAX_SIZE = 4096
+
+
+class GenerateRequest(BaseModel):
+    """The body of POST /api/generate; every field but the prompt defaults as in `carrara generate`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="what to draw")
+    negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description='the unconditional branch; "" = null')
+    steps: int = Field(20, ge=1, le=MAX_STEPS)
+    sampler: Literal["dpmpp", "ddim", "ddpm"] = "dpmpp"
+    guidance: float = Field(4.0, ge=0.0, le=50.0, description="classifier-free guidance w")
+    seed: int | Literal["random"] = Field(
+        0, description=f'0 … {MAX_SEED}; image i uses seed + i; "random" picks one when the job runs')
+    n: int = Field(1, ge=1, le=MAX_BATCH, description="number of images")
+    width: int | None = Field(None, ge=1, le=MAX_SIZE, description="must be the model's size if given")
+    height: int | None = Field(None, ge=1, le=MAX_SIZE, description="must be the model's size if given")
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, prompt: str) -> str:
+        if not prompt.strip():
+            raise ValueError("the prompt is empty")
+        return prompt
+
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _seed_in_range(cls, seed):
+        if seed != "random" and (type(seed) is not int or not 0 <= seed <= MAX_SEED):
+            raise ValueError(f'the seed must be a whole number from 0 to {MAX_SEED}, or "random"')
+        return seed
+
+    @model_validator(mode="after")
+    def _valid_settings(self) -> GenerateRequest:
+        try:
+            self.settings().validate()
+        except CarraraError as e:
+            raise ValueError(str(e).replace("--", "")) from None
+        if self.seed != "random" and self.seed + self.n - 1 > MAX_SEED:
+            raise ValueError(f"seed + n - 1 must be at most {MAX_SEED}")
+        return self
+
+    def settings(self) -> GenerationSettings:
+        seed = 0 if self.seed == "random" else self.seed
+        return GenerationSettings(self.prompt, self.negative_prompt, self.steps, self.sampler, self.guidance, seed)
+
+
+class JobSettings(BaseModel):
+    prompt: str
+    negative_prompt: str
+    steps: int
+    sampler: str
+    guidance: float
+    seed: int | None = Field(description="null while a random-seed job waits")
+    n: int
+
+
+class ImageItem(BaseModel):
+    """A gallery image: `settings` remake it (n = 1, its own seed), as does its PNG's metadata."""
+
+    id: str
+    url: str
+    created: float
+    job_id: str
+    settings: JobSettings
+    model: str
+    model_hash: str
+    size: list[int]
+
+
+class JobInfo(BaseModel):
+    id: str
+    status: Literal["queued", "running", "done", "cancelled", "failed"]
+    position: int | None = Field(description="place in the queue (1 = next), null once it runs")
+    step: int
+    total: int
+    settings: JobSettings
+    images: list[ImageItem]
+    error: str | None
+    created: float
+    started: float | None
+    finished: float | None
+    batch_jobs: int = Field(description="how many jobs shared its pipeline call (0 until it runs)")
+    events_url: str
+
+
+class GalleryPage(BaseModel):
+    items: list[ImageItem]
+    total: int
+    offset: int
+    limit: int
