@@ -111,7 +111,7 @@ def export_diffusers(model: str | Path, out: str | Path) -> dict:
             "vae": ["diffusers", "AutoencoderKL"],
             "scheduler": ["diffusers", folder.scheduler_config.get("_class_name", "DDIMScheduler")],
             "text_encoder": ["transformers", text_class],
-            "tokenizer": ["transformers", type(encoder.tokenizer).__name__],
+            "tokenizer": ["transformers", getattr(encoder.tokenizer, "transformers_class", type(encoder.tokenizer).__name__)],
             "safety_checker": [None, None],
             "feature_extractor": [None, None],
             "image_encoder": [None, None],

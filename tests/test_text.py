@@ -255,3 +255,23 @@ def test_bad_paths(tmp_path, case):
     with pytest.raises(CarraraError) as info:
         TextEncoder.load(str(path))
     assert "\n" not in str(info.value)
+
+
+def test_compact_minilm_equals_transformers(minilm, monkeypatch):
+    """carrara.text.minilm (no transformers import) gives transformers' BertModel token ids, masks and states."""
+    from carrara.text.minilm import FastBertTokenizer, MiniLM
+
+    assert isinstance(minilm.model, MiniLM) and isinstance(minilm.tokenizer, FastBertTokenizer)
+    monkeypatch.setenv("CARRARA_TEXT_BACKEND", "transformers")
+    reference = TextEncoder.load("minilm", cache_size=0)
+    assert type(reference.model).__name__ == "BertModel"
+    prompts = ["", "a red circle", "A Café, 3 RED circles & one blue-ish Square!", "naïve 東京 emoji 🙂 test",
+               " ".join(["word"] * 80)]  # the last one is truncated to 64 tokens, [SEP] kept
+    for text in prompts:
+        assert minilm.tokenizer(text)["input_ids"] == reference.tokenizer(text)["input_ids"]
+    ours, theirs = fresh(minilm, cache_size=0)._run(prompts), reference._run(prompts)
+    assert torch.equal(ours[1], theirs[1])  # masks
+    assert (ours[0] - theirs[0]).abs().max().item() < 1e-4  # (5, 64, 384) token states, |x| up to ~10: fp32 kernels
+    assert (ours[0] - theirs[0]).abs().mean().item() < 1e-6
+    assert minilm.fingerprint() == reference.fingerprint()  # trained models record it: must not change
+    assert sorted(minilm.tokenizer.get_vocab().items()) == sorted(reference.tokenizer.get_vocab().items())

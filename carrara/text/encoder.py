@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import sys
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
@@ -156,6 +157,16 @@ class TextEncoder(torch.nn.Module):
         """Load "minilm" (the packaged all-MiniLM-L6-v2) or a local folder; never downloads."""
         model_dir, tok_dir = resolve_folders(name_or_path, tokenizer_path)
         model_type = read_model_type(model_dir)
+        is_minilm = name_or_path in MINILM_ALIASES
+        if is_minilm and tokenizer_path is None and os.environ.get("CARRARA_TEXT_BACKEND") != "transformers":
+            from carrara.text.minilm import FastBertTokenizer, MiniLM  # no transformers import: fast cold start
+
+            model, tokenizer = MiniLM.from_folder(model_dir), FastBertTokenizer(tok_dir)
+            limit = model.config.max_position_embeddings
+            if max_length is not None and (not isinstance(max_length, int) or not 2 <= max_length <= limit):
+                raise CarraraError(f"max_length must be an integer in [2, {limit}] for {model_dir}, got {max_length!r}")
+            return cls(model, tokenizer, name=MINILM, max_length=max_length or MINILM_MAX_LENGTH,
+                       cache_size=cache_size, package=f"{MINILM_PACKAGE}=={_package_version(MINILM_PACKAGE)}")
         import transformers
         model_cls = getattr(transformers, ENCODER_CLASSES[model_type])
         with _quiet_transformers():
@@ -171,7 +182,6 @@ class TextEncoder(torch.nn.Module):
         if missing:
             raise CarraraError(f"{model_dir} lacks {len(missing)} weights (e.g. {missing[0]}): "
                                "it is not a complete checkpoint")
-        is_minilm = name_or_path in MINILM_ALIASES
         limit = min((x for x in (getattr(model.config, "max_position_embeddings", None), tokenizer.model_max_length)
                      if isinstance(x, int) and 0 < x < 100_000), default=None)  # tokenizers may say 1e30
         if max_length is None:
