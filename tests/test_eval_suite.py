@@ -78,6 +78,7 @@ def test_bootstrap_interval_is_the_percentile_interval_of_resampled_statistics()
     ({"metrics": ("clipscore",), "clip": None}, "clipscore needs --clip"),
     ({"metrics": ("fd",), "data": None}, "need --data"),
     ({"metrics": ("fid",)}, "unknown"),
+    ({"metrics": ("fd",), "n": 1}, "at least 2 generated images"),
 ])
 def test_missing_pieces_are_one_clear_error(settings, message, tmp_path):
     base = {"model": str(tmp_path), "data": str(tmp_path), "clip": str(tmp_path)}

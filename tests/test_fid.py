@@ -102,6 +102,14 @@ def test_frechet_distance_closed_forms():
     assert got == pytest.approx(12.0, rel=1e-9)
 
 
+def test_frechet_distance_grows_monotonically_with_added_noise():
+    real = _gaussians(500, 32)[0]
+    noise = np.random.default_rng(7).standard_normal(real.shape)
+    mu, sigma = feature_stats(real)
+    fds = [frechet_distance(mu, sigma, *feature_stats(real + s * noise)) for s in (0.0, 0.1, 0.3, 1.0, 3.0)]
+    assert fds[0] < 1e-6 and all(a < b for a, b in zip(fds, fds[1:])), fds
+
+
 def test_frechet_distance_errors():
     with pytest.raises(CarraraError, match="disagree in shape"):
         frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))

@@ -110,6 +110,8 @@ def run_eval(settings: EvalSettings, out_dir: str | Path, progress: bool = True)
     needs_data = {"fd", "kid", "clipscore", "retrieval"} & set(settings.metrics)
     if needs_data and not settings.data:
         raise CarraraError(f"--metrics {','.join(sorted(needs_data))} need --data DIR (the real images and captions)")
+    if settings.n < 2 and ({"fd", "kid", "retrieval"} & set(settings.metrics)):
+        raise CarraraError(f"--n {settings.n}: FD, KID and retrieval need at least 2 generated images")
     if ({"fd", "kid"} & set(settings.metrics)) and not (settings.clip or settings.inception_weights):
         raise CarraraError("FD and KID need a feature network: --clip RUN (carrara train clip) and/or "
                            "--inception-weights PATH")
