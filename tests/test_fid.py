@@ -8,6 +8,7 @@ the tests also compare against it live (its FID function and resizer need no tor
 import ast
 import hashlib
 import importlib.util
+import itertools
 import re
 import warnings
 from collections.abc import Callable
@@ -107,7 +108,7 @@ def test_frechet_distance_grows_monotonically_with_added_noise():
     noise = np.random.default_rng(7).standard_normal(real.shape)
     mu, sigma = feature_stats(real)
     fds = [frechet_distance(mu, sigma, *feature_stats(real + s * noise)) for s in (0.0, 0.1, 0.3, 1.0, 3.0)]
-    assert fds[0] < 1e-6 and all(a < b for a, b in zip(fds, fds[1:])), fds
+    assert fds[0] < 1e-6 and all(a < b for a, b in itertools.pairwise(fds)), fds
 
 
 def test_frechet_distance_errors():
