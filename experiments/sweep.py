@@ -23,8 +23,8 @@ STEPS = (("ddpm", 1000), ("ddpm", 250), ("ddpm", 50), ("ddim", 10), ("ddim", 20)
          ("dpmpp", 10), ("dpmpp", 20))
 
 
-def _value(report: dict, prefix: str) -> tuple[float, list[float]]:
-    (key,) = [k for k in report["metrics"] if k.startswith(prefix)]
+def _value(report: dict, prefix: str, suffix: str = "") -> tuple[float, list[float]]:
+    (key,) = [k for k in report["metrics"] if k.startswith(prefix) and k.endswith(suffix)]
     return report["metrics"][key]["value"], report["metrics"][key]["ci95"]
 
 
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                                  metrics=("fd", "clipscore"), **kw)
                 report = run_eval(s, folder)
             fd, fd_ci = _value(report, "FD[")
-            cs, cs_ci = _value(report, "CLIPScore[")
+            cs, cs_ci = _value(report, "CLIPScore[", "generated]")
             rows.append({"setting": name, **kw, "fd": fd, "fd_ci95": fd_ci, "clip_score": cs, "clip_score_ci95": cs_ci,
                          "seconds": report["seconds"]})
             print(f"{name}: FD {fd:.4g} [{fd_ci[0]:.4g}, {fd_ci[1]:.4g}], CLIP score {cs:.2f}", flush=True)
