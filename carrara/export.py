@@ -49,10 +49,7 @@ def export_default(model: str | Path, out: str | Path | None = None, *, autoenco
         if autoencoder_run:
             runs["autoencoder"] = Path(autoencoder_run)
         for stage, run in runs.items():
-            for name in TRAINING_FILES:
-                if (run / name).is_file():
-                    (tmp / "training" / stage).mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(run / name, tmp / "training" / stage / name)
+            _copy_files(run, tmp / "training" / stage, TRAINING_FILES)
         size_mb = sum(f.stat().st_size for f in tmp.rglob("*.safetensors")) / 1e6
         if size_mb > max_mb:
             raise CarraraError(f"the exported weights take {size_mb:.1f} MB, more than the {max_mb:.0f} MB budget")
@@ -69,7 +66,8 @@ def export_default(model: str | Path, out: str | Path | None = None, *, autoenco
     return {"out": str(out), "weights_mb": round(size_mb, 2)}
 
 
-def _copy_files(src: Path, dst: Path, names: list[str]) -> None:
+def _copy_files(src: Path, dst: Path, names) -> None:
+    """Copy those of `names` that exist in `src` into `dst`."""
     dst.mkdir(parents=True, exist_ok=True)
     for name in names:
         if (src / name).is_file():
