@@ -222,7 +222,9 @@ def test_concurrent_clients_all_get_their_images(pipe, tmp_path):
 
 
 def test_events_stream_progress_previews_and_the_result(pipe, tmp_path):
-    with client_for(SlowPipe(pipe, 0.02), tmp_path, preview_every=2) as c:
+    # The stream polls the job every EVENT_POLL_SECONDS (0.1 s) and sends the latest state, so steps must last
+    # longer than that for each one to be seen: 0.3 s per step, 6 steps.
+    with client_for(SlowPipe(pipe, 0.3), tmp_path, preview_every=2) as c:
         job = c.post("/api/generate", json={"prompt": "a red circle", "steps": 6, "n": 2}).json()
         with c.stream("GET", job["events_url"]) as r:
             assert r.headers["content-type"].startswith("text/event-stream")
