@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -36,14 +37,26 @@ def _cmd_data_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_info(args: argparse.Namespace) -> int:
-    from carrara.data.folder import load_folder
+    from carrara.data.folder import load_dataset
 
-    ds = load_folder(args.path)
+    ds = load_dataset(args.path)
     print(f"{args.path}: {len(ds)} images")
     for reason, count in sorted(ds.skipped.items()):
         print(f"  skipped {count}: {reason}")
+    for mode, count in sorted(ds.converted.items()):
+        print(f"  converted {count} from {mode} to RGB")
     for i in range(min(args.show, len(ds))):
         print(f"  {ds.records[i].file_name}: {ds.records[i].text}")
+    return 0
+
+
+def _cmd_data_shard(args: argparse.Namespace) -> int:
+    from carrara.data.shards import write_shards
+
+    stats = write_shards(args.folder, args.out, per_shard=args.size, progress=not args.quiet)
+    skipped = sum(stats["skipped"].values())
+    print(f"wrote {stats['samples']} samples in {stats['shards']} shards: --data '{stats['pattern']}'"
+          + (f" (skipped {skipped} unusable)" if skipped else ""))
     return 0
 
 
@@ -58,7 +71,9 @@ def _nonnegative_float(text: str) -> float:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from carrara.data.folder import describe
     from carrara.recipe import apply_overrides
+    from carrara.train import distributed
 
     if args.stage == "autoencoder":
         from carrara.train.autoencoder import AutoencoderRecipe, train_autoencoder
@@ -76,14 +91,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if not args.autoencoder:
             raise CarraraError("train diffusion needs --autoencoder RUN (a finished `carrara train autoencoder` run)")
         recipe = DiffusionRecipe(data=args.data, autoencoder=args.autoencoder, size=args.size)
-        run = train_diffusion
+        run = functools.partial(train_diffusion, allow_pickle=args.allow_pickle)
     if args.steps is not None:
         recipe.train.steps = args.steps
     if args.batch_size is not None:
         recipe.train.batch_size = args.batch_size
     apply_overrides(recipe, args.set or [])
-    result = run(recipe, args.out, resume=args.resume, progress=not args.quiet)
+    try:
+        result = run(recipe, args.out, resume=args.resume, progress=not args.quiet)
+    except BaseException:
+        distributed.shutdown(wait=False)
+        raise
+    distributed.shutdown()
+    if not distributed.is_main_process():
+        return 0
     print(f"{args.stage} run in {args.out}: {result['steps']} steps, last loss {result['last_loss']:.4f}")
+    if describe(result):
+        print(f"data: {describe(result)} (listed in {Path(args.out) / 'log.txt'})")
     if "held_out" in result:
         h = result["held_out"]
         print(f"held-out retrieval ({h['n_pairs']} pairs, {h['n_captions']} captions): image→text top-1 "
@@ -167,19 +191,28 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--font", default=None, help="color emoji font (emoji; default Debian's NotoColorEmoji.ttf)")
     build.set_defaults(func=_cmd_data_build)
     info = data_cmds.add_parser("info", help="load a dataset folder and report what it holds")
-    info.add_argument("path", help="dataset folder")
+    info.add_argument("path", help="dataset folder, or shards like 'shards/{000000..000009}.tar'")
     info.add_argument("--show", type=int, default=3, help="captions to print")
     info.set_defaults(func=_cmd_data_info)
+    shard = data_cmds.add_parser("shard", help="pack a dataset folder into WebDataset tar shards")
+    shard.add_argument("folder", help="dataset folder (images + metadata.jsonl or .txt captions)")
+    shard.add_argument("--out", required=True, help="new folder for 000000.tar, 000001.tar, …")
+    shard.add_argument("--size", type=_positive_int, default=1000, help="samples per shard (default 1000)")
+    shard.add_argument("--quiet", action="store_true", help="no progress bar")
+    shard.set_defaults(func=_cmd_data_shard)
     train = commands.add_parser("train", help="train one stage: autoencoder, then diffusion; clip for evaluation")
     train.add_argument("stage", choices=["autoencoder", "diffusion", "clip"])
-    train.add_argument("--data", required=True, help="dataset folder (images + metadata.jsonl)")
+    train.add_argument("--data", required=True, help="dataset folder (images + metadata.jsonl), "
+                       "or tar shards: 'shards/{000000..000099}.tar'")
     train.add_argument("--out", required=True, help="run folder to create (or continue with --resume)")
     train.add_argument("--autoencoder", help="autoencoder run folder (diffusion stage)")
     train.add_argument("--size", type=_positive_int, default=64, help="image side in pixels (default 64)")
     train.add_argument("--steps", type=_positive_int, help="training steps")
-    train.add_argument("--batch-size", type=_positive_int, help="batch size")
+    train.add_argument("--batch-size", type=_positive_int, help="global batch size (shared by torchrun's processes)")
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe field, e.g. train.lr=1e-4")
+    train.add_argument("--allow-pickle", action="store_true", help="let --autoencoder weights be a pickle "
+                       "(.bin/.ckpt/.pt), read with torch.load(weights_only=True); default: safetensors only")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.set_defaults(func=_cmd_train)
 

@@ -5,10 +5,23 @@
 under the folder is paired with the `.txt` file of the same stem (`cat.png` + `cat.txt`). Every image is opened
 and decoded once at load time; anything unusable is skipped, counted by reason in `FolderDataset.skipped`, and
 reported in one line on stderr.
+
+What counts as unusable (the same rules apply to tar shards, data/shards.py):
+- a zero-byte, truncated or otherwise undecodable file; a file that is not an image; a missing file;
+- a missing or empty caption;
+- when a training size is given: an image whose shorter side is under half that size (upscaling it more than
+  2× invents the detail the model would learn), or whose sides differ by more than 2:1 (the center crop would
+  drop over half of what the caption describes).
+Images in another mode (palette, grayscale, RGBA, CMYK, 16-bit) are not skipped but converted to RGB —
+transparency composited over white — because the conversion is exact or standard; they are counted by mode
+in `FolderDataset.converted`.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import os
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -33,6 +46,8 @@ CORRUPT_IMAGE = "corrupt image"
 UNREADABLE = "unreadable file"
 MISSING_CAPTION = "missing caption"
 EMPTY_CAPTION = "empty caption"
+TOO_SMALL = "image too small"
+BAD_ASPECT = "aspect ratio over 2:1"
 
 
 @dataclass
@@ -54,23 +69,85 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _check_image(path: Path) -> str:
-    """'' if `path` decodes as an image, else the skip reason."""
+def check_size(image: Image.Image, size: int | None) -> str:
+    """'' if an image of this size can be fit to size×size without inventing or dropping most of it."""
+    if size is None:
+        return ""
+    short, long = sorted(image.size)
+    if 2 * short < size:
+        return TOO_SMALL
+    return BAD_ASPECT if long > 2 * short else ""
+
+
+def decode_image(source, size: int | None = None) -> tuple[str, Image.Image | None, str]:
+    """Decode a path or bytes fully: ('', RGB image, original mode) or (skip reason, None, '')."""
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+            mode = image.mode
+            rgb = to_rgb(image)  # decodes every pixel and proves the mode converts
+    except UnidentifiedImageError:  # a known signature that fails to parse is a damaged image, not another file
+        if isinstance(source, bytes):
+            head = source[:8]
+        else:
+            with open(source, "rb") as f:
+                head = f.read(8)
+        return (CORRUPT_IMAGE if head.startswith(_SIGNATURES) else NOT_AN_IMAGE), None, ""
+    except PermissionError:
+        return UNREADABLE, None, ""
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return CORRUPT_IMAGE, None, ""  # truncated data, bad CRC, bad header fields, absurd dimensions
+    reason = check_size(rgb, size)
+    return reason, (None if reason else rgb), mode
+
+
+def _check_image(path: Path, size: int | None = None) -> tuple[str, str]:
+    """('', original mode) if `path` decodes as a usable image, else (skip reason, '')."""
     try:
         if not path.is_file():
-            return NOT_AN_IMAGE if path.exists() else MISSING_FILE
+            return (NOT_AN_IMAGE if path.exists() else MISSING_FILE), ""
         if path.stat().st_size == 0:
-            return EMPTY_FILE
-        with Image.open(path) as image:
-            to_rgb(image)  # decodes every pixel and proves the mode converts
-    except UnidentifiedImageError:  # a known signature that fails to parse is a damaged image, not another file
-        with open(path, "rb") as f:
-            return CORRUPT_IMAGE if f.read(8).startswith(_SIGNATURES) else NOT_AN_IMAGE
-    except PermissionError:
-        return UNREADABLE
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-        return CORRUPT_IMAGE  # truncated data, bad CRC, bad header fields, absurd dimensions
-    return ""
+            return EMPTY_FILE, ""
+    except OSError:
+        return UNREADABLE, ""
+    reason, _, mode = decode_image(path, size)
+    return reason, mode
+
+
+def fit_to_size(rgb: Image.Image, size: int | None) -> Image.Image:
+    """Center-crop and resize to size×size (unchanged when size is None or already right)."""
+    if size is not None and rgb.size != (size, size):
+        rgb = ImageOps.fit(rgb, (size, size), Image.Resampling.LANCZOS)
+    return rgb
+
+
+def to_tensor(rgb: Image.Image) -> torch.Tensor:
+    """PIL RGB → uint8 (3, H, W)."""
+    return torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def fingerprint(records: list[Record]) -> str:
+    """A short hash of the examples (names and captions, in order): a resumed run checks it is on the same data."""
+    h = hashlib.sha256()
+    for r in records:
+        h.update(f"{r.file_name}\0{r.text}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def describe(report: dict) -> str:
+    """'skipped 3 (1 corrupt image, 2 empty caption); converted 2 to RGB (1 P, 1 RGBA)' ('' if nothing)."""
+    parts = []
+    for what, counts in (("skipped", report.get("skipped")), ("converted to RGB", report.get("converted"))):
+        if counts:
+            detail = ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items()))
+            parts.append(f"{what} {sum(counts.values())} ({detail})")
+    return "; ".join(parts)
+
+
+def warn_report(name, report: dict) -> None:
+    """One stderr line about skipped and converted examples, from rank 0 only under torchrun."""
+    line = describe(report)
+    if line and os.environ.get("RANK", "0") == "0":
+        print(f"carrara: warning: {name}: {line}", file=sys.stderr)
 
 
 def _read_metadata(root: Path, skipped: Counter) -> list[Record]:
@@ -90,7 +167,7 @@ def _read_metadata(root: Path, skipped: Counter) -> list[Record]:
             continue
         text = entry.pop("text", entry.pop("caption", None))
         if not isinstance(text, str) or not text.strip():
-            skipped[EMPTY_CAPTION] += 1
+            skipped[MISSING_CAPTION if text is None else EMPTY_CAPTION] += 1
             continue
         records.append(Record(file_name, text.strip(), entry))
     return records
@@ -121,11 +198,17 @@ def _read_sidecars(root: Path, skipped: Counter) -> list[Record]:
 class FolderDataset(torch.utils.data.Dataset):
     """Validated (image, caption) records of one folder; items are {"image": (3, H, W) in [-1, 1], "text", ...}."""
 
-    def __init__(self, root: Path, records: list[Record], skipped: Counter, size: int | None = None):
+    def __init__(self, root: Path, records: list[Record], skipped: Counter, size: int | None = None,
+                 converted: Counter | None = None):
         self.root, self.records, self.skipped, self.size = root, records, skipped, size
+        self.converted = converted or Counter()
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def report(self) -> dict:
+        return {"source": str(self.root), "examples": len(self.records), "skipped": dict(self.skipped),
+                "converted": dict(self.converted)}
 
     def load_image(self, i: int) -> Image.Image:
         """Record i's image as RGB, center-cropped and resized to `size`×`size` if a size was given."""
@@ -135,14 +218,15 @@ class FolderDataset(torch.utils.data.Dataset):
                 rgb = to_rgb(image)
         except (OSError, SyntaxError, ValueError) as e:
             raise CarraraError(f"{path} could no longer be read ({e}); was the folder changed while in use?") from None
-        if self.size is not None and rgb.size != (self.size, self.size):
-            rgb = ImageOps.fit(rgb, (self.size, self.size), Image.Resampling.LANCZOS)
-        return rgb
+        return fit_to_size(rgb, self.size)
+
+    def image_uint8(self, i: int) -> torch.Tensor:
+        """Record i's image as uint8 (3, H, W)."""
+        return to_tensor(self.load_image(i))
 
     def __getitem__(self, i: int) -> dict:
         record = self.records[i]
-        pixels = torch.from_numpy(np.asarray(self.load_image(i), dtype=np.uint8).copy())  # (H, W, 3)
-        image = pixels.permute(2, 0, 1).float() / 127.5 - 1  # (3, H, W) in [-1, 1]
+        image = self.image_uint8(i).float() / 127.5 - 1  # (3, H, W) in [-1, 1]
         return {"image": image, "text": record.text, **record.extra}
 
 
@@ -164,17 +248,27 @@ def load_folder(path, size: int | None = None) -> FolderDataset:
         candidates = _read_metadata(root, skipped) if (root / METADATA).is_file() else _read_sidecars(root, skipped)
     except OSError as e:
         raise CarraraError(f"cannot read {root}: {e.strerror or e}") from None
-    records = []
+    records, converted = [], Counter()
     for record in candidates:
-        reason = _check_image(root / record.file_name)
+        reason, mode = _check_image(root / record.file_name, size)
         if reason:
             skipped[reason] += 1
-        else:
-            records.append(record)
-    if skipped:
-        detail = ", ".join(f"{count} {reason}" for reason, count in sorted(skipped.items()))
-        print(f"carrara: warning: {root}: skipped {sum(skipped.values())} ({detail})", file=sys.stderr)
+            continue
+        records.append(record)
+        if mode != "RGB":
+            converted[mode] += 1
+    dataset = FolderDataset(root, records, skipped, size, converted)
+    warn_report(root, dataset.report())
     if not records:
         raise CarraraError(f"{root} has no usable images: expected images with a {METADATA} "
                            "(file_name, text per line) or a .txt caption beside each image")
-    return FolderDataset(root, records, skipped, size)
+    return dataset
+
+
+def load_dataset(spec: str, size: int | None = None):
+    """A folder, or tar shards named by a pattern ending in .tar, e.g. 'shards/{000000..000099}.tar'."""
+    if str(spec).endswith(".tar"):
+        from carrara.data.shards import load_shards
+
+        return load_shards(spec, size=size)
+    return load_folder(spec, size=size)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from carrara.data.folder import load_folder
+from carrara.data.folder import fingerprint, load_dataset
 from carrara.errors import CarraraError
 from carrara.io import ensure_dir
 from carrara.models.autoencoder import AutoencoderKL
@@ -68,17 +68,20 @@ def train_autoencoder(recipe: AutoencoderRecipe, out: str | Path, *, resume: boo
     out = ensure_dir(out)
     if recipe.reconstruction not in ("mse", "l1"):
         raise CarraraError(f"reconstruction must be 'mse' or 'l1', got {recipe.reconstruction!r}")
-    dataset = load_folder(recipe.data, size=recipe.size)
+    dataset = load_dataset(recipe.data, size=recipe.size)
     images, _ = preload_images(dataset, progress=progress)  # (N, 3, H, W) uint8
     torch.manual_seed(recipe.train.seed)
     vae = AutoencoderKL(AutoencoderConfig.from_diffusers_config(recipe.model))
     narrow_initial_posterior(vae, recipe.initial_logvar)
     fixed = images[torch.linspace(0, len(images) - 1, 8).long()]
 
-    def loss_fn(model: AutoencoderKL, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        x = to_model_range(images[idx])  # (B, 3, H, W)
+    def loss_fn(model: AutoencoderKL, idx: torch.Tensor, gen: torch.Generator, rows: slice) -> torch.Tensor:
+        device = next(model.parameters()).device
+        x = to_model_range(images[idx[rows]]).to(device)  # (b, 3, H, W): this call's rows of the batch
         posterior = model.encode(x)
-        x_rec = model.decode(posterior.sample(generator=gen))
+        # z = μ + σ ε (posterior.sample), with ε drawn for the whole batch so every rank gets its rows' numbers.
+        eps = torch.randn((len(idx), *posterior.mean.shape[1:]), generator=gen, dtype=posterior.mean.dtype)[rows]
+        x_rec = model.decode(posterior.mean + posterior.std * eps.to(device))
         err = x_rec.float() - x
         rec = err.pow(2).mean() if recipe.reconstruction == "mse" else err.abs().mean()
         return rec + recipe.kl_weight * posterior.kl().mean()
@@ -94,6 +97,7 @@ def train_autoencoder(recipe: AutoencoderRecipe, out: str | Path, *, resume: boo
 
     run_config = {"stage": "autoencoder", **dataclasses.asdict(recipe)}
     trainer = Trainer(out, vae, recipe.train, n_examples=len(images), loss_fn=loss_fn, sample_fn=sample_fn,
-                      export_fn=export_fn, run_config=run_config, name="autoencoder")
+                      export_fn=export_fn, run_config=run_config, name="autoencoder", data_report=dataset.report(),
+                      data_fingerprint=fingerprint(dataset.records))
     result = trainer.fit(resume=resume, progress=progress, stop_at=stop_at)
-    return {**result, "skipped": dict(dataset.skipped), "n_images": len(images)}
+    return {**result, "n_images": len(images)}

@@ -12,12 +12,14 @@ from carrara.errors import CarraraError
 
 
 def preload_images(dataset, *, progress: bool = True) -> tuple[torch.Tensor, list[str]]:
-    """All images as one uint8 tensor (N, 3, H, W) and their captions; sizes must agree."""
+    """All images as one uint8 tensor (N, 3, H, W) and their captions; sizes must agree.
+
+    `dataset` is a folder or a shard set (data/folder.py `load_dataset`): anything with `records` and `image_uint8(i)`.
+    """
     images, texts = [], []
     for i in tqdm(range(len(dataset)), desc="loading images", disable=not progress, leave=False):
-        item = dataset[i]
-        images.append(((item["image"].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
-        texts.append(item["text"])
+        images.append(dataset.image_uint8(i))
+        texts.append(dataset.records[i].text)
     if not images:
         raise CarraraError("the dataset holds no usable images")
     shapes = {tuple(im.shape) for im in images}

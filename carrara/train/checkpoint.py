@@ -1,16 +1,24 @@
-"""Checkpoints without pickle: weights, EMA and optimizer state in safetensors, scalars in JSON.
+"""Checkpoints without pickle that survive a kill at any moment: tensors in safetensors, the rest in JSON.
 
-A checkpoint is a folder `checkpoints/step_NNNNNNN/` written under a temporary name and renamed when
-complete, so a killed run never leaves a half-written checkpoint that `--resume` would pick up.
+A checkpoint is a folder `checkpoints/step_NNNNNNN/` holding model, EMA, optimizer and RNG tensors and
+`state.json` (step, optimizer scalars, data position, Python/NumPy RNG state, and the size and SHA-256 of
+every file). It is written under a temporary name, each file fsync'ed, then renamed in one step, so a run
+killed mid-write leaves only a hidden `.step_*` folder that nothing reads (and the next save deletes).
+Loading checks every file against state.json first, so a checkpoint damaged afterwards (a file cut short by
+a full disk, a copy interrupted) is detected, and `load_latest` falls back to the previous complete one.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import random
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -41,51 +49,151 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    """Every RNG this process has: torch (CPU and each GPU), Python's `random`, NumPy's global generator."""
+    version, mt, gauss = random.getstate()
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    tensors = {"torch": torch.get_rng_state(), "python": torch.tensor(mt, dtype=torch.int64),
+               "numpy": torch.from_numpy(np_keys.astype(np.int64))}
+    if torch.cuda.is_available():
+        tensors.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return tensors, {"python": [version, gauss], "numpy": [np_kind, int(np_pos), int(np_has_gauss), float(np_gauss)]}
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    if "python" in tensors:  # older checkpoints saved the torch state only
+        version, gauss = meta["python"]
+        random.setstate((version, tuple(tensors["python"].tolist()), gauss))
+        kind, pos, has_gauss, cached = meta["numpy"]
+        np.random.set_state((kind, tensors["numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda.")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or folder to disk, so a rename never points at data still in the page cache."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(folder: Path) -> None:
+    """Delete a folder: renamed to a hidden name first, so a kill mid-delete leaves nothing that looks complete."""
+    trash = folder.with_name(f".trash.{folder.name}")
+    try:
+        os.replace(folder, trash)
+    except OSError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module, ema: torch.nn.Module | None,
                     optimizer: torch.optim.Optimizer, extra: dict, keep: int = 2) -> Path:
     """Write checkpoints/step_{step}/ atomically (temp folder + rename) and keep the newest `keep`."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".*"):  # what an earlier kill left behind: never complete, never read
+        shutil.rmtree(stale, ignore_errors=True)
     final = root / f"step_{step:07d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".step_{step:07d}.", dir=root))
     try:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
-        if ema is not None:
-            save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, tmp / "ema.safetensors")
         opt_tensors, opt_meta = _flatten_optimizer(optimizer)
-        save_file(opt_tensors, tmp / "optimizer.safetensors")
-        rng = {"torch": torch.get_rng_state()}
-        save_file(rng, tmp / "rng.safetensors")
-        state = {"step": step, "optimizer": opt_meta, **extra}
+        rng_tensors, rng_meta = rng_state()
+        files = {"model.safetensors": model.state_dict(), "optimizer.safetensors": opt_tensors,
+                 "rng.safetensors": rng_tensors}
+        if ema is not None:
+            files["ema.safetensors"] = ema.state_dict()
+        for name, tensors in files.items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / name)
+            _fsync(tmp / name)
+        state = {"step": step, "optimizer": opt_meta, "rng": rng_meta, **extra,
+                 "files": {name: {"bytes": (tmp / name).stat().st_size, "sha256": _digest(tmp / name)}
+                           for name in files}}
         (tmp / STATE_FILE).write_text(json.dumps(state))
+        _fsync(tmp / STATE_FILE)
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700 folders
         if final.exists():
-            shutil.rmtree(final)
+            _remove(final)
         os.replace(tmp, final)
+        _fsync(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    for old in complete_checkpoints(run_dir)[keep:]:
+        _remove(old)
     return final
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoint folders holding a state.json, newest first."""
+    root = Path(run_dir) / "checkpoints"
+    done = [p for p in root.glob("step_*") if (p / STATE_FILE).is_file()] if root.is_dir() else []
+    return sorted(done, reverse=True)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint folder (one holding state.json), or None."""
-    root = Path(run_dir) / "checkpoints"
-    done = sorted(p for p in root.glob("step_*") if (p / STATE_FILE).is_file()) if root.is_dir() else []
-    return done[-1] if done else None
+    done = complete_checkpoints(run_dir)
+    return done[0] if done else None
+
+
+def read_checkpoint(path: Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
+    """state.json and every tensor file of a checkpoint, each file checked against its recorded size and hash."""
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+        recorded = state.get("files", {})  # checkpoints before hashes were recorded have none
+        for name, info in recorded.items():
+            size = (path / name).stat().st_size
+            if size != info["bytes"]:
+                raise ValueError(f"{name} has {size} bytes, {info['bytes']} were written")
+            if _digest(path / name) != info["sha256"]:
+                raise ValueError(f"{name} does not match its SHA-256")
+        names = recorded or [p.name for p in path.glob("*.safetensors")]
+        return state, {name.removesuffix(".safetensors"): load_file(path / name) for name in names}
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
+        raise CarraraError(f"checkpoint {path} is unreadable: {str(e).splitlines()[0]}") from None
 
 
 def load_checkpoint(path: Path, *, model: torch.nn.Module, ema: torch.nn.Module | None,
                     optimizer: torch.optim.Optimizer) -> dict:
-    """Restore model, EMA, optimizer and RNG from a checkpoint folder; returns its state.json."""
+    """Restore model, EMA, optimizer and every RNG from a checkpoint folder; returns its state.json."""
+    state, tensors = read_checkpoint(path)  # everything is read and verified before anything is changed
     try:
-        state = json.loads((path / STATE_FILE).read_text())
-        model.load_state_dict(load_file(path / "model.safetensors"))
+        model.load_state_dict(tensors["model"])
         if ema is not None:
-            ema.load_state_dict(load_file(path / "ema.safetensors"))
-        optimizer.load_state_dict(_unflatten_optimizer(load_file(path / "optimizer.safetensors"), state["optimizer"]))
-        torch.set_rng_state(load_file(path / "rng.safetensors")["torch"])
-    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
-        raise CarraraError(f"checkpoint {path} is unreadable or does not match this model: {str(e).splitlines()[0]}") from None
+            ema.load_state_dict(tensors["ema"])
+        optimizer.load_state_dict(_unflatten_optimizer(tensors["optimizer"], state["optimizer"]))
+        set_rng_state(tensors["rng"], state.get("rng", {}))
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise CarraraError(f"checkpoint {path} does not match this model: {str(e).splitlines()[0]}") from None
     return state
+
+
+def load_latest(run_dir: Path, *, warn=None, **parts) -> tuple[Path, dict]:
+    """Load the newest checkpoint that reads back whole; each damaged newer one costs one warning line."""
+    warn = warn or (lambda line: print(f"carrara: warning: {line}", file=sys.stderr))
+    candidates = complete_checkpoints(run_dir)
+    for path in candidates:
+        try:
+            return path, load_checkpoint(path, **parts)
+        except CarraraError as e:
+            if "does not match this model" in str(e):
+                raise
+            older = next((p.name for p in candidates if p < path), None)
+            warn(f"{e}; " + (f"falling back to {older}" if older else "no older checkpoint"))
+    if candidates:
+        raise CarraraError(f"--resume: none of the {len(candidates)} checkpoints in {Path(run_dir) / 'checkpoints'} "
+                           "reads back whole (see the warnings above)")
+    raise CarraraError(f"--resume: no complete checkpoint in {Path(run_dir) / 'checkpoints'}")

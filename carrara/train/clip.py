@@ -8,13 +8,14 @@ images nor the captions were seen. The run folder holds clip/ (EMA weights), ret
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from carrara.data.folder import load_folder
+from carrara.data.folder import fingerprint, load_dataset
 from carrara.errors import CarraraError
 from carrara.evaluate.clipscore import clip_score, retrieval
 from carrara.io import ensure_dir, write_json_atomic
@@ -62,8 +63,11 @@ def random_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch
 def train_clip(recipe: ClipRecipe, out: str | Path, *, resume: bool = False, progress: bool = True,
                stop_at: int | None = None) -> dict:
     """Train the CLIP; returns (and writes to retrieval.json) held-out retrieval and CLIP scores."""
+    if recipe.train.grad_accum != 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise CarraraError("train clip runs in one process without grad_accum: its contrastive loss compares every "
+                           "image with every caption of the batch, so splitting the batch would change the loss")
     out = ensure_dir(out)
-    dataset = load_folder(recipe.data, size=recipe.size)
+    dataset = load_dataset(recipe.data, size=recipe.size)
     images, texts = preload_images(dataset, progress=progress)  # (N, 3, H, W) uint8
     text_encoder = TextEncoder.load("minilm")
     unique = sorted(set(texts))
@@ -78,21 +82,23 @@ def train_clip(recipe: ClipRecipe, out: str | Path, *, resume: bool = False, pro
     torch.manual_seed(recipe.train.seed)
     model = ClipModel(config)
 
-    def loss_fn(m: ClipModel, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        ex = train_idx[idx]  # dataset indices of this batch
-        x = random_shift(to_model_range(images[ex]), recipe.shift, gen)
+    def loss_fn(m: ClipModel, idx: torch.Tensor, gen: torch.Generator, rows: slice) -> torch.Tensor:
+        ex = train_idx[idx]  # dataset indices of this batch (all of it: rows is the whole batch, checked above)
+        dev = next(m.parameters()).device
+        x = random_shift(to_model_range(images[ex]), recipe.shift, gen).to(dev)
         cap = caption_of[ex]
-        return clip_loss(m.encode_image(x), m.encode_text(sent[cap]), m.temperature_scale(),
-                         same_text=cap[:, None] == cap[None, :])
+        return clip_loss(m.encode_image(x), m.encode_text(sent[cap].to(dev)), m.temperature_scale(),
+                         same_text=(cap[:, None] == cap[None, :]).to(dev))
 
     def evaluate(m: ClipModel) -> dict:
+        dev = next(m.parameters()).device
         with torch.inference_mode():
-            img = torch.cat([m.encode_image(to_model_range(images[held_idx[i:i + 256]]))
+            img = torch.cat([m.encode_image(to_model_range(images[held_idx[i:i + 256]]).to(dev)).cpu()
                              for i in range(0, len(held_idx), 256)])  # (H, E)
             held_texts = [texts[i] for i in held_idx.tolist()]
-            txt = m.encode_text(sent[caption_of[held_idx]])
+            txt = m.encode_text(sent[caption_of[held_idx]].to(dev)).cpu()
             pos = {t: i for i, t in enumerate(unique)}
-            result = retrieval(img, held_texts, lambda ts: m.encode_text(sent[[pos[t] for t in ts]]))
+            result = retrieval(img, held_texts, lambda ts: m.encode_text(sent[[pos[t] for t in ts]].to(dev)).cpu())
             result["clip_score_matched"] = float(clip_score(img, txt).mean())
             result["clip_score_shuffled"] = float(clip_score(img, txt.roll(1, 0)).mean())
         return {**result, "n_pairs": len(held_idx), "n_captions": len(set(held_texts))}
@@ -105,7 +111,8 @@ def train_clip(recipe: ClipRecipe, out: str | Path, *, resume: bool = False, pro
         trainer._log(f"step {step}: held-out retrieval {metrics}")
         sel = held_idx[:32]
         with torch.inference_mode():
-            sim = ema.encode_image(to_model_range(images[sel])) @ ema.encode_text(sent[caption_of[sel]]).T
+            dev = next(ema.parameters()).device
+            sim = (ema.encode_image(to_model_range(images[sel]).to(dev)) @ ema.encode_text(sent[caption_of[sel]].to(dev)).T).cpu()
         pixels = ((sim.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
         return Image.fromarray(pixels, mode="L").resize((256, 256), Image.NEAREST)
 
@@ -114,8 +121,9 @@ def train_clip(recipe: ClipRecipe, out: str | Path, *, resume: bool = False, pro
 
     run_config = {"stage": "clip", **dataclasses.asdict(recipe)}
     trainer = Trainer(out, model, recipe.train, n_examples=len(train_idx), loss_fn=loss_fn, sample_fn=sample_fn,
-                      export_fn=export_fn, run_config=run_config, name="clip")
+                      export_fn=export_fn, run_config=run_config, name="clip", data_report=dataset.report(),
+                      data_fingerprint=fingerprint(dataset.records))
     result = trainer.fit(resume=resume, progress=progress, stop_at=stop_at)
     metrics = evaluate(trainer.ema.model)
     write_json_atomic(out / "retrieval.json", {"held_out": metrics, "train_pairs": len(train_idx)})
-    return {**result, "held_out": metrics, "skipped": dict(dataset.skipped)}
+    return {**result, "held_out": metrics}

@@ -1,14 +1,23 @@
-"""The small trainer core shared by every stage: AdamW with warm-up, bf16 autocast, clipping, EMA,
-progress bar, log, loss curve, sample grids and exactly resumable checkpoints.
+"""The small trainer core shared by every stage: AdamW with warm-up, mixed precision, clipping, EMA,
+gradient accumulation, data parallelism, progress bar, log, loss curve, sample grids and exactly
+resumable checkpoints.
 
 Exact resume: every step draws its batch and its noise from a generator seeded by (seed, step), so
-a resumed run replays the same randomness as an uninterrupted one without storing a data cursor.
+a resumed run replays the same randomness as an uninterrupted one; the data position stored in each
+checkpoint is a record (and a check that the data did not change), not what resume depends on.
+
+Batch B is shared out by rows, never by re-drawing: a loss function gets the global batch's indices
+`idx` (B,), the step's generator, and `rows`, the slice it must compute (this rank's share, one
+accumulation micro-batch). It draws its random numbers for all B examples and keeps [rows], so N
+processes × K micro-batches see exactly the numbers one process with batch B sees (train/distributed.py).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -19,7 +28,8 @@ from tqdm.auto import tqdm
 
 from carrara.errors import CarraraError
 from carrara.io import save_image_atomic, write_json_atomic
-from carrara.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from carrara.train import distributed
+from carrara.train.checkpoint import load_latest, save_checkpoint
 
 
 def cpu_supports_bf16() -> bool:
@@ -48,9 +58,23 @@ class TrainConfig:
     sample_every: int = 500
     checkpoint_every: int = 250
     max_bad_steps: int = 10  # consecutive non-finite losses before the run stops
+    grad_accum: int = 1  # micro-batches per step: batch_size / (processes × grad_accum) examples each
+    fp16: bool = False  # CUDA only: fp16 autocast with a GradScaler, for GPUs without bf16
+    keep_checkpoints: int = 2
 
     def use_bf16(self) -> bool:
         return cpu_supports_bf16() if self.bf16 is None else self.bf16
+
+    def autocast_dtype(self, device: torch.device) -> torch.dtype | None:
+        """bf16 on CPUs that have it and on GPUs that have it; fp16 on GPUs when asked; else None (fp32)."""
+        if device.type != "cuda":
+            if self.fp16:
+                raise CarraraError("train.fp16 needs a GPU; on CPU use bf16 (train.bf16=true)")
+            return torch.bfloat16 if self.use_bf16() else None
+        if self.fp16:
+            return torch.float16
+        bf16 = torch.cuda.is_bf16_supported() if self.bf16 is None else self.bf16
+        return torch.bfloat16 if bf16 else None
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -116,22 +140,35 @@ def plot_loss(metrics: list[dict], path: Path, title: str) -> None:
 
 
 class Trainer:
-    """Runs `loss_fn(model, batch_indices, generator) -> loss` for cfg.steps steps in `run_dir`."""
+    """Runs `loss_fn(model, idx, gen, rows) -> loss` for cfg.steps steps in `run_dir` (see the module docstring).
+
+    `data_report` ({"skipped": {reason: count}, ...}) is logged at the start and the end of the run;
+    `data_fingerprint` names the dataset, so resuming on different data warns instead of silently mixing.
+    """
 
     def __init__(self, run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, *, n_examples: int,
                  loss_fn: Callable, sample_fn: Callable | None = None, export_fn: Callable | None = None,
-                 run_config: dict | None = None, name: str = "train", batch_fn: Callable | None = None):
-        self.run_dir, self.model, self.cfg, self.name = Path(run_dir), model, cfg, name
+                 run_config: dict | None = None, name: str = "train", batch_fn: Callable | None = None,
+                 data_report: dict | None = None, data_fingerprint: str = ""):
+        self.run_dir, self.cfg, self.name = Path(run_dir), cfg, name
+        self.ctx = distributed.setup()
+        self.model = model.to(self.ctx.device)
         # batch_fn(step) -> indices; the default walks seeded epochs. Must be a pure function of step (exact resume).
         self.batch_fn = batch_fn or (lambda step: batch_indices(n_examples, cfg.batch_size, cfg.seed, step))
+        self.epochs = batch_fn is None  # the default walks epochs: the data position has an epoch and an offset
         self.n_examples, self.loss_fn, self.sample_fn, self.export_fn = n_examples, loss_fn, sample_fn, export_fn
         self.run_config = run_config or {}
+        self.data_report, self.data_fingerprint = data_report or {}, data_fingerprint
+        self.rows = distributed.rank_rows(cfg.batch_size, self.ctx, cfg.grad_accum)
+        self.dtype = cfg.autocast_dtype(self.ctx.device)
         self.ema = EMA(model, cfg.ema_decay)
         decay, no_decay = [], []
         for p in model.parameters():
             (decay if p.ndim >= 2 else no_decay).append(p)
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.999))
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype is torch.float16)
+        self.forward = distributed.wrap(self.model, loss_fn, self.ctx)
         self.metrics: list[dict] = []
 
     def lr_at(self, step: int) -> float:
@@ -143,15 +180,35 @@ class Trainer:
         return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
     def _log(self, line: str) -> None:
-        with open(self.run_dir / "log.txt", "a") as f:
-            f.write(line + "\n")
+        if self.ctx.main:
+            with open(self.run_dir / "log.txt", "a") as f:
+                f.write(line + "\n")
+
+    def _warn(self, line: str) -> None:
+        if self.ctx.main:
+            print(f"carrara: warning: {line}", file=sys.stderr)
+        self._log(f"warning: {line}")
+
+    def data_position(self, step: int) -> dict:
+        """Where the data stream is before `step`: samples drawn so far and, for epoch walks, epoch and offset."""
+        seen = step * self.cfg.batch_size
+        position = {"samples_seen": seen, "examples": self.n_examples, "fingerprint": self.data_fingerprint}
+        if self.epochs:
+            position["epoch"], position["offset"] = divmod(seen, self.n_examples)
+        return position
 
     def _resume(self) -> int:
-        ckpt = latest_checkpoint(self.run_dir)
-        if ckpt is None:
-            raise CarraraError(f"--resume: no complete checkpoint in {self.run_dir}/checkpoints")
-        state = load_checkpoint(ckpt, model=self.model, ema=self.ema.model, optimizer=self.optimizer)
+        ckpt, state = load_latest(self.run_dir, warn=self._warn, model=self.model, ema=self.ema.model,
+                                  optimizer=self.optimizer)
         step = state["step"]
+        if "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        was = state.get("data", {})
+        if was and (was.get("examples"), was.get("fingerprint")) != (self.n_examples, self.data_fingerprint):
+            what = (f"{was.get('examples')} → {self.n_examples} examples" if was.get("examples") != self.n_examples
+                    else "other files or captions")
+            self._warn(f"the data changed since {ckpt.name} ({what}): training continues, "
+                       "but not as an exact replay of the interrupted run")
         path = self.run_dir / "metrics.jsonl"
         if path.exists():
             lines = [json.loads(s) for s in path.read_text().splitlines() if s.strip()]
@@ -161,71 +218,113 @@ class Trainer:
         return step
 
     def _write_metrics(self) -> None:
-        text = "".join(json.dumps(m) + "\n" for m in self.metrics)
-        (self.run_dir / ".metrics.jsonl.tmp").write_text(text)
-        (self.run_dir / ".metrics.jsonl.tmp").replace(self.run_dir / "metrics.jsonl")
+        if self.ctx.main:
+            text = "".join(json.dumps(m) + "\n" for m in self.metrics)
+            (self.run_dir / ".metrics.jsonl.tmp").write_text(text)
+            (self.run_dir / ".metrics.jsonl.tmp").replace(self.run_dir / "metrics.jsonl")
 
     def _checkpoint(self, step: int) -> None:
+        if not self.ctx.main:
+            return
+        extra = {"config": self.run_config, "data": self.data_position(step)}
+        if self.scaler.is_enabled():
+            extra["scaler"] = self.scaler.state_dict()
         save_checkpoint(self.run_dir, step, model=self.model, ema=self.ema.model, optimizer=self.optimizer,
-                        extra={"config": self.run_config})
+                        extra=extra, keep=self.cfg.keep_checkpoints)
         if self.export_fn is not None:
-            self.export_fn(self.ema.model)
+            self.export_fn(self._ema_on_cpu())
         self._write_metrics()
         if self.metrics:
             plot_loss(self.metrics, self.run_dir / "loss.png", f"{self.name} loss")
 
+    def _ema_on_cpu(self) -> torch.nn.Module:
+        """The EMA model for sampling and export, which run on the CPU beside the stages' cached tensors."""
+        return self.ema.model if self.ctx.device.type == "cpu" else copy.deepcopy(self.ema.model).cpu()
+
     def _samples(self, step: int) -> None:
-        if self.sample_fn is None:
+        if self.sample_fn is None or not self.ctx.main:
             return
         (self.run_dir / "samples").mkdir(exist_ok=True)
-        image = self.sample_fn(self.ema.model, step)
+        image = self.sample_fn(self._ema_on_cpu(), step)
         save_image_atomic(self.run_dir / "samples" / f"step_{step:07d}.png", image)
+
+    def _data_line(self) -> str:
+        from carrara.data.folder import describe
+
+        return f"data: {self.data_report.get('source', '')}: {describe(self.data_report) or 'every example usable'}"
+
+    def step(self, step: int) -> tuple[float, torch.Tensor | None]:
+        """One optimizer step on the global batch; returns (global mean loss, grad norm or None if skipped)."""
+        cfg, accum = self.cfg, len(self.rows)
+        idx = self.batch_fn(step)
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), dtype=torch.float64)
+        for k, rows in enumerate(self.rows):
+            # DDP all-reduces on the last micro-batch only (its no_sync() docs: accumulate locally, sync once).
+            last = k == accum - 1
+            sync = contextlib.nullcontext() if last or self.ctx.world_size == 1 else self.forward.no_sync()
+            with sync:
+                with torch.autocast(self.ctx.device.type, dtype=self.dtype or torch.bfloat16,
+                                    enabled=self.dtype is not None):
+                    loss = self.forward(idx, step_generator(cfg.seed, step), rows)
+                self.scaler.scale(loss / accum if accum > 1 else loss).backward()
+            total += loss.detach().double().cpu()
+        loss_value = float(distributed.all_mean(total / accum, self.ctx))  # the same number on every rank
+        if not math.isfinite(loss_value):
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler.is_enabled():  # fp16 overflow: back off the loss scale as GradScaler would
+                self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
+            return loss_value, None
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.ctx.main:  # only rank 0 samples and saves, so only it needs the EMA
+            self.ema.update(self.model, step)
+        return loss_value, grad_norm
 
     def fit(self, *, resume: bool = False, progress: bool = True, stop_at: int | None = None) -> dict:
         """Train to cfg.steps (from the newest checkpoint when resume), checkpointing on the way.
 
         `stop_at` ends the run early at that step, as if it had been killed right after a checkpoint."""
-        cfg = self.cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.run_dir / "config.json", {**self.run_config, "train": asdict(cfg)})
+        cfg, ctx = self.cfg, self.ctx
+        if ctx.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.run_dir / "config.json", {**self.run_config, "train": asdict(cfg)})
+            if not resume:
+                (self.run_dir / "log.txt").write_text("")
         start = self._resume() if resume else 0
-        if not resume:
-            (self.run_dir / "log.txt").write_text("")
-        bf16 = cfg.use_bf16()
-        self._log(f"{self.name}: steps {start}->{cfg.steps}, batch {cfg.batch_size}, bf16 {bf16}, "
+        distributed.barrier(ctx)  # every rank has read the checkpoint before rank 0 may replace or prune it
+        self._log(f"{self.name}: steps {start}->{cfg.steps}, batch {cfg.batch_size} = {ctx.world_size} processes × "
+                  f"{cfg.grad_accum} micro-batches × {cfg.batch_size // (ctx.world_size * cfg.grad_accum)}, "
+                  f"{ctx.device.type} {str(self.dtype).removeprefix('torch.') if self.dtype else 'fp32'}, "
                   f"{sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M params, {self.n_examples} examples")
+        self._log(self._data_line())
         self.model.train()
-        bar = tqdm(total=cfg.steps, initial=start, desc=self.name, disable=not progress, dynamic_ncols=True)
-        bad, t_last, n_last = 0, time.perf_counter(), 0
+        bar = tqdm(total=cfg.steps, initial=start, desc=self.name, disable=not (progress and ctx.main),
+                   dynamic_ncols=True)
+        bad, n_bad, t_last, n_last = 0, 0, time.perf_counter(), 0
         for step in range(start, min(cfg.steps, stop_at or cfg.steps)):
             lr = self.lr_at(step)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            gen = step_generator(cfg.seed, step)
-            idx = self.batch_fn(step)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss = self.loss_fn(self.model, idx, gen)
-            if not torch.isfinite(loss):
-                bad += 1
-                self._log(f"step {step}: non-finite loss {loss.item()}, step skipped")
+            loss, grad_norm = self.step(step)
+            if grad_norm is None:
+                bad, n_bad = bad + 1, n_bad + 1
+                self._log(f"step {step}: non-finite loss {loss}, step skipped")
                 if bad >= cfg.max_bad_steps:
                     self._checkpoint(step)
                     raise CarraraError(f"{bad} non-finite losses in a row at step {step}; last good weights "
-                                       f"are in {self.run_dir}/checkpoints — lower --set lr or check the data")
+                                       f"are in {self.run_dir}/checkpoints — lower --set train.lr or check the data")
                 continue
             bad = 0
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-            self.optimizer.step()
-            self.ema.update(self.model, step)
             n_last += cfg.batch_size
             bar.update(1)
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
                 now = time.perf_counter()
                 rate = n_last / (now - t_last)
                 t_last, n_last = now, 0
-                m = {"step": step, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(), "samples_per_s": rate}
+                m = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm.item(), "samples_per_s": rate}
                 self.metrics.append(m)
                 bar.set_postfix(loss=f"{m['loss']:.4f}", sps=f"{rate:.0f}")
                 self._log(json.dumps(m))
@@ -237,5 +336,10 @@ class Trainer:
         if start >= cfg.steps:
             self._checkpoint(cfg.steps)
         last = self.metrics[-1]["loss"] if self.metrics else float("nan")
-        self._log(f"done at step {cfg.steps}, last loss {last:.5f}")
-        return {"steps": cfg.steps, "last_loss": last}
+        if n_bad:
+            self._warn(f"{n_bad} steps skipped for a non-finite loss (see {self.run_dir / 'log.txt'})")
+        self._log(self._data_line())
+        self._log(f"done at step {min(cfg.steps, stop_at or cfg.steps)}, last loss {last:.5f}")
+        return {"steps": cfg.steps, "last_loss": last, "skipped_steps": n_bad,
+                "skipped": dict(self.data_report.get("skipped") or {}),
+                "converted": dict(self.data_report.get("converted") or {})}

@@ -13,15 +13,16 @@ from pathlib import Path
 
 import torch
 
-from carrara.data.folder import load_folder
+from carrara.data.folder import fingerprint, load_dataset
 from carrara.diffusion.objectives import diffusion_loss, sample_t_and_noise
 from carrara.diffusion.schedule import NoiseSchedule
 from carrara.errors import CarraraError
 from carrara.io import ensure_dir
 from carrara.modelfolder import write_model_folder
 from carrara.models.autoencoder import AutoencoderKL
-from carrara.models.config import UNetConfig, default_unet_config
+from carrara.models.config import AutoencoderConfig, UNetConfig, default_unet_config, load_into
 from carrara.models.unet import UNet2DConditionModel as UNet
+from carrara.safeload import load_state_dict, weights_file
 from carrara.text.encoder import TextEncoder
 from carrara.train.cache import encode_latents, encode_texts, preload_images
 from carrara.train.core import TrainConfig, Trainer
@@ -90,8 +91,18 @@ def balanced_batches(records, field_name: str, cfg: TrainConfig):
     return batch_fn
 
 
+def load_autoencoder(vae_dir: Path, *, allow_pickle: bool = False) -> AutoencoderKL:
+    """The frozen autoencoder named by --autoencoder: safetensors, or a pickle only when allowed (safeload.py)."""
+    path = weights_file(vae_dir, "diffusion_pytorch_model", allow_pickle=allow_pickle)
+    if path.suffix == ".safetensors":
+        return AutoencoderKL.from_pretrained(vae_dir)
+    vae = AutoencoderKL(AutoencoderConfig.from_diffusers_config(vae_dir))
+    load_into(vae, load_state_dict(path, allow_pickle=True), str(path))
+    return vae.eval()
+
+
 def train_diffusion(recipe: DiffusionRecipe, out: str | Path, *, resume: bool = False, progress: bool = True,
-                    stop_at: int | None = None) -> dict:
+                    stop_at: int | None = None, allow_pickle: bool = False) -> dict:
     """Encode the dataset once, then train the U-Net; the run folder becomes a model folder."""
     from carrara.pipeline import Pipeline
 
@@ -101,15 +112,17 @@ def train_diffusion(recipe: DiffusionRecipe, out: str | Path, *, resume: bool = 
         raise CarraraError(f"--autoencoder {recipe.autoencoder}: no trained autoencoder there (expected vae/config.json)")
     if not 0.0 <= recipe.cond_dropout < 1.0:
         raise CarraraError(f"cond_dropout must be in [0, 1), got {recipe.cond_dropout}")
-    vae = AutoencoderKL.from_pretrained(vae_dir)
+    vae = load_autoencoder(vae_dir, allow_pickle=allow_pickle)
     text_encoder = TextEncoder.load(recipe.text_encoder)
-    dataset = load_folder(recipe.data, size=recipe.size)
+    dataset = load_dataset(recipe.data, size=recipe.size)
     images, texts = preload_images(dataset, progress=progress)
     mean, std = encode_latents(vae, images, progress=progress)  # (N, c, h, w) each, unscaled
-    variants = [caption_list(r, recipe.caption_variants) for r in dataset.records]  # N lists, caption first
+    records, report = dataset.records, dataset.report()
+    del dataset, images  # training needs the latents only: the pixels (a shard set's included) are freed
+    variants = [caption_list(r, recipe.caption_variants) for r in records]  # N lists, caption first
     states, flat_index = encode_texts(text_encoder, [c for v in variants for c in v], progress=progress)  # (U, L, D)
     caption_of, n_variants = variant_table(variants, flat_index)  # (N, K) indices into states, (N,)
-    batch_fn = balanced_batches(dataset.records, recipe.balance_by, recipe.train) if recipe.balance_by else None
+    batch_fn = balanced_batches(records, recipe.balance_by, recipe.train) if recipe.balance_by else None
     null = text_encoder.null_states(1).to(torch.bfloat16)  # (1, L, D): the empty prompt
     scale = vae.config.scaling_factor
 
@@ -125,28 +138,35 @@ def train_diffusion(recipe: DiffusionRecipe, out: str | Path, *, resume: bool = 
     scheduler_config = schedule.to_diffusers_config()
     prompts = recipe.sample_prompts or sorted(set(texts), key=texts.index)[:8]
 
-    def loss_fn(model: UNet, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def loss_fn(model: UNet, idx: torch.Tensor, gen: torch.Generator, rows: slice) -> torch.Tensor:
+        # Random numbers are drawn for the whole batch idx, then this call's rows are kept (train/core.py).
         # Algorithm 1, line 2: x_0 ~ q(x_0), here a latent drawn from the cached posterior q(z|x).
         eps_z = torch.randn(mean[idx].shape, generator=gen)
         z0 = (mean[idx] + std[idx] * eps_z) * scale  # (B, c, h, w)
         pick = (torch.rand(len(idx), generator=gen) * n_variants[idx]).long()  # one caption variant each
-        cond = states[caption_of[idx, pick]]  # (B, L, D)
         drop = torch.rand(len(idx), generator=gen) < recipe.cond_dropout
-        cond = torch.where(drop[:, None, None], null, cond).float()
         t, noise = sample_t_and_noise(z0, schedule, gen)  # Algorithm 1, lines 3–4
-        return diffusion_loss(lambda x, t: model(x, t, cond), z0, t, noise, schedule, recipe.prediction_type)
+        mine = idx[rows]
+        cond = states[caption_of[mine, pick[rows]]]  # (b, L, D)
+        cond = torch.where(drop[rows, None, None], null, cond).float()
+        dev = next(model.parameters()).device
+        x0, t, noise, cond = z0[rows].to(dev), t[rows].to(dev), noise[rows].to(dev), cond.to(dev)
+        return diffusion_loss(lambda x, t: model(x, t, cond), x0, t, noise, schedule, recipe.prediction_type)
 
     def sample_fn(ema: UNet, step: int):
         pipe = Pipeline(unet=ema, vae=vae, text_encoder=text_encoder, schedule=schedule,
                         prediction_type=recipe.prediction_type)
         return image_grid(pipe(prompts, steps=20, sampler="dpmpp", guidance=4.0, seed=0), rows=1)
 
-    def export_fn(ema: UNet) -> None:
-        write_model_folder(out, unet=ema, vae_dir=vae_dir, scheduler_config=scheduler_config,
-                           text_encoder=recipe.text_encoder)
+    pickled_vae = not (vae_dir / "diffusion_pytorch_model.safetensors").is_file()
+
+    def export_fn(ema: UNet) -> None:  # a VAE read from a pickle is written back as safetensors, never copied
+        write_model_folder(out, unet=ema, vae=vae if pickled_vae else None, vae_dir=None if pickled_vae else vae_dir,
+                           scheduler_config=scheduler_config, text_encoder=recipe.text_encoder)
 
     run_config = {"stage": "diffusion", **dataclasses.asdict(recipe)}
-    trainer = Trainer(out, unet, recipe.train, n_examples=len(images), loss_fn=loss_fn, sample_fn=sample_fn,
-                      export_fn=export_fn, run_config=run_config, name="diffusion", batch_fn=batch_fn)
+    trainer = Trainer(out, unet, recipe.train, n_examples=len(mean), loss_fn=loss_fn, sample_fn=sample_fn,
+                      export_fn=export_fn, run_config=run_config, name="diffusion", data_report=report,
+                      data_fingerprint=fingerprint(records), batch_fn=batch_fn)
     result = trainer.fit(resume=resume, progress=progress, stop_at=stop_at)
-    return {**result, "skipped": dict(dataset.skipped), "n_images": len(images), "n_captions": len(states)}
+    return {**result, "n_images": len(mean), "n_captions": len(states)}
