@@ -132,7 +132,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     settings = EvalSettings(model=args.model, data=args.data, n=args.n, clip=args.clip, prompts=args.prompts,
                             metrics=tuple(m.strip() for m in args.metrics.split(",") if m.strip()),
                             inception_weights=args.inception_weights, guidance=args.guidance, steps=args.steps,
-                            sampler=args.sampler, seed=args.seed, bootstrap=args.bootstrap)
+                            sampler=args.sampler, seed=args.seed, bootstrap=args.bootstrap,
+                            allow_pickle=args.allow_pickle)
     report = run_eval(settings, args.out, progress=not args.quiet)
     print(format_metrics(report))
     print(f"wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'report.html'}")
@@ -241,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0, help="seed for captions and noise (default 0)")
     ev.add_argument("--bootstrap", type=_positive_int, default=50, help="bootstrap resamples for intervals (50)")
     ev.add_argument("--out", help="report folder: metrics.json, report.html, samples.png")
+    ev.add_argument("--allow-pickle", action="store_true", help="let model or Inception weights be pickles (.bin/.pth), read weights-only; default: safetensors only")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     ev.set_defaults(func=_cmd_eval)
     ev_cmds = ev.add_subparsers(dest="eval_command", metavar="METRIC", required=False, parser_class=_Parser)
@@ -252,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     faith.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp"], default=None, help="default dpmpp")
     faith.add_argument("--seed", type=int, default=None, help="seed for prompts and noise (default 0)")
     faith.add_argument("--out", default=None, help="write the report JSON here")
+    faith.add_argument("--allow-pickle", action="store_true", help="let the model's weights be pickles (.bin), read weights-only; default: safetensors only")
     faith.add_argument("--quiet", action="store_true", help="no progress bar")
     faith.set_defaults(func=_cmd_eval_faithfulness)
 
@@ -278,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--n", type=_positive_int, default=1, help="number of images (a grid when > 1)")
     gen.add_argument("-o", "--out", default=None, help="output PNG (default carrara.png)")
     gen.add_argument("--from", dest="from_png", default=None, help="re-create an image from its PNG metadata")
+    gen.add_argument("--allow-pickle", action="store_true", help="let the model's weights be pickles (.bin), read weights-only; default: safetensors only")
     gen.set_defaults(func=_cmd_generate)
 
     serve = commands.add_parser("serve", help="a local web page and HTTP API for generating images")
@@ -286,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 = any free port)")
     serve.add_argument("--data-dir", default="carrara-gallery", help="where generated images are kept "
                        "(default ./carrara-gallery)")
+    serve.add_argument("--allow-pickle", action="store_true", help="let the model's weights be pickles (.bin), read weights-only; default: safetensors only")
     serve.set_defaults(func=_cmd_serve)
     return parser
 

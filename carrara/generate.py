@@ -47,7 +47,7 @@ def generate_command(args: argparse.Namespace) -> int:
     if not out.parent.resolve().is_dir():
         raise CarraraError(f"-o {out}: folder {out.parent} does not exist")
     t0 = time.perf_counter()
-    pipe = Pipeline.load(model)
+    pipe = Pipeline.load(model, allow_pickle=getattr(args, "allow_pickle", False))
     t1 = time.perf_counter()
     images = pipe([s["prompt"]] * s["n"], steps=s["steps"], sampler=s["sampler"], guidance=s["guidance"],
                   negative_prompt=s["negative_prompt"], seed=s["seed"])

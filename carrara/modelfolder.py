@@ -28,11 +28,11 @@ class ModelFolder:
     text_encoder: str  # "minilm" or a folder
     tokenizer: str | None
 
-    def unet_hash(self) -> str:
+    def unet_hash(self, *, allow_pickle: bool = False) -> str:
         """First 12 hex digits of the SHA-256 of the U-Net weights: names the model in PNG metadata."""
-        weights = next(iter(sorted(self.unet.glob("*.safetensors"))), None)
-        if weights is None:
-            raise CarraraError(f"{self.unet} holds no .safetensors weights")
+        from carrara.safeload import weights_file
+
+        weights = weights_file(self.unet, "diffusion_pytorch_model", allow_pickle=allow_pickle)
         h = hashlib.sha256()
         with open(weights, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 22), b""):

@@ -91,8 +91,10 @@ class Pipeline:
         self.model_hash, self.name = model_hash, name
 
     @classmethod
-    def load(cls, path: str | Path = "default") -> Pipeline:
-        """Load a carrara run folder, the packaged "default" model, or a diffusers SD folder."""
+    def load(cls, path: str | Path = "default", *, allow_pickle: bool = False) -> Pipeline:
+        """Load a carrara run folder, the packaged "default" model, or a diffusers SD folder.
+
+        Weights are read from safetensors only, unless allow_pickle lets `.bin` files be read weights-only."""
         from carrara.diffusion.schedule import NoiseSchedule
         from carrara.modelfolder import resolve
         from carrara.models.autoencoder import AutoencoderKL
@@ -100,16 +102,16 @@ class Pipeline:
         from carrara.text.encoder import TextEncoder
 
         folder = resolve(path)
-        unet = UNet.from_pretrained(folder.unet)
-        vae = AutoencoderKL.from_pretrained(folder.vae)
-        text_encoder = TextEncoder.load(folder.text_encoder, tokenizer_path=folder.tokenizer)
+        unet = UNet.from_pretrained(folder.unet, allow_pickle=allow_pickle)
+        vae = AutoencoderKL.from_pretrained(folder.vae, allow_pickle=allow_pickle)
+        text_encoder = TextEncoder.load(folder.text_encoder, tokenizer_path=folder.tokenizer, allow_pickle=allow_pickle)
         if text_encoder.dim != unet.config.cross_attention_dim:
             raise CarraraError(f"text encoder gives {text_encoder.dim}-dim states but the U-Net expects "
                                f"{unet.config.cross_attention_dim}")
         schedule = NoiseSchedule.from_diffusers_config(folder.scheduler_config)
         prediction_type = folder.scheduler_config.get("prediction_type", "epsilon")
         return cls(unet=unet, vae=vae, text_encoder=text_encoder, schedule=schedule,
-                   prediction_type=prediction_type, model_hash=folder.unet_hash(), name=str(path),
+                   prediction_type=prediction_type, model_hash=folder.unet_hash(allow_pickle=allow_pickle), name=str(path),
                    ddim=DDIMSettings.from_scheduler_config(folder.scheduler_config))
 
     def latent_shape(self) -> tuple[int, int, int]:

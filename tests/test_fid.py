@@ -198,7 +198,7 @@ def test_inception_state_dict_names_are_pytorch_fids():
 
 
 def test_inception_features_match_pytorch_fid(weights):
-    feats = InceptionFeatures(weights).extract(_images(), batch_size=1, progress=False).astype(np.float64)  # (2, 2048)
+    feats = InceptionFeatures(weights, allow_pickle=True).extract(_images(), batch_size=1, progress=False).astype(np.float64)  # (2, 2048)
     # pytorch-fid's InceptionV3([3], resize_input=False, normalize_input=True) on images / 255, same weights
     expected = [[1.4832969903945923, 0.0, 0.10039550065994263, 0.2637800872325897, 0.08200757205486298,
                  0.1259251832962036],
@@ -228,16 +228,18 @@ def test_inception_weights_errors(weights, tmp_path):
         load_inception(None)
     with pytest.raises(CarraraError, match="is not a file"):
         load_inception(tmp_path / "missing.pth")
+    with pytest.raises(CarraraError, match=r"is a pickle file.*--allow-pickle"):  # pytorch-fid's file is a pickle
+        load_inception(weights)
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(weights.read_bytes()[:100_000])
     with pytest.raises(CarraraError, match="unreadable"):
-        load_inception(truncated)
+        load_inception(truncated, allow_pickle=True)
     other = tmp_path / "other.pth"
     torch.save({"conv.weight": torch.zeros(1)}, other)
     with pytest.raises(CarraraError, match="not the FID Inception-v3 state dict"):
-        load_inception(other)
+        load_inception(other, allow_pickle=True)
     with pytest.raises(CarraraError, match="uint8 images"):
-        InceptionFeatures(weights).extract(np.zeros((1, 3, 8, 8), np.float32))
+        InceptionFeatures(weights, allow_pickle=True).extract(np.zeros((1, 3, 8, 8), np.float32))
 
 
 def test_resize_clean_matches_clean_fid():

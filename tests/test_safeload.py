@@ -63,3 +63,35 @@ def test_autoencoder_folder_holding_a_pickle(pickled_vae, tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1 and "diffusion_pytorch_model.bin is a pickle file" in err
     loaded = load_autoencoder(folder, allow_pickle=True)
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), vae.state_dict().values()))
+
+
+def test_generate_refuses_a_pickled_model_folder_unless_allowed(tiny_diffusion_run, tmp_path, capsys):
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_diffusion_run, folder, ignore=shutil.ignore_patterns("checkpoints", "samples"))
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(weights), weights.with_suffix(".bin"))  # a diffusers folder saved the pickle way
+    weights.unlink()
+    args = ["generate", "a red circle", "--model", str(folder), "--steps", "2", "--seed", "3"]
+    code = main([*args, "-o", str(tmp_path / "refused.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "diffusion_pytorch_model.bin is a pickle file" in err
+    assert not (tmp_path / "refused.png").exists()
+    assert main([*args, "--allow-pickle", "-o", str(tmp_path / "pickle.png")]) == 0
+    assert main([*args[:3], str(tiny_diffusion_run), *args[4:], "-o", str(tmp_path / "safe.png")]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "pickle.png")),
+                                  np.asarray(Image.open(tmp_path / "safe.png")))
+
+
+def test_text_encoder_folder_holding_only_a_pickle_is_refused(tmp_path):
+    from carrara.text.encoder import TextEncoder
+
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    torch.save({"w": torch.ones(1)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(CarraraError, match=r"pytorch_model.bin is a pickle file.*--allow-pickle"):
+        TextEncoder.load(str(tmp_path))

@@ -10,7 +10,7 @@ Why shards: a million small files are slow to copy to a GPU node and slow to lis
 read front to back. Reading is one sequential pass, shard after shard, that decodes, checks and resizes
 every sample exactly as a folder's are checked (data/folder.py), counting what is skipped by reason, plus
 "unreadable shard" for a shard that is missing, is not a tar, or breaks off (its samples before the break
-are kept). The pass fills the training stage's in-memory cache; see docs/training-at-scale.md for why the
+are kept). The pass fills the training stage's in-memory cache; see docs/scaling.md for why the
 stages cache rather than stream through a shuffle buffer.
 """
 from __future__ import annotations

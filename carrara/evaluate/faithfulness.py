@@ -121,12 +121,13 @@ def detector_ceiling(n: int = 200, objects: int = 1, seed: int = 0, *, size: int
 
 
 def faithfulness_report(model_path, n: int = 200, guidance: float = 4.0, *, steps: int = 20, sampler: str = "dpmpp",
-                        seed: int = 0, batch_size: int = 16, out=None, progress: bool = True) -> dict:
+                        seed: int = 0, batch_size: int = 16, out=None, progress: bool = True,
+                        allow_pickle: bool = False) -> dict:
     """Load a model, evaluate one- and two-object captions beside the detector's ceiling; write JSON to `out`."""
     from carrara.io import write_json_atomic
     from carrara.pipeline import Pipeline
 
-    pipe = Pipeline.load(model_path)
+    pipe = Pipeline.load(model_path, allow_pickle=allow_pickle)
     report = {"model": str(model_path), "model_hash": pipe.model_hash, "n": n, "guidance": guidance, "steps": steps,
               "sampler": sampler, "seed": seed,
               "detector": "analytic color/shape detector (carrara.evaluate.detector); ceiling = same captions, "
@@ -167,7 +168,7 @@ def faithfulness_command(args) -> int:
         raise CarraraError(f"--n must be at least 1, got {n}")
     report = faithfulness_report(args.model, n, option("guidance", 4.0), steps=option("steps", 20),
                                  sampler=option("sampler", "dpmpp"), seed=option("seed", 0), out=option("out", None),
-                                 progress=not option("quiet", False))
+                                 progress=not option("quiet", False), allow_pickle=option("allow_pickle", False))
     print(format_report(report))
     if report_path := option("out", None):
         print(f"wrote {report_path}")

@@ -23,7 +23,8 @@ from carrara.errors import CarraraError
 
 SIZE = 299  # Inception-v3 input side
 WEIGHTS_HELP = ("FID needs the Inception weights file: pass --inception-weights PATH "
-                "(pytorch-fid's pt_inception-2015-12-05-6726825d.pth); carrara never substitutes another network")
+                "(pytorch-fid's pt_inception-2015-12-05-6726825d.pth, with --allow-pickle since it is a pickle, "
+                "or the same state dict as .safetensors); carrara never substitutes another network")
 
 
 class BasicConv2d(nn.Module):
@@ -180,11 +181,15 @@ class FIDInceptionV3(nn.Module):
         return F.adaptive_avg_pool2d(x, 1).flatten(1)  # (N, 2048)
 
 
-def load_inception(path: str | Path | None) -> FIDInceptionV3:
-    """The FID Inception from a local state dict (`.pth` read with weights_only=True, or `.safetensors`)."""
+def load_inception(path: str | Path | None, *, allow_pickle: bool = False) -> FIDInceptionV3:
+    """The FID Inception from a local state dict (`.safetensors`, or with allow_pickle a `.pth` read weights-only)."""
+    from carrara.safeload import is_pickle, refuse_pickle
+
     if path is None or not Path(path).is_file():
         raise CarraraError(WEIGHTS_HELP if path is None else f"{WEIGHTS_HELP} ({path} is not a file)")
     path = Path(path)
+    if is_pickle(path) and not allow_pickle:
+        raise refuse_pickle(path)
     try:
         state = (load_file(path) if path.suffix == ".safetensors"
                  else torch.load(path, map_location="cpu", weights_only=True))
@@ -227,9 +232,9 @@ class InceptionFeatures:
     name = "inception-v3-pool3"
     dim = 2048
 
-    def __init__(self, weights_path: str | Path | None, *, device: str = "cpu") -> None:
+    def __init__(self, weights_path: str | Path | None, *, device: str = "cpu", allow_pickle: bool = False) -> None:
         self.device = torch.device(device)
-        self.model = load_inception(weights_path).to(self.device)
+        self.model = load_inception(weights_path, allow_pickle=allow_pickle).to(self.device)
 
     @torch.inference_mode()
     def extract(self, images: np.ndarray | torch.Tensor | Sequence[Image.Image], batch_size: int = 50,

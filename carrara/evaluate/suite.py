@@ -38,6 +38,7 @@ class EvalSettings:
     seed: int = 0
     batch_size: int = 32
     bootstrap: int = 50
+    allow_pickle: bool = False  # let the model's or the Inception's weights be pickles, read weights-only
     kid_subset_size: int = 1000
     extra: dict = field(default_factory=dict)
 
@@ -120,7 +121,7 @@ def run_eval(settings: EvalSettings, out_dir: str | Path, progress: bool = True)
             raise CarraraError(f"{metric} needs --clip RUN (a `carrara train clip` run)")
     own_prompts = read_prompts(settings.prompts) if settings.prompts else None
     out_dir = ensure_dir(out_dir)
-    pipe = Pipeline.load(settings.model)
+    pipe = Pipeline.load(settings.model, allow_pickle=settings.allow_pickle)
     report = {"settings": asdict(settings), "model_hash": pipe.model_hash, "metrics": {}}
     started = time.perf_counter()
 
@@ -166,7 +167,7 @@ def run_eval(settings: EvalSettings, out_dir: str | Path, progress: bool = True)
         if settings.inception_weights and {"fd", "kid"} & set(settings.metrics):
             from carrara.evaluate.inception import InceptionFeatures
 
-            net = InceptionFeatures(settings.inception_weights)
+            net = InceptionFeatures(settings.inception_weights, allow_pickle=settings.allow_pickle)
             _fd_and_kid(f"{net.name}, resize=PIL-bicubic-299", net.extract(real_images, progress=progress),
                         net.extract(fake, progress=progress), settings, report)
 

@@ -160,11 +160,11 @@ class AutoencoderKL(nn.Module):
         return self.decode(z)
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike) -> AutoencoderKL:
+    def from_pretrained(cls, folder: str | os.PathLike, *, allow_pickle: bool = False) -> AutoencoderKL:
         """Load a diffusers-layout folder (`config.json` + safetensors), or a pipeline folder's `vae/`."""
         folder = resolve_model_folder(folder, "vae")
         model = cls(AutoencoderConfig.from_diffusers_config(folder))
-        state_dict = {_rename_deprecated_attention(k): v for k, v in load_weights(folder).items()}
+        state_dict = {_rename_deprecated_attention(k): v for k, v in load_weights(folder, allow_pickle=allow_pickle).items()}
         load_into(model, state_dict, str(folder))
         return model.eval()
 

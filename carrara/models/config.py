@@ -329,18 +329,12 @@ def resolve_model_folder(folder: str | os.PathLike, subfolder: str) -> Path:
     raise CarraraError(f"no {CONFIG_NAME} in {folder} or {folder / subfolder}: is this a diffusers model folder?")
 
 
-def load_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """Read `diffusion_pytorch_model.safetensors` from `folder`."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def load_weights(folder: Path, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Read `diffusion_pytorch_model.safetensors` from `folder` (or, with allow_pickle, its `.bin` twin)."""
+    from carrara.safeload import load_state_dict, weights_file
 
-    path = folder / WEIGHTS_NAME
-    if not path.is_file():
-        raise CarraraError(f"weights file {path} not found (carrara reads safetensors only)")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CarraraError(f"cannot read weights file {path}: {e}") from None
+    return load_state_dict(weights_file(folder, WEIGHTS_NAME.removesuffix(".safetensors"), allow_pickle=allow_pickle),
+                           allow_pickle=allow_pickle)
 
 
 def load_into(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:

@@ -176,11 +176,11 @@ class UNet2DConditionModel(nn.Module):
         return self.conv_out(F.silu(self.conv_norm_out(h)))  # (B, C_out, h, w)
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike) -> UNet2DConditionModel:
+    def from_pretrained(cls, folder: str | os.PathLike, *, allow_pickle: bool = False) -> UNet2DConditionModel:
         """Load a diffusers-layout folder (`config.json` + safetensors), or a pipeline folder's `unet/`."""
         folder = resolve_model_folder(folder, "unet")
         model = cls(UNetConfig.from_diffusers_config(folder))
-        load_into(model, load_weights(folder), str(folder))
+        load_into(model, load_weights(folder, allow_pickle=allow_pickle), str(folder))
         return model.eval()
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:

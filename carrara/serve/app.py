@@ -297,7 +297,7 @@ def serve_command(args: argparse.Namespace) -> int:
               "and read the gallery (there is no authentication)", file=sys.stderr)
     sock = listen(args.host, args.port)
     try:
-        pipe = Pipeline.load(args.model)
+        pipe = Pipeline.load(args.model, allow_pickle=getattr(args, "allow_pickle", False))
         app = create_app(pipe, args.data_dir, allowed_hosts=LOOPBACK_HOSTS if loopback else None)
         host, port = sock.getsockname()[:2]
         url_host = f"[{host}]" if ":" in host else host

@@ -153,8 +153,10 @@ class TextEncoder(torch.nn.Module):
 
     @classmethod
     def load(cls, name_or_path: str = MINILM, *, tokenizer_path: str | None = None,
-             max_length: int | None = None, cache_size: int = 256) -> TextEncoder:
-        """Load "minilm" (the packaged all-MiniLM-L6-v2) or a local folder; never downloads."""
+             max_length: int | None = None, cache_size: int = 256, allow_pickle: bool = False) -> TextEncoder:
+        """Load "minilm" (the packaged all-MiniLM-L6-v2) or a local folder; never downloads.
+
+        A folder's weights must be safetensors unless allow_pickle (then a `.bin` is read weights-only)."""
         model_dir, tok_dir = resolve_folders(name_or_path, tokenizer_path)
         model_type = read_model_type(model_dir)
         is_minilm = name_or_path in MINILM_ALIASES
@@ -167,11 +169,18 @@ class TextEncoder(torch.nn.Module):
                 raise CarraraError(f"max_length must be an integer in [2, {limit}] for {model_dir}, got {max_length!r}")
             return cls(model, tokenizer, name=MINILM, max_length=max_length or MINILM_MAX_LENGTH,
                        cache_size=cache_size, package=f"{MINILM_PACKAGE}=={_package_version(MINILM_PACKAGE)}")
+        if not any(Path(model_dir).glob("*.safetensors")):
+            from carrara.safeload import is_pickle, refuse_pickle
+
+            pickles = sorted(f for f in Path(model_dir).iterdir() if is_pickle(f))
+            if pickles and not allow_pickle:
+                raise refuse_pickle(pickles[0])
         import transformers
         model_cls = getattr(transformers, ENCODER_CLASSES[model_type])
         with _quiet_transformers():
-            try:
-                model, info = model_cls.from_pretrained(model_dir, local_files_only=True, output_loading_info=True)
+            try:  # transformers reads a pickle with torch.load(weights_only=True)
+                model, info = model_cls.from_pretrained(model_dir, local_files_only=True, output_loading_info=True,
+                                                        use_safetensors=None if allow_pickle else True)
             except Exception as e:  # noqa: BLE001 (corrupt weights raise SafetensorError, IndexError, OSError, ...)
                 raise CarraraError(f"cannot load text model from {model_dir}: {_first_line(e)}") from None
             try:
