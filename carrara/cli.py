@@ -280,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None, help="random seed (default 0); image i uses seed + i")
     gen.add_argument("--n", type=_positive_int, default=1, help="number of images (a grid when > 1)")
     gen.add_argument("-o", "--out", default=None, help="output PNG (default carrara.png)")
+    gen.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
+                     help="U-Net precision (default auto: bf16 where the CPU has native bf16, else fp32)")
     gen.add_argument("--from", dest="from_png", default=None, help="re-create an image from its PNG metadata")
     gen.add_argument("--allow-pickle", action="store_true", help="let the model's weights be pickles (.bin), read weights-only; default: safetensors only")
     gen.set_defaults(func=_cmd_generate)

@@ -54,7 +54,7 @@ def main() -> int:
         print(f"carrara demo: error: {e}", file=sys.stderr)
         return 2
     grid = out_dir / "grid.png"
-    save_png(grid, image_grid(images, rows=4), {"prompts": prompts, "model": str(model), "steps": 20,
+    save_png(grid, image_grid(images, rows=4, labels=prompts, scale=2), {"prompts": prompts, "model": str(model), "steps": 20,
                                                 "sampler": "dpmpp", "guidance": 4.0, "seed": 0})
     print(f"wrote {grid.resolve()}: {len(prompts)} prompts, {per_image:.2f} s per image "
           f"(batch of {len(prompts)}, 20 DPM-Solver++ steps, guidance 4)")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from carrara.errors import CarraraError
 
-DEFAULTS = {"steps": 20, "sampler": "dpmpp", "guidance": 4.0, "negative_prompt": "", "seed": 0}
+DEFAULTS = {"steps": 20, "sampler": "dpmpp", "guidance": 4.0, "negative_prompt": "", "seed": 0, "precision": "auto"}
 
 
 def _settings(args: argparse.Namespace) -> tuple[dict, str]:
@@ -21,9 +21,10 @@ def _settings(args: argparse.Namespace) -> tuple[dict, str]:
         meta = read_png_metadata(args.from_png)
         base.update({k: meta[k] for k in ("prompt", "steps", "sampler", "guidance", "negative_prompt", "seed", "n")
                      if k in meta})
+        base["precision"] = meta.get("precision", "fp32")  # PNGs from before the precision option were fp32
         model = meta.get("model", model)
     flags = {"prompt": args.prompt, "steps": args.steps, "sampler": args.sampler, "guidance": args.guidance,
-             "negative_prompt": args.negative, "seed": args.seed}
+             "negative_prompt": args.negative, "seed": args.seed, "precision": getattr(args, "precision", None)}
     base.update({k: v for k, v in flags.items() if v is not None})
     if args.n != 1 or "n" not in base:
         base["n"] = args.n
@@ -47,7 +48,7 @@ def generate_command(args: argparse.Namespace) -> int:
     if not out.parent.resolve().is_dir():
         raise CarraraError(f"-o {out}: folder {out.parent} does not exist")
     t0 = time.perf_counter()
-    pipe = Pipeline.load(model, allow_pickle=getattr(args, "allow_pickle", False))
+    pipe = Pipeline.load(model, allow_pickle=getattr(args, "allow_pickle", False), precision=s["precision"])
     t1 = time.perf_counter()
     images = pipe([s["prompt"]] * s["n"], steps=s["steps"], sampler=s["sampler"], guidance=s["guidance"],
                   negative_prompt=s["negative_prompt"], seed=s["seed"])
@@ -61,7 +62,7 @@ def generate_command(args: argparse.Namespace) -> int:
                   file=sys.stderr)
     image = images[0] if len(images) == 1 else image_grid(images)
     model_ref = model if model == "default" else str(Path(model).resolve())
-    metadata = {**s, "model": model_ref, "model_hash": pipe.model_hash}
+    metadata = {**s, "precision": pipe.precision, "model": model_ref, "model_hash": pipe.model_hash}
     save_png(out, image, metadata)
     print(f"wrote {out} ({len(images)} image{'s' if len(images) > 1 else ''}, load {t1 - t0:.2f} s, "
           f"generate {t2 - t1:.2f} s)")

@@ -69,8 +69,31 @@ def test_bootstrap_interval_is_the_percentile_interval_of_resampled_statistics()
     lo, hi = bootstrap_interval(np.mean, a, n=200, seed=0)
     rng = np.random.default_rng(0)
     means = [a[rng.integers(0, 100, 100)].mean() for _ in range(200)]
-    assert (lo, hi) == pytest.approx((np.percentile(means, 2.5), np.percentile(means, 97.5)))
-    assert lo < a.mean() < hi and hi - lo < 20  # the standard error of the mean is ~2.9
+    bias = np.mean(means) - a.mean()  # ~0 for a mean: the plain percentile interval, barely shifted
+    assert (lo, hi) == pytest.approx((np.percentile(means, 2.5) - bias, np.percentile(means, 97.5) - bias))
+    assert abs(bias) < 0.5 and lo < a.mean() < hi and hi - lo < 20  # the standard error of the mean is ~2.9
+
+
+def test_bootstrap_interval_of_a_biased_statistic_contains_the_estimate():
+    """FD of resampled sets is inflated by duplicates: the interval is recentred, so it holds the estimate."""
+    from carrara.evaluate.fid import feature_stats, frechet_distance
+
+    rng = np.random.default_rng(1)
+    fake, real = rng.standard_normal((200, 8)), rng.standard_normal((2000, 8))
+
+    def fd(x, y):
+        return frechet_distance(*feature_stats(y), *feature_stats(x))
+
+    estimate = fd(fake, real)
+    lo, hi = bootstrap_interval(fd, fake, real, n=100, seed=0)
+    resampled = []
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        ia = rng.integers(0, 200, 200)
+        resampled.append(fd(fake[ia], real[rng.integers(0, 2000, 2000)]))
+    assert np.percentile(resampled, 2.5) > estimate  # the plain percentile interval would miss the estimate
+    assert lo < estimate < hi
+    assert hi - lo == pytest.approx(np.percentile(resampled, 97.5) - np.percentile(resampled, 2.5))
 
 
 @pytest.mark.parametrize("settings, message", [

@@ -47,7 +47,7 @@ def test_diffusers_loads_the_export_and_makes_the_same_image(tiny_diffusion_run,
 
     out = tmp_path / "sd"
     assert main(["export", "diffusers", "--model", str(tiny_diffusion_run), "--out", str(out)]) == 0
-    pipe = Pipeline.load(tiny_diffusion_run)
+    pipe = Pipeline.load(tiny_diffusion_run, precision="fp32")  # diffusers runs fp32
     prompts, steps, guidance, seed = ["a large red circle on the left", "a small blue square"], 6, 3.0, 11
     ours = pipe(prompts, steps=steps, sampler="ddim", guidance=guidance, seed=seed, output="tensor")  # (2, 3, H, W)
     x_T = torch.cat([torch.randn(1, *pipe.latent_shape(), generator=torch.Generator().manual_seed(seed + i))

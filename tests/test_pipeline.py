@@ -8,6 +8,7 @@ from PIL import Image
 
 from carrara.cli import main
 from carrara.diffusion.guidance import cfg_model
+from carrara.errors import CarraraError
 from carrara.diffusion.samplers import default_timesteps, sample_ddim
 from carrara.diffusion.schedule import NoiseSchedule
 from carrara.modelfolder import write_model_folder
@@ -42,7 +43,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipe(model_dir):
-    return Pipeline.load(model_dir)
+    return Pipeline.load(model_dir, precision="fp32")  # the algorithms' tests; bf16 has its own below
 
 
 def pixels(path) -> np.ndarray:
@@ -58,7 +59,9 @@ def test_generate_is_deterministic_and_seed_dependent(pipe):
     assert a.shape == (1, 3, 16, 16)
 
 
-def test_image_i_of_a_batch_is_seed_plus_i(pipe):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_image_i_of_a_batch_is_seed_plus_i(model_dir, precision):
+    pipe = Pipeline.load(model_dir, precision=precision)
     batch = pipe(["a red circle", "a blue square"], steps=4, seed=10, output="tensor")
     alone = pipe(["a blue square"], steps=4, seed=11, output="tensor")
     assert (batch[1] - alone[0]).abs().max() < 1e-4
@@ -100,6 +103,28 @@ def test_cli_same_seed_same_pixels_and_metadata_round_trip(model_dir, tmp_path, 
     assert np.array_equal(pixels(tmp_path / "a.png"), pixels(tmp_path / "c.png"))
     assert main(["generate", "--from", str(tmp_path / "a.png"), "--seed", "8", "-o", str(tmp_path / "d.png")]) == 0
     assert not np.array_equal(pixels(tmp_path / "a.png"), pixels(tmp_path / "d.png"))
+    # the precision is part of the recipe: --from re-creates an fp32 image in fp32 on any machine
+    assert meta["precision"] == Pipeline.load(model_dir).precision
+    assert main(args + ["--precision", "fp32", "-o", str(tmp_path / "e.png")]) == 0
+    assert read_png_metadata(tmp_path / "e.png")["precision"] == "fp32"
+    assert main(["generate", "--from", str(tmp_path / "e.png"), "-o", str(tmp_path / "f.png")]) == 0
+    assert np.array_equal(pixels(tmp_path / "e.png"), pixels(tmp_path / "f.png"))
+
+
+def test_bf16_weights_stay_close_to_fp32(model_dir):
+    """precision="bf16" (the default on CPUs with native bf16) runs the U-Net in bf16 weights; the sampler, the
+    guidance sum and the decoder stay fp32. Tolerance: mean |Δpixel| ≤ 2/255 after 8 steps at guidance 4."""
+    fp32, bf16 = Pipeline.load(model_dir, precision="fp32"), Pipeline.load(model_dir, precision="bf16")
+    assert next(bf16.unet.parameters()).dtype == torch.bfloat16 and bf16.precision == "bf16"
+    assert next(fp32.unet.parameters()).dtype == torch.float32
+    prompts = ["a red circle", "a small blue square on the right"]
+    a = fp32(prompts, steps=8, seed=5, output="tensor")  # (2, 3, 16, 16) in [-1, 1]
+    b = bf16(prompts, steps=8, seed=5, output="tensor")
+    diff = (a - b).abs() * 127.5  # in 1/255 units
+    assert b.dtype == torch.float32
+    assert 0 < diff.mean() <= 2.0, diff.mean()
+    with pytest.raises(CarraraError, match="unknown precision 'fp8'"):
+        Pipeline.load(model_dir, precision="fp8")
 
 
 def test_cli_grid_for_n_images(model_dir, tmp_path):

@@ -107,7 +107,7 @@ def generate(pipe, output):
 def test_sd_folder_matches_diffusers_ddim(sd, reference):
     folder, ref = sd
     want_latents, want_images = reference
-    pipe = Pipeline.load(folder)
+    pipe = Pipeline.load(folder, precision="fp32")  # diffusers runs fp32
     assert pipe.ddim == DDIMSettings(steps_offset=1, set_alpha_to_one=False)
     ref.scheduler.set_timesteps(STEPS)
     assert pipe.ddim.timesteps(pipe.schedule, STEPS) == ref.scheduler.timesteps.tolist() == [801, 601, 401, 201, 1]
@@ -126,7 +126,7 @@ def test_sd_folder_matches_diffusers_ddim(sd, reference):
                                       DDIMSettings(set_alpha_to_one=False)])
 def test_each_scheduler_setting_is_needed(sd, reference, settings):
     """carrara's own DDIM grid (t = 0, k, …) or end point (ᾱ = 1) would miss diffusers' latents by far."""
-    pipe = Pipeline.load(sd[0])
+    pipe = Pipeline.load(sd[0], precision="fp32")
     pipe.ddim = settings
     assert (generate(pipe, "latent") - reference[0]).abs().max() > 0.01
 

@@ -2,7 +2,8 @@
 
 Every number is named by what measured it (`FD[carrara-clip[emoji-clip], n_gen=2000, n_real=3789]`); only
 Fréchet distance on Inception-v3 pool3 features is called FID (Heusel et al. 2017). Each number carries a
-bootstrap 95 % interval (percentiles over resamples of the generated and the real set) and its sample
+bootstrap 95 % interval (percentiles over resamples of the generated and the real set, recentred by the
+bootstrap's bias) and its sample
 counts. Generated images stay uint8 tensors in memory: nothing is JPEG-compressed before scoring.
 """
 from __future__ import annotations
@@ -45,13 +46,22 @@ class EvalSettings:
 
 def bootstrap_interval(stat, a: np.ndarray, b: np.ndarray | None = None, *, n: int = 50,
                        seed: int = 0) -> list[float]:
-    """Percentile 95 % interval of stat(a[, b]) over n resamples (with replacement) of a and of b."""
+    """95 % interval of stat(a[, b]) from n resamples (with replacement) of a and of b, recentred on the estimate.
+
+    The percentile interval [q2.5, q97.5] of the resampled statistics, shifted by the bootstrap's bias
+    mean(θ*) − θ̂. For a mean the bias is ~0 and this is the plain percentile interval. For the Fréchet distance
+    it is not: a resample repeats ~37 % of the images, its features are less diverse, and its FD is larger
+    (measured on the emoji model, n=300: θ̂ = 0.085, resamples 0.108–0.130), so the plain percentile interval
+    lies entirely above the estimate. Shifted, it says how far the n-sample estimate moves between draws — the
+    spread that matters when comparing models at equal n (Efron & Tibshirani 1993, §10 on bootstrap bias).
+    """
     rng = np.random.default_rng(seed)
     values = []
     for _ in range(n):
         ia = rng.integers(0, len(a), len(a))
         values.append(stat(a[ia]) if b is None else stat(a[ia], b[rng.integers(0, len(b), len(b))]))
-    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
+    bias = float(np.mean(values)) - float(stat(a) if b is None else stat(a, b))
+    return [float(np.percentile(values, 2.5)) - bias, float(np.percentile(values, 97.5)) - bias]
 
 
 def generate_images(pipe, prompts: list[str], settings: EvalSettings, progress: bool = True) -> torch.Tensor:
@@ -122,7 +132,7 @@ def run_eval(settings: EvalSettings, out_dir: str | Path, progress: bool = True)
     own_prompts = read_prompts(settings.prompts) if settings.prompts else None
     out_dir = ensure_dir(out_dir)
     pipe = Pipeline.load(settings.model, allow_pickle=settings.allow_pickle)
-    report = {"settings": asdict(settings), "model_hash": pipe.model_hash, "metrics": {}}
+    report = {"settings": asdict(settings), "model_hash": pipe.model_hash, "precision": pipe.precision, "metrics": {}}
     started = time.perf_counter()
 
     if needs_data:

@@ -238,7 +238,8 @@ def create_app(pipe, data_dir: str | Path, *, max_queued: int = 32, batch_images
     @app.get("/api/model")
     async def model() -> dict:
         """What is loaded, the image size it makes, and the request limits."""
-        return {"name": jobs.model_ref, "model_hash": pipe.model_hash, "image_size": [image_size, image_size],
+        return {"name": jobs.model_ref, "model_hash": pipe.model_hash, "precision": getattr(pipe, "precision", "fp32"),
+                "image_size": [image_size, image_size],
                 "latent_shape": list(latent), "samplers": ["dpmpp", "ddim", "ddpm"],
                 "defaults": defaults,
                 "limits": {"prompt_chars": MAX_PROMPT_CHARS, "steps": MAX_STEPS, "guidance": 50.0, "n": MAX_BATCH,

@@ -217,7 +217,7 @@ class JobQueue:
         s = job.settings
         return {"prompt": s.prompt, "negative_prompt": s.negative_prompt, "steps": s.steps, "sampler": s.sampler,
                 "guidance": s.guidance, "seed": s.seed + i, "n": 1, "model": self.model_ref,
-                "model_hash": self.pipe.model_hash}
+                "model_hash": self.pipe.model_hash, "precision": getattr(self.pipe, "precision", "fp32")}
 
     def _run(self) -> None:
         while True:

@@ -30,15 +30,7 @@ from carrara.errors import CarraraError
 from carrara.io import save_image_atomic, write_json_atomic
 from carrara.train import distributed
 from carrara.train.checkpoint import load_latest, save_checkpoint
-
-
-def cpu_supports_bf16() -> bool:
-    """True when the CPU has native bf16 dot products (AVX-512 BF16 or AMX), where autocast pays off."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+from carrara.utils.hardware import cpu_supports_bf16
 
 
 @dataclass

@@ -14,14 +14,36 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 
 def image_grid(images: list[Image.Image], *, rows: int | None = None, pad: int = 2,
-               background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
-    """Tile equally sized images row by row into one image with `pad` pixels between them."""
+               background: tuple[int, int, int] = (255, 255, 255), labels: list[str] | None = None,
+               scale: int = 1) -> Image.Image:
+    """Tile equally sized images row by row into one image with `pad` pixels between them.
+
+    labels: a caption under each image (wrapped to its width, PIL's built-in font); scale: nearest-neighbour
+    enlargement of each image first, so 64-pixel images and their captions stay readable.
+    """
+    import textwrap
+
+    from PIL import ImageDraw, ImageFont
+
+    if scale != 1:
+        images = [im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in images]
     n = len(images)
     rows = rows or max(1, int(math.sqrt(n)))
     cols = math.ceil(n / rows)
     w, h = images[0].size
-    grid = Image.new("RGB", (cols * w + (cols + 1) * pad, rows * h + (rows + 1) * pad), background)
+    font, line_h, wrapped = None, 0, []
+    if labels is not None:
+        font = ImageFont.load_default()
+        line_h = 12
+        wrapped = [textwrap.wrap(text, width=max(4, w // 6))[:3] for text in labels]
+    label_h = line_h * max((len(lines) for lines in wrapped), default=0) + (4 if labels else 0)
+    cell_h = h + label_h
+    grid = Image.new("RGB", (cols * w + (cols + 1) * pad, rows * cell_h + (rows + 1) * pad), background)
+    draw = ImageDraw.Draw(grid)
     for i, im in enumerate(images):
         r, c = divmod(i, cols)
-        grid.paste(im, (pad + c * (w + pad), pad + r * (h + pad)))
+        x, y = pad + c * (w + pad), pad + r * (cell_h + pad)
+        grid.paste(im, (x, y))
+        for k, line in enumerate(wrapped[i] if i < len(wrapped) else []):
+            draw.text((x + 2, y + h + 2 + k * line_h), line, fill=(40, 40, 40), font=font)
     return grid

@@ -1,0 +1,106 @@
+"""Sampling speed: carrara's Pipeline vs diffusers' StableDiffusionPipeline on the same exported weights.
+
+Both make 64×64 images with 20 DPM-Solver++(2M) steps at guidance 4 from the same initial latents on the
+same timesteps (carrara's logSNR grid is handed to diffusers' DPMSolverMultistepScheduler), so they do the
+same arithmetic; the runs are interleaved (carrara, diffusers, carrara, …) in one process and the medians
+compared. Also timed: carrara in fp32, to separate the bf16 lever from the rest. The images must match:
+the mean |Δpixel| between carrara (fp32) and diffusers is reported and must stay ≤ 1/255; carrara's default
+(bf16 U-Net weights where the CPU has native bf16) is reported against diffusers too (tolerance 2/255).
+
+    python bench/sample.py [--model default] [--batches 1,16] [--runs 5] [--out bench/results/sample.json]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from carrara.diffusion.samplers import default_timesteps
+from carrara.export import export_diffusers
+from carrara.io import write_json_atomic
+from carrara.pipeline import Pipeline
+
+PROMPTS = ["cat face", "a red sports car", "pizza", "a snowman in the snow", "red heart", "rocket",
+           "a happy kitty", "flag of France", "a slice of watermelon", "a yellow star", "a dog face", "a tree",
+           "a blue whale", "an emoji of a smiling face", "a cup of coffee", "a soccer ball"]
+
+
+def initial_latents(pipe: Pipeline, n: int, seed: int) -> torch.Tensor:
+    """carrara's x_T: image i from its own generator seeded seed + i."""
+    return torch.cat([torch.randn(1, *pipe.latent_shape(), generator=torch.Generator().manual_seed(seed + i))
+                      for i in range(n)])  # (n, c, h, w)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="default")
+    p.add_argument("--batches", default="1,16")
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--out", default="bench/results/sample.json")
+    args = p.parse_args()
+    import diffusers
+
+    diffusers.utils.logging.set_verbosity_error()
+    ours = {"carrara": Pipeline.load(args.model), "carrara-fp32": Pipeline.load(args.model, precision="fp32")}
+    with tempfile.TemporaryDirectory() as tmp:
+        export_diffusers(args.model, f"{tmp}/sd")
+        sd = diffusers.StableDiffusionPipeline.from_pretrained(f"{tmp}/sd", local_files_only=True)
+    sd.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(sd.scheduler.config)
+    sd.set_progress_bar_config(disable=True)
+    ref = ours["carrara-fp32"]
+    timesteps = default_timesteps("dpmpp", ref.schedule, args.steps)
+
+    def run(name: str, n: int) -> np.ndarray:
+        prompts = (PROMPTS * n)[:n]
+        if name == "diffusers":
+            with torch.inference_mode():
+                return sd(prompts, timesteps=timesteps, guidance_scale=args.guidance,
+                          latents=initial_latents(ref, n, 0), output_type="np").images  # (n, H, W, 3) in [0, 1]
+        images = ours[name](prompts, steps=args.steps, sampler="dpmpp", guidance=args.guidance, seed=0,
+                            output="tensor")  # (n, 3, H, W) in [-1, 1]
+        return ((images + 1) / 2).permute(0, 2, 3, 1).numpy()
+
+    names = [*ours, "diffusers"]
+    results = {}
+    for n in (int(b) for b in args.batches.split(",")):
+        outputs = {name: run(name, n) for name in names}  # warm-up, and the images to compare
+        times = {name: [] for name in names}
+        for _ in range(args.runs):
+            for name in names:
+                t0 = time.perf_counter()
+                run(name, n)
+                times[name].append(time.perf_counter() - t0)
+        med = {name: statistics.median(ts) for name, ts in times.items()}
+        results[f"batch_{n}"] = {
+            "seconds": times, "median_s": med,
+            "images_per_s": {name: n / s for name, s in med.items()},
+            "speedup_vs_diffusers": {name: med["diffusers"] / med[name] for name in ours},
+            "mean_abs_pixel_diff_vs_diffusers_255": {
+                name: float(np.abs(outputs[name] - outputs["diffusers"]).mean() * 255) for name in ours},
+        }
+        r = results[f"batch_{n}"]
+        print(f"batch {n}: " + ", ".join(f"{k} {v:.2f} img/s" for k, v in r["images_per_s"].items())
+              + " | speed-up " + ", ".join(f"{k} {v:.2f}×" for k, v in r["speedup_vs_diffusers"].items())
+              + " | mean |Δpixel| vs diffusers " + ", ".join(
+                  f"{k} {v:.2f}/255" for k, v in r["mean_abs_pixel_diff_vs_diffusers_255"].items()), flush=True)
+    write_json_atomic(args.out, {
+        "what": f"64×64 images, {args.steps} DPM-Solver++(2M) steps, guidance {args.guidance}, same latents and "
+                "timesteps; medians of interleaved runs in one process",
+        "model": args.model, "model_hash": ref.model_hash, "precision": ours["carrara"].precision,
+        "runs": args.runs, "torch": torch.__version__, "diffusers": diffusers.__version__,
+        "threads": torch.get_num_threads(), "cores": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
+        "date": time.strftime("%Y-%m-%d"), "results": results,
+    })
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
