@@ -26,7 +26,7 @@ import numpy as np
 from carrara.io import ensure_dir, write_json_atomic
 from carrara.serve.app import is_loopback
 
-PROMPTS = ["a red circle", "a large blue square on the left", "a small green triangle", "a yellow star at the top"]
+PROMPTS = ["a happy kitty", "red heart", "a red sports car", "a snowman in the snow"]
 
 
 class Stats:
