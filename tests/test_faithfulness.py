@@ -214,7 +214,7 @@ def test_command_writes_the_report(tmp_path, monkeypatch, capsys):
 
     painter = CaptionPainter()
     painter.model_hash = "abc123"
-    monkeypatch.setattr(pipeline.Pipeline, "load", classmethod(lambda cls, path: painter))
+    monkeypatch.setattr(pipeline.Pipeline, "load", classmethod(lambda cls, path, **kwargs: painter))
     out = tmp_path / "faith.json"
     args = Namespace(model="run", n=12, guidance=3.0, steps=4, sampler="ddim", seed=1, out=str(out), quiet=True)
     assert faithfulness_command(args) == 0
