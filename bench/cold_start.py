@@ -41,9 +41,9 @@ def main() -> None:
     commands = {
         "python": [sys.executable, "-c", "pass"],
         "import_torch": [sys.executable, "-c", "import torch"],
-        "import_generate_path": [sys.executable, "-c", "import carrara.cli, carrara.generate, carrara.pipeline, "
-                                 "carrara.models.unet, carrara.models.autoencoder, carrara.text.encoder, "
-                                 "carrara.diffusion.samplers, carrara.png"],
+        "import_generate_path": [sys.executable, "-c", ("import carrara.cli, carrara.generate, carrara.pipeline, "
+                                                        "carrara.models.unet, carrara.models.autoencoder, "
+                                                        "carrara.text.encoder, carrara.diffusion.samplers, carrara.png")],
         "generate": [carrara, "generate", args.prompt, "--model", args.model, "-o", f"{tmp}/out.png"],
     }
     times = {name: [] for name in commands}

@@ -8,9 +8,9 @@ from PIL import Image
 
 from carrara.cli import main
 from carrara.diffusion.guidance import cfg_model
-from carrara.errors import CarraraError
 from carrara.diffusion.samplers import default_timesteps, sample_ddim
 from carrara.diffusion.schedule import NoiseSchedule
+from carrara.errors import CarraraError
 from carrara.modelfolder import write_model_folder
 from carrara.models.autoencoder import AutoencoderKL
 from carrara.models.config import AutoencoderConfig, UNetConfig
