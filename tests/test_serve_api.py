@@ -236,6 +236,37 @@ def test_events_stream_progress_previews_and_the_result(pipe, tmp_path):
     assert events[-1]["status"] == "done" and len(events[-1]["images"]) == 2
 
 
+class CountingPipe(SlowPipe):
+    """Counts the x̂0 decodes the server asks for (each one decodes the whole batch)."""
+
+    def __init__(self, pipe: Pipeline, delay: float):
+        super().__init__(pipe, delay)
+        self.decodes = 0
+
+    def __call__(self, prompts, *, callback=None, **kwargs):
+        def counting(i, n, decode):
+            def counted():
+                self.decodes += 1
+                return decode()
+            if callback is not None:
+                callback(i, n, counted)
+
+        return super().__call__(prompts, callback=counting, **kwargs)
+
+
+def test_previews_are_decoded_only_while_a_stream_watches(pipe, tmp_path):
+    counting = CountingPipe(pipe, 0.3)
+    with client_for(counting, tmp_path, preview_every=1) as c:
+        polled = c.post("/api/generate", json={"prompt": "a red circle", "steps": 4}).json()
+        assert wait(c, polled["id"])["status"] == "done"
+        assert counting.decodes == 0  # polling GET /api/jobs/{id} shows no preview: none is made
+        watched = c.post("/api/generate", json={"prompt": "a red circle", "steps": 4}).json()
+        with c.stream("GET", watched["events_url"]) as r:
+            events = [json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:")]
+    assert events[-1]["status"] == "done" and any(e["preview"] for e in events)
+    assert 1 <= counting.decodes <= 4
+
+
 def test_gallery_is_kept_on_disk_newest_first(pipe, tmp_path):
     with client_for(pipe, tmp_path) as c:
         for prompt in ("first", "second"):

@@ -184,20 +184,24 @@ def create_app(pipe, data_dir: str | Path, *, max_queued: int = 32, batch_images
         async def stream():
             yield "retry: 2000\n\n"
             version, sent_preview, last = -1, None, time.monotonic()
-            while (snap := jobs.snapshot(job_id)) is not None:
-                data, v = snap
-                if v != version:
-                    version, preview = v, data.pop("preview")
-                    data["preview"] = preview if preview != sent_preview else None
-                    sent_preview = preview or sent_preview
-                    yield f"event: job\ndata: {json.dumps(data)}\n\n"
-                    last = time.monotonic()
-                    if data["status"] in FINISHED:
-                        return
-                elif time.monotonic() - last > 15:
-                    yield ": keep-alive\n\n"
-                    last = time.monotonic()
-                await asyncio.sleep(EVENT_POLL_SECONDS)
+            jobs.watch(job_id, +1)  # previews are decoded while at least one stream watches the job
+            try:
+                while (snap := jobs.snapshot(job_id)) is not None:
+                    data, v = snap
+                    if v != version:
+                        version, preview = v, data.pop("preview")
+                        data["preview"] = preview if preview != sent_preview else None
+                        sent_preview = preview or sent_preview
+                        yield f"event: job\ndata: {json.dumps(data)}\n\n"
+                        last = time.monotonic()
+                        if data["status"] in FINISHED:
+                            return
+                    elif time.monotonic() - last > 15:
+                        yield ": keep-alive\n\n"
+                        last = time.monotonic()
+                    await asyncio.sleep(EVENT_POLL_SECONDS)
+            finally:
+                jobs.watch(job_id, -1)
 
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

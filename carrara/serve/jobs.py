@@ -63,6 +63,7 @@ class Job:
     batch_jobs: int = 0  # how many jobs shared its pipeline call
     cancel_requested: bool = False
     version: int = 0  # bumped on every change; event streams watch it
+    watchers: int = 0  # open event streams: x̂0 previews are decoded only while someone watches
 
     def batch_key(self) -> tuple:
         s = self.settings
@@ -152,6 +153,13 @@ class JobQueue:
             position = next((k + 1 for k, q in enumerate(self._queue) if q is job), None)
             return {**job.to_dict(position), "preview": job.preview, "preview_step": job.preview_step}, job.version
 
+    def watch(self, job_id: str, delta: int) -> None:
+        """An event stream opened (+1) or closed (−1) on a job."""
+        with self._cond:
+            job = self._jobs.get(job_id)
+            if job is not None:
+                job.watchers = max(0, job.watchers + delta)
+
     def cancel(self, job_id: str) -> Job | None:
         """Cancel a queued job at once, a running one at its next step; finished jobs stay as they are."""
         with self._cond:
@@ -239,7 +247,8 @@ class JobQueue:
             if self._closed or all(job.cancel_requested for job in batch):
                 raise _Stop
             previews = None
-            if i % every == 0:
+            # a preview costs a decode of the whole batch and a PNG per job: only when a stream is open on it
+            if i % every == 0 and any(job.watchers for job in batch):
                 from carrara.utils.grid import to_pil
 
                 x = to_pil(decode())  # (B, 3, H, W) → B images
