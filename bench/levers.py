@@ -5,7 +5,7 @@ Levers: fp32 (reference), bf16 autocast, bf16 weights (what Pipeline(precision="
 channels_last memory format, and with --compile torch.compile (inductor, freezing) of the bf16-weight model,
 whose compile time is reported separately. Every lever's output is compared with fp32 (max |Δε|).
 
-    python bench/levers.py [--model default] [--rounds 7] [--compile] [--out bench/results/levers.json]
+    python bench/levers.py [--model default] [--rounds 7] [--compile [--dynamic]] [--out bench/results/levers.json]
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--batches", default="2,32")
     p.add_argument("--compile", action="store_true", help="also time torch.compile (minutes of compiling)")
+    p.add_argument("--dynamic", action="store_true", help="compile once for all batch sizes (dynamic=True)")
     p.add_argument("--out", default="bench/results/levers.json")
     args = p.parse_args()
     fp32 = UNet2DConditionModel.from_pretrained(resolve(args.model).unet).float().eval()
@@ -49,7 +50,7 @@ def main() -> None:
         import torch._inductor.config as inductor_config
 
         inductor_config.freezing = True  # weights become constants: prepacked for oneDNN, folded
-        compiled = torch.compile(bf16)
+        compiled = torch.compile(bf16, dynamic=True if args.dynamic else None)
         levers["bf16 weights + torch.compile"] = (lambda x, t, s: compiled(x, t, s), torch.bfloat16, False)
     results = {}
     c = fp32.config
