@@ -2,9 +2,13 @@
 
 With a packaged default model it samples from it; without one it first trains the small shapes
 model of recipes/demo.toml in demo/run (resumable: run it again to continue an interrupted demo).
+The same grid for another model (how the pictures in docs/ are made):
+
+    python -m carrara.demo --model runs/shapes/diffusion --prompts shapes --out docs/images/shapes-grid.png
 """
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -26,25 +30,34 @@ EMOJI_PROMPTS = [
 ]
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m carrara.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="a model folder (default: the packaged model, or train recipes/demo.toml)")
+    parser.add_argument("--prompts", choices=["emoji", "shapes"],
+                        help="which 16 prompts (default: emoji; shapes for the demo's own shapes model)")
+    parser.add_argument("--out", default="demo/grid.png", help="where the grid goes (default: demo/grid.png)")
+    args = parser.parse_args(argv)
     from carrara.modelfolder import PACKAGED
     from carrara.pipeline import Pipeline
     from carrara.png import save_png
     from carrara.utils.grid import image_grid
 
     out_dir = Path("demo")
-    out_dir.mkdir(exist_ok=True)
     try:
-        if (PACKAGED / "default" / "model_index.json").is_file():
-            model, prompts = "default", EMOJI_PROMPTS
+        if args.model:
+            model, kind = args.model, "emoji"
+        elif (PACKAGED / "default" / "model_index.json").is_file():
+            model, kind = "default", "emoji"
         else:
             from carrara.recipe import run_recipe
 
+            out_dir.mkdir(exist_ok=True)
             recipe = Path(__file__).resolve().parent.parent / "recipes" / "demo.toml"
             print("no packaged model in this checkout: training the small shapes model of recipes/demo.toml "
                   "(about 10 minutes on 2 cores; run again to resume)", flush=True)
             model = run_recipe(recipe, out_dir / "run", resume=True)["diffusion"]
-            prompts = SHAPES_PROMPTS
+            kind = "shapes"
+        prompts = {"emoji": EMOJI_PROMPTS, "shapes": SHAPES_PROMPTS}[args.prompts or kind]
         pipe = Pipeline.load(model)
         pipe(prompts[:1], steps=2)  # warm-up, so the timing below is steady-state
         t0 = time.perf_counter()
@@ -53,7 +66,8 @@ def main() -> int:
     except CarraraError as e:
         print(f"carrara demo: error: {e}", file=sys.stderr)
         return 2
-    grid = out_dir / "grid.png"
+    grid = Path(args.out)
+    grid.parent.mkdir(parents=True, exist_ok=True)
     save_png(grid, image_grid(images, rows=4, labels=prompts, scale=2), {"prompts": prompts, "model": str(model), "steps": 20,
                                                 "sampler": "dpmpp", "guidance": 4.0, "seed": 0})
     print(f"wrote {grid.resolve()}: {len(prompts)} prompts, {per_image:.2f} s per image "
