@@ -7,7 +7,12 @@ logged loss with the shipped log (carrara/assets/default/training/autoencoder/me
 mean the same data, initialisation, batches and arithmetic; from there on, training is the same loop.
 The diffusion stage cannot be checked this way: it starts from the full-length autoencoder.
 
+With `--run DIR`, the whole answer instead: DIR is a finished re-run (`carrara recipe recipes/emoji.toml --out
+DIR`); its diffusion run is exported as `carrara export default` would (fp16) and every tensor is compared with
+the packaged model's.
+
     python bench/reproduce_default.py [--steps 50] [--out bench/results/reproduce_default.json]
+    python bench/reproduce_default.py --run runs/emoji-repro [--out bench/results/reproduce_default_full.json]
 """
 from __future__ import annotations
 
@@ -18,8 +23,10 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from carrara.data.emoji import build_emoji
+from carrara.export import export_default
 from carrara.io import write_json_atomic
 from carrara.modelfolder import PACKAGED
 from carrara.recipe import apply_overrides, flatten, load_recipe_file
@@ -28,11 +35,46 @@ from carrara.train.autoencoder import AutoencoderRecipe, train_autoencoder
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def compare_full_run(run: Path, out: str) -> None:
+    """Export a finished re-run to a temporary folder and compare it, tensor by tensor, with the packaged model."""
+    shipped = PACKAGED / "default"
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        export_default(run / "diffusion", Path(tmp) / "default", autoencoder_run=run / "autoencoder")
+        for path in sorted((Path(tmp) / "default").rglob("*.safetensors")):
+            name = str(path.relative_to(Path(tmp) / "default"))
+            mine, theirs = load_file(path), load_file(shipped / name)
+            same_keys = mine.keys() == theirs.keys()
+            diff = max(((mine[k].float() - theirs[k].float()).abs().max().item() for k in mine if k in theirs),
+                       default=float("inf"))
+            rows[name] = {"tensors": len(mine), "same_keys": same_keys, "max_abs_difference": diff,
+                          "bitwise_equal": same_keys and all(mine[k].dtype == theirs[k].dtype
+                                                             and mine[k].equal(theirs[k]) for k in mine)}
+    def losses(path: Path) -> dict:  # step -> loss; a resumed run may log a step twice, the last one counts
+        return {m["step"]: m["loss"] for m in map(json.loads, path.read_text().splitlines())}
+
+    logs = {s: losses(run / s / "metrics.jsonl") for s in ("autoencoder", "diffusion")}
+    shipped_logs = {s: losses(shipped / "training" / s / "metrics.jsonl") for s in ("autoencoder", "diffusion")}
+    result = {"what": f"{run}: a full re-run of recipes/emoji.toml, exported (fp16) and compared with the package",
+              "weights": rows, "bitwise_equal": all(r["bitwise_equal"] for r in rows.values()),
+              "logged_losses_equal": {s: logs[s] == shipped_logs[s] for s in logs},
+              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    write_json_atomic(out, result)
+    for name, r in rows.items():
+        print(f"{name}: {r['tensors']} tensors, bitwise equal: {r['bitwise_equal']}, "
+              f"max |difference| {r['max_abs_difference']:.3g}")
+    print(f"logged losses equal: {result['logged_losses_equal']}\nwrote {out}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--out", default="bench/results/reproduce_default.json")
+    p.add_argument("--run", type=Path, help="a finished `carrara recipe recipes/emoji.toml` run to compare in full")
+    p.add_argument("--out")
     args = p.parse_args()
+    if args.run:
+        return compare_full_run(args.run, args.out or "bench/results/reproduce_default_full.json")
+    args.out = args.out or "bench/results/reproduce_default.json"
     shipped = PACKAGED / "default" / "training" / "autoencoder"
     flat = flatten(load_recipe_file(ROOT / "recipes" / "emoji.toml"))
     ae_settings = {k.removeprefix("autoencoder."): v for k, v in flat.items() if k.startswith("autoencoder.")}
