@@ -35,6 +35,11 @@ from carrara.train.autoencoder import AutoencoderRecipe, train_autoencoder
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def logged_losses(path: Path) -> dict:
+    """A run's metrics.jsonl → {step: loss} (a resumed run may log a step twice; the last one counts)."""
+    return {m["step"]: m["loss"] for m in map(json.loads, path.read_text().splitlines())}
+
+
 def compare_full_run(run: Path, out: str) -> None:
     """Export a finished re-run to a temporary folder and compare it, tensor by tensor, with the packaged model."""
     shipped = PACKAGED / "default"
@@ -50,11 +55,8 @@ def compare_full_run(run: Path, out: str) -> None:
             rows[name] = {"tensors": len(mine), "same_keys": same_keys, "max_abs_difference": diff,
                           "bitwise_equal": same_keys and all(mine[k].dtype == theirs[k].dtype
                                                              and mine[k].equal(theirs[k]) for k in mine)}
-    def losses(path: Path) -> dict:  # step -> loss; a resumed run may log a step twice, the last one counts
-        return {m["step"]: m["loss"] for m in map(json.loads, path.read_text().splitlines())}
-
-    logs = {s: losses(run / s / "metrics.jsonl") for s in ("autoencoder", "diffusion")}
-    shipped_logs = {s: losses(shipped / "training" / s / "metrics.jsonl") for s in ("autoencoder", "diffusion")}
+    logs = {s: logged_losses(run / s / "metrics.jsonl") for s in ("autoencoder", "diffusion")}
+    shipped_logs = {s: logged_losses(shipped / "training" / s / "metrics.jsonl") for s in ("autoencoder", "diffusion")}
     result = {"what": f"{run}: a full re-run of recipes/emoji.toml, exported (fp16) and compared with the package",
               "weights": rows, "bitwise_equal": all(r["bitwise_equal"] for r in rows.values()),
               "logged_losses_equal": {s: logs[s] == shipped_logs[s] for s in logs},
@@ -78,7 +80,7 @@ def main() -> None:
     shipped = PACKAGED / "default" / "training" / "autoencoder"
     flat = flatten(load_recipe_file(ROOT / "recipes" / "emoji.toml"))
     ae_settings = {k.removeprefix("autoencoder."): v for k, v in flat.items() if k.startswith("autoencoder.")}
-    logged = {m["step"]: m["loss"] for m in map(json.loads, (shipped / "metrics.jsonl").read_text().splitlines())}
+    logged = logged_losses(shipped / "metrics.jsonl")
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         data = Path(tmp) / "data"
@@ -89,8 +91,7 @@ def main() -> None:
         train_now = json.loads(json.dumps(vars(recipe.train)))
         same_settings = all(train_now.get(k) == v for k, v in shipped_config["train"].items())
         train_autoencoder(recipe, Path(tmp) / "ae", progress=False, stop_at=args.steps)
-        again = {m["step"]: m["loss"] for m in
-                 map(json.loads, (Path(tmp) / "ae" / "metrics.jsonl").read_text().splitlines())}
+        again = logged_losses(Path(tmp) / "ae" / "metrics.jsonl")
         seconds = time.perf_counter() - t0
     compared = {s: (logged[s], again[s]) for s in sorted(again) if s in logged}
     worst = max(abs(a - b) / abs(a) for a, b in compared.values())

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
 import torch
 
 from carrara.data import shapes
+from carrara.data.folder import to_tensor
 from carrara.evaluate.detector import detect
 from carrara.evaluate.faithfulness import _summarize, sample_prompts, score
 from carrara.models.autoencoder import AutoencoderKL
+from carrara.train.cache import to_model_range
 from carrara.utils.grid import to_pil
 
 
@@ -29,7 +30,7 @@ def main() -> None:
         for i in range(0, args.n, 25):
             batch = prompts[i:i + 25]
             images = [shapes.render(scene, 64).convert("RGB") for scene, _ in batch]
-            x = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 127.5 - 1 for im in images])
+            x = to_model_range(torch.stack([to_tensor(im) for im in images]))  # (B, 3, 64, 64) in [-1, 1]
             rebuilt = to_pil(vae(x))  # (B, 3, 64, 64) → PIL, through the posterior mean
             real += [score(s, detect(im)) for (s, _), im in zip(batch, images)]
             recon += [score(s, detect(im)) for (s, _), im in zip(batch, rebuilt)]
