@@ -23,13 +23,13 @@ def _cmd_data_build(args: argparse.Namespace) -> int:
     if args.dataset == "shapes":
         from carrara.data.shapes import build_shapes
 
-        stats = build_shapes(args.out, n=args.n or 2000, size=args.size, seed=args.seed)
+        stats = build_shapes(args.out, n=args.n or 2000, size=args.size, seed=args.seed, overwrite=args.overwrite)
     elif args.dataset == "emoji":
         from carrara.data.emoji import build_emoji
 
         if args.n is not None:
             raise CarraraError("--n does not apply to emoji: every fully-qualified emoji is rendered")
-        stats = build_emoji(args.out, size=args.size, font=args.font)
+        stats = build_emoji(args.out, size=args.size, font=args.font, overwrite=args.overwrite)
     else:  # argparse's choices make this unreachable
         raise CarraraError(f"unknown dataset {args.dataset!r}")
     print(f"wrote {stats['written']} images to {args.out}" + (f" (skipped {stats['skipped']})" if stats.get("skipped") else ""))
@@ -187,9 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("dataset", choices=["shapes", "emoji"], help="which dataset to build")
     build.add_argument("--out", required=True, help="output folder")
     build.add_argument("--n", type=_positive_int, default=None, help="number of images (shapes; default 2000)")
-    build.add_argument("--size", type=_positive_int, default=64, help="image side in pixels (default 64)")
+    build.add_argument("--size", type=_positive_int, default=64, help="image side in pixels (default 64, at most 1024)")
     build.add_argument("--seed", type=int, default=0, help="random seed (shapes)")
     build.add_argument("--font", default=None, help="color emoji font (emoji; default Debian's NotoColorEmoji.ttf)")
+    build.add_argument("--overwrite", action="store_true", help="replace the dataset in a non-empty --out folder")
     build.set_defaults(func=_cmd_data_build)
     info = data_cmds.add_parser("info", help="load a dataset folder and report what it holds")
     info.add_argument("path", help="dataset folder, or shards like 'shards/{000000..000009}.tar'")

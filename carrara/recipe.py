@@ -108,11 +108,12 @@ def run_recipe(path: str | Path, out: str | Path, *, resume: bool = False, overr
         if data_cfg["dataset"] == "shapes":
             from carrara.data.shapes import build_shapes
 
-            build_shapes(data_dir, n=data_cfg["n"], size=data_cfg["size"], seed=data_cfg["seed"], progress=progress)
+            build_shapes(data_dir, n=data_cfg["n"], size=data_cfg["size"], seed=data_cfg["seed"], progress=progress,
+                         overwrite=True)  # out/data is the recipe's own: no metadata.jsonl = an interrupted build
         elif data_cfg["dataset"] == "emoji":
             from carrara.data.emoji import build_emoji
 
-            build_emoji(data_dir, size=data_cfg["size"], progress=progress)
+            build_emoji(data_dir, size=data_cfg["size"], progress=progress, overwrite=True)
         else:
             data_dir = Path(data_cfg["dataset"])  # a user's own folder
 

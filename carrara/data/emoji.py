@@ -20,8 +20,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+from carrara.data.build import check_side, claim_folder, remove_stale
 from carrara.errors import CarraraError
-from carrara.io import ensure_dir, save_image_atomic, write_text_atomic
+from carrara.io import save_image_atomic, write_text_atomic
 
 DEFAULT_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"  # Debian: fonts-noto-color-emoji
 FONT_SIZE = 109  # NotoColorEmoji's only bitmap strike; FreeType refuses any other size for it
@@ -184,10 +185,11 @@ def caption_variants(name: str, aliases: list[str]) -> list[str]:
 
 
 def build_emoji(out, size: int = 64, font: str | Path | None = None, *, only: Iterable[str] | None = None,
-                progress: bool = True) -> dict:
-    """Render every fully-qualified emoji (or just `only`) to `out` with a metadata.jsonl of CLDR-style names."""
-    if size < 8:
-        raise CarraraError(f"emoji need an image side of at least 8 pixels, got {size}")
+                progress: bool = True, overwrite: bool = False) -> dict:
+    """Render every fully-qualified emoji (or just `only`) to `out` with a metadata.jsonl of CLDR-style names.
+
+    A non-empty `out` is refused unless `overwrite` (data/build.py)."""
+    check_side(size, 8, "emoji")
     loaded = load_font(font)
     table = fully_qualified()
     if only is not None:
@@ -196,10 +198,9 @@ def build_emoji(out, size: int = 64, font: str | Path | None = None, *, only: It
         if unknown:
             raise CarraraError(f"not fully-qualified emoji: {' '.join(unknown)}")
         table = {e: table[e] for e in only}
-    out = ensure_dir(out)
-    (out / "metadata.jsonl").unlink(missing_ok=True)  # the metadata exists only once a build has finished
+    out, old = claim_folder(out, overwrite=overwrite)
     skipped: Counter = Counter()
-    lines = []
+    lines, written = [], set()
     for emoji, data in tqdm(table.items(), desc="emoji", unit="img", disable=not progress or len(table) < 500, leave=False):
         image, reason = loaded.render(emoji, size)
         if image is None:
@@ -210,6 +211,7 @@ def build_emoji(out, size: int = 64, font: str | Path | None = None, *, only: It
             save_image_atomic(out / file_name, image)
         except OSError as e:
             raise CarraraError(f"cannot write {out / file_name}: {e.strerror or e}") from None
+        written.add(out / file_name)
         lines.append(json.dumps({
             "file_name": file_name,
             "text": readable_name(data["en"], emoji),
@@ -223,5 +225,6 @@ def build_emoji(out, size: int = 64, font: str | Path | None = None, *, only: It
         }, ensure_ascii=False))
     if not lines:
         raise CarraraError(f"the font drew none of the {len(table)} emoji; use NotoColorEmoji.ttf")
-    write_text_atomic(Path(out) / "metadata.jsonl", "\n".join(lines) + "\n")
+    write_text_atomic(out / "metadata.jsonl", "\n".join(lines) + "\n")
+    remove_stale(old, written)
     return {"written": len(lines), "skipped": sum(skipped.values()), "skipped_reasons": dict(skipped), "out": str(out)}

@@ -19,14 +19,14 @@ import json
 import math
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from carrara.data.build import check_side, claim_folder, remove_stale
 from carrara.errors import CarraraError
-from carrara.io import ensure_dir, save_image_atomic, write_text_atomic
+from carrara.io import save_image_atomic, write_text_atomic
 
 BACKGROUND: tuple[int, int, int] = (0, 0, 0)
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -214,16 +214,16 @@ def scene_metadata(scene: Scene, size: int) -> dict:
 
 
 def build_shapes(out, n: int = 2000, size: int = 64, seed: int = 0, *, two_object_fraction: float = 0.5,
-                 progress: bool = True) -> dict:
-    """Write `n` captioned shape images and metadata.jsonl to `out`; same seed → byte-identical files."""
+                 progress: bool = True, overwrite: bool = False) -> dict:
+    """Write `n` captioned shape images and metadata.jsonl to `out`; same seed → byte-identical files.
+
+    A non-empty `out` is refused unless `overwrite` (data/build.py)."""
     if n < 1:
         raise CarraraError(f"n must be at least 1, got {n}")
-    if size < 16:
-        raise CarraraError(f"shapes need an image side of at least 16 pixels, got {size}")
+    check_side(size, 16, "shapes")
     if not 0 <= two_object_fraction <= 1:
         raise CarraraError(f"two_object_fraction must be in [0, 1], got {two_object_fraction}")
-    out = ensure_dir(out)
-    (out / "metadata.jsonl").unlink(missing_ok=True)  # the metadata exists only once a build has finished
+    out, old = claim_folder(out, overwrite=overwrite)
     rng = random.Random(seed)
     width = max(5, len(str(n - 1)))
     lines = []
@@ -237,5 +237,6 @@ def build_shapes(out, n: int = 2000, size: int = 64, seed: int = 0, *, two_objec
         except OSError as e:
             raise CarraraError(f"cannot write {out / file_name}: {e.strerror or e}") from None
         lines.append(json.dumps({"file_name": file_name, "text": text, **scene_metadata(scene, size)}))
-    write_text_atomic(Path(out) / "metadata.jsonl", "\n".join(lines) + "\n")
+    write_text_atomic(out / "metadata.jsonl", "\n".join(lines) + "\n")
+    remove_stale(old, {out / f"{i:0{width}d}.png" for i in range(n)})
     return {"written": len(lines), "skipped": 0, "out": str(out)}
