@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from carrara.errors import CarraraError
+from carrara.text.encoder import mean_pool
 
 if TYPE_CHECKING:
     from carrara.diffusion.schedule import NoiseSchedule
@@ -92,6 +93,13 @@ class DDIMSettings:
         return 1.0 if self.set_alpha_to_one else float(schedule.alphas_cumprod[0])
 
 
+def _check_finite(x: torch.Tensor, part: str) -> torch.Tensor:
+    """x itself, or one clear error if it holds NaN/inf (damaged weights would otherwise save a black image)."""
+    if not torch.isfinite(x).all():
+        raise CarraraError(f"the {part} produced non-finite values (NaN or inf): its weights are damaged")
+    return x
+
+
 class Pipeline:
     """A text encoder, a U-Net noise predictor, a noise schedule and an autoencoder's decoder."""
 
@@ -157,14 +165,15 @@ class Pipeline:
             GenerationSettings(p, negative_prompt, steps, sampler, guidance, seed).validate()
         # 1. Encode the text; the negative prompt ("" = the null condition) is the unconditional branch.
         dtype = self.unet_dtype
-        cond = self.text_encoder.encode(prompts)[0].to(dtype)  # (B, L, D)
-        uncond = self.text_encoder.encode([negative_prompt] * len(prompts))[0].to(dtype)  # (B, L, D)
+        cond = self.condition(prompts)  # states (B, L, D) [, pooled (B, P)]
+        uncond = self.condition([negative_prompt] * len(prompts))
         # 2. Initial noise x_T ~ N(0, I), one generator per image (Algorithm 2, line 1).
         shape = self.latent_shape()
         x_T = torch.cat([torch.randn(1, *shape, generator=torch.Generator().manual_seed(seed + i))
                          for i in range(len(prompts))])  # (B, c, h, w)
         # 3. Denoise with classifier-free guidance: ε̃ = ε(∅) + w·(ε(c) − ε(∅)).
-        model = cfg_model(lambda x, t, states: self.unet(x.to(dtype), t, states).float(), cond, uncond, guidance)
+        model = cfg_model(lambda x, t, c: self.unet(x.to(dtype), t, c[0], class_labels=c[1] if len(c) > 1 else None
+                                                    ).float(), cond, uncond, guidance)
         if sampler == "ddim":  # the folder's grid and end point (DDIMSettings; SD: t = 1, 1 + k, …, ending at ᾱ_0)
             timesteps = self.ddim.timesteps(self.schedule, steps)
             options = {"final_alpha_bar": self.ddim.final_alpha_bar(self.schedule)}
@@ -176,11 +185,19 @@ class Pipeline:
                 callback(i, len(timesteps), lambda: self.decode(x0_hat))
         z0 = SAMPLERS[sampler](model, x_T, self.schedule, timesteps, prediction_type=self.prediction_type,
                                generator=torch.Generator().manual_seed(seed), callback=decode_cb, **options)
+        _check_finite(z0, "U-Net")
         if output == "latent":
             return z0  # (B, c, h, w), scaled as the U-Net sees it (diffusers' output_type="latent")
         # 4. Decode the latent into pixels.
-        images = self.decode(z0)  # (B, 3, H, W) in [-1, 1]
+        images = _check_finite(self.decode(z0), "decoder")  # (B, 3, H, W) in [-1, 1]
         return images if output == "tensor" else to_pil(images)
+
+    def condition(self, prompts: list[str]) -> tuple[torch.Tensor, ...]:
+        """The U-Net's text inputs: token states (B, L, D), and the pooled embedding (B, D) if it takes one."""
+        states, mask = self.text_encoder.encode(prompts)  # (B, L, D), (B, L)
+        if self.unet.config.class_embed_type is None:
+            return (states.to(self.unet_dtype),)
+        return states.to(self.unet_dtype), mean_pool(states, mask).to(self.unet_dtype)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latents (B, c, h, w) → images (B, 3, H, W) in [-1, 1]."""

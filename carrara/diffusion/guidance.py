@@ -11,25 +11,30 @@ import torch
 from carrara.diffusion.objectives import ModelFn, from_x0_eps, to_x0_eps
 from carrara.diffusion.schedule import NoiseSchedule, PredictionType
 
-ConditionalModel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Condition = torch.Tensor | tuple[torch.Tensor, ...]  # text states (B, L, D), or (states, pooled (B, P), …)
+ConditionalModel = Callable[[torch.Tensor, torch.Tensor, Condition], torch.Tensor]
 
 
-def cfg_model(model: ConditionalModel, cond_states: torch.Tensor, uncond_states: torch.Tensor,
-              w: float) -> ModelFn:
+def _pair(uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    """[uncond; cond] along the batch, an unconditional batch of 1 broadcast to the conditional one: (2B, …)."""
+    return torch.cat([uncond.expand_as(cond) if uncond.shape[0] == 1 else uncond, cond])
+
+
+def cfg_model(model: ConditionalModel, cond: Condition, uncond: Condition, w: float) -> ModelFn:
     """Classifier-free guidance, Ho & Salimans 2022 eq. 6, in diffusers' convention: out = uncond + w (cond − uncond).
 
-    `model(x, t, states)`; `uncond_states` are the empty prompt's (or the negative prompt's) text states, batch B or 1.
+    `model(x, t, condition)`; a condition is the text states, or a tuple of tensors (states, pooled embedding), each
+    batch-first; `uncond` is the empty prompt's (or the negative prompt's) condition, batch B or 1.
     w = 1 is the plain conditional model and skips the unconditional pass; the paper's w is this w − 1.
     Works in ε, v or x0 form alike, since the combination is linear.
     """
     if w == 1.0:
-        return lambda x, t: model(x, t, cond_states)
-    uncond_states = uncond_states.expand_as(cond_states) if uncond_states.shape[0] == 1 else uncond_states
-    states = torch.cat([uncond_states, cond_states])  # (2B, L, D)
+        return lambda x, t: model(x, t, cond)
+    both = _pair(uncond, cond) if torch.is_tensor(cond) else tuple(map(_pair, uncond, cond))  # (2B, …)
 
     def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         t = torch.as_tensor(t, device=x.device).expand(x.shape[0])  # (B,)
-        out_uncond, out_cond = model(torch.cat([x, x]), torch.cat([t, t]), states).chunk(2)  # 2 × (B, C, H, W)
+        out_uncond, out_cond = model(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)  # 2 × (B, C, H, W)
         return out_uncond + w * (out_cond - out_uncond)
 
     return guided

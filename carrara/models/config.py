@@ -35,7 +35,6 @@ _FIXED_UNET: dict[str, tuple] = {
     "encoder_hid_dim_type": (None,),
     "num_attention_heads": (None,),
     "dual_cross_attention": (False,),
-    "class_embed_type": (None,),
     "addition_embed_type": (None,),
     "addition_time_embed_dim": (None,),
     "num_class_embeds": (None,),
@@ -49,7 +48,6 @@ _FIXED_UNET: dict[str, tuple] = {
     "time_cond_proj_dim": (None,),
     "conv_in_kernel": (3,),
     "conv_out_kernel": (3,),
-    "projection_class_embeddings_input_dim": (None,),
     "attention_type": ("default",),
     "class_embeddings_concat": (False,),
     "mid_block_only_cross_attention": (None, False),
@@ -245,6 +243,10 @@ class UNetConfig:
     attention_head_dim: int | tuple[int, ...] = 8
     use_linear_projection: bool = False
     upcast_attention: bool = False
+    # "projection": a pooled text embedding (B, projection_class_embeddings_input_dim) passed as `class_labels`
+    # goes through an MLP and is added to the time embedding (Imagen §2.2's pooled vector; SDXL's text_embeds).
+    class_embed_type: str | None = None
+    projection_class_embeddings_input_dim: int | None = None
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -268,6 +270,13 @@ class UNetConfig:
             if any(not isinstance(v, int) or v < 1 for v in _per_block(self, name, n)):
                 raise CarraraError(f"UNet2DConditionModel config field {name}={getattr(self, name)!r} must be "
                                    f"positive ints")
+        if self.class_embed_type not in (None, "projection"):
+            raise CarraraError(f"UNet2DConditionModel config field class_embed_type={self.class_embed_type!r} is not "
+                               "supported (carrara implements None and 'projection')")
+        dim = self.projection_class_embeddings_input_dim
+        if (self.class_embed_type == "projection") != (dim is not None) or not (dim is None or _KINDS["int ≥ 1"](dim)):
+            raise CarraraError("UNet2DConditionModel config: class_embed_type='projection' needs "
+                               f"projection_class_embeddings_input_dim, a positive int (got {dim!r})")
 
     def per_block(self, name: str) -> tuple:
         """`layers_per_block`, `transformer_layers_per_block` or `attention_head_dim`, one value per level."""

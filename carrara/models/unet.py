@@ -6,6 +6,7 @@ State-dict compatible with diffusers' `UNet2DConditionModel` for the Stable Diff
 
     x_t (B, 4, h, w) ─ conv_in ─► down blocks ─► mid block ─► up blocks (+ skip connections) ─ conv_out ─► ε̂
     t ─ sinusoidal ─ MLP ─► temb added in every ResBlock;  text states c (B, L, D) ─► cross-attention
+    optional pooled text embedding (B, P) ─ MLP ─► added to temb (class_embed_type="projection"; Imagen §2.2)
 """
 from __future__ import annotations
 
@@ -129,6 +130,9 @@ class UNet2DConditionModel(nn.Module):
         temb_channels = 4 * ch[0]
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], temb_channels)
+        self.class_embedding = None
+        if cfg.class_embed_type == "projection":
+            self.class_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, temb_channels)
         self.down_blocks = nn.ModuleList(
             DownBlock(cfg, i, temb_channels, kind == "CrossAttnDownBlock2D") for i, kind in
             enumerate(cfg.down_block_types)
@@ -146,14 +150,20 @@ class UNet2DConditionModel(nn.Module):
         timestep: torch.Tensor | float,
         encoder_hidden_states: torch.Tensor,
         encoder_attention_mask: torch.Tensor | None = None,
+        class_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """sample x_t (B, C, h, w), timestep (B,) or scalar, text states (B, L, D), mask (B, L) True = keep."""
+        """sample x_t (B, C, h, w), timestep (B,) or scalar, text states (B, L, D), mask (B, L) True = keep,
+        class_labels the pooled text embedding (B, P) when the config has class_embed_type="projection"."""
         cfg, B = self.config, sample.shape[0]
         # 1. Time embedding: sinusoidal features of t, then an MLP (Ho et al. 2020, Appendix B).
         t = torch.as_tensor(timestep, device=sample.device)
         t = t.reshape(-1).expand(B) if t.numel() == 1 else t
         t_freq = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)  # (B, C0)
         temb = self.time_embedding(t_freq.to(sample.dtype))  # (B, 4·C0)
+        if self.class_embedding is not None:  # the pooled text vector joins t in every ResBlock (Imagen §2.2)
+            if class_labels is None:
+                raise ValueError("this U-Net is conditioned on a pooled text embedding: pass class_labels (B, P)")
+            temb = temb + self.class_embedding(class_labels.to(sample.dtype))  # (B, 4·C0)
         # 2. Cross-attention mask as an additive score bias on the text tokens: (B, 1, 1, L).
         bias = None
         if encoder_attention_mask is not None:

@@ -116,6 +116,15 @@ def _first_line(e: Exception) -> str:
     return f"{type(e).__name__}: {lines[0] if lines else ''}"
 
 
+def mean_pool(states: Tensor, mask: Tensor) -> Tensor:
+    """The sentence embedding (B, D): mean of the token states over the mask, L2-normalised — the vector
+    all-MiniLM-L6-v2 was trained to make (Reimers & Gurevych 2019, mean pooling + Normalize), where paraphrases
+    land close together. Imagen (Saharia et al. 2022 §2.2) adds such a pooled vector to the timestep embedding."""
+    m = mask.to(states.dtype).unsqueeze(-1)  # (B, L, 1)
+    mean = (states * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, D)
+    return torch.nn.functional.normalize(mean, dim=-1)
+
+
 def _check_prompts(prompts: str | Sequence[str]) -> list[str]:
     if isinstance(prompts, str):
         return [prompts]
@@ -263,6 +272,10 @@ class TextEncoder(torch.nn.Module):
     def encode(self, prompts: str | Sequence[str]) -> tuple[Tensor, Tensor]:
         """Same as calling the module: the model runs under torch.inference_mode, no graph is kept."""
         return self(prompts)
+
+    def pooled(self, prompts: str | Sequence[str]) -> Tensor:
+        """Sentence embeddings (B, dim), unit length (`mean_pool` of the token states)."""
+        return mean_pool(*self(prompts))
 
     def null_states(self, batch: int = 1) -> Tensor:
         """States (batch, L, dim) of the empty prompt "", the classifier-free-guidance null condition."""

@@ -9,6 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from carrara.errors import CarraraError
+from carrara.text.encoder import mean_pool
 
 
 def preload_images(dataset, *, progress: bool = True) -> tuple[torch.Tensor, list[str]]:
@@ -48,12 +49,14 @@ def encode_latents(autoencoder, images_uint8: torch.Tensor, *, batch_size: int =
 
 @torch.inference_mode()
 def encode_texts(text_encoder, texts: list[str], *, batch_size: int = 128,
-                 progress: bool = True) -> tuple[torch.Tensor, list[int]]:
-    """Token states of each distinct caption (U, L, D) in bf16, and each example's index into them."""
+                 progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Token states of each distinct caption (U, L, D) in bf16, their pooled embeddings (U, D) in fp32
+    (`mean_pool`), and each example's index into them."""
     unique = sorted(set(texts))
     position = {t: i for i, t in enumerate(unique)}
-    states = []
+    states, pooled = [], []
     for i in tqdm(range(0, len(unique), batch_size), desc="encoding captions", disable=not progress, leave=False):
-        s, _ = text_encoder.encode(unique[i:i + batch_size])
+        s, mask = text_encoder.encode(unique[i:i + batch_size])
         states.append(s.to(torch.bfloat16))
-    return torch.cat(states), [position[t] for t in texts]
+        pooled.append(mean_pool(s, mask))
+    return torch.cat(states), torch.cat(pooled), [position[t] for t in texts]

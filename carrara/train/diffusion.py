@@ -23,7 +23,7 @@ from carrara.models.autoencoder import AutoencoderKL
 from carrara.models.config import AutoencoderConfig, UNetConfig, default_unet_config, load_into
 from carrara.models.unet import UNet2DConditionModel as UNet
 from carrara.safeload import load_state_dict, weights_file
-from carrara.text.encoder import TextEncoder
+from carrara.text.encoder import TextEncoder, mean_pool
 from carrara.train.cache import encode_latents, encode_texts, preload_images
 from carrara.train.core import TrainConfig, Trainer
 from carrara.utils.grid import image_grid
@@ -40,6 +40,8 @@ class DiffusionRecipe:
     schedule: str = "scaled_linear"
     num_train_timesteps: int = 1000
     prediction_type: str = "epsilon"
+    pooled: bool = False  # also condition on the pooled sentence embedding, added to the time embedding (Imagen)
+    init_unet: str = ""  # a model folder ("default", a run) whose U-Net weights start training (fine-tuning)
     cond_dropout: float = 0.1
     caption_variants: str = "captions"  # metadata field with alternative captions; one is drawn per step
     balance_by: str = ""  # metadata field (e.g. "base"): draw batches so each value is equally likely
@@ -91,6 +93,58 @@ def balanced_batches(records, field_name: str, cfg: TrainConfig):
     return batch_fn
 
 
+@dataclass
+class EncodedData:
+    """What the diffusion stage trains on, encoded once (train/cache.py): latent posteriors and caption vectors."""
+
+    mean: torch.Tensor  # (N, c, h, w) posterior mean of each image, unscaled
+    std: torch.Tensor  # (N, c, h, w) posterior std
+    scale: float  # the autoencoder's scaling_factor: the U-Net sees z · scale (Rombach et al. 2022 §4.3.2)
+    states: torch.Tensor  # (U, L, D) bf16 token states of every distinct caption
+    pooled: torch.Tensor  # (U, D) pooled embeddings of the same captions
+    caption_of: torch.Tensor  # (N, K) indices into states: each image's caption variants (padded)
+    n_variants: torch.Tensor  # (N,) how many of the K are real
+    null_states: torch.Tensor  # (1, L, D) the empty prompt's states, the classifier-free null condition
+    null_pooled: torch.Tensor  # (1, D)
+
+
+def make_batch(data: EncodedData, idx: torch.Tensor, gen: torch.Generator,
+               cond_dropout: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(z0, states, pooled) for examples idx: Algorithm 1, line 2, and the caption with its dropout.
+
+    z0 = (μ + σ·ε) · scale is a sample of the posterior q(z|x), scaled; one caption variant is drawn per example,
+    and replaced by the empty prompt with probability `cond_dropout` (Ho & Salimans 2022), so one network learns
+    both ε(x_t, c) and ε(x_t, ∅). Random numbers are drawn in this order for all of idx.
+    """
+    eps_z = torch.randn(data.mean[idx].shape, generator=gen)
+    z0 = (data.mean[idx] + data.std[idx] * eps_z) * data.scale  # (B, c, h, w)
+    pick = (torch.rand(len(idx), generator=gen) * data.n_variants[idx]).long()  # one caption variant each
+    drop = torch.rand(len(idx), generator=gen) < cond_dropout  # (B,)
+    caption = data.caption_of[idx, pick]  # (B,)
+    states = torch.where(drop[:, None, None], data.null_states, data.states[caption]).float()  # (B, L, D)
+    pooled = torch.where(drop[:, None], data.null_pooled, data.pooled[caption])  # (B, D)
+    return z0, states, pooled
+
+
+def init_from(unet: UNet, folder: str, *, allow_pickle: bool = False) -> None:
+    """Copy a trained U-Net's weights into `unet` (same shapes). A pooled-embedding MLP the source lacks starts with
+    a zero last layer, so the fine-tuned network begins as exactly the source network (Stable Diffusion 2's
+    ε → v fine-tune started from a trained model the same way)."""
+    from carrara.modelfolder import resolve
+
+    source = resolve(folder).unet
+    state = load_state_dict(weights_file(source, "diffusion_pytorch_model", allow_pickle=allow_pickle),
+                            allow_pickle=allow_pickle)
+    state = {k: v.float() for k, v in state.items()}
+    own = unet.state_dict()
+    new = [k for k in own if k.startswith("class_embedding.") and k not in state]
+    if new:
+        torch.nn.init.zeros_(unet.class_embedding.linear_2.weight)
+        torch.nn.init.zeros_(unet.class_embedding.linear_2.bias)
+        state.update({k: unet.state_dict()[k] for k in new})
+    load_into(unet, state, f"--set init_unet={folder}")
+
+
 def load_autoencoder(vae_dir: Path, *, allow_pickle: bool = False) -> AutoencoderKL:
     """The frozen autoencoder named by --autoencoder: safetensors, or a pickle only when allowed (safeload.py)."""
     path = weights_file(vae_dir, "diffusion_pytorch_model", allow_pickle=allow_pickle)
@@ -120,19 +174,25 @@ def train_diffusion(recipe: DiffusionRecipe, out: str | Path, *, resume: bool = 
     records, report = dataset.records, dataset.report()
     del dataset, images  # training needs the latents only: the pixels (a shard set's included) are freed
     variants = [caption_list(r, recipe.caption_variants) for r in records]  # N lists, caption first
-    states, flat_index = encode_texts(text_encoder, [c for v in variants for c in v], progress=progress)  # (U, L, D)
+    states, pooled, flat_index = encode_texts(text_encoder, [c for v in variants for c in v],
+                                              progress=progress)  # (U, L, D), (U, D)
     caption_of, n_variants = variant_table(variants, flat_index)  # (N, K) indices into states, (N,)
+    null_states, null_mask = text_encoder.encode([""])  # (1, L, D), (1, L): the empty prompt
+    data = EncodedData(mean, std, vae.config.scaling_factor, states, pooled, caption_of, n_variants,
+                       null_states.to(torch.bfloat16), mean_pool(null_states, null_mask))
     batch_fn = balanced_batches(records, recipe.balance_by, recipe.train) if recipe.balance_by else None
-    null = text_encoder.null_states(1).to(torch.bfloat16)  # (1, L, D): the empty prompt
-    scale = vae.config.scaling_factor
 
     config = UNetConfig.from_diffusers_config(recipe.model)
     if config.cross_attention_dim != text_encoder.dim:
         config = dataclasses.replace(config, cross_attention_dim=text_encoder.dim)
-    config = dataclasses.replace(config, in_channels=mean.shape[1], out_channels=mean.shape[1], sample_size=mean.shape[-1])
+    config = dataclasses.replace(config, in_channels=mean.shape[1], out_channels=mean.shape[1], sample_size=mean.shape[-1],
+                                 class_embed_type="projection" if recipe.pooled else None,
+                                 projection_class_embeddings_input_dim=text_encoder.dim if recipe.pooled else None)
     recipe.model = config.to_diffusers_config()
     torch.manual_seed(recipe.train.seed)
     unet = UNet(config)
+    if recipe.init_unet and not resume:
+        init_from(unet, recipe.init_unet, allow_pickle=allow_pickle)
     schedule = NoiseSchedule.from_config(recipe.schedule, T=recipe.num_train_timesteps,
                                          prediction_type=recipe.prediction_type)
     scheduler_config = schedule.to_diffusers_config()
@@ -140,18 +200,13 @@ def train_diffusion(recipe: DiffusionRecipe, out: str | Path, *, resume: bool = 
 
     def loss_fn(model: UNet, idx: torch.Tensor, gen: torch.Generator, rows: slice) -> torch.Tensor:
         # Random numbers are drawn for the whole batch idx, then this call's rows are kept (train/core.py).
-        # Algorithm 1, line 2: x_0 ~ q(x_0), here a latent drawn from the cached posterior q(z|x).
-        eps_z = torch.randn(mean[idx].shape, generator=gen)
-        z0 = (mean[idx] + std[idx] * eps_z) * scale  # (B, c, h, w)
-        pick = (torch.rand(len(idx), generator=gen) * n_variants[idx]).long()  # one caption variant each
-        drop = torch.rand(len(idx), generator=gen) < recipe.cond_dropout
+        z0, cond, pooled_cond = make_batch(data, idx, gen, recipe.cond_dropout)  # Algorithm 1, line 2
         t, noise = sample_t_and_noise(z0, schedule, gen)  # Algorithm 1, lines 3–4
-        mine = idx[rows]
-        cond = states[caption_of[mine, pick[rows]]]  # (b, L, D)
-        cond = torch.where(drop[rows, None, None], null, cond).float()
         dev = next(model.parameters()).device
-        x0, t, noise, cond = z0[rows].to(dev), t[rows].to(dev), noise[rows].to(dev), cond.to(dev)
-        return diffusion_loss(lambda x, t: model(x, t, cond), x0, t, noise, schedule, recipe.prediction_type)
+        x0, t, noise = z0[rows].to(dev), t[rows].to(dev), noise[rows].to(dev)
+        cond, extra = cond[rows].to(dev), pooled_cond[rows].to(dev) if recipe.pooled else None
+        return diffusion_loss(lambda x, t: model(x, t, cond, class_labels=extra), x0, t, noise, schedule,
+                              recipe.prediction_type)
 
     def sample_fn(ema: UNet, step: int):
         pipe = Pipeline(unet=ema, vae=vae, text_encoder=text_encoder, schedule=schedule,
