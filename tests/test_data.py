@@ -260,7 +260,7 @@ def test_metadata_folder_skips_bad_entries_by_reason(tmp_path, capsys):
     ds = load_folder(tmp_path)
     assert "skipped 8" in capsys.readouterr().err
     assert dict(ds.skipped) == {"empty file": 1, "corrupt image": 2, "not an image": 1, "missing file": 1,
-                                "empty caption": 1, "bad metadata line": 2}
+                                "empty caption": 1, "bad metadata line": 1, "outside the folder": 1}
     assert [r.file_name for r in ds.records] == ["red.png", "clear.png", "half.png", "palette.png", "gray.png",
                                                  "cmyk.jpg"]
     item = ds[0]

@@ -1,13 +1,19 @@
 """Hostile data inputs (issue 15, part 3): each ends in one clear error line or a counted skip, and nothing is lost."""
+import io
 import json
 import os
+import subprocess
+import sys
+import tarfile
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from carrara.cli import main
 from carrara.data import emoji as emoji_data
 from carrara.data.folder import load_folder
+from carrara.data.shards import load_shards
 from carrara.errors import CarraraError
 
 
@@ -28,8 +34,8 @@ def test_building_into_a_dataset_is_refused_unless_overwrite(tmp_path, capsys):
     assert build(capsys, "shapes", "--out", str(out), "--n", "12", "--size", "16")[0] == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     code, err = build(capsys, "shapes", "--out", str(out), "--n", "4", "--size", "16", "--seed", "1")
-    assert code == 2 and error_lines(err) == [f"carrara: error: {out} is not empty; pass --overwrite to replace "
-                                              "the dataset in it, or pick another --out"]
+    message = f"carrara: error: {out} is not empty; pass --overwrite to replace the dataset in it, or pick another --out"
+    assert code == 2 and error_lines(err) == [message]
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing touched
 
     code, _ = build(capsys, "shapes", "--out", str(out), "--n", "4", "--size", "16", "--seed", "1", "--overwrite")
@@ -73,3 +79,105 @@ def test_build_help_states_the_size_limit_and_overwrite(capsys):
         main(["data", "build", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "at most 1024" in text and "--overwrite" in text
+
+
+# ---------------------------------------------------------------- folders: links out, bad captions, FIFOs
+
+
+def png(path: Path, value: int = 100) -> None:
+    Image.new("RGB", (8, 8), (value, 0, 0)).save(path)
+
+
+@pytest.fixture
+def outside(tmp_path) -> Path:
+    """A folder beside the dataset, holding an image and a 'secret' the dataset must never read."""
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    png(other / "theirs.png", 200)
+    (other / "secret.txt").write_text("password: hunter2")
+    return other
+
+
+def test_sidecar_mode_refuses_images_and_captions_linked_from_outside(tmp_path, outside, capsys):
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    png(data / "mine.png")
+    (data / "mine.txt").write_text("a red square")
+    os.symlink(outside / "theirs.png", data / "linked.png")  # an image pointing out of the folder
+    (data / "linked.txt").write_text("a caption for someone else's image")
+    png(data / "leak.png")
+    os.symlink(outside / "secret.txt", data / "leak.txt")  # a caption pointing out of the folder
+    os.symlink(data / "mine.png", data / "sub" / "alias.png")  # a link that stays inside is fine
+    (data / "sub" / "alias.txt").write_text("the same square")
+    ds = load_folder(data)
+    assert [(r.file_name, r.text) for r in ds.records] == [("mine.png", "a red square"),
+                                                          ("sub/alias.png", "the same square")]
+    assert dict(ds.skipped) == {"outside the folder": 2}
+    assert "skipped 2 (2 outside the folder)" in capsys.readouterr().err
+
+
+def test_metadata_mode_counts_links_out_the_same_way(tmp_path, outside):
+    data = tmp_path / "data"
+    data.mkdir()
+    png(data / "mine.png")
+    os.symlink(outside / "theirs.png", data / "linked.png")
+    lines = [{"file_name": "mine.png", "text": "mine"}, {"file_name": "linked.png", "text": "linked"},
+             {"file_name": "../elsewhere/theirs.png", "text": "dotdot"}]
+    (data / "metadata.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
+    ds = load_folder(data)
+    assert [r.file_name for r in ds.records] == ["mine.png"] and dict(ds.skipped) == {"outside the folder": 2}
+
+
+def test_captions_that_are_not_utf8_are_skipped_and_counted(tmp_path):
+    sidecar = tmp_path / "sidecar"
+    sidecar.mkdir()
+    for name, caption in [("latin1", "un caf\xe9 noir".encode("latin-1")), ("good", "un café noir".encode()),
+                          ("bom", b"\xef\xbb\xbfa bom caption"), ("cut", "caf\xe9".encode()[:-1])]:
+        png(sidecar / f"{name}.png")
+        (sidecar / f"{name}.txt").write_bytes(caption)
+    ds = load_folder(sidecar)
+    assert [(r.file_name, r.text) for r in ds.records] == [("bom.png", "a bom caption"), ("good.png", "un café noir")]
+    assert dict(ds.skipped) == {"caption not UTF-8": 2}
+
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    for i in range(5):
+        png(meta / f"{i}.png")
+    lines = [b'{"file_name": "0.png", "text": "un caf\xe9"}',  # Latin-1 bytes inside the caption
+             b'{"file_name": "1.png", "text": "lone \\ud800 surrogate"}',  # valid JSON, not valid Unicode
+             b'{"file_name": "2.png", "text": "fine \xe2\x80\xa8 with a line separator"}',
+             b'{"file_name": "3.png", "text": "ok", "note": "\xff"}',  # the bad bytes are not in the caption
+             '{"file_name": "4.png", "text": "caf\u00e9"}'.encode()]
+    (meta / "metadata.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    ds = load_folder(meta)
+    assert [(r.file_name, r.text) for r in ds.records] == [("2.png", "fine \u2028 with a line separator"),
+                                                          ("4.png", "café")]
+    assert dict(ds.skipped) == {"caption not UTF-8": 2, "bad metadata line": 1}
+
+
+def test_shard_captions_that_are_not_utf8_are_skipped_and_counted(tmp_path):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for key, caption in [("a", "caf\xe9".encode("latin-1")), ("b", "café".encode())]:
+            image = io.BytesIO()
+            Image.new("RGB", (8, 8)).save(image, format="PNG")
+            for ext, data in (("png", image.getvalue()), ("txt", caption)):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    (tmp_path / "000000.tar").write_bytes(buf.getvalue())
+    ds = load_shards(str(tmp_path / "000000.tar"))
+    assert [r.text for r in ds.records] == ["café"] and dict(ds.skipped) == {"caption not UTF-8": 1}
+
+
+def test_a_fifo_caption_is_skipped_not_waited_on(tmp_path):
+    png(tmp_path / "good.png")
+    (tmp_path / "good.txt").write_text("a red square")
+    png(tmp_path / "pipe.png")
+    os.mkfifo(tmp_path / "pipe.txt")  # nothing ever writes to it: reading it would block forever
+    png(tmp_path / "dir.png")
+    (tmp_path / "dir.txt").mkdir()
+    proc = subprocess.run([sys.executable, "-m", "carrara", "data", "info", str(tmp_path)], check=False,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert f"{tmp_path}: 1 images" in proc.stdout and "skipped 2: caption not a regular file" in proc.stdout

@@ -8,7 +8,9 @@ reported in one line on stderr.
 
 What counts as unusable (the same rules apply to tar shards, data/shards.py):
 - a zero-byte, truncated or otherwise undecodable file; a file that is not an image; a missing file;
-- a missing or empty caption;
+- a missing or empty caption; a caption that is not valid UTF-8 (never decoded with replacement characters);
+  a caption `.txt` that is not a regular file (a FIFO would block the read forever, a device never end);
+- an image or caption outside the folder: a `file_name` with `..`, or a symlink pointing out (both modes);
 - when a training size is given: an image whose shorter side is under half that size (upscaling it more than
   2× invents the detail the model would learn), or whose sides differ by more than 2:1 (the center crop would
   drop over half of what the caption describes).
@@ -22,6 +24,7 @@ import hashlib
 import io
 import json
 import os
+import stat
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -46,6 +49,9 @@ CORRUPT_IMAGE = "corrupt image"
 UNREADABLE = "unreadable file"
 MISSING_CAPTION = "missing caption"
 EMPTY_CAPTION = "empty caption"
+BAD_CAPTION = "caption not UTF-8"
+NOT_A_FILE = "caption not a regular file"
+OUTSIDE = "outside the folder"
 TOO_SMALL = "image too small"
 BAD_ASPECT = "aspect ratio over 2:1"
 
@@ -129,7 +135,7 @@ def fingerprint(records: list[Record]) -> str:
     """A short hash of the examples (names and captions, in order): a resumed run checks it is on the same data."""
     h = hashlib.sha256()
     for r in records:
-        h.update(f"{r.file_name}\0{r.text}\n".encode())
+        h.update(f"{r.file_name}\0{r.text}\n".encode("utf-8", "surrogateescape"))  # file names may be any bytes
     return h.hexdigest()[:16]
 
 
@@ -150,46 +156,91 @@ def warn_report(name, report: dict) -> None:
         print(f"carrara: warning: {name}: {line}", file=sys.stderr)
 
 
+def is_unicode(text: str) -> bool:
+    """False for text holding lone surrogates: undecodable bytes (surrogateescape) or JSON escapes like \\ud800."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def decode_caption(data: bytes) -> tuple[str, str]:
+    """('', caption) from a caption file's bytes, or (skip reason, ''); a UTF-8 byte-order mark is dropped."""
+    try:
+        text = data.decode("utf-8-sig").strip()
+    except UnicodeDecodeError:
+        return BAD_CAPTION, ""
+    return (EMPTY_CAPTION, "") if not text else ("", text)
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """Whether `path`, symlinks followed, lies inside the (resolved) folder `root`."""
+    try:
+        return path.resolve().is_relative_to(root)
+    except (OSError, RuntimeError, ValueError):  # a symlink loop, a NUL byte in the name
+        return False
+
+
+def _read_caption(path: Path) -> tuple[str, str]:
+    """('', caption) or (skip reason, '') for a sidecar .txt; only a regular file is read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens at once instead of waiting for a writer
+    except FileNotFoundError:
+        return MISSING_CAPTION, ""
+    except OSError:
+        return UNREADABLE, ""
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return NOT_A_FILE, ""
+    try:
+        with os.fdopen(fd, "rb") as f:
+            data = f.read()
+    except OSError:
+        return UNREADABLE, ""
+    return decode_caption(data)
+
+
 def _read_metadata(root: Path, skipped: Counter) -> list[Record]:
-    records = []
-    lines = (root / METADATA).read_text(encoding="utf-8", errors="replace").splitlines()
-    for line in lines:
+    records, resolved = [], root.resolve()
+    for raw in (root / METADATA).read_bytes().split(b"\n"):  # not splitlines(): JSON strings may hold U+2028
+        line = raw.decode("utf-8", errors="surrogateescape")  # undecodable bytes are judged per field below
         if not line.strip():
             continue
         try:
             entry = json.loads(line)
             file_name = entry.pop("file_name")
-            inside = (root / file_name).resolve().is_relative_to(root.resolve())
+            text = entry.pop("text", entry.pop("caption", None))
         except (ValueError, KeyError, TypeError, AttributeError):
-            inside = False
-        if not inside or not isinstance(file_name, str):
             skipped[BAD_LINE] += 1
             continue
-        text = entry.pop("text", entry.pop("caption", None))
-        if not isinstance(text, str) or not text.strip():
+        if not isinstance(file_name, str) or not is_unicode(file_name + json.dumps(entry, ensure_ascii=False)):
+            skipped[BAD_LINE] += 1
+        elif not _inside(root / file_name, resolved):
+            skipped[OUTSIDE] += 1
+        elif not isinstance(text, str) or not text.strip():
             skipped[MISSING_CAPTION if text is None else EMPTY_CAPTION] += 1
-            continue
-        records.append(Record(file_name, text.strip(), entry))
+        elif not is_unicode(text):
+            skipped[BAD_CAPTION] += 1
+        else:
+            records.append(Record(file_name, text.strip(), entry))
     return records
 
 
 def _read_sidecars(root: Path, skipped: Counter) -> list[Record]:
-    records = []
+    records, resolved = [], root.resolve()
     for path in sorted(root.rglob("*")):
         relative = path.relative_to(root)
         hidden = any(part.startswith(".") for part in relative.parts)
         if path.suffix.lower() not in IMAGE_SUFFIXES or hidden or not path.is_file():
             continue
-        try:
-            text = path.with_suffix(".txt").read_text(encoding="utf-8", errors="replace").strip()
-        except FileNotFoundError:
-            skipped[MISSING_CAPTION] += 1
+        caption = path.with_suffix(".txt")
+        if not (_inside(path, resolved) and _inside(caption, resolved)):
+            skipped[OUTSIDE] += 1
             continue
-        except OSError:
-            skipped[UNREADABLE] += 1
-            continue
-        if not text:
-            skipped[EMPTY_CAPTION] += 1
+        reason, text = _read_caption(caption)
+        if reason:
+            skipped[reason] += 1
             continue
         records.append(Record(relative.as_posix(), text))
     return records

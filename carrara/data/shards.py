@@ -127,9 +127,9 @@ def _sample_reason(files: dict[str, bytes]) -> tuple[str, str, bytes, dict]:
         return folder.MISSING_FILE, "", b"", {}
     if "txt" not in files:
         return folder.MISSING_CAPTION, "", b"", {}
-    text = files["txt"].decode("utf-8", errors="replace").strip()
-    if not text:
-        return folder.EMPTY_CAPTION, "", b"", {}
+    reason, text = folder.decode_caption(files["txt"])
+    if reason:
+        return reason, "", b"", {}
     try:
         extra = json.loads(files["json"]) if "json" in files else {}
     except ValueError:
