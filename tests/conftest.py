@@ -1,13 +1,12 @@
-"""Test session settings: one intra-op thread per process.
+"""Test session settings: one intra-op thread per process, and the tiny trained models the tests share.
 
 The suite runs on small tensors, where thread start-up costs more than it saves, and on shared 2-core
 machines, where two busy processes each asking for 2 threads run 10× slower (measured 2026-11-23).
 """
+import pytest
 import torch
 
-torch.set_num_threads(1)
-
-import pytest
+torch.set_num_threads(1)  # at import, so module-level tensors built during collection use one thread too
 
 TINY_VAE = {"block_out_channels": [8, 16], "layers_per_block": 1, "norm_num_groups": 8,
             "down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2,
@@ -15,6 +14,15 @@ TINY_VAE = {"block_out_channels": [8, 16], "layers_per_block": 1, "norm_num_grou
 TINY_UNET = {"block_out_channels": [32, 64], "layers_per_block": 1, "norm_num_groups": 8, "attention_head_dim": [2, 4],
              "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
              "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"]}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test starts on one intra-op thread, even after a test that changed the count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -10,15 +10,6 @@ from carrara.diffusion.samplers import default_timesteps, sample_ddim
 from carrara.diffusion.schedule import NoiseSchedule
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: on a shared 2-core machine intra-op threads only add synchronisation."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class CountingModel(torch.nn.Module):
     """model(x, t, states): a fixed nonlinear function of all three that records the batch size of each call."""
 
@@ -59,12 +50,26 @@ def test_cfg_is_uncond_plus_w_times_difference_in_one_batched_pass(w):
 
 
 def test_cfg_plugs_into_a_sampler():
-    schedule = NoiseSchedule.from_config("linear")
+    """DDIM on cfg_model equals DDIM (η = 0, eq. 12) written out by hand on ε̃ = ε(∅) + w (ε(c) − ε(∅))."""
+    schedule, w = NoiseSchedule.from_config("linear"), 4.0
     model = CountingModel()
-    x, _, cond, uncond = _inputs()
+    x_T, _, cond, uncond = _inputs()
     ts = default_timesteps("ddim", schedule, 5)
-    out = sample_ddim(cfg_model(model, cond, uncond, 4.0), x, schedule, ts)
-    assert out.shape == x.shape and torch.isfinite(out).all() and model.calls == [6] * 5
+    out = sample_ddim(cfg_model(model, cond, uncond, w), x_T, schedule, ts)
+    assert model.calls == [6] * 5  # one batched pass per step
+
+    x = x_T
+    for t, s in zip(ts, [*ts[1:], None], strict=True):
+        abar_t = schedule.alphas_cumprod[t].item()
+        abar_s = schedule.alphas_cumprod[s].item() if s is not None else 1.0
+        tt = torch.full((3,), t)
+        e_uncond, e_cond = model(x, tt, uncond.expand(3, -1, -1)), model(x, tt, cond)
+        eps = e_uncond + w * (e_cond - e_uncond)
+        x0 = (x - math.sqrt(1 - abar_t) * eps) / math.sqrt(abar_t)
+        x = math.sqrt(abar_s) * x0 + math.sqrt(1 - abar_s) * eps
+    assert torch.allclose(out, x, rtol=1e-5, atol=1e-5), (out - x).abs().max()  # |x| reaches ~150 here: rtol
+    unguided = sample_ddim(lambda x, t: model(x, t, cond), x_T, schedule, ts)
+    assert (out - unguided).abs().max() > 1.0  # w = 4 moved the result far: the comparison above can tell
 
 
 # ---- classifier guidance: data x0 ~ N(0, I), so x_t ~ N(0, I) and ε*(x_t, t) = √(1 − ᾱ_t) x_t exactly ------------

@@ -22,15 +22,6 @@ from carrara.errors import CarraraError
 DIFFUSERS_NAME = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: on a shared 2-core machine intra-op threads only add synchronisation (10× slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 CASES = [(kind, pt) for kind in ("linear", "cosine") for pt in ("epsilon", "v_prediction")]
 
 

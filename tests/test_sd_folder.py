@@ -44,15 +44,6 @@ def clip_tokenizer(folder):
     return AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one thread. On a busy 2-core machine two OpenMP threads made each run 100× slower (10 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def sd(tmp_path_factory):
     """(folder, diffusers pipeline): a tiny random StableDiffusionPipeline saved with `save_pretrained`."""
