@@ -115,6 +115,34 @@ def test_resume_falls_back_from_a_damaged_newest_checkpoint(full, tmp_path, caps
     assert "resumed from step_0000020 at step 20" in (run / "log.txt").read_text()
 
 
+STATE_DAMAGE = {  # valid JSON of the wrong shape, as a hand edit, a bad merge or a foreign tool leaves it
+    "a list": lambda state: [],
+    "step a string": lambda state: {**state, "step": "x"},
+    "step of another checkpoint": lambda state: {**state, "step": 20},
+    "no optimizer": lambda state: {k: v for k, v in state.items() if k != "optimizer"},
+    "no param groups": lambda state: {**state, "optimizer": {"scalars": {}}},
+    "data a list": lambda state: {**state, "data": []},
+    "a file outside": lambda state: {**state, "files": {**state["files"], "../../state.json": {"bytes": 1, "sha256": ""}}},
+    "rng damaged": lambda state: {**state, "rng": {"python": 5, "numpy": None}},
+}
+
+
+@pytest.mark.parametrize("damage", list(STATE_DAMAGE))
+def test_resume_falls_back_from_a_newest_state_json_of_the_wrong_shape(full, tmp_path, capsys, damage):
+    run = tmp_path / "run"
+    trainer(run).fit(progress=False, stop_at=25)
+    path = run / "checkpoints" / "step_0000025" / "state.json"
+    path.write_text(json.dumps(STATE_DAMAGE[damage](json.loads(path.read_text()))))
+    capsys.readouterr()
+    resumed = trainer(run)
+    resumed.fit(resume=True, progress=False)
+    assert_same_weights(full, resumed)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "step_0000025 is unreadable" in warnings[0]
+    assert "falling back to step_0000020" in warnings[0]
+    assert "resumed from step_0000020 at step 20" in (run / "log.txt").read_text()
+
+
 def test_every_damaged_checkpoint_is_one_clear_error(tmp_path):
     run = tmp_path / "run"
     trainer(run, steps=10, checkpoint_every=5).fit(progress=False)

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from carrara.errors import CarraraError
 
 STATE_FILE = "state.json"  # written last: its presence marks a complete checkpoint
+TENSOR_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "rng.safetensors")
 
 
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -149,10 +150,32 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return done[0] if done else None
 
 
+def check_state(state, path: Path) -> None:
+    """Raise TypeError or ValueError unless state.json has the shape save_checkpoint writes (valid JSON of the
+    wrong shape is as damaged as a file cut short)."""
+    if not isinstance(state, dict):
+        raise TypeError(f"{STATE_FILE} holds {type(state).__name__}, not an object")
+    step = state.get("step")
+    if type(step) is not int or f"step_{step:07d}" != path.name:
+        raise ValueError(f"{STATE_FILE} gives step {step!r} to the folder {path.name}")
+    optimizer = state.get("optimizer")
+    if not (isinstance(optimizer, dict) and isinstance(optimizer.get("param_groups"), list)
+            and isinstance(optimizer.get("scalars"), dict)):
+        raise TypeError(f"{STATE_FILE} has no optimizer state")
+    for key in ("files", "rng", "data", "scaler", "config"):
+        if not isinstance(state.get(key, {}), dict):
+            raise TypeError(f"{STATE_FILE}: {key!r} is not an object")
+    for name, info in state.get("files", {}).items():
+        if name not in TENSOR_FILES or not isinstance(info, dict) or type(info.get("bytes")) is not int \
+                or not isinstance(info.get("sha256"), str):
+            raise TypeError(f"{STATE_FILE}: bad entry {name!r} in 'files'")
+
+
 def read_checkpoint(path: Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
     """state.json and every tensor file of a checkpoint, each file checked against its recorded size and hash."""
     try:
         state = json.loads((path / STATE_FILE).read_text())
+        check_state(state, path)
         recorded = state.get("files", {})  # checkpoints before hashes were recorded have none
         for name, info in recorded.items():
             size = (path / name).stat().st_size
@@ -175,9 +198,12 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, ema: torch.nn.Module 
         if ema is not None:
             ema.load_state_dict(tensors["ema"])
         optimizer.load_state_dict(_unflatten_optimizer(tensors["optimizer"], state["optimizer"]))
-        set_rng_state(tensors["rng"], state.get("rng", {}))
     except (ValueError, KeyError, RuntimeError) as e:
         raise CarraraError(f"checkpoint {path} does not match this model: {str(e).splitlines()[0]}") from None
+    try:
+        set_rng_state(tensors["rng"], state.get("rng", {}))
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+        raise CarraraError(f"checkpoint {path} is unreadable: its RNG state is damaged ({e})") from None
     return state
 
 
