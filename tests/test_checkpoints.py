@@ -198,3 +198,42 @@ def test_non_finite_losses_are_skipped_counted_and_stop_with_a_good_checkpoint(t
                     optimizer=check.optimizer)
     assert all(torch.equal(a, b) for a, b in zip(check.model.parameters(), t2.model.parameters()))
     assert all(torch.isfinite(p).all() for p in check.model.parameters())
+
+
+def ctrl_c_during(step: int, presses: int = 1):
+    """A loss_fn that sends this process SIGINT `presses` times while computing `step` (its step+1-th call)."""
+    calls = []
+
+    def loss(model, idx, gen, rows):
+        calls.append(1)
+        if len(calls) == step + 1:
+            for _ in range(presses):
+                os.kill(os.getpid(), signal.SIGINT)
+        return loss_fn(model, idx, gen, rows)
+
+    return loss
+
+
+def test_ctrl_c_finishes_the_step_saves_it_and_resume_matches_an_uninterrupted_run(full, tmp_path, capsys):
+    run, before = tmp_path / "run", signal.getsignal(signal.SIGINT)
+    t = Trainer(run, make_model(), cfg(), n_examples=N, loss_fn=ctrl_c_during(12))
+    with pytest.raises(KeyboardInterrupt):
+        t.fit(progress=False)
+    assert signal.getsignal(signal.SIGINT) is before  # the trainer's handler is gone again
+    assert latest_checkpoint(run).name == "step_0000013"  # step 12 finished, then was saved: nothing lost
+    assert "carrara: interrupted at step 13: checkpoint saved" in capsys.readouterr().err
+    resumed = trainer(run)
+    resumed.fit(resume=True, progress=False)
+    assert_same_weights(full, resumed)
+    assert losses(run) == losses(full.run_dir)
+    assert "resumed from step_0000013 at step 13" in (run / "log.txt").read_text()
+
+
+def test_a_second_ctrl_c_stops_at_once_and_leaves_the_last_checkpoint_whole(full, tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(run, make_model(), cfg(), n_examples=N, loss_fn=ctrl_c_during(12, presses=2)).fit(progress=False)
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_0000010"]
+    resumed = trainer(run)
+    resumed.fit(resume=True, progress=False)
+    assert_same_weights(full, resumed)

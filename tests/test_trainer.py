@@ -3,10 +3,11 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 
 from carrara.errors import CarraraError
 from carrara.train.checkpoint import latest_checkpoint, load_checkpoint
-from carrara.train.core import TrainConfig, Trainer, batch_indices
+from carrara.train.core import EMA, TrainConfig, Trainer, batch_indices
 
 N = 96
 X = torch.randn(N, 8, generator=torch.Generator().manual_seed(0))
@@ -93,3 +94,48 @@ def test_non_finite_losses_stop_with_a_checkpoint(tmp_path):
     with pytest.raises(CarraraError, match="non-finite"):
         Trainer(tmp_path, make_model(), cfg(max_bad_steps=3), n_examples=N, loss_fn=bad_loss).fit(progress=False)
     assert latest_checkpoint(tmp_path) is not None
+
+
+def test_one_ema_update_matches_the_hand_computed_average_with_decay_warm_up():
+    model = torch.nn.Linear(1, 1, bias=False, dtype=torch.float64)
+    with torch.no_grad():
+        model.weight.fill_(2.0)
+    ema = EMA(model, decay=0.999)
+    with torch.no_grad():
+        model.weight.fill_(12.0)
+    ema.update(model, step=0)  # warm-up: decay = min(0.999, (1 + 0) / (10 + 0)) = 0.1
+    assert ema.model.weight.item() == pytest.approx(0.1 * 2.0 + 0.9 * 12.0, rel=1e-12)  # 11.0, not a copy (12)
+    ema.update(model, step=90)  # decay = min(0.999, 91 / 100) = 0.91
+    assert ema.model.weight.item() == pytest.approx(0.91 * 11.0 + 0.09 * 12.0, rel=1e-12)  # 11.09
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    ema.update(model, step=10**6)  # the warm-up is over: decay = 0.999
+    assert ema.model.weight.item() == pytest.approx(0.999 * 11.09, rel=1e-12)
+    assert model.weight.item() == 0.0  # the EMA never writes into the model it follows
+
+
+def test_the_trainer_keeps_the_ema_of_its_weights(tmp_path):
+    trainer = Trainer(tmp_path, make_model(), cfg(steps=1, ema_decay=0.9), n_examples=N, loss_fn=loss_fn)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.fit(progress=False)
+    for w0, w1, e in zip(before, trainer.model.parameters(), trainer.ema.model.parameters()):
+        expected = 0.1 * w0 + 0.9 * w1.detach()  # step 0: decay = min(0.9, 1 / 10)
+        assert torch.allclose(e, expected, rtol=0, atol=1e-6)  # float32 lerp rounding
+        assert not torch.allclose(e, w1, rtol=0, atol=1e-5)  # one Adam step moves each weight ~lr/5 = 2e-3
+
+
+def test_the_bar_says_what_it_waits_for_at_100_percent(tmp_path, capsys):
+    shown = {}
+
+    def export_fn(ema):
+        shown["export"] = capsys.readouterr().err.split("\r")[-1]  # the bar's frame while exporting
+
+    def sample_fn(ema, step):
+        shown["samples"] = capsys.readouterr().err.split("\r")[-1]
+        return Image.new("RGB", (4, 4))
+
+    Trainer(tmp_path, make_model(), cfg(steps=10), n_examples=N, loss_fn=loss_fn, sample_fn=sample_fn,
+            export_fn=export_fn).fit(progress=True)
+    assert "writing model folder" in shown["export"] and "100%" in shown["export"]
+    assert "drawing samples" in shown["samples"] and "100%" in shown["samples"]
+    assert "drawing samples" not in capsys.readouterr().err.split("\r")[-1]  # and says nothing once done

@@ -10,6 +10,9 @@ Batch B is shared out by rows, never by re-drawing: a loss function gets the glo
 `idx` (B,), the step's generator, and `rows`, the slice it must compute (this rank's share, one
 accumulation micro-batch). It draws its random numbers for all B examples and keeps [rows], so N
 processes × K micro-batches see exactly the numbers one process with batch B sees (train/distributed.py).
+
+Ctrl-C (SIGINT) never interrupts a step half-way: it lets the step finish, saves a checkpoint and ends the run
+with KeyboardInterrupt, so `--resume` continues exactly where it stopped; a second Ctrl-C stops at once.
 """
 from __future__ import annotations
 
@@ -17,7 +20,9 @@ import contextlib
 import copy
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -103,6 +108,31 @@ class EMA(torch.nn.Module):
             b_ema.copy_(b)
 
 
+class Interrupt:
+    """SIGINT while training: the first asks the loop to stop after the current step, a second stops at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    @contextlib.contextmanager
+    def installed(self):
+        """Catch SIGINT in the main thread for the duration; a SIGINT that is ignored (nohup) stays ignored."""
+        previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+        if previous in (None, signal.SIG_IGN):  # another thread, or a handler not set from Python
+            yield self
+            return
+        signal.signal(signal.SIGINT, self)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
 def plot_loss(metrics: list[dict], path: Path, title: str) -> None:
     """Loss curve (raw and smoothed, log scale) as a PNG."""
     import matplotlib
@@ -162,6 +192,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype is torch.float16)
         self.forward = distributed.wrap(self.model, loss_fn, self.ctx)
         self.metrics: list[dict] = []
+        self.bar: tqdm | None = None
+        self.shown = ""  # the status the bar shows besides its name
+        self.saved_step: int | None = None  # the step of the newest checkpoint this run wrote or resumed from
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up, then cosine decay to 10 % of the peak."""
@@ -207,6 +240,7 @@ class Trainer:
             self.metrics = [m for m in lines if m["step"] < step]
         self._write_metrics()
         self._log(f"resumed from {ckpt.name} at step {step}")
+        self.saved_step = step
         return step
 
     def _write_metrics(self) -> None:
@@ -215,15 +249,24 @@ class Trainer:
             (self.run_dir / ".metrics.jsonl.tmp").write_text(text)
             (self.run_dir / ".metrics.jsonl.tmp").replace(self.run_dir / "metrics.jsonl")
 
+    def _status(self, what: str = "") -> None:
+        """Name on the bar the work it waits for (checkpoint, export, samples): at 100 % it would look hung."""
+        if self.bar is not None and what != self.shown:
+            self.shown = what
+            self.bar.set_description(f"{self.name} ({what})" if what else self.name)
+
     def _checkpoint(self, step: int) -> None:
+        self.saved_step = step
         if not self.ctx.main:
             return
         extra = {"config": self.run_config, "data": self.data_position(step)}
         if self.scaler.is_enabled():
             extra["scaler"] = self.scaler.state_dict()
+        self._status("saving checkpoint…")
         save_checkpoint(self.run_dir, step, model=self.model, ema=self.ema.model, optimizer=self.optimizer,
                         extra=extra, keep=self.cfg.keep_checkpoints)
         if self.export_fn is not None:
+            self._status("writing model folder…")
             self.export_fn(self._ema_on_cpu())
         self._write_metrics()
         if self.metrics:
@@ -237,6 +280,7 @@ class Trainer:
         if self.sample_fn is None or not self.ctx.main:
             return
         (self.run_dir / "samples").mkdir(exist_ok=True)
+        self._status("drawing samples…")
         image = self.sample_fn(self._ema_on_cpu(), step)
         save_image_atomic(self.run_dir / "samples" / f"step_{step:07d}.png", image)
 
@@ -275,6 +319,20 @@ class Trainer:
             self.ema.update(self.model, step)
         return loss_value, grad_norm
 
+    def _stop(self, interrupt: Interrupt, step: int) -> None:
+        """After a Ctrl-C on any rank: save the finished steps (unless just saved), then end the run."""
+        if not bool(distributed.all_mean(torch.tensor(float(interrupt.requested)), self.ctx) > 0):
+            return
+        if self.saved_step != step:
+            self._checkpoint(step)
+        distributed.barrier(self.ctx)  # no rank exits (and makes torchrun stop the others) before the save
+        self.bar.close()
+        self._log(f"interrupted at step {step}: checkpoint saved")
+        if self.ctx.main:
+            print(f"carrara: interrupted at step {step}: checkpoint saved in {self.run_dir / 'checkpoints'}; "
+                  "continue with --resume", file=sys.stderr)
+        raise KeyboardInterrupt
+
     def fit(self, *, resume: bool = False, progress: bool = True, stop_at: int | None = None) -> dict:
         """Train to cfg.steps (from the newest checkpoint when resume), checkpointing on the way.
 
@@ -293,10 +351,28 @@ class Trainer:
                   f"{sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M params, {self.n_examples} examples")
         self._log(self._data_line())
         self.model.train()
-        bar = tqdm(total=cfg.steps, initial=start, desc=self.name, disable=not (progress and ctx.main),
-                   dynamic_ncols=True)
+        self.bar = bar = tqdm(total=cfg.steps, initial=start, desc=self.name, disable=not (progress and ctx.main),
+                              dynamic_ncols=True)
+        with Interrupt().installed() as interrupt:
+            n_bad = self._loop(start, stop_at, interrupt)
+        bar.close()
+        if start >= cfg.steps:
+            self._checkpoint(cfg.steps)
+        last = self.metrics[-1]["loss"] if self.metrics else float("nan")
+        if n_bad:
+            self._warn(f"{n_bad} steps skipped for a non-finite loss (see {self.run_dir / 'log.txt'})")
+        self._log(self._data_line())
+        self._log(f"done at step {min(cfg.steps, stop_at or cfg.steps)}, last loss {last:.5f}")
+        return {"steps": cfg.steps, "last_loss": last, "skipped_steps": n_bad,
+                "skipped": dict(self.data_report.get("skipped") or {}),
+                "converted": dict(self.data_report.get("converted") or {})}
+
+    def _loop(self, start: int, stop_at: int | None, interrupt: Interrupt) -> int:
+        """The steps from `start`, with their logs, checkpoints and samples; returns how many were skipped."""
+        cfg, bar = self.cfg, self.bar
         bad, n_bad, t_last, n_last = 0, 0, time.perf_counter(), 0
         for step in range(start, min(cfg.steps, stop_at or cfg.steps)):
+            self._stop(interrupt, step)
             lr = self.lr_at(step)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
@@ -324,14 +400,5 @@ class Trainer:
                 self._checkpoint(step + 1)
             if (step + 1) % cfg.sample_every == 0 or step + 1 == cfg.steps:
                 self._samples(step + 1)
-        bar.close()
-        if start >= cfg.steps:
-            self._checkpoint(cfg.steps)
-        last = self.metrics[-1]["loss"] if self.metrics else float("nan")
-        if n_bad:
-            self._warn(f"{n_bad} steps skipped for a non-finite loss (see {self.run_dir / 'log.txt'})")
-        self._log(self._data_line())
-        self._log(f"done at step {min(cfg.steps, stop_at or cfg.steps)}, last loss {last:.5f}")
-        return {"steps": cfg.steps, "last_loss": last, "skipped_steps": n_bad,
-                "skipped": dict(self.data_report.get("skipped") or {}),
-                "converted": dict(self.data_report.get("converted") or {})}
+            self._status()
+        return n_bad
