@@ -1,14 +1,20 @@
 """Both training stages on a fixed tiny dataset: the loss goes down, resume is exact, runs are model folders."""
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
-from conftest import tiny_diffusion_recipe
+from conftest import TINY_VAE, tiny_diffusion_recipe
 from safetensors.torch import load_file
 
 from carrara.errors import CarraraError
 from carrara.pipeline import Pipeline
 from carrara.recipe import apply_overrides
+from carrara.train.checkpoint import latest_checkpoint
 from carrara.train.diffusion import DiffusionRecipe, train_diffusion
 
 
@@ -65,3 +71,39 @@ def test_overrides_reach_nested_fields_and_refuse_unknown_ones():
         apply_overrides(DiffusionRecipe(), ["train.nope=1"])
     with pytest.raises(CarraraError, match="expects int"):
         apply_overrides(DiffusionRecipe(), ["train.steps=many"])
+
+
+def wait_for_progress(proc: subprocess.Popen, log, deadline: float) -> None:
+    """Poll the run's log until it shows a logged step (or the process ends, or the deadline passes)."""
+    while time.monotonic() < deadline:
+        if log.is_file() and '"step"' in log.read_text():
+            return
+        try:
+            proc.wait(timeout=0.05)  # the poll interval; returns early if the process died
+        except subprocess.TimeoutExpired:
+            continue
+        pytest.fail(f"training ended before it was interrupted: {proc.stderr.read()}")
+    pytest.fail("no training step was logged before the deadline")
+
+
+def test_ctrl_c_on_the_cli_saves_a_checkpoint_and_resume_continues_from_it(tiny_shapes, tmp_path):
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "carrara", "train", "autoencoder", "--data", str(tiny_shapes), "--out", str(run),
+            "--size", "16", "--batch-size", "8", "--quiet", "--set", "train.bf16=false", "--set",
+            f"model={json.dumps(TINY_VAE)}", "--set", "train.log_every=1", "--set", "train.checkpoint_every=100000"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([*args, "--steps", "100000"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_progress(proc, run / "log.txt", time.monotonic() + 120)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    step = int(latest_checkpoint(run).name.removeprefix("step_"))
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert f"carrara: interrupted at step {step}: checkpoint saved" in err and step >= 1
+    assert f'"step": {step - 1},' in (run / "log.txt").read_text()  # the checkpoint holds every logged step
+    resumed = subprocess.run([*args, "--steps", str(step + 2), "--resume"], env=env, capture_output=True, text=True,
+                             timeout=300, check=False)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from step_{step:07d} at step {step}" in (run / "log.txt").read_text()
