@@ -1,8 +1,14 @@
 """`carrara serve`'s HTTP API on the tiny trained model: validation, limits, queue, cancel, batching, pixels."""
 import io
 import json
+import math
+import re
 import socket
+import struct
+import threading
 import time
+import uuid
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -11,30 +17,58 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+import carrara.serve.gallery as gallery_module
 from carrara.cli import main
 from carrara.pipeline import Pipeline
-from carrara.png import read_png_metadata
-from carrara.serve.app import create_app, running
+from carrara.png import read_png_metadata, save_png
+from carrara.serve.app import NEUTRAL_PROMPT, create_app, example_prompt, running
+from carrara.serve.gallery import Gallery
 
 STEPS = 4
+GATE_TIMEOUT = 60  # seconds a gated step waits for the test before the job fails (a failed test, not a slow machine)
 
 
-class SlowPipe:
-    """The tiny pipeline, `delay` seconds slower per step: jobs long enough to watch and cancel, at no CPU cost."""
+class SteppedPipe:
+    """The tiny pipeline taking each sampling step only when the test allows it: progress a test can watch step by
+    step however loaded the machine is, with no sleeps. Counts the x̂0 decodes the server asks for."""
 
-    def __init__(self, pipe: Pipeline, delay: float):
-        self._pipe, self.delay = pipe, delay
+    def __init__(self, pipe: Pipeline):
+        self._pipe, self._cond = pipe, threading.Condition()
+        self.limit = 0  # steps of the current pipeline call the worker may take; back to 0 when a call ends
+        self.decodes = 0
 
     def __getattr__(self, name):
         return getattr(self._pipe, name)
 
-    def __call__(self, prompts, *, callback=None, **kwargs):
-        def slow(i, n, decode):
-            time.sleep(self.delay)
-            if callback is not None:
-                callback(i, n, decode)
+    def allow(self, steps: float = 1) -> None:
+        """Let the worker take `steps` more steps (math.inf: run freely from now on)."""
+        with self._cond:
+            self.limit += steps
+            self._cond.notify_all()
 
-        return self._pipe(prompts, callback=slow, **kwargs)
+    def allow_through(self, step: int) -> None:
+        """Let the worker take the steps of the current call up to `step` (1-based)."""
+        with self._cond:
+            self.limit = max(self.limit, step)
+            self._cond.notify_all()
+
+    def __call__(self, prompts, *, callback=None, **kwargs):
+        def gated(i, n, decode):
+            with self._cond:
+                if not self._cond.wait_for(lambda: i < self.limit, timeout=GATE_TIMEOUT):
+                    raise RuntimeError(f"the test never allowed step {i + 1}")
+
+            def counted():
+                self.decodes += 1
+                return decode()
+
+            callback(i, n, counted)
+
+        try:
+            return self._pipe(prompts, callback=gated, **kwargs)
+        finally:
+            with self._cond:
+                self.limit = math.inf if self.limit == math.inf else 0
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +87,34 @@ def wait(client, job_id: str, timeout: float = 120) -> dict:
         assert time.monotonic() < deadline, f"job {job_id} still {job['status']}"
         time.sleep(0.05)
     return job
+
+
+def follow(client, job: dict, stepped: SteppedPipe) -> list[dict]:
+    """The job's server-sent events, letting the worker take the next step only once the stream has shown the last."""
+    events = []
+    with client.stream("GET", job["events_url"]) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data:"):
+                events.append(json.loads(line[5:]))
+                if events[-1]["status"] in ("queued", "running"):
+                    stepped.allow_through(events[-1]["step"] + 1)
+    return events
+
+
+def wait_for_step(client, job_id: str, step: int, timeout: float = 60) -> None:
+    """Poll the job until it shows `step` (a state change, with a deadline)."""
+    deadline = time.monotonic() + timeout
+    while client.get(f"/api/jobs/{job_id}").json()["step"] < step:
+        assert time.monotonic() < deadline, f"job {job_id} never reached step {step}"
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def stepped(pipe):
+    stepped = SteppedPipe(pipe)
+    yield stepped
+    stepped.allow(math.inf)  # a failed test must not leave the worker waiting
 
 
 def pixels(png: bytes | str) -> np.ndarray:
@@ -134,17 +196,17 @@ def test_full_queue_is_429_with_retry_after_and_cancel_frees_a_slot(pipe, tmp_pa
         assert c.get("/api/gallery").json()["total"] == 2
 
 
-def test_cancel_a_running_job(pipe, tmp_path):
-    with client_for(SlowPipe(pipe, 0.05), tmp_path) as c:
+def test_cancel_a_running_job(stepped, tmp_path):
+    with client_for(stepped, tmp_path) as c:
         job = c.post("/api/generate", json={"prompt": "a blue square", "steps": 400}).json()
-        deadline = time.monotonic() + 60
-        while c.get(f"/api/jobs/{job['id']}").json()["step"] < 2:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        stepped.allow(2)
+        wait_for_step(c, job["id"], 2)
         c.delete(f"/api/jobs/{job['id']}")
-        done = wait(c, job["id"], timeout=10)
-        assert done["status"] == "cancelled" and 2 <= done["step"] < 400 and done["images"] == []
+        stepped.allow(1)  # the next step sees the cancel
+        done = wait(c, job["id"])
+        assert done["status"] == "cancelled" and done["step"] == 2 and done["images"] == []
         assert c.get("/api/gallery").json()["total"] == 0
+        stepped.allow(math.inf)
         after = c.post("/api/generate", json={"prompt": "still works", "steps": 2}).json()  # the worker lives on
         assert wait(c, after["id"])["status"] == "done"
 
@@ -221,50 +283,30 @@ def test_concurrent_clients_all_get_their_images(pipe, tmp_path):
     assert app.state.jobs.counts["done"] == 8
 
 
-def test_events_stream_progress_previews_and_the_result(pipe, tmp_path):
-    # The stream polls the job every EVENT_POLL_SECONDS (0.1 s) and sends the latest state, so steps must last
-    # longer than that for each one to be seen: 0.3 s per step, 6 steps.
-    with client_for(SlowPipe(pipe, 0.3), tmp_path, preview_every=2) as c:
+def test_events_stream_progress_previews_and_the_result(stepped, tmp_path):
+    # Each step waits until the stream has shown the one before (`follow`), so every step is seen on any load.
+    with client_for(stepped, tmp_path, preview_every=2) as c:
         job = c.post("/api/generate", json={"prompt": "a red circle", "steps": 6, "n": 2}).json()
-        with c.stream("GET", job["events_url"]) as r:
-            assert r.headers["content-type"].startswith("text/event-stream")
-            events = [json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:")]
+        events = follow(c, job, stepped)
     steps = [e["step"] for e in events if e["status"] == "running"]
-    assert steps == sorted(steps) and len(set(steps)) >= 3
-    previews = [e["preview"] for e in events if e["preview"]]
-    assert len(previews) >= 2 and all(p.startswith("data:image/png;base64,") for p in previews)
+    assert [step for step in steps if step] in ([1, 2, 3, 4, 5], [1, 2, 3, 4, 5, 6])  # 6 only if seen before "done"
+    previews = [(e["step"], e["preview"]) for e in events if e["preview"]]
+    assert [step for step, _ in previews] == [1, 3, 5]  # x̂0 of steps i = 0, 2, 4 (preview_every=2)
+    assert all(p.startswith("data:image/png;base64,") for _, p in previews)
     assert events[-1]["status"] == "done" and len(events[-1]["images"]) == 2
 
 
-class CountingPipe(SlowPipe):
-    """Counts the x̂0 decodes the server asks for (each one decodes the whole batch)."""
-
-    def __init__(self, pipe: Pipeline, delay: float):
-        super().__init__(pipe, delay)
-        self.decodes = 0
-
-    def __call__(self, prompts, *, callback=None, **kwargs):
-        def counting(i, n, decode):
-            def counted():
-                self.decodes += 1
-                return decode()
-            if callback is not None:
-                callback(i, n, counted)
-
-        return super().__call__(prompts, callback=counting, **kwargs)
-
-
-def test_previews_are_decoded_only_while_a_stream_watches(pipe, tmp_path):
-    counting = CountingPipe(pipe, 0.3)
-    with client_for(counting, tmp_path, preview_every=1) as c:
+def test_previews_are_decoded_only_while_a_stream_watches(stepped, tmp_path):
+    with client_for(stepped, tmp_path, preview_every=1) as c:
         polled = c.post("/api/generate", json={"prompt": "a red circle", "steps": 4}).json()
+        stepped.allow(4)
         assert wait(c, polled["id"])["status"] == "done"
-        assert counting.decodes == 0  # polling GET /api/jobs/{id} shows no preview: none is made
+        assert stepped.decodes == 0  # polling GET /api/jobs/{id} shows no preview: none is made
         watched = c.post("/api/generate", json={"prompt": "a red circle", "steps": 4}).json()
-        with c.stream("GET", watched["events_url"]) as r:
-            events = [json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:")]
-    assert events[-1]["status"] == "done" and any(e["preview"] for e in events)
-    assert 1 <= counting.decodes <= 4
+        events = follow(c, watched, stepped)
+    # steps 1-3 are each shown before the next is allowed; the last one's event may be overtaken by "done"
+    assert events[-1]["status"] == "done" and sum(bool(e["preview"]) for e in events) in (3, 4)
+    assert stepped.decodes == 4  # one per step while watched
 
 
 def test_gallery_is_kept_on_disk_newest_first(pipe, tmp_path):
@@ -310,11 +352,167 @@ def test_serve_cli_errors_are_one_line(tmp_path, capsys):
 
 
 def test_worker_survives_a_failing_pipeline(pipe, tmp_path):
-    class Broken(SlowPipe):
+    class Broken(SteppedPipe):
         def __call__(self, prompts, **kwargs):
             raise RuntimeError("out of memory\nsecond line")
 
-    with client_for(Broken(pipe, 0), tmp_path) as c:
+    with client_for(Broken(pipe), tmp_path) as c:
         job = wait(c, c.post("/api/generate", json={"prompt": "a"}).json()["id"])
         assert job["status"] == "failed" and job["error"] == "RuntimeError: out of memory"
         assert c.app.state.jobs._thread.is_alive()
+
+
+def metadata(seed: int = 0, prompt: str = "a red circle") -> dict:
+    """PNG metadata as the server writes it, for galleries built without running the pipeline."""
+    return {"prompt": prompt, "negative_prompt": "", "steps": 2, "sampler": "dpmpp", "guidance": 4.0, "seed": seed,
+            "n": 1, "model": "tiny", "model_hash": "0123456789ab", "precision": "fp32"}
+
+
+def red(size: int = 16) -> Image.Image:
+    return Image.new("RGB", (size, size), (200, 30, 30))
+
+
+GOOD_SIDECAR = {"id": "", "url": "", "created": 1.0, "job_id": "j", "settings": {**metadata(), "n": 1}, "model": "tiny",
+                "model_hash": "0123456789ab", "size": [16, 16]}
+BAD_SIDECARS = {
+    "created missing": json.dumps({k: v for k, v in GOOD_SIDECAR.items() if k != "created"}).encode(),
+    "created a string": json.dumps({**GOOD_SIDECAR, "created": "yesterday"}).encode(),
+    "created NaN": json.dumps({**GOOD_SIDECAR, "created": float("nan")}).encode(),
+    "settings not an object": json.dumps({**GOOD_SIDECAR, "settings": "x"}).encode(),
+    "settings.steps a string": json.dumps({**GOOD_SIDECAR, "settings": {**GOOD_SIDECAR["settings"], "steps": "2"}}
+                                          ).encode(),
+    "not JSON": b"{not json",
+    "a JSON list": b"[]",
+    "not UTF-8": b'{"id": "\xff"}',
+    "nested 100000 deep": b"[" * 100_000 + b"]" * 100_000,
+}
+
+
+@pytest.mark.parametrize("content", BAD_SIDECARS.values(), ids=BAD_SIDECARS.keys())
+def test_an_unreadable_sidecar_is_skipped_and_counted(pipe, tmp_path, content):
+    """Issue 15 §3.1: one bad sidecar stopped the server (KeyError: 'created') or made every gallery page a 500."""
+    good, bad = Gallery(tmp_path).add_all([red(), red()], [metadata(0), metadata(1)], job_id="j")
+    sidecar = tmp_path / "images" / f"{bad['id']}.json"
+    sidecar.write_bytes(content.replace(b'"id": ""', f'"id": "{bad["id"]}"'.encode()))
+    with client_for(pipe, tmp_path) as c:
+        page = c.get("/api/gallery")
+        assert page.status_code == 200
+        assert [i["id"] for i in page.json()["items"]] == [good["id"]] and page.json()["skipped"] == 1
+        assert c.get(f"/api/images/{bad['id']}.png").status_code == 404  # an unlisted image is not served
+        assert c.get("/api/health").json()["gallery_skipped"] == 1
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that claims width × height pixels and holds none: a decompression bomb's header."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + \
+        chunk(b"IEND", b"")
+
+
+def test_startup_tidies_what_a_kill_left(pipe, tmp_path):
+    """Issue 15 §3.9: SIGKILL between a PNG and its sidecar left an orphan PNG (served, not listed) and a .tmp file."""
+    kept, orphan = Gallery(tmp_path).add_all([red(), red()], [metadata(0), metadata(1, "a blue square")], job_id="j")
+    images = tmp_path / "images"
+    (images / f"{orphan['id']}.json").unlink()  # killed after the PNG, before its sidecar
+    (images / f".{uuid.uuid4().hex}.json.k2j4h1.tmp").write_text('{"id": ')  # killed inside a write
+    bare, bomb = uuid.uuid4().hex, uuid.uuid4().hex
+    red().save(images / f"{bare}.png")  # a PNG without carrara metadata
+    (images / f"{bomb}.png").write_bytes(png_header(20_000, 20_000))
+    with client_for(pipe, tmp_path) as c:
+        items = {i["id"]: i for i in c.get("/api/gallery").json()["items"]}
+        assert set(items) == {kept["id"], orphan["id"]}
+        adopted = items[orphan["id"]]
+        assert {k: v for k, v in adopted.items() if k not in ("created", "job_id")} == \
+            {k: v for k, v in orphan.items() if k not in ("created", "job_id")}
+        assert c.get(adopted["url"]).status_code == 200
+        assert [c.get(f"/api/images/{i}.png").status_code for i in (bare, bomb)] == [404, 404]
+        assert c.app.state.gallery.summary() == (
+            f"gallery {images}: 2 images listed; unreadable sidecars skipped: 0; PNGs without a sidecar: 1 adopted, "
+            "2 removed (1 no carrara metadata, 1 too large); leftover temporary files removed: 1")
+    assert sorted(p.name for p in images.iterdir()) == sorted(f"{i}.{ext}" for i in items for ext in ("png", "json"))
+    with client_for(pipe, tmp_path) as c:  # the adopted image stays adopted
+        assert c.get("/api/gallery").json()["total"] == 2 and c.app.state.gallery.adopted == 0
+
+
+def test_a_job_saves_its_images_all_or_none(pipe, tmp_path, monkeypatch):
+    """Issue 15 §3.14: a job that saved one of two images reported `failed` while that one was in the gallery."""
+    written = []
+
+    def second_save_fails(path, image, meta):
+        written.append(path)
+        if len(written) == 2:
+            raise OSError(28, "No space left on device")
+        save_png(path, image, meta)
+
+    monkeypatch.setattr(gallery_module, "save_png", second_save_fails)
+    with client_for(pipe, tmp_path) as c:
+        job = wait(c, c.post("/api/generate", json={"prompt": "a red circle", "steps": 2, "n": 2}).json()["id"])
+        assert job["status"] == "failed" and job["images"] == []
+        assert job["error"] == "cannot save the images, none was kept: [Errno 28] No space left on device"
+        assert c.get("/api/gallery").json()["total"] == 0
+        assert c.get(f"/api/images/{written[0].stem}.png").status_code == 404
+    assert len(written) == 2 and list((tmp_path / "images").iterdir()) == []
+
+
+HOSTILE = {
+    "invalid UTF-8": (b'\xff{"prompt": "a"}', "request body is not valid UTF-8 (at byte 0)"),
+    "invalid UTF-8 in a string": (b'{"prompt": "a\xff"}', "request body is not valid UTF-8 (at byte 13)"),
+    "nested 30000 deep": (b"[" * 30_000 + b"]" * 30_000, "request body is nested too deeply"),
+    "malformed JSON": (b'{"prompt": "a", "n": }', "request body is not valid JSON (at character 21: Expecting value)"),
+    "n too big": (b'{"prompt": "a", "n": 100000}', "n must be between 1 and 64, got 100000"),
+    "steps too big": (b'{"prompt": "a", "steps": 5000}', "steps must be between 1 and 1000, got 5000"),
+    "too much work": (b'{"prompt": "a", "steps": 1000, "n": 64}', ("steps × n must be at most 1280 (one request's "
+                      "work), got 1000 × 64 = 64000: ask for fewer steps or fewer images")),
+}
+
+
+@pytest.mark.parametrize("body, message", HOSTILE.values(), ids=HOSTILE.keys())
+def test_hostile_bodies_are_422_with_a_clear_message(client, body, message):
+    """Issue 15 §3.15 and §3.16: 400 without a message, "21: JSON decode error", "give between 1 and 64 prompts"."""
+    r = client.post("/api/generate", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and r.json()["message"] == message
+
+
+def test_the_largest_allowed_work_is_accepted(client):
+    client.app.state.jobs.pause()
+    assert client.get("/api/model").json()["limits"]["steps_x_n"] == 1280
+    for body in ({"steps": 20, "n": 64}, {"steps": 1000, "n": 1}):
+        r = client.post("/api/generate", json={"prompt": "a", **body})
+        assert r.status_code == 202 and client.delete(f"/api/jobs/{r.json()['id']}").json()["status"] == "cancelled"
+    assert client.post("/api/generate", json={"prompt": "a", "steps": 21, "n": 64}).status_code == 422
+
+
+def test_the_server_logs_one_line_per_job(pipe, tmp_path, capsys):
+    with client_for(pipe, tmp_path) as c:
+        c.app.state.jobs.pause()
+        waiting = c.post("/api/generate", json={"prompt": "x", "steps": 3}).json()["id"]
+        c.delete(f"/api/jobs/{waiting}")
+        c.app.state.jobs.resume()
+        done = wait(c, c.post("/api/generate", json={"prompt": "a red\ncircle", "steps": 2, "n": 2}).json()["id"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("carrara serve: job")]
+    assert len(lines) == 2
+    assert re.fullmatch(rf"carrara serve: job {waiting} cancelled in \d+\.\d s: n=1 steps=3 prompt=\"x\"", lines[0])
+    assert re.fullmatch(rf'carrara serve: job {done["id"]} done in \d+\.\d s: n=2 steps=2 prompt="a red\\ncircle"',
+                        lines[1])
+
+
+def test_the_page_suggests_a_prompt_the_model_knows(client, tmp_path):
+    assert client.get("/api/model").json()["example_prompt"] == "a red circle"  # the tiny run's first sample prompt
+    assert example_prompt("default") == "cat face"  # recorded in the packaged model's training/diffusion/config.json
+    assert example_prompt(str(tmp_path)) == NEUTRAL_PROMPT
+
+
+@pytest.mark.parametrize("port", ["99999", "65536", "-1"])
+def test_a_port_out_of_range_is_one_line(tmp_path, capsys, port):
+    """Issue 15 §3.11: `carrara serve --port 99999` ended in an OverflowError traceback."""
+    assert main(["serve", "--port", port, "--data-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"carrara: error: --port must be between 0 and 65535 (0: any free port), got {port}\n"
+
+
+def test_an_unbindable_address_is_one_line(tmp_path, capsys):
+    assert main(["serve", "--host", "192.0.2.1", "--port", "0", "--data-dir", str(tmp_path)]) == 2  # TEST-NET-1
+    warning, error = capsys.readouterr().err.splitlines()
+    assert warning.startswith("carrara: warning: serving on 192.0.2.1")
+    assert error == "carrara: error: cannot listen on 192.0.2.1:0: Cannot assign requested address"

@@ -1,12 +1,13 @@
 """The page in headless Chromium (Debian's, driven by Playwright): prompt → live denoising → a gallery that survives
 a reload, with working "copy settings", "download PNG" and "reuse seed"."""
 import json
+import math
 import shutil
 from pathlib import Path
 
 import httpx
 import pytest
-from test_serve_api import SlowPipe
+from test_serve_api import SteppedPipe
 
 from carrara.pipeline import Pipeline
 from carrara.png import read_png_metadata
@@ -30,7 +31,7 @@ RECORD = """() => {  // every text the step counters show, and whether a preview
 def test_generate_watch_it_denoise_and_keep_the_gallery(tiny_diffusion_run, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api")
     expect = sync_api.expect
-    pipe = SlowPipe(Pipeline.load(tiny_diffusion_run), 0.1)  # 8 steps ≈ 1 s: time to see the counter move
+    pipe = SteppedPipe(Pipeline.load(tiny_diffusion_run))  # the test lets each step happen: the counter is seen move
     app = create_app(pipe, tmp_path / "data", preview_every=1)
     with running(app) as url, sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
@@ -42,11 +43,16 @@ def test_generate_watch_it_denoise_and_keep_the_gallery(tiny_diffusion_run, tmp_
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(url)
             expect(page.locator("#model")).to_contain_text(pipe.model_hash)
+            expect(page.locator("#prompt")).to_have_attribute("placeholder", "a red circle")  # the model's own prompt
             page.fill("#prompt", "a red circle")
             page.fill("#steps", "8")
             page.fill("#n", "2")
             page.evaluate(RECORD)
             page.click("#generate")
+            for step in (1, 2, 3):
+                pipe.allow(1)
+                expect(page.locator("#jobs .step-counter")).to_have_text(f"step {step} / 8", timeout=60_000)
+            pipe.allow(math.inf)
             expect(page.locator("#gallery .card")).to_have_count(2, timeout=60_000)
             steps = [s for s in page.evaluate("window.seen") if s.startswith("step ")]
             assert len(set(steps)) >= 3, steps  # e.g. "step 1 / 8", "step 2 / 8", …
@@ -74,4 +80,5 @@ def test_generate_watch_it_denoise_and_keep_the_gallery(tiny_diffusion_run, tmp_
             assert read_png_metadata(tmp_path / "download.png")["seed"] == copied["seed"]
             assert not errors, errors
         finally:
+            pipe.allow(math.inf)
             browser.close()

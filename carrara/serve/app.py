@@ -28,10 +28,19 @@ from fastapi.staticfiles import StaticFiles
 
 from carrara import __version__
 from carrara.errors import CarraraError
+from carrara.modelfolder import PACKAGED
 from carrara.pipeline import MAX_BATCH, MAX_STEPS
 from carrara.serve.gallery import Gallery
 from carrara.serve.jobs import FINISHED, JobQueue, QueueFull
-from carrara.serve.schema import MAX_PROMPT_CHARS, MAX_SEED, GalleryPage, GenerateRequest, JobInfo
+from carrara.serve.schema import (
+    MAX_PROMPT_CHARS,
+    MAX_SEED,
+    MAX_WORK,
+    GalleryPage,
+    GenerateRequest,
+    JobInfo,
+    field_range,
+)
 
 STATIC = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 64 * 1024
@@ -40,6 +49,8 @@ SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options"
                     (b"referrer-policy", b"no-referrer"),
                     (b"content-security-policy", b"default-src 'self'; img-src 'self' data:; frame-ancestors 'none'")]
 EVENT_POLL_SECONDS = 0.1
+NEUTRAL_PROMPT = "a red apple"  # the page's placeholder for a model whose folder records no sample prompts
+MAX_PORT = 65535
 
 
 def rss_mb() -> float:
@@ -53,6 +64,37 @@ def rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def example_prompt(model_name: str) -> str:
+    """A placeholder prompt that fits the model: the first sample prompt its training recipe recorded (a run folder's
+    config.json, or training/diffusion/config.json in the packaged model), else a neutral one."""
+    root = PACKAGED / "default" if model_name == "default" else Path(model_name)
+    for config in (root / "config.json", root / "training" / "diffusion" / "config.json"):
+        try:
+            if config.stat().st_size > 1 << 20:
+                continue
+            prompts = json.loads(config.read_text(encoding="utf-8")).get("sample_prompts")
+        except (OSError, ValueError, AttributeError, RecursionError):
+            continue
+        if isinstance(prompts, list) and prompts and isinstance(prompts[0], str) and prompts[0].strip():
+            return prompts[0][:MAX_PROMPT_CHARS]
+    return NEUTRAL_PROMPT
+
+
+def json_body_problem(body: bytes) -> str | None:
+    """Why a request body is not JSON that the handlers can read (UTF-8, parseable, not nested ~1000 deep), or None."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return f"request body is not valid UTF-8 (at byte {e.start})"
+    try:
+        json.loads(text)
+    except RecursionError:
+        return "request body is nested too deeply"
+    except json.JSONDecodeError as e:
+        return f"request body is not valid JSON (at character {e.pos}: {e.msg})"
+    return None
+
+
 def is_loopback(host: str) -> bool:
     try:
         return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
@@ -61,7 +103,8 @@ def is_loopback(host: str) -> bool:
 
 
 class _Guard:
-    """ASGI wrapper: Host check, no cross-origin POST/DELETE, body cap (413, before any handler), security headers."""
+    """ASGI wrapper: Host check, no cross-origin POST/DELETE, body cap (413) and a body that is not UTF-8 JSON (422),
+    both before any handler; security headers."""
 
     def __init__(self, app, *, allowed_hosts: tuple[str, ...] | None, max_body_bytes: int):
         self.app, self.allowed_hosts, self.max_body_bytes = app, allowed_hosts, max_body_bytes
@@ -92,6 +135,9 @@ class _Guard:
         if not declared.isdigit() or int(declared) > self.max_body_bytes or len(body) > self.max_body_bytes:
             return await JSONResponse({"detail": f"request body larger than {self.max_body_bytes} bytes"}, 413)(
                 scope, receive, send)
+        if body and (problem := json_body_problem(bytes(body))):
+            return await JSONResponse({"detail": [{"loc": ["body"], "msg": problem, "type": "json_invalid"}],
+                                       "message": problem}, 422)(scope, receive, send)
         replayed = False
 
         async def replay():
@@ -109,11 +155,23 @@ class _Guard:
         await self.app(scope, replay, send_with_headers)
 
 
+def _one_line(error: dict) -> str:
+    """One validation error in words: "n must be between 1 and 64, got 100000", "prompt: String should ..."."""
+    where = ".".join(str(p) for p in error["loc"][1:])
+    if error["type"] == "json_invalid":
+        return f"request body is not valid JSON (at character {where})"
+    bounds = field_range(where) if error["type"] in ("greater_than_equal", "less_than_equal") else None
+    if bounds is not None:
+        return f"{where} must be between {bounds[0]} and {bounds[1]}, got {error.get('input')}"
+    if error["type"] == "value_error" and not where:  # a check across fields ("steps × n must be at most …")
+        return error["msg"].replace("Value error, ", "")
+    return f"{where or 'request body'}: {error['msg']}".replace("Value error, ", "")
+
+
 def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """422 with FastAPI's error list and a one-line `message` ("steps: Input should be ...")."""
+    """422 with FastAPI's error list and a one-line `message` ("steps must be between 1 and 1000, got 5000")."""
+    message = "; ".join(_one_line(e) for e in exc.errors())
     errors = [{k: e[k] for k in ("loc", "msg", "type") if k in e} for e in exc.errors()]
-    message = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}".replace("Value error, ", "")
-                        for e in errors)
     return JSONResponse({"detail": errors, "message": message}, 422)
 
 
@@ -129,6 +187,7 @@ def create_app(pipe, data_dir: str | Path, *, max_queued: int = 32, batch_images
     latent = pipe.latent_shape()  # (c, h, w)
     image_size = latent[1] * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     defaults = GenerateRequest.model_construct(prompt="").model_dump(exclude={"prompt", "width", "height"})
+    placeholder = example_prompt(pipe.name)
     started = time.time()
 
     @asynccontextmanager
@@ -229,9 +288,9 @@ def create_app(pipe, data_dir: str | Path, *, max_queued: int = 32, batch_images
 
     @app.get("/api/gallery", response_model=GalleryPage)
     async def gallery_page(offset: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=500)] = 100):
-        """Generated images, newest first."""
+        """Generated images, newest first; `skipped`: files start-up could not read (not listed)."""
         items, total = gallery.page(offset, limit)
-        return {"items": items, "total": total, "offset": offset, "limit": limit}
+        return {"items": items, "total": total, "offset": offset, "limit": limit, "skipped": gallery.skipped}
 
     @app.get("/api/health")
     async def health() -> dict:
@@ -245,9 +304,10 @@ def create_app(pipe, data_dir: str | Path, *, max_queued: int = 32, batch_images
         return {"name": jobs.model_ref, "model_hash": pipe.model_hash, "precision": getattr(pipe, "precision", "fp32"),
                 "image_size": [image_size, image_size],
                 "latent_shape": list(latent), "samplers": ["dpmpp", "ddim", "ddpm"],
-                "defaults": defaults,
+                "defaults": defaults, "example_prompt": placeholder,
                 "limits": {"prompt_chars": MAX_PROMPT_CHARS, "steps": MAX_STEPS, "guidance": 50.0, "n": MAX_BATCH,
-                           "seed": MAX_SEED, "queue": jobs.max_queued, "body_bytes": max_body_bytes}}
+                           "steps_x_n": MAX_WORK, "seed": MAX_SEED, "queue": jobs.max_queued,
+                           "body_bytes": max_body_bytes}}
 
     app.add_middleware(_Guard, allowed_hosts=allowed_hosts, max_body_bytes=max_body_bytes)
     return app
@@ -255,6 +315,8 @@ def create_app(pipe, data_dir: str | Path, *, max_queued: int = 32, batch_images
 
 def listen(host: str, port: int) -> socket.socket:
     """A bound socket for uvicorn (port 0: any free port), or a one-line CarraraError."""
+    if not 0 <= port <= MAX_PORT:
+        raise CarraraError(f"--port must be between 0 and {MAX_PORT} (0: any free port), got {port}")
     try:
         family, kind, proto = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)[0][:3]
         sock = socket.socket(family, kind, proto)  # proto TCP: asyncio then sets TCP_NODELAY (no 40 ms ACK waits)
@@ -308,6 +370,7 @@ def serve_command(args: argparse.Namespace) -> int:
         url_host = f"[{host}]" if ":" in host else host
         print(f"carrara serve: model {app.state.jobs.model_ref} ({pipe.model_hash}) on http://{url_host}:{port}/ "
               f"— gallery in {Path(args.data_dir).resolve()}; Ctrl-C stops", flush=True)
+        print(f"carrara serve: {app.state.gallery.summary()}", flush=True)
         server(app).run(sockets=[sock])
     finally:
         sock.close()

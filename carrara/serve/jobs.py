@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import math
 import secrets
 import sys
@@ -77,6 +78,17 @@ class Job:
                              "seed": None if self.random_seed and self.status == QUEUED else s.seed, "n": self.n},
                 "images": self.images, "error": self.error, "created": self.created, "started": self.started,
                 "finished": self.finished, "batch_jobs": self.batch_jobs, "events_url": f"/api/jobs/{self.id}/events"}
+
+
+def log_line(job: Job) -> str:
+    """The server's one line about a finished job: id, status, seconds (running, or queued if it never ran), n,
+    steps, the prompt (JSON-quoted, so a newline in it cannot break the line) and the error if any."""
+    seconds = job.finished - (job.started or job.created)
+    prompt = job.settings.prompt
+    quoted = json.dumps(prompt[:80] + ("…" if len(prompt) > 80 else ""), ensure_ascii=False)
+    error = f" — {job.error.splitlines()[0]}" if job.error else ""
+    return (f"carrara serve: job {job.id} {job.status} in {seconds:.1f} s: n={job.n} steps={job.settings.steps} "
+            f"prompt={quoted}{error}")
 
 
 def _data_url(images) -> str:
@@ -185,12 +197,13 @@ class JobQueue:
     # --- the worker ---------------------------------------------------------------------------------------------
 
     def _finish(self, job: Job, status: str, error: str | None = None) -> None:
-        """Set a final status (call with the lock held)."""
+        """Set a final status and log the job's one line (call with the lock held)."""
         job.status, job.error, job.finished, job.preview = status, error, time.time(), None
         if status == DONE:
             job.step = job.total
         job.version += 1
         self.counts[status] += 1
+        print(log_line(job), file=sys.stderr, flush=True)
 
     def _evict(self) -> None:
         """Forget the oldest finished jobs beyond `keep_finished` (call with the lock held)."""
@@ -272,7 +285,6 @@ class JobQueue:
             return
         except Exception as e:  # noqa: BLE001 (a failed job must not stop the worker)
             message = str(e) if isinstance(e, CarraraError) else f"{type(e).__name__}: {e}"
-            print(f"carrara serve: job failed: {message}", file=sys.stderr)
             with self._cond:
                 for job in batch:
                     self._finish(job, FAILED, message.splitlines()[0] if message else type(e).__name__)
@@ -283,10 +295,10 @@ class JobQueue:
             status, error, items = (CANCELLED if job.cancel_requested else DONE), None, []
             try:
                 if status == DONE:
-                    items = [self.gallery.add(image, self._metadata(job, i), job_id=job.id)
-                             for i, image in enumerate(images[offsets[k]:offsets[k + 1]])]
+                    items = self.gallery.add_all(images[offsets[k]:offsets[k + 1]],
+                                                 [self._metadata(job, i) for i in range(job.n)], job_id=job.id)
             except (OSError, CarraraError) as e:
-                status, error = FAILED, f"cannot save the image: {e}"
+                status, error = FAILED, f"cannot save the images, none was kept: {e}"
             with self._cond:
                 job.images = items
                 self._finish(job, status, error)

@@ -13,6 +13,10 @@ from carrara.pipeline import MAX_BATCH, MAX_STEPS, GenerationSettings
 MAX_PROMPT_CHARS = 1000
 MAX_SEED = 2**53 - 1  # the largest integer JavaScript numbers hold exactly
 MAX_SIZE = 4096
+# One request's work: steps × n U-Net passes of one image (two with guidance). 1280 = the default 20 steps for the
+# largest batch (64 images), or 1000 steps for one image: tens of seconds of the default model on a 2-core CPU (docs/
+# serve.md), so one request cannot hold the only worker for an hour (n = 64 at 1000 steps would be 64,000).
+MAX_WORK = 1280
 
 
 class GenerateRequest(BaseModel):
@@ -52,11 +56,24 @@ class GenerateRequest(BaseModel):
             raise ValueError(str(e).replace("--", "")) from None
         if self.seed != "random" and self.seed + self.n - 1 > MAX_SEED:
             raise ValueError(f"seed + n - 1 must be at most {MAX_SEED}")
+        if self.steps * self.n > MAX_WORK:
+            raise ValueError(f"steps × n must be at most {MAX_WORK} (one request's work), got {self.steps} × {self.n} "
+                             f"= {self.steps * self.n}: ask for fewer steps or fewer images")
         return self
 
     def settings(self) -> GenerationSettings:
         seed = 0 if self.seed == "random" else self.seed
         return GenerationSettings(self.prompt, self.negative_prompt, self.steps, self.sampler, self.guidance, seed)
+
+
+def field_range(name: str) -> tuple[float, float] | None:
+    """(lowest, highest) a numeric field of GenerateRequest allows, read from its Field(ge=…, le=…)."""
+    field = GenerateRequest.model_fields.get(name)
+    if field is None:
+        return None
+    low = next((m.ge for m in field.metadata if getattr(m, "ge", None) is not None), None)
+    high = next((m.le for m in field.metadata if getattr(m, "le", None) is not None), None)
+    return None if low is None or high is None else (low, high)
 
 
 class JobSettings(BaseModel):
@@ -103,3 +120,4 @@ class GalleryPage(BaseModel):
     total: int
     offset: int
     limit: int
+    skipped: int = Field(description="files in the gallery folder that could not be read at start-up (not listed)")

@@ -146,6 +146,7 @@ async function start() {
     const model = await api("/api/model");
     const [w, h] = model.image_size;
     $("model").textContent = `${model.name} · ${model.model_hash} · ${w}×${h}`;
+    $("prompt").placeholder = model.example_prompt;  // a prompt the loaded model was trained to draw
     $("steps").max = model.limits.steps;
     $("n").max = model.limits.n;
     $("seed").max = model.limits.seed;
