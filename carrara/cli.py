@@ -6,6 +6,7 @@ import functools
 import sys
 from pathlib import Path
 
+import carrara
 from carrara.errors import CarraraError
 
 
@@ -148,12 +149,14 @@ def _cmd_eval_faithfulness(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from carrara.export import export_default, export_diffusers
+    from carrara.modelfolder import PACKAGED
 
     if args.export_command == "diffusers":
         result = export_diffusers(args.model, args.out)
         print(f"wrote {result['out']}: load it with diffusers.StableDiffusionPipeline.from_pretrained({result['out']!r})")
         return 0
-    result = export_default(args.model, args.out, autoencoder_run=args.autoencoder)
+    out = PACKAGED / "default" if args.into_package else args.out
+    result = export_default(args.model, out, autoencoder_run=args.autoencoder)
     print(f"wrote {result['out']} ({result['weights_mb']:.1f} MB of fp16 weights)")
     return 0
 
@@ -179,6 +182,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="carrara", description="A readable text-to-image diffusion system.")
+    parser.add_argument("--version", action="version", version=f"carrara {carrara.__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
 
     data = commands.add_parser("data", help="build and inspect captioned image datasets")
@@ -264,14 +268,22 @@ def build_parser() -> argparse.ArgumentParser:
     default = export_cmds.add_parser("default", help="copy a diffusion run into the package as the default model (fp16)")
     default.add_argument("--model", required=True, help="diffusion run folder")
     default.add_argument("--autoencoder", default=None, help="its autoencoder run (its log is copied too)")
-    default.add_argument("--out", default=None, help="destination (default: carrara/assets/default)")
+    where = default.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", default=None, help="destination folder")
+    where.add_argument("--into-package", action="store_true",
+                       help="replace the installed package's default model (carrara/assets/default)")
     default.set_defaults(func=_cmd_export)
     to_diffusers = export_cmds.add_parser("diffusers", help="a Stable Diffusion folder that diffusers loads offline")
     to_diffusers.add_argument("--model", required=True, help="diffusion run or model folder")
     to_diffusers.add_argument("--out", required=True, help="new folder to write")
     to_diffusers.set_defaults(func=_cmd_export)
 
-    gen = commands.add_parser("generate", help="make images from a prompt")
+    gen = commands.add_parser(
+        "generate", help="make images from a prompt",
+        description="Make images from a prompt. -o out.png is the image; with --n K it is the grid, and each image "
+                    "is also saved alone as out-0.png … out-{K-1}.png (image i uses seed + i, its PNG says so). "
+                    "Nothing is overwritten: if a name is taken the set is numbered out-00001.png, out-00002.png, … "
+                    "(out-00001-0.png … for the single images) unless --overwrite.")
     gen.add_argument("prompt", nargs="?", help="what to draw")
     gen.add_argument("--model", default=None, help="model or run folder (default: the packaged model)")
     gen.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default 20)")
@@ -279,8 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance", type=_nonnegative_float, default=None, help="classifier-free guidance w (default 4)")
     gen.add_argument("--negative", default=None, help="negative prompt (default: none)")
     gen.add_argument("--seed", type=int, default=None, help="random seed (default 0); image i uses seed + i")
-    gen.add_argument("--n", type=_positive_int, default=1, help="number of images (a grid when > 1)")
-    gen.add_argument("-o", "--out", default=None, help="output PNG (default carrara.png)")
+    gen.add_argument("--n", type=_positive_int, default=None,
+                     help="number of images (default 1, or the --from PNG's); more than 1: a grid plus one PNG each")
+    gen.add_argument("-o", "--out", default=None, help="output PNG (default carrara.png; numbered if it exists)")
+    gen.add_argument("--overwrite", action="store_true", help="replace existing output files instead of numbering")
+    gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
                      help="U-Net precision (default auto: bf16 where the CPU has native bf16, else fp32)")
     gen.add_argument("--from", dest="from_png", default=None, help="re-create an image from its PNG metadata")

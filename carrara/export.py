@@ -1,6 +1,6 @@
 """`carrara export default|diffusers`: package a trained diffusion run.
 
-`default`: the packaged folder (carrara/assets/default) is an ordinary model folder with fp16 weights (half the bytes;
+`default`: the packaged folder (carrara/assets/default, written by `--into-package`) is an ordinary model folder with fp16 weights (half the bytes;
 they are cast back to float32 on load) and, under training/, the run's recipe, log, metrics and loss curves,
 so the shipped weights say how they were made.
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from carrara.errors import CarraraError
-from carrara.modelfolder import PACKAGED, resolve
+from carrara.modelfolder import resolve
 
 TRAINING_FILES = ("config.json", "log.txt", "metrics.jsonl", "loss.png")
 
@@ -33,11 +33,15 @@ def _copy_component(src: Path, dst: Path, dtype: torch.dtype) -> None:
     save_folder(dst, json.loads((src / CONFIG_NAME).read_text()), state)
 
 
-def export_default(model: str | Path, out: str | Path | None = None, *, autoencoder_run: str | Path | None = None,
+def export_default(model: str | Path, out: str | Path, *, autoencoder_run: str | Path | None = None,
                    dtype: torch.dtype = torch.float16, max_mb: float = 60.0) -> dict:
-    """Write model folder `model` (a diffusion run) as fp16 to `out` (default: the package's default model)."""
+    """Write model folder `model` (a diffusion run) as fp16 to `out`; the package's own default model is
+    `PACKAGED / "default"`, replaced only when a caller names it (the CLI's --into-package)."""
     folder = resolve(model)
-    out = Path(out) if out else PACKAGED / "default"
+    out = Path(out)
+    if out.exists() and not (out / "model_index.json").is_file() and (not out.is_dir() or any(out.iterdir())):
+        raise CarraraError(f"--out {out} exists and is not a model folder; pick a new folder (only an earlier "
+                           "export is replaced)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))
     try:

@@ -1,69 +1,142 @@
-"""`carrara generate`: prompt → PNG whose metadata says how to make it again."""
+"""`carrara generate`: prompt → PNG whose metadata says how to make it again.
+
+Output names (shown by `carrara generate --help`): `-o out.png` (default carrara.png) is the image; with `--n K`
+(K > 1) it is the grid, and image i (seed + i) is also saved alone as out-0.png … out-{K−1}.png, each with its
+own metadata, so `--from out-2.png` makes image 2 again. Nothing is overwritten: if any of these names exists,
+the set is numbered like Automatic1111's outputs, out-00001.png (out-00001-0.png …), with the next free number,
+unless `--overwrite`. The folder is checked to be writable before any work, and the set is written all or none.
+"""
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+from tqdm import tqdm
+
 from carrara.errors import CarraraError
 
-DEFAULTS = {"steps": 20, "sampler": "dpmpp", "guidance": 4.0, "negative_prompt": "", "seed": 0, "precision": "auto"}
+DEFAULTS = {"steps": 20, "sampler": "dpmpp", "guidance": 4.0, "negative_prompt": "", "seed": 0, "precision": "auto",
+            "n": 1}
+# What --from accepts in a PNG's metadata: field → (Python types, how the error names it).
+_FROM_FIELDS = {"prompt": (str, "text"), "negative_prompt": (str, "text"), "sampler": (str, "a sampler name"),
+                "precision": (str, "a precision name"), "model": (str, "a model path"), "model_hash": (str, "text"),
+                "steps": (int, "a whole number"), "seed": (int, "a whole number"), "n": (int, "a whole number"),
+                "guidance": ((int, float), "a number")}
 
 
-def _settings(args: argparse.Namespace) -> tuple[dict, str]:
-    """Merge --from metadata, then explicit flags, then defaults; returns (settings, model path)."""
+def _read_from(path: str) -> dict:
+    """The settings of a `--from` PNG, each field checked for its type (a hand-edited PNG gives one clear line)."""
     from carrara.png import read_png_metadata
+
+    meta = read_png_metadata(path)
+    for key, (kind, name) in _FROM_FIELDS.items():
+        if key in meta and (not isinstance(meta[key], kind) or isinstance(meta[key], bool)):
+            raise CarraraError(f"{path}: metadata field {key!r} must be {name}, got "
+                               f"{json.dumps(meta[key], ensure_ascii=False)[:60]}")
+    return meta
+
+
+def _settings(args: argparse.Namespace, meta: dict | None) -> tuple[dict, str]:
+    """Merge --from metadata, then explicit flags, then defaults; returns (settings, model path)."""
+    from carrara.pipeline import MAX_BATCH
 
     base = dict(DEFAULTS)
     model = "default"
-    if args.from_png:
-        meta = read_png_metadata(args.from_png)
+    if meta is not None:
         base.update({k: meta[k] for k in ("prompt", "steps", "sampler", "guidance", "negative_prompt", "seed", "n")
                      if k in meta})
         base["precision"] = meta.get("precision", "fp32")  # PNGs from before the precision option were fp32
         model = meta.get("model", model)
     flags = {"prompt": args.prompt, "steps": args.steps, "sampler": args.sampler, "guidance": args.guidance,
-             "negative_prompt": args.negative, "seed": args.seed, "precision": getattr(args, "precision", None)}
+             "negative_prompt": args.negative, "seed": args.seed, "precision": args.precision, "n": args.n}
     base.update({k: v for k, v in flags.items() if v is not None})
-    if args.n != 1 or "n" not in base:
-        base["n"] = args.n
     if args.model is not None:
         model = args.model
     if not base.get("prompt", "").strip():
         raise CarraraError('give a prompt, e.g. carrara generate "a red circle" (or --from image.png)')
+    if not 1 <= base["n"] <= MAX_BATCH:
+        raise CarraraError(f"--n must be between 1 and {MAX_BATCH}, got {base['n']}")
     return base, model
+
+
+def _output_names(base: Path, n: int) -> list[Path]:
+    """The files one run writes: the image (or grid), then with n > 1 each image alone as base-i.png."""
+    return [base] + ([base.with_name(f"{base.stem}-{i}.png") for i in range(n)] if n > 1 else [])
+
+
+def _next_free(out: Path, n: int) -> Path:
+    """`out` itself if none of its run's files exist, else out-NNNNN.png with 1 + the highest number in use."""
+    if not any(p.exists() for p in _output_names(out, n)):
+        return out
+    pattern = re.compile(re.escape(out.stem) + r"-(\d{5})(-\d+)?\.png")
+    used = [int(m.group(1)) for p in out.parent.iterdir() if (m := pattern.fullmatch(p.name))]
+    return out.with_name(f"{out.stem}-{max(used, default=0) + 1:05d}.png")
+
+
+def _check_writable(out: Path) -> None:
+    """Fail before generating if `out` cannot be written: its folder must exist and accept a new file."""
+    if out.suffix.lower() != ".png":
+        raise CarraraError(f"-o {out}: the output must be a .png file (metadata lives in PNG text chunks)")
+    if out.is_dir():
+        raise CarraraError(f"-o {out} is a folder; give a file name like {out / 'carrara.png'}")
+    folder = out.parent
+    if not folder.is_dir():
+        raise CarraraError(f"-o {out}: folder {folder} does not exist" if not folder.exists()
+                           else f"-o {out}: {folder} is not a folder")
+    try:  # the honest test (os.access says yes to root on a read-only mount, and to /sys)
+        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder)
+    except OSError as e:
+        raise CarraraError(f"-o {out}: cannot write in folder {folder} ({e.strerror})") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def generate_command(args: argparse.Namespace) -> int:
     from carrara.pipeline import GenerationSettings, Pipeline
-    from carrara.png import save_png
+    from carrara.png import save_pngs
     from carrara.utils.grid import image_grid
 
-    s, model = _settings(args)
+    meta = _read_from(args.from_png) if args.from_png else None
+    s, model = _settings(args, meta)
     GenerationSettings(s["prompt"], s["negative_prompt"], s["steps"], s["sampler"], s["guidance"], s["seed"]).validate()
-    out = Path(args.out or "carrara.png")
-    if out.suffix.lower() != ".png":
-        raise CarraraError(f"-o {out}: the output must be a .png file (metadata lives in PNG text chunks)")
-    if not out.parent.resolve().is_dir():
-        raise CarraraError(f"-o {out}: folder {out.parent} does not exist")
+    asked = Path(args.out or "carrara.png")
+    _check_writable(asked)
+    out = asked if args.overwrite else _next_free(asked, s["n"])
     t0 = time.perf_counter()
-    pipe = Pipeline.load(model, allow_pickle=getattr(args, "allow_pickle", False), precision=s["precision"])
+    pipe = Pipeline.load(model, allow_pickle=args.allow_pickle, precision=s["precision"])
     t1 = time.perf_counter()
-    images = pipe([s["prompt"]] * s["n"], steps=s["steps"], sampler=s["sampler"], guidance=s["guidance"],
-                  negative_prompt=s["negative_prompt"], seed=s["seed"])
-    t2 = time.perf_counter()
-    if args.from_png:
-        from carrara.png import read_png_metadata
+    with tqdm(total=s["steps"], desc="denoising", unit="step", file=sys.stderr, disable=args.quiet) as bar:
+        def progress(i, n, _decode):
+            bar.total = n
+            bar.update(i - bar.n)  # called before step i: i steps are done
 
-        recorded = read_png_metadata(args.from_png).get("model_hash")
-        if recorded and recorded != pipe.model_hash:
-            print(f"carrara: warning: {args.from_png} was made by model {recorded}, this is {pipe.model_hash}",
-                  file=sys.stderr)
-    image = images[0] if len(images) == 1 else image_grid(images)
+        images = pipe([s["prompt"]] * s["n"], steps=s["steps"], sampler=s["sampler"], guidance=s["guidance"],
+                      negative_prompt=s["negative_prompt"], seed=s["seed"], callback=progress)
+        bar.update(bar.total - bar.n)
+    t2 = time.perf_counter()
+    recorded = (meta or {}).get("model_hash")
+    if recorded and recorded != pipe.model_hash:
+        print(f"carrara: warning: {args.from_png} was made by model {recorded}, this is {pipe.model_hash}",
+              file=sys.stderr)
     model_ref = model if model == "default" else str(Path(model).resolve())
     metadata = {**s, "precision": pipe.precision, "model": model_ref, "model_hash": pipe.model_hash}
-    save_png(out, image, metadata)
-    print(f"wrote {out} ({len(images)} image{'s' if len(images) > 1 else ''}, load {t1 - t0:.2f} s, "
+    names = _output_names(out, len(images))
+    files = [(names[0], images[0] if len(images) == 1 else image_grid(images), metadata)]
+    files += [(name, image, {**metadata, "seed": s["seed"] + i, "n": 1})
+              for i, (name, image) in enumerate(zip(names[1:], images))]
+    try:
+        save_pngs(files)
+    except OSError as e:
+        raise CarraraError(f"cannot write {out}: {e.strerror or e}") from None
+    if out != asked:
+        print(f"carrara: {asked} exists: wrote {out} instead (--overwrite replaces it)", file=sys.stderr)
+    each = f" and each image as {names[1].name} … {names[-1].name}" if len(names) > 1 else ""
+    print(f"wrote {out}{each} ({len(images)} image{'s' if len(images) > 1 else ''}, load {t1 - t0:.2f} s, "
           f"generate {t2 - t1:.2f} s)")
     return 0

@@ -1,25 +1,40 @@
 """PNG files that say how to make them again: generation settings and model hash in a tEXt chunk."""
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from carrara.errors import CarraraError
-from carrara.io import save_image_atomic
+from carrara.io import atomic_path
 
 KEY = "carrara"
 
 
-def save_png(path: str | Path, image: Image.Image, metadata: dict) -> None:
-    """Write `image` to `path` atomically with `metadata` as JSON in the 'carrara' tEXt chunk."""
+def _pnginfo(metadata: dict) -> PngImagePlugin.PngInfo:
+    """`metadata` as JSON in the 'carrara' tEXt chunk, the prompt also as the standard 'Description'."""
     info = PngImagePlugin.PngInfo()
     info.add_text(KEY, json.dumps(metadata, ensure_ascii=False, sort_keys=True))
     if "prompt" in metadata:
         info.add_text("Description", str(metadata["prompt"]))
     info.add_text("Software", "carrara")
-    save_image_atomic(Path(path), image, pnginfo=info)
+    return info
+
+
+def save_png(path: str | Path, image: Image.Image, metadata: dict) -> None:
+    """Write `image` to `path` atomically with `metadata` as JSON in the 'carrara' tEXt chunk."""
+    save_pngs([(path, image, metadata)])
+
+
+def save_pngs(items: list[tuple[str | Path, Image.Image, dict]]) -> None:
+    """Write several (path, image, metadata) PNGs all or none: every file is written under a temporary name and
+    renamed only once all of them are written, so a failure (disk full, Ctrl-C) leaves no half of a set."""
+    with contextlib.ExitStack() as stack:
+        for path, image, metadata in items:
+            tmp = stack.enter_context(atomic_path(Path(path)))
+            image.save(tmp, format="PNG", pnginfo=_pnginfo(metadata))
 
 
 def read_png_metadata(path: str | Path) -> dict:
@@ -34,6 +49,9 @@ def read_png_metadata(path: str | Path) -> dict:
     if text is None:
         raise CarraraError(f"{path} carries no carrara generation metadata")
     try:
-        return json.loads(text)
+        meta = json.loads(text)
     except ValueError:
         raise CarraraError(f"{path}: its carrara metadata is not valid JSON") from None
+    if not isinstance(meta, dict):
+        raise CarraraError(f"{path}: its carrara metadata is not a JSON object of settings")
+    return meta

@@ -2,7 +2,9 @@
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_cli_generate import write_tiny_model
 
+import carrara.modelfolder
 from carrara.cli import main
 from carrara.errors import CarraraError
 from carrara.export import export_default
@@ -65,3 +67,31 @@ def test_diffusers_loads_the_export_and_makes_the_same_image(tiny_diffusion_run,
     assert np.abs(other - theirs).mean() > 10 * diff
     with pytest.raises(CarraraError, match="not empty"):
         export_diffusers(tiny_diffusion_run, out)
+
+
+def test_export_default_never_writes_into_the_package_unless_asked(tmp_path, monkeypatch, capsys):
+    model = write_tiny_model(tmp_path / "model")
+    package = tmp_path / "site-packages" / "carrara" / "assets"
+    monkeypatch.setattr(carrara.modelfolder, "PACKAGED", package)
+    with pytest.raises(SystemExit) as e:
+        main(["export", "default", "--model", str(model)])
+    assert e.value.code == 2 and "--out" in capsys.readouterr().err
+    assert not package.exists()
+    with pytest.raises(SystemExit):
+        main(["export", "default", "--model", str(model), "--out", str(tmp_path / "d"), "--into-package"])
+    assert not package.exists() and not (tmp_path / "d").exists()
+    assert main(["export", "default", "--model", str(model), "--into-package"]) == 0
+    assert (package / "default" / "model_index.json").is_file()
+    assert Pipeline.load(package / "default").model_hash  # a complete model folder
+
+
+def test_export_default_refuses_a_folder_that_is_not_an_export(tiny_diffusion_run, tmp_path, capsys):
+    """--out ~/projects must not replace a folder of the user's files; an earlier export is replaced."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    assert main(["export", "default", "--model", str(tiny_diffusion_run), "--out", str(out)]) == 2
+    assert "not a model folder" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "keep me"
+    assert main(["export", "default", "--model", str(tiny_diffusion_run), "--out", str(tmp_path / "new")]) == 0
+    assert main(["export", "default", "--model", str(tiny_diffusion_run), "--out", str(tmp_path / "new")]) == 0

@@ -3,8 +3,10 @@ import os
 import stat
 
 import pytest
+from PIL import Image
 
 from carrara import io
+from carrara.png import read_png_metadata, save_pngs
 
 
 def test_atomic_write_replaces_whole_and_uses_the_umask(tmp_path):
@@ -24,3 +26,20 @@ def test_failed_atomic_write_leaves_the_old_file_and_no_temp(tmp_path):
         tmp.write_bytes(b"half")
         raise RuntimeError("killed mid-write")
     assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+
+
+def test_a_set_of_pngs_is_written_all_or_none(tmp_path):
+    """save_pngs renames nothing until every file of the set is written (generate's grid + one PNG per image)."""
+    good = Image.new("RGB", (4, 4), "red")
+    broken = Image.new("RGB", (4, 4))
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    broken.save = disk_full
+    with pytest.raises(OSError):
+        save_pngs([(tmp_path / "a.png", good, {"seed": 1}), (tmp_path / "b.png", broken, {"seed": 2})])
+    assert list(tmp_path.iterdir()) == []
+    save_pngs([(tmp_path / "a.png", good, {"seed": 1}), (tmp_path / "b.png", good, {"seed": 2})])
+    assert read_png_metadata(tmp_path / "b.png") == {"seed": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png"]
