@@ -68,11 +68,25 @@ def resolve(path: str | Path) -> ModelFolder:
         if not (root / part / "config.json").is_file():
             raise CarraraError(f"{root} has no {part}/config.json: copy the complete model folder")
     scheduler = _read_json_object(root / "scheduler" / "scheduler_config.json")
+    builtin = _builtin_text_encoder(index, index_path)
     if (root / "text_encoder").is_dir():
         text_encoder, tokenizer = str(root / "text_encoder"), str(root / "tokenizer")
     else:
-        text_encoder, tokenizer = index.get("carrara", {}).get("text_encoder", "minilm"), None
+        text_encoder, tokenizer = builtin, None
     return ModelFolder(root, root / "unet", root / "vae", scheduler, text_encoder, tokenizer)
+
+
+def _builtin_text_encoder(index: dict, index_path: Path) -> str:
+    """The text encoder named by model_index.json's "carrara" object (default "minilm"), checked for shape."""
+    carrara = index.get("carrara", {})
+    if not isinstance(carrara, dict):
+        raise CarraraError(f'{index_path}: "carrara" must be an object like {{"text_encoder": "minilm"}}, '
+                           f"got {json.dumps(carrara)[:60]}")
+    name = carrara.get("text_encoder", "minilm")
+    if not isinstance(name, str) or not name:
+        raise CarraraError(f'{index_path}: "carrara"."text_encoder" must be a text encoder name or folder, '
+                           f"got {json.dumps(name)[:60]}")
+    return name
 
 
 def write_model_folder(root: Path, *, unet, vae_dir: Path | None = None, vae=None, scheduler_config: dict,

@@ -136,7 +136,7 @@ def test_missing_unet_is_one_line_error(sd, tmp_path):
     assert "unet" in one_line_error(folder)
 
 
-@pytest.mark.parametrize("text", ["{not json", "[1, 2]"])
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"carrara": "x"}', '{"carrara": {"text_encoder": 5}}'])
 def test_bad_model_index_is_one_line_error(sd, tmp_path, text):
     folder = shutil.copytree(sd[0], tmp_path / "bad-index")
     (folder / "model_index.json").write_text(text)

@@ -58,6 +58,15 @@ _FIXED_VAE: dict[str, tuple] = {"latents_mean": (None,), "latents_std": (None,)}
 _ACTIVATIONS = ("silu", "swish")  # the same function under two names
 _CLASS_NAMES = {"AutoencoderConfig": "AutoencoderKL", "UNetConfig": "UNet2DConditionModel"}
 
+# Sizes refused before anything is allocated (a hostile or mistyped config.json must not ask for 160 GB). Generous
+# for real models: Stable Diffusion 1.x/2.x/XL have 4 levels of at most 1280 channels, latents of side 64/96/128,
+# images of side 512–1024, and at most 2.6 billion U-Net parameters (SDXL); SD 1.5's U-Net has 0.86 billion.
+MAX_LEVELS = 8
+MAX_CHANNELS = 8192
+MAX_LATENT_SIDE = 512  # UNet sample_size: the latent side the pipeline samples at
+MAX_IMAGE_SIDE = 8192  # AutoencoderKL sample_size: the image side
+MAX_PARAMETERS = 5_000_000_000  # 20 GB of float32 weights
+
 
 def _same(value: Any, allowed: Any) -> bool:
     """Equal, without Python's False == 0 and None-vs-value confusions."""
@@ -153,9 +162,46 @@ def _check_channels(block_out_channels: tuple, groups: int, cls_name: str) -> No
     if not block_out_channels or any(not isinstance(c, int) or c <= 0 for c in block_out_channels):
         raise CarraraError(
             f"{cls_name} config field block_out_channels must be positive ints, got {block_out_channels}")
+    if len(block_out_channels) > MAX_LEVELS or max(block_out_channels) > MAX_CHANNELS:
+        raise CarraraError(f"{cls_name} config field block_out_channels={list(block_out_channels)} is too large "
+                           f"(at most {MAX_LEVELS} levels of at most {MAX_CHANNELS} channels)")
     if not isinstance(groups, int) or groups <= 0 or any(c % groups for c in block_out_channels):
         raise CarraraError(f"{cls_name} config field norm_num_groups={groups} must divide every block_out_channels "
                            f"{block_out_channels}")
+
+
+def _check_sample_size(cfg, limit: int, *, optional: bool = False) -> None:
+    """sample_size is a side (int) or [height, width], each between 1 and `limit`."""
+    value = cfg.sample_size
+    if value is None and optional:
+        return
+    sides = value if isinstance(value, tuple) and len(value) == 2 else (value,)
+    if not all(_KINDS["int ≥ 1"](v) for v in sides):
+        raise CarraraError(f"{_CLASS_NAMES[type(cfg).__name__]} config field sample_size={_thaw(value)!r} must be a "
+                           "positive int or [height, width]")
+    if max(sides) > limit:
+        raise CarraraError(f"{_CLASS_NAMES[type(cfg).__name__]} config field sample_size={_thaw(value)!r} is too "
+                           f"large (at most {limit})")
+
+
+def _check_parameters(cfg) -> None:
+    """Refuse a config whose network would have more than MAX_PARAMETERS weights, before building it."""
+    n = cfg.estimate_parameters()
+    if n > MAX_PARAMETERS:
+        raise CarraraError(f"{_CLASS_NAMES[type(cfg).__name__]} config describes a network of ~{n:.2g} parameters, "
+                           f"more than the limit of {MAX_PARAMETERS:.0e}: check block_out_channels, "
+                           "layers_per_block and the channel counts")
+
+
+def _resnet_weights(c_in: int, c_out: int, temb: int) -> int:
+    """Weights of a ResnetBlock2D: two 3×3 convolutions, the time projection, a 1×1 shortcut if c_in ≠ c_out."""
+    return 9 * c_in * c_out + 9 * c_out * c_out + temb * c_out + (c_in * c_out if c_in != c_out else 0)
+
+
+def _transformer_weights(c: int, context: int, depth: int) -> int:
+    """Weights of a Transformer2DModel: proj_in/out, then per block self-attention (4c²), cross-attention
+    (2c² + 2c·context) and the GEGLU feed-forward (8c² + 4c²)."""
+    return 2 * c * c + depth * (18 * c * c + 2 * c * context)
 
 
 @dataclass
@@ -198,10 +244,25 @@ class AutoencoderConfig:
                                    f"(carrara needs {n}× {kind!r}, one per block_out_channels)")
         if self.act_fn not in _ACTIVATIONS:
             raise CarraraError(f"AutoencoderKL config field act_fn={self.act_fn!r} is not supported (use 'silu')")
+        _check_sample_size(self, MAX_IMAGE_SIDE)
+        _check_parameters(self)
 
     @property
     def downsample_factor(self) -> int:
         return 2 ** (len(self.block_out_channels) - 1)
+
+    def estimate_parameters(self) -> int:
+        """The convolution and linear weights of encoder + decoder (biases and norms, < 1 %, left out)."""
+        ch, L, lat = self.block_out_channels, self.layers_per_block, self.latent_channels
+        mid = 2 * _resnet_weights(ch[-1], ch[-1], 0) + 4 * ch[-1] ** 2
+        n = 9 * self.in_channels * ch[0] + 9 * ch[-1] * 2 * lat + 4 * lat * lat  # conv_in, conv_out, quant convs
+        n += 9 * lat * ch[-1] + 9 * ch[0] * self.out_channels + 2 * mid  # decoder conv_in, conv_out; both mid blocks
+        for i, c in enumerate(ch):
+            c_prev, c_next = ch[max(i - 1, 0)], ch[min(i + 1, len(ch) - 1)]
+            n += _resnet_weights(c_prev, c, 0) + (L - 1) * _resnet_weights(c, c, 0)  # encoder level
+            n += _resnet_weights(c_next, c, 0) + L * _resnet_weights(c, c, 0)  # decoder level: one more ResBlock
+            n += 9 * c * c * ((i < len(ch) - 1) + (i > 0))  # encoder downsampler, decoder upsampler
+        return n
 
     @classmethod
     def from_diffusers_config(cls, src: dict | str | os.PathLike) -> AutoencoderConfig:
@@ -277,10 +338,31 @@ class UNetConfig:
         if (self.class_embed_type == "projection") != (dim is not None) or not (dim is None or _KINDS["int ≥ 1"](dim)):
             raise CarraraError("UNet2DConditionModel config: class_embed_type='projection' needs "
                                f"projection_class_embeddings_input_dim, a positive int (got {dim!r})")
+        _check_sample_size(self, MAX_LATENT_SIDE, optional=True)
+        _check_parameters(self)
 
     def per_block(self, name: str) -> tuple:
         """`layers_per_block`, `transformer_layers_per_block` or `attention_head_dim`, one value per level."""
         return _per_block(self, name, len(self.block_out_channels))
+
+    def estimate_parameters(self) -> int:
+        """The convolution and linear weights of the network (biases and norms, < 1 %, left out)."""
+        ch, D, temb = self.block_out_channels, self.cross_attention_dim, 4 * self.block_out_channels[0]
+        L, T = self.per_block("layers_per_block"), self.per_block("transformer_layers_per_block")
+        n = 9 * self.in_channels * ch[0] + 9 * ch[0] * self.out_channels + ch[0] * temb + temb * temb
+        n += ((self.projection_class_embeddings_input_dim or 0) + temb) * temb * (self.class_embed_type == "projection")
+        n += 2 * _resnet_weights(ch[-1], ch[-1], temb) + _transformer_weights(ch[-1], D, T[-1])  # mid block
+        for i, (c, down, up) in enumerate(zip(ch, self.down_block_types, reversed(self.up_block_types))):
+            c_prev, c_next = ch[max(i - 1, 0)], ch[min(i + 1, len(ch) - 1)]
+            n += _resnet_weights(c_prev, c, temb) + (L[i] - 1) * _resnet_weights(c, c, temb)  # down level
+            n += L[i] * _transformer_weights(c, D, T[i]) * (down == "CrossAttnDownBlock2D")
+            # up level: L + 1 ResBlocks on [x, skip] concatenations: x from the level below first, the last skip
+            # from the level above
+            n += _resnet_weights(c_next + c, c, temb) + (L[i] - 1) * _resnet_weights(2 * c, c, temb)
+            n += _resnet_weights(c + c_prev, c, temb)
+            n += (L[i] + 1) * _transformer_weights(c, D, T[i]) * (up == "CrossAttnUpBlock2D")
+            n += 9 * c * c * ((i < len(ch) - 1) + (i > 0))  # downsampler, upsampler
+        return n
 
     @classmethod
     def from_diffusers_config(cls, src: dict | str | os.PathLike) -> UNetConfig:
