@@ -47,11 +47,17 @@ def _source(module: str) -> Path | None:
     return Path(spec.origin) if spec and spec.origin else None
 
 
-def _pytorch_fid_frechet(sqrtm: Callable = SQRTM) -> Callable | None:
-    """pytorch-fid's `calculate_frechet_distance` from its installed source (with `linalg.sqrtm = sqrtm`), or None."""
-    path = _source("pytorch_fid.fid_score")
+def _reference_source(module: str, package: str) -> Path:
+    """The installed reference's source, or a reported skip: the live cross-checks need packages CI may not have."""
+    path = _source(module)
     if path is None:
-        return None
+        pytest.skip(f"{package} is not installed: no live cross-check against it (the fixed values still run)")
+    return path
+
+
+def _pytorch_fid_frechet(sqrtm: Callable = SQRTM) -> Callable:
+    """pytorch-fid's `calculate_frechet_distance` from its installed source (with `linalg.sqrtm = sqrtm`)."""
+    path = _reference_source("pytorch_fid.fid_score", "pytorch-fid")
     tree = ast.parse(path.read_text())
     func = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "calculate_frechet_distance")
     linalg = type("linalg", (), {"sqrtm": staticmethod(lambda m, disp=True: sqrtm(m) if disp else (sqrtm(m), 0.0))})
@@ -79,10 +85,16 @@ def test_frechet_distance_matches_pytorch_fid(n, d, expected):
     stats = [*feature_stats(a), *feature_stats(b)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # SciPy's "matrix is singular"
-        got = frechet_distance(*stats)
-        assert got == pytest.approx(expected, rel=REL)
-        if (reference := _pytorch_fid_frechet()) is not None:
-            assert got == pytest.approx(reference(*stats), rel=REL)
+        assert frechet_distance(*stats) == pytest.approx(expected, rel=REL)
+
+
+@pytest.mark.parametrize("n, d", [case[:2] for case in FID_CASES])
+def test_frechet_distance_equals_live_pytorch_fid(n, d):
+    reference = _pytorch_fid_frechet()
+    stats = [*feature_stats(_gaussians(n, d)[0]), *feature_stats(_gaussians(n, d)[1])]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # SciPy's "matrix is singular"
+        assert frechet_distance(*stats) == pytest.approx(reference(*stats), rel=REL)
 
 
 def test_frechet_distance_eps_fix(monkeypatch):
@@ -91,8 +103,15 @@ def test_frechet_distance_eps_fix(monkeypatch):
     with pytest.warns(UserWarning, match="adding 1e-06 to the diagonal"):
         got = frechet_distance(*feature_stats(a), *feature_stats(b))
     assert got == pytest.approx(372.10347663969355, rel=REL)  # pytorch-fid with the same NaN-once sqrtm
-    if (reference := _pytorch_fid_frechet(_nan_once())) is not None:
-        assert got == pytest.approx(reference(*feature_stats(a), *feature_stats(b)), rel=REL)
+
+
+def test_frechet_distance_eps_fix_equals_live_pytorch_fid(monkeypatch):
+    reference = _pytorch_fid_frechet(_nan_once())
+    a, b = _gaussians(20, 64)
+    monkeypatch.setattr(fid, "linalg", SimpleNamespace(sqrtm=_nan_once()))
+    with pytest.warns(UserWarning, match="adding 1e-06 to the diagonal"):
+        got = frechet_distance(*feature_stats(a), *feature_stats(b))
+    assert got == pytest.approx(reference(*feature_stats(a), *feature_stats(b)), rel=REL)
 
 
 def test_frechet_distance_closed_forms():
@@ -191,10 +210,14 @@ def test_inception_state_dict_names_are_pytorch_fids():
     assert hashlib.sha256(signature.encode()).hexdigest() == \
         "b1e5ec46df6cb0a4b6370fe9cea0e3124bc4a6e2df0929c1bc5d845c55f01ac8"
     assert len(state) == 566
-    path = _source("pytorch_fid")
-    if path is not None:  # the blocks pytorch-fid's InceptionV3 takes from the network, by name
-        blocks = set(re.findall(r"inception\.(\w+_\dx\d|Mixed_\d\w)\b", (path.parent / "inception.py").read_text()))
-        assert len(blocks) == 16 and blocks <= {k.split(".")[0] for k in state}
+
+
+def test_inception_has_the_blocks_live_pytorch_fid_takes():
+    path = _reference_source("pytorch_fid", "pytorch-fid")
+    state = FIDInceptionV3().state_dict()
+    # the blocks pytorch-fid's InceptionV3 takes from the network, by name
+    blocks = set(re.findall(r"inception\.(\w+_\dx\d|Mixed_\d\w)\b", (path.parent / "inception.py").read_text()))
+    assert len(blocks) == 16 and blocks <= {k.split(".")[0] for k in state}
 
 
 def test_inception_features_match_pytorch_fid(weights):
@@ -252,7 +275,11 @@ def test_resize_clean_matches_clean_fid():
                 [29.392396926879883, 82.02912902832031, 249.99571228027344],
                 [224.7689971923828, 255.0, 112.23343658447266]]
     np.testing.assert_allclose(got[[0, 150, 298], [0, 100, 298]], expected, rtol=1e-6)
-    if _source("cleanfid.resize") is not None:
-        from cleanfid.resize import make_resizer
 
-        np.testing.assert_array_equal(got, make_resizer("PIL", False, "bicubic", (299, 299))(image))
+
+def test_resize_clean_equals_live_clean_fid():
+    _reference_source("cleanfid.resize", "clean-fid")
+    from cleanfid.resize import make_resizer  # only where clean-fid is installed
+
+    image = np.random.default_rng(0).integers(0, 256, (17, 23, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(resize_clean(image), make_resizer("PIL", False, "bicubic", (299, 299))(image))

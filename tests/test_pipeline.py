@@ -17,6 +17,7 @@ from carrara.models.config import AutoencoderConfig, UNetConfig
 from carrara.models.unet import UNet2DConditionModel
 from carrara.pipeline import Pipeline
 from carrara.png import read_png_metadata
+from carrara.utils.hardware import cpu_supports_bf16
 
 TINY_UNET = UNetConfig(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
                        cross_attention_dim=384, attention_head_dim=(2, 4),
@@ -68,11 +69,32 @@ def test_image_i_of_a_batch_is_seed_plus_i(model_dir, precision):
 
 
 def test_text_and_guidance_change_the_image(pipe):
-    red = pipe(["a red circle"], steps=4, seed=0, output="tensor")
-    blue = pipe(["a blue truck"], steps=4, seed=0, output="tensor")
-    w8 = pipe(["a red circle"], steps=4, seed=0, guidance=8.0, output="tensor")
-    assert (red - blue).abs().max() > 1e-4
-    assert (red - w8).abs().max() > 1e-4
+    """w = 0 samples the negative prompt's model and w = 1 the prompt's; after one DDIM step (x̂0 = (x_T − √(1 − ᾱ) ε̃)
+    / √ᾱ, linear in ε̃ = ε(∅) + w (ε(c) − ε(∅))) the latent is linear in w. Any step that drops the text, swaps the
+    two branches or ignores w breaks one of these."""
+    def latent(prompt, w, negative="", steps=4):
+        return pipe([prompt], steps=steps, sampler="ddim", guidance=w, negative_prompt=negative, seed=0,
+                    output="latent")  # (1, 4, 8, 8)
+
+    red, blue = latent("a red circle", 1.0), latent("a blue truck", 1.0)
+    # rounding (batch of 2 vs 1) is ~1e-6 of |z|; the text moves this random model's latent by ~10 % of |z|
+    assert (red - blue).abs().mean() > 0.05 * red.abs().mean()
+    assert torch.allclose(latent("a red circle", 0.0), latent("a blue truck", 0.0), atol=1e-5)  # w = 0: ε(∅) only
+    assert torch.allclose(latent("a red circle", 0.0, negative="a blue truck"), blue, rtol=1e-4, atol=1e-4)
+    z0, z1, z8 = (latent("a red circle", w, steps=1) for w in (0.0, 1.0, 8.0))
+    assert (z1 - z0).abs().mean() > 1e-3 * z1.abs().mean()  # measured 4e-3: 7 (z1 − z0) is far above the tolerance
+    assert torch.allclose(z8, z0 + 8 * (z1 - z0), rtol=1e-4, atol=1e-4)
+
+
+def test_carrara_bf16_switch_decides_auto_precision(model_dir, monkeypatch):
+    """CARRARA_BF16=0 gives the fp32 path on any CPU (`make test-avx2`), =1 the bf16 one; anything else is an error."""
+    monkeypatch.setenv("CARRARA_BF16", "0")
+    assert Pipeline.load(model_dir).precision == "fp32" and not cpu_supports_bf16()
+    monkeypatch.setenv("CARRARA_BF16", "1")
+    assert Pipeline.load(model_dir).precision == "bf16" and cpu_supports_bf16()
+    monkeypatch.setenv("CARRARA_BF16", "yes")
+    with pytest.raises(CarraraError, match="CARRARA_BF16='yes': set it to 0"):
+        Pipeline.load(model_dir)
 
 
 def test_guidance_one_equals_the_conditional_model(pipe):
