@@ -40,7 +40,7 @@ class ModelFolder:
         return h.hexdigest()[:12]
 
 
-def _read_json_object(path: Path) -> dict:
+def read_json_object(path: Path) -> dict:
     """A JSON object from `path`, or a one-line CarraraError naming the file."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -63,11 +63,11 @@ def resolve(path: str | Path) -> ModelFolder:
     if not index_path.is_file():
         hint = " (this is an autoencoder run; pass a diffusion run)" if (root / "vae").is_dir() else ""
         raise CarraraError(f"{root} is not a model folder: no model_index.json{hint}")
-    index = _read_json_object(index_path)
+    index = read_json_object(index_path)
     for part in ("unet", "vae"):
         if not (root / part / "config.json").is_file():
             raise CarraraError(f"{root} has no {part}/config.json: copy the complete model folder")
-    scheduler = _read_json_object(root / "scheduler" / "scheduler_config.json")
+    scheduler = read_json_object(root / "scheduler" / "scheduler_config.json")
     builtin = _builtin_text_encoder(index, index_path)
     if (root / "text_encoder").is_dir():
         text_encoder, tokenizer = str(root / "text_encoder"), str(root / "tokenizer")

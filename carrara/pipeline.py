@@ -13,6 +13,7 @@ import torch
 
 from carrara.errors import CarraraError
 from carrara.text.encoder import mean_pool
+from carrara.upsampler import Upsampler, UpsamplerSettings, depth_to_space
 
 if TYPE_CHECKING:
     from carrara.diffusion.schedule import NoiseSchedule
@@ -104,8 +105,9 @@ class Pipeline:
     """A text encoder, a U-Net noise predictor, a noise schedule and an autoencoder's decoder."""
 
     def __init__(self, *, unet, vae, text_encoder, schedule, prediction_type, model_hash: str = "", name: str = "",
-                 ddim: DDIMSettings | None = None, precision: str = "fp32"):
+                 ddim: DDIMSettings | None = None, precision: str = "fp32", upsampler: Upsampler | None = None):
         self.unet, self.vae, self.text_encoder = unet.eval(), vae.eval(), text_encoder
+        self.upsampler = upsampler  # the cascade's second stage (carrara/upsampler.py), or None
         self.schedule, self.prediction_type = schedule, prediction_type
         self.ddim = ddim or DDIMSettings()
         self.model_hash, self.name = model_hash, name
@@ -115,6 +117,8 @@ class Pipeline:
         self.unet_dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
         if self.precision == "bf16" and next(self.unet.parameters()).dtype != torch.bfloat16:
             self.unet = self.unet.to(torch.bfloat16)
+        if upsampler is not None:
+            upsampler.unet.to(self.unet_dtype)
 
     @classmethod
     def load(cls, path: str | Path = "default", *, allow_pickle: bool = False, precision: str = "auto") -> Pipeline:
@@ -138,21 +142,36 @@ class Pipeline:
                                f"{unet.config.cross_attention_dim}")
         schedule = NoiseSchedule.from_diffusers_config(folder.scheduler_config)
         prediction_type = folder.scheduler_config.get("prediction_type", "epsilon")
+        upsampler = None  # a cascade folder holds its second stage beside unet/ and vae/
+        if (folder.root / "upsampler" / "model_index.json").is_file():
+            upsampler = Upsampler.load(folder.root / "upsampler", allow_pickle=allow_pickle)
+            if upsampler.unet.config.cross_attention_dim != text_encoder.dim:
+                raise CarraraError(f"{folder.root / 'upsampler'} expects {upsampler.unet.config.cross_attention_dim}-dim "
+                                   f"text states but the text encoder gives {text_encoder.dim}")
         return cls(unet=unet, vae=vae, text_encoder=text_encoder, schedule=schedule,
                    prediction_type=prediction_type, model_hash=folder.unet_hash(allow_pickle=allow_pickle), name=str(path),
-                   ddim=DDIMSettings.from_scheduler_config(folder.scheduler_config), precision=precision)
+                   ddim=DDIMSettings.from_scheduler_config(folder.scheduler_config), precision=precision,
+                   upsampler=upsampler)
 
     def latent_shape(self) -> tuple[int, int, int]:
         c = self.unet.config
         return (c.in_channels, c.sample_size, c.sample_size)
 
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """The image sides this model makes: the base's, and the upsampler's when it is a cascade."""
+        base = self.unet.config.sample_size * self.vae.config.downsample_factor
+        return (base,) if self.upsampler is None else (base, base * self.upsampler.factor)
+
     @torch.inference_mode()
     def __call__(self, prompts: list[str] | str, *, steps: int = 20, sampler: str = "dpmpp",
                  guidance: float = 4.0, negative_prompt: str = "", seed: int = 0,
-                 callback: Callable | None = None, output: str = "pil"):
+                 callback: Callable | None = None, output: str = "pil", size: int | None = None,
+                 upsampler: UpsamplerSettings | None = None):
         """Generate one image per prompt; image i uses seed + i, so any image can be made again alone.
 
         output: "pil" images, "tensor" (B, 3, H, W) in [−1, 1], or "latent" (B, c, h, w) before decoding.
+        size: one of `self.sizes` (default the largest): a cascade runs its upsampler after the base.
         """
         from carrara.diffusion.guidance import cfg_model
         from carrara.diffusion.samplers import SAMPLERS, default_timesteps
@@ -163,6 +182,11 @@ class Pipeline:
             raise CarraraError(f"give between 1 and {MAX_BATCH} prompts, got {len(prompts)}")
         for p in prompts:
             GenerationSettings(p, negative_prompt, steps, sampler, guidance, seed).validate()
+        size = self.sizes[-1] if size is None else size
+        if size not in self.sizes:
+            raise CarraraError(f"this model makes images of side {' or '.join(map(str, self.sizes))}, not {size}")
+        cascade = size != self.sizes[0]
+        total = steps + (cascade and (upsampler or self.upsampler.settings).steps)
         # 1. Encode the text; the negative prompt ("" = the null condition) is the unconditional branch.
         dtype = self.unet_dtype
         cond = self.condition(prompts)  # states (B, L, D) [, pooled (B, P)]
@@ -182,7 +206,7 @@ class Pipeline:
         decode_cb = None
         if callback is not None:
             def decode_cb(i, t, x_t, x0_hat):
-                callback(i, len(timesteps), lambda: self.decode(x0_hat))
+                callback(i, total, lambda: self.decode(x0_hat))
         z0 = SAMPLERS[sampler](model, x_T, self.schedule, timesteps, prediction_type=self.prediction_type,
                                generator=torch.Generator().manual_seed(seed), callback=decode_cb, **options)
         _check_finite(z0, "U-Net")
@@ -190,6 +214,13 @@ class Pipeline:
             return z0  # (B, c, h, w), scaled as the U-Net sees it (diffusers' output_type="latent")
         # 4. Decode the latent into pixels.
         images = _check_finite(self.decode(z0), "decoder")  # (B, 3, H, W) in [-1, 1]
+        if cascade:  # 5. The second stage: the small image and the same text → the big image.
+            up_cb = None
+            if callback is not None:
+                def up_cb(i, t, x_t, x0_hat):
+                    callback(steps + i, total, lambda: depth_to_space(x0_hat, self.upsampler.factor).clamp(-1, 1))
+            images = _check_finite(self.upsampler(images, cond[0], uncond[0], seed=seed, settings=upsampler,
+                                                  callback=up_cb), "upsampler")  # (B, 3, fH, fW)
         return images if output == "tensor" else to_pil(images)
 
     def condition(self, prompts: list[str]) -> tuple[torch.Tensor, ...]:

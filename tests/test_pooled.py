@@ -11,7 +11,8 @@ from carrara.errors import CarraraError
 from carrara.models import UNet2DConditionModel, UNetConfig
 from carrara.pipeline import Pipeline
 from carrara.text.encoder import TextEncoder, mean_pool
-from carrara.train.diffusion import EncodedData, init_from, make_batch, train_diffusion
+from carrara.train.diffusion import Captions, EncodedData, init_from, make_batch, train_diffusion
+
 
 @pytest.fixture(scope="module")
 def minilm():
@@ -94,11 +95,12 @@ def test_init_from_a_model_without_pooling_starts_as_that_model(tmp_path):
 def encoded(n=6, variants=2, seed=0) -> EncodedData:
     g = torch.Generator().manual_seed(seed)
     u = n * variants
+    captions = Captions(states=torch.arange(u, dtype=torch.bfloat16)[:, None, None].expand(u, 3, 2) + 1,
+                        pooled=torch.arange(u, dtype=torch.float32)[:, None].expand(u, 2) + 1,
+                        caption_of=torch.arange(u).reshape(n, variants), n_variants=torch.full((n,), float(variants)),
+                        null_states=torch.zeros(1, 3, 2, dtype=torch.bfloat16), null_pooled=torch.zeros(1, 2))
     return EncodedData(mean=torch.randn(n, 4, 2, 2, generator=g), std=torch.rand(n, 4, 2, 2, generator=g) + 0.1,
-                       scale=0.5, states=torch.arange(u, dtype=torch.bfloat16)[:, None, None].expand(u, 3, 2) + 1,
-                       pooled=torch.arange(u, dtype=torch.float32)[:, None].expand(u, 2) + 1,
-                       caption_of=torch.arange(u).reshape(n, variants), n_variants=torch.full((n,), float(variants)),
-                       null_states=torch.zeros(1, 3, 2, dtype=torch.bfloat16), null_pooled=torch.zeros(1, 2))
+                       scale=0.5, captions=captions)
 
 
 def test_batch_latent_is_the_scaled_posterior_sample():

@@ -305,7 +305,8 @@ class UNetConfig:
     use_linear_projection: bool = False
     upcast_attention: bool = False
     # "projection": a pooled text embedding (B, projection_class_embeddings_input_dim) passed as `class_labels`
-    # goes through an MLP and is added to the time embedding (Imagen §2.2's pooled vector; SDXL's text_embeds).
+    # goes through an MLP and is added to the time embedding (Imagen §2.2's pooled vector; SDXL's text_embeds);
+    # "timestep": a level (B,) embedded like t, then an MLP (a cascade stage's augmentation level).
     class_embed_type: str | None = None
     projection_class_embeddings_input_dim: int | None = None
 
@@ -331,9 +332,9 @@ class UNetConfig:
             if any(not isinstance(v, int) or v < 1 for v in _per_block(self, name, n)):
                 raise CarraraError(f"UNet2DConditionModel config field {name}={getattr(self, name)!r} must be "
                                    f"positive ints")
-        if self.class_embed_type not in (None, "projection"):
+        if self.class_embed_type not in (None, "projection", "timestep"):
             raise CarraraError(f"UNet2DConditionModel config field class_embed_type={self.class_embed_type!r} is not "
-                               "supported (carrara implements None and 'projection')")
+                               "supported (carrara implements None, 'projection' and 'timestep')")
         dim = self.projection_class_embeddings_input_dim
         if (self.class_embed_type == "projection") != (dim is not None) or not (dim is None or _KINDS["int ≥ 1"](dim)):
             raise CarraraError("UNet2DConditionModel config: class_embed_type='projection' needs "

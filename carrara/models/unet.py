@@ -6,7 +6,8 @@ State-dict compatible with diffusers' `UNet2DConditionModel` for the Stable Diff
 
     x_t (B, 4, h, w) ─ conv_in ─► down blocks ─► mid block ─► up blocks (+ skip connections) ─ conv_out ─► ε̂
     t ─ sinusoidal ─ MLP ─► temb added in every ResBlock;  text states c (B, L, D) ─► cross-attention
-    optional pooled text embedding (B, P) ─ MLP ─► added to temb (class_embed_type="projection"; Imagen §2.2)
+    optional class_labels ─ MLP ─► added to temb: a pooled text embedding (B, P) (class_embed_type="projection",
+    Imagen §2.2) or a cascade stage's noise-augmentation level (B,) ("timestep", Ho et al. 2021)
 """
 from __future__ import annotations
 
@@ -133,6 +134,8 @@ class UNet2DConditionModel(nn.Module):
         self.class_embedding = None
         if cfg.class_embed_type == "projection":
             self.class_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, temb_channels)
+        elif cfg.class_embed_type == "timestep":
+            self.class_embedding = TimestepEmbedding(ch[0], temb_channels)
         self.down_blocks = nn.ModuleList(
             DownBlock(cfg, i, temb_channels, kind == "CrossAttnDownBlock2D") for i, kind in
             enumerate(cfg.down_block_types)
@@ -160,10 +163,8 @@ class UNet2DConditionModel(nn.Module):
         t = t.reshape(-1).expand(B) if t.numel() == 1 else t
         t_freq = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)  # (B, C0)
         temb = self.time_embedding(t_freq.to(sample.dtype))  # (B, 4·C0)
-        if self.class_embedding is not None:  # the pooled text vector joins t in every ResBlock (Imagen §2.2)
-            if class_labels is None:
-                raise ValueError("this U-Net is conditioned on a pooled text embedding: pass class_labels (B, P)")
-            temb = temb + self.class_embedding(class_labels.to(sample.dtype))  # (B, 4·C0)
+        if self.class_embedding is not None:  # a second condition joins t in every ResBlock
+            temb = temb + self.class_embedding(self._class_features(class_labels, B, sample))  # (B, 4·C0)
         # 2. Cross-attention mask as an additive score bias on the text tokens: (B, 1, 1, L).
         bias = None
         if encoder_attention_mask is not None:
@@ -184,6 +185,18 @@ class UNet2DConditionModel(nn.Module):
             h = block(h, block_skips, temb, encoder_hidden_states, bias, size)
         # 6. Output projection to the predicted noise.
         return self.conv_out(F.silu(self.conv_norm_out(h)))  # (B, C_out, h, w)
+
+    def _class_features(self, class_labels: torch.Tensor | None, B: int, sample: torch.Tensor) -> torch.Tensor:
+        """The class MLP's input: a pooled text vector (B, P) as is ("projection", Imagen §2.2), or a noise level
+        (B,) embedded like t ("timestep": a cascade stage's augmentation level, Ho et al. 2021 §4.2)."""
+        cfg = self.config
+        if class_labels is None:
+            what = "a pooled text embedding (B, P)" if cfg.class_embed_type == "projection" else "a noise level (B,)"
+            raise ValueError(f"this U-Net is conditioned on {what}: pass class_labels")
+        if cfg.class_embed_type == "projection":
+            return class_labels.to(sample.dtype)
+        level = torch.as_tensor(class_labels, device=sample.device).reshape(-1).expand(B)
+        return timestep_embedding(level, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift).to(sample.dtype)
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, *, allow_pickle: bool = False) -> UNet2DConditionModel:

@@ -94,12 +94,9 @@ def balanced_batches(records, field_name: str, cfg: TrainConfig):
 
 
 @dataclass
-class EncodedData:
-    """What the diffusion stage trains on, encoded once (train/cache.py): latent posteriors and caption vectors."""
+class Captions:
+    """Every image's caption variants, encoded once (train/cache.py), and the empty prompt."""
 
-    mean: torch.Tensor  # (N, c, h, w) posterior mean of each image, unscaled
-    std: torch.Tensor  # (N, c, h, w) posterior std
-    scale: float  # the autoencoder's scaling_factor: the U-Net sees z · scale (Rombach et al. 2022 §4.3.2)
     states: torch.Tensor  # (U, L, D) bf16 token states of every distinct caption
     pooled: torch.Tensor  # (U, D) pooled embeddings of the same captions
     caption_of: torch.Tensor  # (N, K) indices into states: each image's caption variants (padded)
@@ -107,23 +104,47 @@ class EncodedData:
     null_states: torch.Tensor  # (1, L, D) the empty prompt's states, the classifier-free null condition
     null_pooled: torch.Tensor  # (1, D)
 
+    @classmethod
+    def encode(cls, text_encoder: TextEncoder, records, variants_field: str, *, progress: bool = True) -> Captions:
+        variants = [caption_list(r, variants_field) for r in records]  # N lists, caption first
+        states, pooled, flat_index = encode_texts(text_encoder, [c for v in variants for c in v],
+                                                  progress=progress)  # (U, L, D), (U, D)
+        caption_of, n_variants = variant_table(variants, flat_index)  # (N, K) indices into states, (N,)
+        null_states, null_mask = text_encoder.encode([""])  # (1, L, D), (1, L): the empty prompt
+        return cls(states, pooled, caption_of, n_variants, null_states.to(torch.bfloat16),
+                   mean_pool(null_states, null_mask))
+
+    def draw(self, idx: torch.Tensor, gen: torch.Generator, cond_dropout: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(states (B, L, D), pooled (B, D)) of one caption variant per example, each replaced by the empty prompt
+        with probability `cond_dropout` (Ho & Salimans 2022), so one network learns ε(x_t, c) and ε(x_t, ∅)."""
+        pick = (torch.rand(len(idx), generator=gen) * self.n_variants[idx]).long()  # one caption variant each
+        drop = torch.rand(len(idx), generator=gen) < cond_dropout  # (B,)
+        caption = self.caption_of[idx, pick]  # (B,)
+        states = torch.where(drop[:, None, None], self.null_states, self.states[caption]).float()  # (B, L, D)
+        pooled = torch.where(drop[:, None], self.null_pooled, self.pooled[caption])  # (B, D)
+        return states, pooled
+
+
+@dataclass
+class EncodedData:
+    """What the diffusion stage trains on: latent posteriors of the images, and their captions."""
+
+    mean: torch.Tensor  # (N, c, h, w) posterior mean of each image, unscaled
+    std: torch.Tensor  # (N, c, h, w) posterior std
+    scale: float  # the autoencoder's scaling_factor: the U-Net sees z · scale (Rombach et al. 2022 §4.3.2)
+    captions: Captions
+
 
 def make_batch(data: EncodedData, idx: torch.Tensor, gen: torch.Generator,
                cond_dropout: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(z0, states, pooled) for examples idx: Algorithm 1, line 2, and the caption with its dropout.
 
-    z0 = (μ + σ·ε) · scale is a sample of the posterior q(z|x), scaled; one caption variant is drawn per example,
-    and replaced by the empty prompt with probability `cond_dropout` (Ho & Salimans 2022), so one network learns
-    both ε(x_t, c) and ε(x_t, ∅). Random numbers are drawn in this order for all of idx.
+    z0 = (μ + σ·ε) · scale is a sample of the posterior q(z|x), scaled. Random numbers are drawn in this order
+    (ε, then the captions' draws) for all of idx.
     """
     eps_z = torch.randn(data.mean[idx].shape, generator=gen)
     z0 = (data.mean[idx] + data.std[idx] * eps_z) * data.scale  # (B, c, h, w)
-    pick = (torch.rand(len(idx), generator=gen) * data.n_variants[idx]).long()  # one caption variant each
-    drop = torch.rand(len(idx), generator=gen) < cond_dropout  # (B,)
-    caption = data.caption_of[idx, pick]  # (B,)
-    states = torch.where(drop[:, None, None], data.null_states, data.states[caption]).float()  # (B, L, D)
-    pooled = torch.where(drop[:, None], data.null_pooled, data.pooled[caption])  # (B, D)
-    return z0, states, pooled
+    return z0, *data.captions.draw(idx, gen, cond_dropout)
 
 
 def init_from(unet: UNet, folder: str, *, allow_pickle: bool = False) -> None:
@@ -173,13 +194,8 @@ def train_diffusion(recipe: DiffusionRecipe, out: str | Path, *, resume: bool = 
     mean, std = encode_latents(vae, images, progress=progress)  # (N, c, h, w) each, unscaled
     records, report = dataset.records, dataset.report()
     del dataset, images  # training needs the latents only: the pixels (a shard set's included) are freed
-    variants = [caption_list(r, recipe.caption_variants) for r in records]  # N lists, caption first
-    states, pooled, flat_index = encode_texts(text_encoder, [c for v in variants for c in v],
-                                              progress=progress)  # (U, L, D), (U, D)
-    caption_of, n_variants = variant_table(variants, flat_index)  # (N, K) indices into states, (N,)
-    null_states, null_mask = text_encoder.encode([""])  # (1, L, D), (1, L): the empty prompt
-    data = EncodedData(mean, std, vae.config.scaling_factor, states, pooled, caption_of, n_variants,
-                       null_states.to(torch.bfloat16), mean_pool(null_states, null_mask))
+    captions = Captions.encode(text_encoder, records, recipe.caption_variants, progress=progress)
+    data = EncodedData(mean, std, vae.config.scaling_factor, captions)
     batch_fn = balanced_batches(records, recipe.balance_by, recipe.train) if recipe.balance_by else None
 
     config = UNetConfig.from_diffusers_config(recipe.model)
@@ -224,4 +240,4 @@ def train_diffusion(recipe: DiffusionRecipe, out: str | Path, *, resume: bool = 
                       export_fn=export_fn, run_config=run_config, name="diffusion", data_report=report,
                       data_fingerprint=fingerprint(records), batch_fn=batch_fn)
     result = trainer.fit(resume=resume, progress=progress, stop_at=stop_at)
-    return {**result, "n_images": len(mean), "n_captions": len(states)}
+    return {**result, "n_images": len(mean), "n_captions": len(captions.states)}

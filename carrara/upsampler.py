@@ -1,0 +1,136 @@
+"""The cascade's second stage: a text-conditioned diffusion upsampler, small image → image `factor`× bigger.
+
+Cascaded Diffusion Models (Ho et al. 2021) and Imagen (Saharia et al. 2022, §2.4–2.5): a U-Net generates the
+high-resolution image conditioned on the low-resolution one (concatenated to its input, upsampled) and on the
+text. Noise-conditioning augmentation (CDM §4.2, Imagen §2.5): in training the low-resolution image is corrupted
+by the forward process q(y_s | y) at a random level s, and s is an input of the network; at sampling, a fixed s
+is chosen, so the stage forgives the base model's artefacts instead of copying them.
+
+It works in pixel space, made cheap by a space-to-depth stem (Hoogeboom et al. 2023, "simple diffusion"): the
+(B, 3, f·h, f·w) image is denoised as a (B, 3·f², h, w) tensor, so the U-Net runs at the low resolution and the
+low-resolution image (B, 3, h, w) is concatenated channel-wise as it is, with no resampling and no autoencoder
+ceiling (docs/decisions.md, 2026-11-29, says why not a latent upsampler).
+
+    y (B, 3, h, w) ─ q(y_s | y) ─┐
+    x_t (B, 3f², h, w) ──────────┴─ cat ─► U-Net(·, t, text, class_labels=s) ─► v̂ ─► sampler ─► x_0 ─ depth-to-space ─► (B, 3, fh, fw)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from carrara.diffusion.guidance import cfg_model
+from carrara.diffusion.samplers import SAMPLERS, default_timesteps
+from carrara.diffusion.schedule import NoiseSchedule, add_noise
+from carrara.errors import CarraraError
+from carrara.io import ensure_dir, write_json_atomic
+from carrara.modelfolder import read_json_object
+from carrara.models.unet import UNet2DConditionModel as UNet
+
+KIND = "CarraraUpsampler"  # model_index.json _class_name of an upsampler folder
+
+
+@dataclass
+class UpsamplerSettings:
+    """How the stage samples; the defaults are recorded in its folder and in every PNG."""
+
+    steps: int = 10
+    sampler: str = "dpmpp"
+    guidance: float = 1.0  # w = 1: one network pass per step (the text is a weak hint here; the image leads)
+    aug_level: int = 100  # s: the forward-process step the low-resolution image is noised to (of T)
+
+
+def space_to_depth(x: torch.Tensor, f: int) -> torch.Tensor:
+    """(B, C, f·h, f·w) → (B, C·f², h, w), lossless (torch's pixel_unshuffle)."""
+    return F.pixel_unshuffle(x, f)
+
+
+def depth_to_space(x: torch.Tensor, f: int) -> torch.Tensor:
+    """(B, C·f², h, w) → (B, C, f·h, f·w), the inverse of `space_to_depth`."""
+    return F.pixel_shuffle(x, f)
+
+
+def downsample(images: torch.Tensor, f: int) -> torch.Tensor:
+    """The low-resolution image the stage is conditioned on: f×f box averages (B, 3, H/f, W/f)."""
+    return F.avg_pool2d(images, f)
+
+
+def upsampler_inputs(unet: UNet, x: torch.Tensor, t: torch.Tensor, lowres_aug: torch.Tensor, states: torch.Tensor,
+                     level: torch.Tensor) -> torch.Tensor:
+    """The network call of both training and sampling: ε/v̂(cat[x_t, y_s], t, text, s)."""
+    return unet(torch.cat([x, lowres_aug.to(x.dtype)], dim=1), t, states, class_labels=level)  # (B, 3f², h, w)
+
+
+class Upsampler:
+    """A U-Net that denoises (B, 3f², h, w) given the low-resolution image, the text and the augmentation level."""
+
+    def __init__(self, *, unet: UNet, schedule: NoiseSchedule, prediction_type: str, factor: int,
+                 settings: UpsamplerSettings | None = None):
+        c = unet.config
+        if c.class_embed_type != "timestep" or c.in_channels != 3 * factor**2 + 3 or c.out_channels != 3 * factor**2:
+            raise CarraraError(f"this U-Net is not a ×{factor} upsampler (needs class_embed_type='timestep', "
+                               f"{3 * factor**2 + 3} input and {3 * factor**2} output channels)")
+        self.unet, self.schedule, self.prediction_type, self.factor = unet.eval(), schedule, prediction_type, factor
+        self.settings = settings or UpsamplerSettings()
+
+    @classmethod
+    def load(cls, folder: str | Path, *, allow_pickle: bool = False) -> Upsampler:
+        folder = Path(folder)
+        index = read_json_object(folder / "model_index.json")
+        if index.get("_class_name") != KIND:
+            raise CarraraError(f"{folder} is not an upsampler folder (model_index.json _class_name is not {KIND})")
+        scheduler = read_json_object(folder / "scheduler" / "scheduler_config.json")
+        own = index.get("carrara", {})
+        try:
+            factor = int(own.get("factor", 2))
+            settings = UpsamplerSettings(**own.get("settings", {}))
+        except (TypeError, ValueError) as e:
+            raise CarraraError(f"{folder / 'model_index.json'}: bad upsampler settings ({e})") from None
+        unet = UNet.from_pretrained(folder / "unet", allow_pickle=allow_pickle)
+        return cls(unet=unet, schedule=NoiseSchedule.from_diffusers_config(scheduler),
+                   prediction_type=scheduler.get("prediction_type", "epsilon"), factor=factor, settings=settings)
+
+    def save(self, folder: str | Path, *, text_encoder: str) -> None:
+        """unet/, scheduler/ and model_index.json (with the factor and the sampling defaults) into `folder`."""
+        folder = Path(folder)
+        self.unet.save_pretrained(folder / "unet")
+        ensure_dir(folder / "scheduler")
+        write_json_atomic(folder / "scheduler" / "scheduler_config.json",
+                          {"_class_name": "DDIMScheduler", "clip_sample": False, **self.schedule.to_diffusers_config()})
+        write_json_atomic(folder / "model_index.json", {
+            "_class_name": KIND, "unet": ["diffusers", "UNet2DConditionModel"],
+            "scheduler": ["diffusers", "DDIMScheduler"],
+            "carrara": {"text_encoder": text_encoder, "factor": self.factor,
+                        "settings": self.settings.__dict__}})
+
+    @torch.inference_mode()
+    def __call__(self, lowres: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, *, seed: int = 0,
+                 settings: UpsamplerSettings | None = None, callback=None) -> torch.Tensor:
+        """Low-resolution images (B, 3, h, w) in [−1, 1] and text states (B, L, D) → images (B, 3, fh, fw)."""
+        s = settings or self.settings
+        if not 0 <= s.aug_level < self.schedule.T:
+            raise CarraraError(f"upsampler aug_level must be in [0, {self.schedule.T - 1}], got {s.aug_level}")
+        B, f = lowres.shape[0], self.factor
+        dtype = next(self.unet.parameters()).dtype
+        # 1. Noise-conditioning augmentation at the chosen level s: y_s ~ q(y_s | y) (CDM §4.2).
+        gens = [torch.Generator().manual_seed(seed + i) for i in range(B)]  # image i depends on seed + i only
+        level = torch.full((B,), s.aug_level, dtype=torch.long)
+        y_noise = torch.cat([torch.randn(1, *lowres.shape[1:], generator=g) for g in gens])
+        lowres_aug = add_noise(self.schedule, lowres.float(), y_noise, level)  # (B, 3, h, w)
+        # 2. x_T ~ N(0, I) in the space-to-depth layout, then the usual denoising loop.
+        shape = (3 * f * f, *lowres.shape[-2:])
+        x_T = torch.cat([torch.randn(1, *shape, generator=g) for g in gens])  # (B, 3f², h, w)
+
+        def net(x, t, c):
+            n = x.shape[0] // B  # 2 under guidance (uncond; cond), else 1
+            return upsampler_inputs(self.unet, x.to(dtype), t, lowres_aug.repeat(n, 1, 1, 1), c.to(dtype),
+                                    level.repeat(n)).float()
+
+        model = cfg_model(net, cond, uncond, s.guidance)
+        timesteps = default_timesteps(s.sampler, self.schedule, s.steps)
+        x0 = SAMPLERS[s.sampler](model, x_T, self.schedule, timesteps, prediction_type=self.prediction_type,
+                                 generator=torch.Generator().manual_seed(seed + 1_000_003), callback=callback)
+        return depth_to_space(x0, f).clamp(-1, 1)  # (B, 3, fh, fw)

@@ -1,0 +1,108 @@
+"""The cascade: the upsampler stage's network, its training step, and the pipeline that chains base → upsampler."""
+import shutil
+
+import pytest
+import torch
+from conftest import TINY_UNET
+from reference import reference_pair
+
+from carrara.errors import CarraraError
+from carrara.models import UNet2DConditionModel, UNetConfig
+from carrara.pipeline import Pipeline
+from carrara.train.core import TrainConfig
+from carrara.train.upsampler import UpsamplerRecipe, random_crops, train_upsampler
+from carrara.upsampler import Upsampler, UpsamplerSettings, depth_to_space, downsample, space_to_depth
+
+LEVELED = {**TINY_UNET, "sample_size": 8, "cross_attention_dim": 16, "class_embed_type": "timestep",
+           "in_channels": 15, "out_channels": 12}
+
+
+def test_noise_level_embedding_matches_diffusers():
+    """class_embed_type="timestep" (the augmentation level s, embedded like t) equals diffusers' U-Net."""
+    diffusers = pytest.importorskip("diffusers")
+    theirs, ours = reference_pair(diffusers.UNet2DConditionModel, UNet2DConditionModel, UNetConfig, LEVELED)
+    g = torch.Generator().manual_seed(1)
+    x, text = torch.randn(2, 15, 8, 8, generator=g), torch.randn(2, 5, 16, generator=g)
+    t, level = torch.tensor([3, 917]), torch.tensor([0, 250])
+    with torch.no_grad():
+        ref = theirs(x, t, text, class_labels=level).sample
+        assert (ours(x, t, text, class_labels=level) - ref).abs().max() <= 1e-4
+        assert (ours(x, t, text, class_labels=level.flip(0)) - ref).abs().max() > 1e-2  # the level is used
+
+
+def test_space_to_depth_is_lossless_and_crops_commute_with_downsampling():
+    x = torch.randn(3, 3, 12, 12)
+    assert space_to_depth(x, 2).shape == (3, 12, 6, 6)
+    assert torch.equal(depth_to_space(space_to_depth(x, 2), 2), x)
+    full = torch.arange(2 * 3 * 16 * 16, dtype=torch.float32).reshape(2, 3, 16, 16)
+    crops = random_crops(full, 8, 2, torch.Generator().manual_seed(0))  # (2, 3, 8, 8)
+    assert crops.shape == (2, 3, 8, 8)
+    low = downsample(full, 2)
+    for c, lo in zip(crops, low):  # each crop's low-resolution image is a window of the whole low-resolution image
+        windows = lo.unfold(1, 4, 1).unfold(2, 4, 1)  # (3, 5, 5, 4, 4)
+        match = (windows - downsample(c[None], 2)[0][:, None, None]).abs().amax((0, 3, 4)) == 0
+        assert match.any()
+
+
+@pytest.fixture(scope="module")
+def tiny_upsampler_run(tiny_shapes, tmp_path_factory):
+    """A 6-step upsampler run on tiny_shapes: 16 px → 32 px, trained on 16-px crops."""
+    run = tmp_path_factory.mktemp("up")
+    model = {**TINY_UNET, "class_embed_type": "timestep"}
+    recipe = UpsamplerRecipe(data=str(tiny_shapes), size=32, factor=2, crop=16, model=model, aug_max=200,
+                             sampling=UpsamplerSettings(steps=3, aug_level=50),
+                             train=TrainConfig(steps=6, batch_size=4, lr=1e-3, warmup_steps=1, log_every=2,
+                                               checkpoint_every=6, sample_every=6, bf16=False))
+    result = train_upsampler(recipe, run, progress=False)
+    return run, result
+
+
+def test_upsampler_stage_trains_and_saves_its_folder(tiny_upsampler_run):
+    run, result = tiny_upsampler_run
+    assert result["steps"] == 6
+    stage = Upsampler.load(run)
+    assert stage.factor == 2 and stage.settings == UpsamplerSettings(steps=3, aug_level=50)
+    assert stage.unet.config.in_channels == 15 and stage.prediction_type == "v_prediction"
+    assert (run / "samples").is_dir() and any((run / "samples").iterdir())
+
+
+@pytest.fixture(scope="module")
+def cascade(tiny_diffusion_run, tiny_upsampler_run, tmp_path_factory):
+    """The tiny base model folder with the tiny upsampler beside its unet/ and vae/."""
+    folder = tmp_path_factory.mktemp("cascade") / "model"
+    shutil.copytree(tiny_diffusion_run, folder, ignore=shutil.ignore_patterns("checkpoints", "samples"))
+    shutil.copytree(tiny_upsampler_run[0], folder / "upsampler", ignore=shutil.ignore_patterns("checkpoints", "samples"))
+    return Pipeline.load(folder, precision="fp32")
+
+
+def test_cascade_makes_the_big_image_by_default_and_the_small_one_on_request(cascade):
+    assert cascade.sizes == (16, 32)
+    big = cascade(["a red circle"], steps=2, output="tensor")
+    small = cascade(["a red circle"], steps=2, output="tensor", size=16)
+    assert big.shape == (1, 3, 32, 32) and small.shape == (1, 3, 16, 16)
+    again = cascade(["a red circle"], steps=2, output="tensor")
+    assert torch.equal(big, again)  # deterministic per seed
+    with pytest.raises(CarraraError, match="16 or 32"):
+        cascade(["a red circle"], steps=2, size=64)
+
+
+def test_cascade_image_i_depends_on_seed_plus_i_only(cascade):
+    pair = cascade(["a red circle", "a blue square"], steps=2, seed=3, output="tensor")
+    alone = cascade(["a blue square"], steps=2, seed=4, output="tensor")
+    torch.testing.assert_close(pair[1:], alone, atol=1e-5, rtol=0)
+
+
+def test_upsampler_sees_the_small_image(cascade):
+    """The stage is conditioned on its input: two different small images give two different big ones."""
+    stage = cascade.upsampler
+    states = cascade.text_encoder.encode(["a red circle"])[0]
+    a = stage(torch.full((1, 3, 16, 16), -0.8), states, states, seed=0)
+    b = stage(torch.full((1, 3, 16, 16), 0.8), states, states, seed=0)
+    assert (a - b).abs().mean() > 1e-3
+
+
+def test_progress_counts_both_stages(cascade):
+    seen = []
+    cascade(["a red circle"], steps=2, callback=lambda i, n, decode: seen.append((i, n, tuple(decode().shape))))
+    assert [(i, n) for i, n, _ in seen] == [(0, 5), (1, 5), (2, 5), (3, 5), (4, 5)]
+    assert seen[0][2] == (1, 3, 16, 16) and seen[-1][2] == (1, 3, 32, 32)  # previews at each stage's size
