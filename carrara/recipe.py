@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -79,19 +80,41 @@ def _stage_done(run_dir: Path, steps: int) -> bool:
     return ckpt is not None and int(ckpt.name.split("_")[1]) >= steps
 
 
+def _build_data(cfg: dict, folder: Path, size: int, progress: bool) -> Path:
+    """The recipe's dataset at `size` in `folder` (built once), or the user's own folder named by `dataset`."""
+    if cfg["dataset"] not in ("shapes", "emoji"):
+        return Path(cfg["dataset"])  # a user's own folder, resized on load
+    if not (folder / "metadata.jsonl").is_file():  # the recipe's own folder: no metadata.jsonl = an interrupted build
+        if cfg["dataset"] == "shapes":
+            from carrara.data.shapes import build_shapes
+
+            build_shapes(folder, n=cfg["n"], size=size, seed=cfg["seed"], progress=progress, overwrite=True)
+        else:
+            from carrara.data.emoji import build_emoji
+
+            build_emoji(folder, size=size, progress=progress, overwrite=True)
+    return folder
+
+
+STAGES = ("data", "autoencoder", "diffusion", "upsampler", "eval")
+
+
 def run_recipe(path: str | Path, out: str | Path, *, resume: bool = False, overrides: list[str] = (),
                progress: bool = True) -> dict:
-    """Build the data, train the autoencoder, train the diffusion model, evaluate — skipping what is done."""
+    """Build the data, train the autoencoder, the diffusion model and (if the recipe has one) the upsampler,
+    skipping what is done; with an upsampler, `out/model` is the cascade (base + upsampler/)."""
     from carrara.io import ensure_dir
     from carrara.train.autoencoder import AutoencoderRecipe, train_autoencoder
     from carrara.train.diffusion import DiffusionRecipe, train_diffusion
+    from carrara.train.upsampler import UpsamplerRecipe, train_upsampler
+    from carrara.upsampler import assemble_cascade
 
     table = load_recipe_file(path)
-    unknown = set(table) - {"data", "autoencoder", "diffusion", "eval"}
+    unknown = set(table) - set(STAGES)
     if unknown:
         raise CarraraError(f"recipe {path}: unknown table(s) {sorted(unknown)}")
     out = ensure_dir(out)
-    if not resume and any((out / d).exists() for d in ("autoencoder", "diffusion")):
+    if not resume and any((out / d).exists() for d in ("autoencoder", "diffusion", "upsampler")):
         raise CarraraError(f"{out} already holds runs; pass --resume to continue them, or pick another --out")
     flat = flatten(table)
     for item in overrides:
@@ -99,31 +122,28 @@ def run_recipe(path: str | Path, out: str | Path, *, resume: bool = False, overr
             raise CarraraError(f"--set expects key=value, got {item!r}")
         key, value = item.split("=", 1)
         flat[key.strip()] = _parse_value(value.strip())
-    stage = {s: {k[len(s) + 1:]: v for k, v in flat.items() if k.startswith(s + ".")} for s in table.keys() | {
-        "data", "autoencoder", "diffusion", "eval"}}
+    stage = {s: {k[len(s) + 1:]: v for k, v in flat.items() if k.startswith(s + ".")} for s in STAGES}
 
     data_cfg = {"dataset": "shapes", "n": 2000, "size": 64, "seed": 0, **stage["data"]}
-    data_dir = out / "data"
-    if not (data_dir / "metadata.jsonl").is_file():
-        if data_cfg["dataset"] == "shapes":
-            from carrara.data.shapes import build_shapes
+    data_dir = _build_data(data_cfg, out / "data", data_cfg["size"], progress)
 
-            build_shapes(data_dir, n=data_cfg["n"], size=data_cfg["size"], seed=data_cfg["seed"], progress=progress,
-                         overwrite=True)  # out/data is the recipe's own: no metadata.jsonl = an interrupted build
-        elif data_cfg["dataset"] == "emoji":
-            from carrara.data.emoji import build_emoji
-
-            build_emoji(data_dir, size=data_cfg["size"], progress=progress, overwrite=True)
-        else:
-            data_dir = Path(data_cfg["dataset"])  # a user's own folder
-
+    ae_dir = Path(stage["autoencoder"].pop("from", out / "autoencoder"))  # `from`: reuse a finished autoencoder run
     ae = apply_overrides(AutoencoderRecipe(data=str(data_dir), size=data_cfg["size"]), stage["autoencoder"])
-    if not _stage_done(out / "autoencoder", ae.train.steps):
-        train_autoencoder(ae, out / "autoencoder", resume=(out / "autoencoder" / "checkpoints").is_dir(),
-                          progress=progress)
-    dm = apply_overrides(DiffusionRecipe(data=str(data_dir), autoencoder=str(out / "autoencoder"),
-                                         size=data_cfg["size"]), stage["diffusion"])
+    if ae_dir == out / "autoencoder" and not _stage_done(ae_dir, ae.train.steps):
+        train_autoencoder(ae, ae_dir, resume=(ae_dir / "checkpoints").is_dir(), progress=progress)
+    dm = apply_overrides(DiffusionRecipe(data=str(data_dir), autoencoder=str(ae_dir), size=data_cfg["size"]),
+                         stage["diffusion"])
     if not _stage_done(out / "diffusion", dm.train.steps):
         train_diffusion(dm, out / "diffusion", resume=(out / "diffusion" / "checkpoints").is_dir(), progress=progress)
-    print(f"model ready: {out / 'diffusion'}  (try: carrara generate \"a red circle\" --model {out / 'diffusion'})")
-    return {"data": str(data_dir), "autoencoder": str(out / "autoencoder"), "diffusion": str(out / "diffusion")}
+    model = out / "diffusion"
+    if "upsampler" in table:
+        up = apply_overrides(UpsamplerRecipe(), stage["upsampler"])
+        up.data = str(_build_data(data_cfg, out / f"data{up.size}", up.size, progress))
+        if not _stage_done(out / "upsampler", up.train.steps):
+            train_upsampler(up, out / "upsampler", resume=(out / "upsampler" / "checkpoints").is_dir(),
+                            progress=progress)
+        model = out / "model"
+        shutil.rmtree(model, ignore_errors=True)  # re-assembled from the finished stages every time
+        assemble_cascade(out / "diffusion", out / "upsampler", model)
+    print(f"model ready: {model}  (try: carrara generate \"a red circle\" --model {model})")
+    return {"data": str(data_dir), "autoencoder": str(ae_dir), "diffusion": str(out / "diffusion"), "model": str(model)}

@@ -16,6 +16,7 @@ ceiling (docs/decisions.md, 2026-11-29, says why not a latent upsampler).
 """
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +63,36 @@ def upsampler_inputs(unet: UNet, x: torch.Tensor, t: torch.Tensor, lowres_aug: t
                      level: torch.Tensor) -> torch.Tensor:
     """The network call of both training and sampling: ε/v̂(cat[x_t, y_s], t, text, s)."""
     return unet(torch.cat([x, lowres_aug.to(x.dtype)], dim=1), t, states, class_labels=level)  # (B, 3f², h, w)
+
+
+MODEL_PARTS = ("model_index.json", "unet", "vae", "scheduler", "text_encoder", "tokenizer")
+
+
+def assemble_cascade(base: str | Path, upsampler: str | Path, out: str | Path) -> Path:
+    """A cascade model folder: the base model folder's parts, with the upsampler folder beside them as upsampler/.
+
+    Written into a temporary folder and renamed, so `out` is complete or absent."""
+    base, upsampler, out = Path(base), Path(upsampler), Path(out)
+    for folder, name in ((base, "base model"), (upsampler, "upsampler")):
+        if not (folder / "model_index.json").is_file():
+            raise CarraraError(f"{folder} is not a {name} folder (no model_index.json)")
+    if out.exists():
+        raise CarraraError(f"{out} already exists; remove it or pick another --out")
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for part in MODEL_PARTS:
+        src = base / part
+        if src.is_dir():
+            shutil.copytree(src, tmp / part)
+        elif src.is_file():
+            shutil.copy2(src, tmp / part)
+    (tmp / "upsampler").mkdir()
+    for part in ("model_index.json", "unet", "scheduler"):
+        src = upsampler / part
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, tmp / "upsampler" / part)
+    tmp.rename(out)
+    return out
 
 
 class Upsampler:

@@ -106,3 +106,49 @@ def test_progress_counts_both_stages(cascade):
     cascade(["a red circle"], steps=2, callback=lambda i, n, decode: seen.append((i, n, tuple(decode().shape))))
     assert [(i, n) for i, n, _ in seen] == [(0, 5), (1, 5), (2, 5), (3, 5), (4, 5)]
     assert seen[0][2] == (1, 3, 16, 16) and seen[-1][2] == (1, 3, 32, 32)  # previews at each stage's size
+
+
+def test_a_recipe_with_an_upsampler_table_builds_the_cascade(tiny_ae_run, tmp_path):
+    """`carrara recipe` reuses a finished autoencoder (`from`), trains base and upsampler, assembles out/model."""
+    import json
+
+    from carrara.recipe import run_recipe
+
+    def inline(d: dict) -> str:  # a TOML inline table (JSON values are TOML values for lists, ints and strings)
+        return "{" + ", ".join(f"{k} = {json.dumps(v)}" for k, v in d.items()) + "}"
+
+    (tmp_path / "r.toml").write_text(f"""
+[data]
+dataset = "shapes"
+n = 24
+size = 16
+[autoencoder]
+from = "{tiny_ae_run}"
+[diffusion]
+prediction_type = "v_prediction"
+pooled = true
+sample_prompts = ["a red circle"]
+model = {inline(TINY_UNET)}
+train = {{steps = 3, batch_size = 4, warmup_steps = 1, sample_every = 1000, checkpoint_every = 3, bf16 = false}}
+[upsampler]
+size = 32
+crop = 16
+model = {inline({**TINY_UNET, "class_embed_type": "timestep"})}
+sampling = {{steps = 2}}
+train = {{steps = 3, batch_size = 4, warmup_steps = 1, sample_every = 1000, checkpoint_every = 3, bf16 = false}}
+""")
+    result = run_recipe(tmp_path / "r.toml", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / "autoencoder").exists()  # reused, not retrained
+    pipe = Pipeline.load(result["model"], precision="fp32")
+    assert pipe.sizes == (16, 32) and pipe.upsampler.settings.steps == 2
+    assert pipe(["a red circle"], steps=2, output="tensor").shape == (1, 3, 32, 32)
+    again = run_recipe(tmp_path / "r.toml", tmp_path / "out", resume=True, progress=False)  # all done: re-assembles
+    assert Pipeline.load(again["model"], precision="fp32").sizes == (16, 32)
+
+
+def test_assemble_cascade_refuses_what_is_not_a_model(tiny_diffusion_run, tmp_path):
+    from carrara.upsampler import assemble_cascade
+
+    with pytest.raises(CarraraError, match="not a upsampler folder|not an upsampler folder|upsampler folder"):
+        assemble_cascade(tiny_diffusion_run, tmp_path / "nothing", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
