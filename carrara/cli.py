@@ -76,22 +76,28 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from carrara.recipe import apply_overrides
     from carrara.train import distributed
 
+    size = {"size": args.size} if args.size else {}  # else the stage's own default (64; upsampler 128)
     if args.stage == "autoencoder":
         from carrara.train.autoencoder import AutoencoderRecipe, train_autoencoder
 
-        recipe = AutoencoderRecipe(data=args.data, size=args.size)
+        recipe = AutoencoderRecipe(data=args.data, **size)
         run = train_autoencoder
     elif args.stage == "clip":
         from carrara.train.clip import ClipRecipe, train_clip
 
-        recipe = ClipRecipe(data=args.data, size=args.size)
+        recipe = ClipRecipe(data=args.data, **size)
         run = train_clip
+    elif args.stage == "upsampler":
+        from carrara.train.upsampler import UpsamplerRecipe, train_upsampler
+
+        recipe = UpsamplerRecipe(data=args.data, **size)
+        run = train_upsampler
     else:
         from carrara.train.diffusion import DiffusionRecipe, train_diffusion
 
         if not args.autoencoder:
             raise CarraraError("train diffusion needs --autoencoder RUN (a finished `carrara train autoencoder` run)")
-        recipe = DiffusionRecipe(data=args.data, autoencoder=args.autoencoder, size=args.size)
+        recipe = DiffusionRecipe(data=args.data, autoencoder=args.autoencoder, **size)
         run = functools.partial(train_diffusion, allow_pickle=args.allow_pickle)
     if args.steps is not None:
         recipe.train.steps = args.steps
@@ -151,12 +157,18 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from carrara.export import export_default, export_diffusers
     from carrara.modelfolder import PACKAGED
 
+    if args.export_command == "cascade":
+        from carrara.upsampler import assemble_cascade
+
+        out = assemble_cascade(args.base, args.upsampler, args.out)
+        print(f"wrote {out}: try carrara generate \"a cat face\" --model {out} (--size 64 for the base alone)")
+        return 0
     if args.export_command == "diffusers":
         result = export_diffusers(args.model, args.out)
         print(f"wrote {result['out']}: load it with diffusers.StableDiffusionPipeline.from_pretrained({result['out']!r})")
         return 0
     out = PACKAGED / "default" if args.into_package else args.out
-    result = export_default(args.model, out, autoencoder_run=args.autoencoder)
+    result = export_default(args.model, out, autoencoder_run=args.autoencoder, upsampler_run=args.upsampler)
     print(f"wrote {result['out']} ({result['weights_mb']:.1f} MB of fp16 weights)")
     return 0
 
@@ -206,13 +218,15 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--size", type=_positive_int, default=1000, help="samples per shard (default 1000)")
     shard.add_argument("--quiet", action="store_true", help="no progress bar")
     shard.set_defaults(func=_cmd_data_shard)
-    train = commands.add_parser("train", help="train one stage: autoencoder, then diffusion; clip for evaluation")
-    train.add_argument("stage", choices=["autoencoder", "diffusion", "clip"])
+    train = commands.add_parser("train", help="train one stage: autoencoder, then diffusion, then (for a cascade) "
+                                "upsampler; clip for evaluation")
+    train.add_argument("stage", choices=["autoencoder", "diffusion", "upsampler", "clip"])
     train.add_argument("--data", required=True, help="dataset folder (images + metadata.jsonl), "
                        "or tar shards: 'shards/{000000..000099}.tar'")
     train.add_argument("--out", required=True, help="run folder to create (or continue with --resume)")
     train.add_argument("--autoencoder", help="autoencoder run folder (diffusion stage)")
-    train.add_argument("--size", type=_positive_int, default=64, help="image side in pixels (default 64)")
+    train.add_argument("--size", type=_positive_int, default=None,
+                       help="image side in pixels (default 64; upsampler: the high-resolution side, default 128)")
     train.add_argument("--steps", type=_positive_int, help="training steps")
     train.add_argument("--batch-size", type=_positive_int, help="global batch size (shared by torchrun's processes)")
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
@@ -266,13 +280,19 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="package a trained model")
     export_cmds = export.add_subparsers(dest="export_command", metavar="FORMAT", required=True)
     default = export_cmds.add_parser("default", help="copy a diffusion run into the package as the default model (fp16)")
-    default.add_argument("--model", required=True, help="diffusion run folder")
+    default.add_argument("--model", required=True, help="diffusion run folder, or a cascade model folder")
     default.add_argument("--autoencoder", default=None, help="its autoencoder run (its log is copied too)")
+    default.add_argument("--upsampler", default=None, help="a cascade's upsampler run (its log is copied too)")
     where = default.add_mutually_exclusive_group(required=True)
     where.add_argument("--out", default=None, help="destination folder")
     where.add_argument("--into-package", action="store_true",
                        help="replace the installed package's default model (carrara/assets/default)")
     default.set_defaults(func=_cmd_export)
+    cascade = export_cmds.add_parser("cascade", help="a base model and an upsampler run as one cascade model folder")
+    cascade.add_argument("--base", required=True, help="diffusion run or model folder (the 64-px base)")
+    cascade.add_argument("--upsampler", required=True, help="`carrara train upsampler` run folder")
+    cascade.add_argument("--out", required=True, help="new folder to write")
+    cascade.set_defaults(func=_cmd_export)
     to_diffusers = export_cmds.add_parser("diffusers", help="a Stable Diffusion folder that diffusers loads offline")
     to_diffusers.add_argument("--model", required=True, help="diffusion run or model folder")
     to_diffusers.add_argument("--out", required=True, help="new folder to write")
@@ -291,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance", type=_nonnegative_float, default=None, help="classifier-free guidance w (default 4)")
     gen.add_argument("--negative", default=None, help="negative prompt (default: none)")
     gen.add_argument("--seed", type=int, default=None, help="random seed (default 0); image i uses seed + i")
+    gen.add_argument("--size", type=_positive_int, default=None, help="image side: the base model's (64), or the "
+                     "cascade's (128, the default when the model has an upsampler stage)")
     gen.add_argument("--n", type=_positive_int, default=None,
                      help="number of images (default 1, or the --from PNG's); more than 1: a grid plus one PNG each")
     gen.add_argument("-o", "--out", default=None, help="output PNG (default carrara.png; numbered if it exists)")

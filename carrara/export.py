@@ -1,8 +1,10 @@
-"""`carrara export default|diffusers`: package a trained diffusion run.
+"""`carrara export default|diffusers|cascade`: package a trained diffusion run.
 
 `default`: the packaged folder (carrara/assets/default, written by `--into-package`) is an ordinary model folder with fp16 weights (half the bytes;
 they are cast back to float32 on load) and, under training/, the run's recipe, log, metrics and loss curves,
 so the shipped weights say how they were made.
+
+`cascade`: a base model folder with an upsampler run beside it (carrara/upsampler.py `assemble_cascade`).
 
 `diffusers`: a self-contained Stable Diffusion folder that `diffusers.StableDiffusionPipeline.from_pretrained(DIR)`
 loads offline: carrara's run folder already has diffusers' unet/, vae/ and scheduler/; the export adds the text
@@ -34,9 +36,10 @@ def _copy_component(src: Path, dst: Path, dtype: torch.dtype) -> None:
 
 
 def export_default(model: str | Path, out: str | Path, *, autoencoder_run: str | Path | None = None,
-                   dtype: torch.dtype = torch.float16, max_mb: float = 60.0) -> dict:
-    """Write model folder `model` (a diffusion run) as fp16 to `out`; the package's own default model is
-    `PACKAGED / "default"`, replaced only when a caller names it (the CLI's --into-package)."""
+                   upsampler_run: str | Path | None = None, dtype: torch.dtype = torch.float16,
+                   max_mb: float = 100.0) -> dict:
+    """Write model folder `model` (a diffusion run, or a cascade with upsampler/) as fp16 to `out`; the package's
+    own default model is `PACKAGED / "default"`, replaced only when a caller names it (the CLI's --into-package)."""
     folder = resolve(model)
     out = Path(out)
     if out.exists() and not (out / "model_index.json").is_file() and (not out.is_dir() or any(out.iterdir())):
@@ -49,9 +52,16 @@ def export_default(model: str | Path, out: str | Path, *, autoencoder_run: str |
         _copy_component(folder.vae, tmp / "vae", dtype)
         shutil.copytree(folder.root / "scheduler", tmp / "scheduler")
         shutil.copy2(folder.root / "model_index.json", tmp / "model_index.json")
+        upsampler = folder.root / "upsampler"
+        if (upsampler / "model_index.json").is_file():  # a cascade: its second stage, fp16 too
+            _copy_component(upsampler / "unet", tmp / "upsampler" / "unet", dtype)
+            shutil.copytree(upsampler / "scheduler", tmp / "upsampler" / "scheduler")
+            shutil.copy2(upsampler / "model_index.json", tmp / "upsampler" / "model_index.json")
         runs = {"diffusion": folder.root}
         if autoencoder_run:
             runs["autoencoder"] = Path(autoencoder_run)
+        if upsampler_run:
+            runs["upsampler"] = Path(upsampler_run)
         for stage, run in runs.items():
             _copy_files(run, tmp / "training" / stage, TRAINING_FILES)
         size_mb = sum(f.stat().st_size for f in tmp.rglob("*.safetensors")) / 1e6

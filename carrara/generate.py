@@ -9,6 +9,7 @@ unless `--overwrite`. The folder is checked to be writable before any work, and 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -27,6 +28,7 @@ DEFAULTS = {"steps": 20, "sampler": "dpmpp", "guidance": 4.0, "negative_prompt":
 _FROM_FIELDS = {"prompt": (str, "text"), "negative_prompt": (str, "text"), "sampler": (str, "a sampler name"),
                 "precision": (str, "a precision name"), "model": (str, "a model path"), "model_hash": (str, "text"),
                 "steps": (int, "a whole number"), "seed": (int, "a whole number"), "n": (int, "a whole number"),
+                "size": (int, "a whole number"),
                 "guidance": ((int, float), "a number")}
 
 
@@ -49,12 +51,13 @@ def _settings(args: argparse.Namespace, meta: dict | None) -> tuple[dict, str]:
     base = dict(DEFAULTS)
     model = "default"
     if meta is not None:
-        base.update({k: meta[k] for k in ("prompt", "steps", "sampler", "guidance", "negative_prompt", "seed", "n")
-                     if k in meta})
+        base.update({k: meta[k] for k in ("prompt", "steps", "sampler", "guidance", "negative_prompt", "seed", "n",
+                                          "size") if k in meta})
         base["precision"] = meta.get("precision", "fp32")  # PNGs from before the precision option were fp32
         model = meta.get("model", model)
     flags = {"prompt": args.prompt, "steps": args.steps, "sampler": args.sampler, "guidance": args.guidance,
-             "negative_prompt": args.negative, "seed": args.seed, "precision": args.precision, "n": args.n}
+             "negative_prompt": args.negative, "seed": args.seed, "precision": args.precision, "n": args.n,
+             "size": args.size}
     base.update({k: v for k, v in flags.items() if v is not None})
     if args.model is not None:
         model = args.model
@@ -117,7 +120,7 @@ def generate_command(args: argparse.Namespace) -> int:
             bar.update(i - bar.n)  # called before step i: i steps are done
 
         images = pipe([s["prompt"]] * s["n"], steps=s["steps"], sampler=s["sampler"], guidance=s["guidance"],
-                      negative_prompt=s["negative_prompt"], seed=s["seed"], callback=progress)
+                      negative_prompt=s["negative_prompt"], seed=s["seed"], callback=progress, size=s.get("size"))
         bar.update(bar.total - bar.n)
     t2 = time.perf_counter()
     recorded = (meta or {}).get("model_hash")
@@ -125,7 +128,10 @@ def generate_command(args: argparse.Namespace) -> int:
         print(f"carrara: warning: {args.from_png} was made by model {recorded}, this is {pipe.model_hash}",
               file=sys.stderr)
     model_ref = model if model == "default" else str(Path(model).resolve())
-    metadata = {**s, "precision": pipe.precision, "model": model_ref, "model_hash": pipe.model_hash}
+    metadata = {**s, "precision": pipe.precision, "model": model_ref, "model_hash": pipe.model_hash,
+                "size": images[0].width}
+    if images[0].width != pipe.sizes[0]:  # made by the cascade: its second stage's settings, for the record
+        metadata["upsampler"] = dataclasses.asdict(pipe.upsampler.settings)
     names = _output_names(out, len(images))
     files = [(names[0], images[0] if len(images) == 1 else image_grid(images), metadata)]
     files += [(name, image, {**metadata, "seed": s["seed"] + i, "n": 1})

@@ -152,3 +152,37 @@ def test_assemble_cascade_refuses_what_is_not_a_model(tiny_diffusion_run, tmp_pa
     with pytest.raises(CarraraError, match="not a upsampler folder|not an upsampler folder|upsampler folder"):
         assemble_cascade(tiny_diffusion_run, tmp_path / "nothing", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_cli_trains_assembles_exports_and_generates_the_cascade(tiny_shapes, tiny_diffusion_run, tmp_path):
+    """`carrara train upsampler`, `export cascade`, `generate --size`, `export default` of a cascade, end to end."""
+    import json
+
+    from carrara.cli import main
+    from carrara.png import read_png_metadata
+
+    model = json.dumps({**TINY_UNET, "class_embed_type": "timestep"})
+    assert main(["train", "upsampler", "--data", str(tiny_shapes), "--size", "32", "--out", str(tmp_path / "up"),
+                 "--steps", "2", "--batch-size", "4", "--quiet", "--set", "crop=16", "--set", f"model={model}",
+                 "--set", "sampling.steps=2", "--set", "train.bf16=false", "--set", "train.warmup_steps=1"]) == 0
+    assert main(["export", "cascade", "--base", str(tiny_diffusion_run), "--upsampler", str(tmp_path / "up"),
+                 "--out", str(tmp_path / "cascade")]) == 0
+    for size in (16, 32):
+        out = tmp_path / f"img{size}.png"
+        argv = ["generate", "a red circle", "--model", str(tmp_path / "cascade"), "--steps", "2", "--quiet",
+                "--precision", "fp32", "-o", str(out)]
+        assert main(argv + (["--size", "16"] if size == 16 else [])) == 0
+        meta = read_png_metadata(out)
+        assert meta["size"] == size and ("upsampler" in meta) == (size == 32)
+        assert main(["generate", "--from", str(out), "--quiet", "-o", str(tmp_path / f"again{size}.png")]) == 0
+        from PIL import Image
+        assert Image.open(out).size == (size, size)
+        assert Image.open(out).tobytes() == Image.open(tmp_path / f"again{size}.png").tobytes()
+    assert main(["export", "default", "--model", str(tmp_path / "cascade"), "--upsampler", str(tmp_path / "up"),
+                 "--out", str(tmp_path / "packaged")]) == 0
+    packaged = Pipeline.load(tmp_path / "packaged", precision="fp32")
+    assert packaged.sizes == (16, 32)
+    assert (tmp_path / "packaged" / "training" / "upsampler" / "log.txt").is_file()
+    from safetensors import safe_open
+    with safe_open(tmp_path / "packaged" / "upsampler" / "unet" / "diffusion_pytorch_model.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
