@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 FONT   := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: setup test test-slow demo lint clean
+.PHONY: setup test test-avx2 test-slow demo lint clean
 
 setup: $(STAMP) $(FONT) $(CHROMIUM)
 
@@ -37,6 +37,13 @@ $(CHROMIUM):
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+# The suite on the AVX2 kind's code paths from any CPU: PyTorch's AVX2 kernels, oneDNN capped at AVX2, and
+# carrara's fp32 path (CARRARA_BF16=0; an AVX-512 BF16 CPU would otherwise pick bf16). See docs/performance.md.
+AVX2 := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 CARRARA_BF16=0
+
+test-avx2: setup
+	$(AVX2) HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 test-slow: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m slow
