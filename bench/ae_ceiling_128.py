@@ -10,9 +10,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from carrara.data.folder import load_dataset
+from carrara.data.load import load_dataset
+from carrara.images import to_model_range
 from carrara.models.autoencoder import AutoencoderKL
-from carrara.train.cache import to_model_range
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from carrara.io import write_json_atomic
+from carrara.fileio import write_json_atomic
 
 
 def wall(cmd: list[str]) -> tuple[float, str]:

@@ -15,7 +15,7 @@ import torch
 from carrara.data import shapes
 from carrara.evaluate.detector import detect
 from carrara.evaluate.faithfulness import sample_prompts
-from carrara.io import write_json_atomic
+from carrara.fileio import write_json_atomic
 
 
 def main() -> None:

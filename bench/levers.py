@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from carrara.io import write_json_atomic
+from carrara.fileio import write_json_atomic
 from carrara.modelfolder import resolve
 from carrara.models.unet import UNet2DConditionModel
 

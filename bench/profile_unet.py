@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from carrara.io import write_json_atomic
+from carrara.fileio import write_json_atomic
 from carrara.pipeline import Pipeline
 
 

@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 
 from carrara.data.emoji import build_emoji
 from carrara.export import export_default
-from carrara.io import write_json_atomic
+from carrara.fileio import write_json_atomic
 from carrara.modelfolder import PACKAGED
 from carrara.recipe import apply_overrides, flatten, load_recipe_file
 from carrara.train.autoencoder import AutoencoderRecipe, train_autoencoder

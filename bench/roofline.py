@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from carrara.diffusion.objectives import diffusion_loss, sample_t_and_noise
 from carrara.diffusion.schedule import NoiseSchedule
-from carrara.io import write_json_atomic
+from carrara.fileio import write_json_atomic
 from carrara.modelfolder import resolve
 from carrara.models.config import UNetConfig
 from carrara.models.unet import UNet2DConditionModel

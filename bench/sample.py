@@ -23,7 +23,7 @@ import torch
 
 from carrara.diffusion.samplers import default_timesteps
 from carrara.export import export_diffusers
-from carrara.io import write_json_atomic
+from carrara.fileio import write_json_atomic
 from carrara.pipeline import Pipeline
 
 PROMPTS = ["cat face", "a red sports car", "pizza", "a snowman in the snow", "red heart", "rocket",

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from carrara.data.shapes import build_shapes
-from carrara.io import write_json_atomic
+from carrara.fileio import write_json_atomic
 
 MODEL = {"block_out_channels": [32, 64], "layers_per_block": 1, "norm_num_groups": 8,
          "down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2}

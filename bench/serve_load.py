@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import httpx
 import numpy as np
 
-from carrara.io import ensure_dir, write_json_atomic
+from carrara.fileio import ensure_dir, write_json_atomic
 from carrara.serve.app import is_loopback
 
 PROMPTS = ["a happy kitty", "red heart", "a red sports car", "a snowman in the snow"]

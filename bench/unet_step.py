@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from carrara.io import write_json_atomic
+from carrara.fileio import write_json_atomic
 from carrara.models.config import default_unet_config
 from carrara.models.unet import UNet2DConditionModel
 

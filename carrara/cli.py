@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import carrara
+from carrara.diffusion.settings import DEFAULTS, SAMPLER_NAMES
 from carrara.errors import CarraraError
 
 
@@ -38,7 +39,7 @@ def _cmd_data_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_info(args: argparse.Namespace) -> int:
-    from carrara.data.folder import load_dataset
+    from carrara.data.load import load_dataset
 
     ds = load_dataset(args.path)
     print(f"{args.path}: {len(ds)} images")
@@ -148,9 +149,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval_faithfulness(args: argparse.Namespace) -> int:
-    from carrara.evaluate.faithfulness import faithfulness_command
+    from carrara.evaluate.faithfulness import faithfulness_report, format_report
 
-    return faithfulness_command(args)
+    report = faithfulness_report(args.model, args.n, args.guidance, steps=args.steps, sampler=args.sampler,
+                                 seed=args.seed, out=args.out, progress=not args.quiet, allow_pickle=args.allow_pickle)
+    print(format_report(report))
+    if args.out:
+        print(f"wrote {args.out}")
+    return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -180,9 +186,38 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from carrara.serve.app import serve_command
+    """Load the model, then serve the page and API until Ctrl-C."""
+    from carrara.pipeline import Pipeline
+    from carrara.serve.app import LOOPBACK_HOSTS, create_app, is_loopback, listen, server
 
-    return serve_command(args)
+    loopback = is_loopback(args.host)
+    if not loopback:
+        print(f"carrara: warning: serving on {args.host}: anyone who can reach port {args.port} can generate images "
+              "and read the gallery (there is no authentication)", file=sys.stderr)
+    sock = listen(args.host, args.port)
+    try:
+        pipe = Pipeline.load(args.model, allow_pickle=args.allow_pickle)
+        app = create_app(pipe, args.data_dir, allowed_hosts=LOOPBACK_HOSTS if loopback else None)
+        host, port = sock.getsockname()[:2]
+        url_host = f"[{host}]" if ":" in host else host
+        print(f"carrara serve: model {app.state.jobs.model_ref} ({pipe.model_hash}) on http://{url_host}:{port}/ "
+              f"— gallery in {Path(args.data_dir).resolve()}; Ctrl-C stops", flush=True)
+        print(f"carrara serve: {app.state.gallery.summary()}", flush=True)
+        server(app).run(sockets=[sock])
+    finally:
+        sock.close()
+    return 0
+
+
+def _sampling_flags(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """--steps, --sampler, --guidance with the defaults of diffusion/settings.py (as values, or only in the help)."""
+    d = DEFAULTS
+    parser.add_argument("--steps", type=_positive_int, default=d.steps if defaults else None,
+                        help=f"denoising steps (default {d.steps})")
+    parser.add_argument("--sampler", choices=SAMPLER_NAMES, default=d.sampler if defaults else None,
+                        help=f"default {d.sampler}")
+    parser.add_argument("--guidance", type=_nonnegative_float, default=d.guidance if defaults else None,
+                        help=f"classifier-free guidance w (default {d.guidance:g})")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -255,9 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--prompts", default=None, help="text file of prompts to generate from (default: the data's captions)")
     ev.add_argument("--clip", help="a `carrara train clip` run: features for FD/KID and the CLIP score")
     ev.add_argument("--inception-weights", help="pytorch-fid's pt_inception-2015-12-05 file: FID on Inception-v3")
-    ev.add_argument("--guidance", type=_nonnegative_float, default=4.0, help="guidance w (default 4)")
-    ev.add_argument("--steps", type=_positive_int, default=20, help="sampling steps (default 20)")
-    ev.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp"], default="dpmpp", help="default dpmpp")
+    _sampling_flags(ev, defaults=True)
     ev.add_argument("--seed", type=int, default=0, help="seed for captions and noise (default 0)")
     ev.add_argument("--bootstrap", type=_positive_int, default=50, help="bootstrap resamples for intervals (50)")
     ev.add_argument("--out", help="report folder: metrics.json, report.html, samples.png")
@@ -267,11 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev_cmds = ev.add_subparsers(dest="eval_command", metavar="METRIC", required=False, parser_class=_Parser)
     faith = ev_cmds.add_parser("faithfulness", help="share of generated shapes with the right color/position/size/shape")
     faith.add_argument("--model", required=True, help="model or run folder trained on shapes")
-    faith.add_argument("--n", type=_positive_int, default=None, help="prompts per setting (default 200)")
-    faith.add_argument("--guidance", type=_nonnegative_float, default=None, help="guidance w (default 4)")
-    faith.add_argument("--steps", type=_positive_int, default=None, help="sampling steps (default 20)")
-    faith.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp"], default=None, help="default dpmpp")
-    faith.add_argument("--seed", type=int, default=None, help="seed for prompts and noise (default 0)")
+    faith.add_argument("--n", type=_positive_int, default=200, help="prompts per setting (default 200)")
+    _sampling_flags(faith, defaults=True)
+    faith.add_argument("--seed", type=int, default=0, help="seed for prompts and noise (default 0)")
     faith.add_argument("--out", default=None, help="write the report JSON here")
     faith.add_argument("--allow-pickle", action="store_true", help="let the model's weights be pickles (.bin), read weights-only; default: safetensors only")
     faith.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -306,9 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(out-00001-0.png … for the single images) unless --overwrite.")
     gen.add_argument("prompt", nargs="?", help="what to draw")
     gen.add_argument("--model", default=None, help="model or run folder (default: the packaged model)")
-    gen.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default 20)")
-    gen.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp"], default=None, help="default dpmpp")
-    gen.add_argument("--guidance", type=_nonnegative_float, default=None, help="classifier-free guidance w (default 4)")
+    _sampling_flags(gen, defaults=False)  # None = not given: --from's value, else the default
     gen.add_argument("--negative", default=None, help="negative prompt (default: none)")
     gen.add_argument("--seed", type=int, default=None, help="random seed (default 0); image i uses seed + i")
     gen.add_argument("--size", type=_positive_int, default=None, help="image side: the base model's (64), or the "

@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
+from carrara.diffusion.settings import DEFAULTS
 from carrara.errors import CarraraError
 
 SHAPES_PROMPTS = [
@@ -37,10 +39,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="which 16 prompts (default: emoji; shapes for the demo's own shapes model)")
     parser.add_argument("--out", default="demo/grid.png", help="where the grid goes (default: demo/grid.png)")
     args = parser.parse_args(argv)
+    from carrara.images import image_grid
     from carrara.modelfolder import PACKAGED
     from carrara.pipeline import Pipeline
     from carrara.png import save_png
-    from carrara.utils.grid import image_grid
 
     out_dir = Path("demo")
     try:
@@ -61,17 +63,17 @@ def main(argv: list[str] | None = None) -> int:
         pipe = Pipeline.load(model)
         pipe(prompts[:1], steps=2)  # warm-up, so the timing below is steady-state
         t0 = time.perf_counter()
-        images = pipe(prompts, steps=20, sampler="dpmpp", guidance=4.0, seed=0)
+        images = pipe(prompts, seed=0)  # the default settings (diffusion/settings.py)
         per_image = (time.perf_counter() - t0) / len(prompts)
     except CarraraError as e:
         print(f"carrara demo: error: {e}", file=sys.stderr)
         return 2
     grid = Path(args.out)
     grid.parent.mkdir(parents=True, exist_ok=True)
-    save_png(grid, image_grid(images, rows=4, labels=prompts, scale=2), {"prompts": prompts, "model": str(model), "steps": 20,
-                                                "sampler": "dpmpp", "guidance": 4.0, "seed": 0})
+    save_png(grid, image_grid(images, rows=4, labels=prompts, scale=2), {"prompts": prompts, "model": str(model),
+                                                **{k: v for k, v in asdict(DEFAULTS).items() if k != "prompt"}})
     print(f"wrote {grid.resolve()}: {len(prompts)} prompts, {per_image:.2f} s per image "
-          f"(batch of {len(prompts)}, 20 DPM-Solver++ steps, guidance 4)")
+          f"(batch of {len(prompts)}, {DEFAULTS.steps} {DEFAULTS.sampler} steps, guidance {DEFAULTS.guidance:g})")
     for i, p in enumerate(prompts):
         print(f"  {i // 4},{i % 4}: {p}")
     return 0

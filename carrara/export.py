@@ -92,7 +92,7 @@ def export_diffusers(model: str | Path, out: str | Path) -> dict:
     """Write model folder `model` as a diffusers StableDiffusionPipeline folder at `out` (text encoder included)."""
     import json
 
-    from carrara.io import write_json_atomic
+    from carrara.fileio import write_json_atomic
     from carrara.text.encoder import TextEncoder, resolve_folders
 
     folder = resolve(model)

@@ -20,10 +20,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from carrara.diffusion.settings import DEFAULTS as SETTINGS
+from carrara.diffusion.settings import GenerationSettings
 from carrara.errors import CarraraError
 
-DEFAULTS = {"steps": 20, "sampler": "dpmpp", "guidance": 4.0, "negative_prompt": "", "seed": 0, "precision": "auto",
-            "n": 1}
+DEFAULTS = {**dataclasses.asdict(SETTINGS), "precision": "auto", "n": 1}
 # What --from accepts in a PNG's metadata: field → (Python types, how the error names it).
 _FROM_FIELDS = {"prompt": (str, "text"), "negative_prompt": (str, "text"), "sampler": (str, "a sampler name"),
                 "precision": (str, "a precision name"), "model": (str, "a model path"), "model_hash": (str, "text"),
@@ -101,9 +102,9 @@ def _check_writable(out: Path) -> None:
 
 
 def generate_command(args: argparse.Namespace) -> int:
-    from carrara.pipeline import GenerationSettings, Pipeline
+    from carrara.images import image_grid
+    from carrara.pipeline import Pipeline
     from carrara.png import save_pngs
-    from carrara.utils.grid import image_grid
 
     meta = _read_from(args.from_png) if args.from_png else None
     s, model = _settings(args, meta)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from carrara.errors import CarraraError
-from carrara.io import write_json_atomic
+from carrara.fileio import write_json_atomic
 
 PACKAGED = Path(__file__).parent / "assets"
 

@@ -1,97 +1,39 @@
-"""Text → image: encode the prompt, start from noise, denoise with guidance, decode (seeds/001).
+"""Text → image: encode the prompt, start from noise, denoise with guidance, decode (Rombach et al. 2022, Fig. 3);
+a cascade then runs its upsampler on the small image (Ho et al. 2021; carrara/upsampler.py).
 
 The denoising loop is written out once, in `Pipeline.__call__`, and training's sample grids use it.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
+from carrara.diffusion.guidance import cfg_model
+from carrara.diffusion.samplers import SAMPLERS, SchedulerOptions, sampling_plan
+from carrara.diffusion.schedule import NoiseSchedule
+from carrara.diffusion.settings import DEFAULTS, GenerationSettings
 from carrara.errors import CarraraError
-from carrara.text.encoder import mean_pool
+from carrara.hardware import cpu_supports_bf16
+from carrara.images import to_pil
+from carrara.modelfolder import resolve
+from carrara.models.autoencoder import AutoencoderKL
+from carrara.models.unet import UNet2DConditionModel as UNet
+from carrara.text.encoder import TextEncoder, mean_pool
 from carrara.upsampler import Upsampler, UpsamplerSettings, depth_to_space
 
-if TYPE_CHECKING:
-    from carrara.diffusion.schedule import NoiseSchedule
-
-MAX_STEPS = 1000
 MAX_BATCH = 64
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def resolve_precision(precision: str) -> str:
-    """"auto" → "bf16" where the CPU has native bf16 dot products (measured 1.4–1.7× faster), else "fp32"."""
-    from carrara.utils.hardware import cpu_supports_bf16
-
+    """"auto" → "bf16" where the CPU has native bf16 dot products (docs/performance.md measures both), else "fp32"."""
     if precision not in PRECISIONS:
         raise CarraraError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if precision == "auto":
         return "bf16" if cpu_supports_bf16() else "fp32"
     return precision
-
-
-@dataclass
-class GenerationSettings:
-    """Everything that decides the pixels besides the model; recorded in every PNG."""
-
-    prompt: str
-    negative_prompt: str = ""
-    steps: int = 20
-    sampler: str = "dpmpp"
-    guidance: float = 4.0
-    seed: int = 0
-
-    def validate(self) -> None:
-        from carrara.diffusion.samplers import SAMPLERS
-
-        if not isinstance(self.prompt, str):
-            raise CarraraError("the prompt must be text")
-        if not 1 <= self.steps <= MAX_STEPS:
-            raise CarraraError(f"--steps must be between 1 and {MAX_STEPS}, got {self.steps}")
-        if self.sampler not in SAMPLERS:
-            raise CarraraError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        if not 0.0 <= self.guidance <= 50.0:
-            raise CarraraError(f"--guidance must be between 0 and 50, got {self.guidance}")
-        if not 0 <= self.seed < 2**63:
-            raise CarraraError(f"--seed must be between 0 and 2^63-1, got {self.seed}")
-
-
-@dataclass(frozen=True)
-class DDIMSettings:
-    """DDIM's timestep grid and end point as a diffusers scheduler_config.json sets them (its keys and defaults).
-
-    The defaults are diffusers' DDIMScheduler defaults, which are also carrara's own: the "leading" grid
-    t = 0, k, 2k, … (k = T // steps) and ᾱ = 1, clean data, after the last step. Stable Diffusion's configs say
-    steps_offset=1 (t = 1, 1 + k, …) and set_alpha_to_one=False: the last step ends at ᾱ_0 and that latent is
-    decoded, as diffusers' DDIMScheduler does. Reading both makes an SD folder give diffusers' image; carrara's
-    run folders write neither key, so they sample as before. Only DDIM reads them, as only diffusers' DDIM does.
-    """
-
-    steps_offset: int = 0
-    set_alpha_to_one: bool = True
-
-    def __post_init__(self):
-        if not isinstance(self.steps_offset, int) or isinstance(self.steps_offset, bool) or self.steps_offset < 0:
-            raise CarraraError(f"scheduler config steps_offset={self.steps_offset!r} must be an integer ≥ 0")
-        if not isinstance(self.set_alpha_to_one, bool):
-            raise CarraraError(f"scheduler config set_alpha_to_one={self.set_alpha_to_one!r} must be true or false")
-
-    @classmethod
-    def from_scheduler_config(cls, config: dict) -> DDIMSettings:
-        return cls(**{f.name: config[f.name] for f in fields(cls) if f.name in config})
-
-    def timesteps(self, schedule: NoiseSchedule, steps: int) -> list[int]:
-        """The "leading" grid 0, k, 2k, … + steps_offset, descending (diffusers' DDIMScheduler.set_timesteps)."""
-        from carrara.diffusion.schedule import timesteps
-        return timesteps(schedule, steps, "leading", steps_offset=self.steps_offset)
-
-    def final_alpha_bar(self, schedule: NoiseSchedule) -> float:
-        """ᾱ after the last step: 1, or ᾱ_0 when set_alpha_to_one is false (DDIMScheduler's final_alpha_cumprod)."""
-        return 1.0 if self.set_alpha_to_one else float(schedule.alphas_cumprod[0])
 
 
 def _check_finite(x: torch.Tensor, part: str) -> torch.Tensor:
@@ -104,12 +46,13 @@ def _check_finite(x: torch.Tensor, part: str) -> torch.Tensor:
 class Pipeline:
     """A text encoder, a U-Net noise predictor, a noise schedule and an autoencoder's decoder."""
 
-    def __init__(self, *, unet, vae, text_encoder, schedule, prediction_type, model_hash: str = "", name: str = "",
-                 ddim: DDIMSettings | None = None, precision: str = "fp32", upsampler: Upsampler | None = None):
+    def __init__(self, *, unet, vae, text_encoder, schedule: NoiseSchedule, model_hash: str = "", name: str = "",
+                 scheduler_options: SchedulerOptions | None = None, precision: str = "fp32",
+                 upsampler: Upsampler | None = None):
         self.unet, self.vae, self.text_encoder = unet.eval(), vae.eval(), text_encoder
         self.upsampler = upsampler  # the cascade's second stage (carrara/upsampler.py), or None
-        self.schedule, self.prediction_type = schedule, prediction_type
-        self.ddim = ddim or DDIMSettings()
+        self.schedule = schedule  # ᾱ_t and what the U-Net predicts (schedule.prediction_type)
+        self.scheduler_options = scheduler_options or SchedulerOptions()
         self.model_hash, self.name = model_hash, name
         self.precision = resolve_precision(precision)
         # bf16 weights (not autocast: no per-step casts of the weights) for the U-Net, which does ~all the work;
@@ -127,12 +70,6 @@ class Pipeline:
         Weights are read from safetensors only, unless allow_pickle lets `.bin` files be read weights-only.
         precision: "fp32", "bf16" (U-Net weights in bf16) or "auto" (bf16 where the CPU has native bf16)."""
         precision = resolve_precision(precision)
-        from carrara.diffusion.schedule import NoiseSchedule
-        from carrara.modelfolder import resolve
-        from carrara.models.autoencoder import AutoencoderKL
-        from carrara.models.unet import UNet2DConditionModel as UNet
-        from carrara.text.encoder import TextEncoder
-
         folder = resolve(path)
         unet = UNet.from_pretrained(folder.unet, allow_pickle=allow_pickle)
         vae = AutoencoderKL.from_pretrained(folder.vae, allow_pickle=allow_pickle)
@@ -141,7 +78,6 @@ class Pipeline:
             raise CarraraError(f"text encoder gives {text_encoder.dim}-dim states but the U-Net expects "
                                f"{unet.config.cross_attention_dim}")
         schedule = NoiseSchedule.from_diffusers_config(folder.scheduler_config)
-        prediction_type = folder.scheduler_config.get("prediction_type", "epsilon")
         upsampler = None  # a cascade folder holds its second stage beside unet/ and vae/
         if (folder.root / "upsampler" / "model_index.json").is_file():
             upsampler = Upsampler.load(folder.root / "upsampler", allow_pickle=allow_pickle)
@@ -149,9 +85,9 @@ class Pipeline:
                 raise CarraraError(f"{folder.root / 'upsampler'} expects {upsampler.unet.config.cross_attention_dim}-dim "
                                    f"text states but the text encoder gives {text_encoder.dim}")
         return cls(unet=unet, vae=vae, text_encoder=text_encoder, schedule=schedule,
-                   prediction_type=prediction_type, model_hash=folder.unet_hash(allow_pickle=allow_pickle), name=str(path),
-                   ddim=DDIMSettings.from_scheduler_config(folder.scheduler_config), precision=precision,
-                   upsampler=upsampler)
+                   model_hash=folder.unet_hash(allow_pickle=allow_pickle), name=str(path),
+                   scheduler_options=SchedulerOptions.from_scheduler_config(folder.scheduler_config),
+                   precision=precision, upsampler=upsampler)
 
     def latent_shape(self) -> tuple[int, int, int]:
         c = self.unet.config
@@ -164,8 +100,8 @@ class Pipeline:
         return (base,) if self.upsampler is None else (base, base * self.upsampler.factor)
 
     @torch.inference_mode()
-    def __call__(self, prompts: list[str] | str, *, steps: int = 20, sampler: str = "dpmpp",
-                 guidance: float = 4.0, negative_prompt: str = "", seed: int = 0,
+    def __call__(self, prompts: list[str] | str, *, steps: int = DEFAULTS.steps, sampler: str = DEFAULTS.sampler,
+                 guidance: float = DEFAULTS.guidance, negative_prompt: str = "", seed: int = 0,
                  callback: Callable | None = None, output: str = "pil", size: int | None = None,
                  upsampler: UpsamplerSettings | None = None):
         """Generate one image per prompt; image i uses seed + i, so any image can be made again alone.
@@ -173,10 +109,6 @@ class Pipeline:
         output: "pil" images, "tensor" (B, 3, H, W) in [−1, 1], or "latent" (B, c, h, w) before decoding.
         size: one of `self.sizes` (default the largest): a cascade runs its upsampler after the base.
         """
-        from carrara.diffusion.guidance import cfg_model
-        from carrara.diffusion.samplers import SAMPLERS, default_timesteps
-        from carrara.utils.grid import to_pil
-
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not 1 <= len(prompts) <= MAX_BATCH:
             raise CarraraError(f"give between 1 and {MAX_BATCH} prompts, got {len(prompts)}")
@@ -198,16 +130,12 @@ class Pipeline:
         # 3. Denoise with classifier-free guidance: ε̃ = ε(∅) + w·(ε(c) − ε(∅)).
         model = cfg_model(lambda x, t, c: self.unet(x.to(dtype), t, c[0], class_labels=c[1] if len(c) > 1 else None
                                                     ).float(), cond, uncond, guidance)
-        if sampler == "ddim":  # the folder's grid and end point (DDIMSettings; SD: t = 1, 1 + k, …, ending at ᾱ_0)
-            timesteps = self.ddim.timesteps(self.schedule, steps)
-            options = {"final_alpha_bar": self.ddim.final_alpha_bar(self.schedule)}
-        else:
-            timesteps, options = default_timesteps(sampler, self.schedule, steps), {}
+        timesteps, options = sampling_plan(sampler, self.schedule, steps, self.scheduler_options)
         decode_cb = None
         if callback is not None:
             def decode_cb(i, t, x_t, x0_hat):
                 callback(i, total, lambda: self.decode(x0_hat))
-        z0 = SAMPLERS[sampler](model, x_T, self.schedule, timesteps, prediction_type=self.prediction_type,
+        z0 = SAMPLERS[sampler](model, x_T, self.schedule, timesteps,
                                generator=torch.Generator().manual_seed(seed), callback=decode_cb, **options)
         _check_finite(z0, "U-Net")
         if output == "latent":

@@ -8,7 +8,7 @@ from pathlib import Path
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from carrara.errors import CarraraError
-from carrara.io import atomic_path
+from carrara.fileio import atomic_path
 
 KEY = "carrara"
 

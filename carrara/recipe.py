@@ -103,7 +103,7 @@ def run_recipe(path: str | Path, out: str | Path, *, resume: bool = False, overr
                progress: bool = True) -> dict:
     """Build the data, train the autoencoder, the diffusion model and (if the recipe has one) the upsampler,
     skipping what is done; with an upsampler, `out/model` is the cascade (base + upsampler/)."""
-    from carrara.io import ensure_dir
+    from carrara.fileio import ensure_dir
     from carrara.train.autoencoder import AutoencoderRecipe, train_autoencoder
     from carrara.train.diffusion import DiffusionRecipe, train_diffusion
     from carrara.train.upsampler import UpsamplerRecipe, train_upsampler

@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from carrara.diffusion.guidance import cfg_model
 from carrara.diffusion.samplers import SAMPLERS, default_timesteps
 from carrara.diffusion.schedule import NoiseSchedule, add_noise
+from carrara.diffusion.settings import DEFAULTS
 from carrara.errors import CarraraError
-from carrara.io import ensure_dir, write_json_atomic
+from carrara.fileio import ensure_dir, write_json_atomic
 from carrara.modelfolder import read_json_object
 from carrara.models.unet import UNet2DConditionModel as UNet
 
@@ -39,7 +40,7 @@ class UpsamplerSettings:
     """How the stage samples; the defaults are recorded in its folder and in every PNG."""
 
     steps: int = 10
-    sampler: str = "dpmpp"
+    sampler: str = DEFAULTS.sampler
     guidance: float = 1.0  # w = 1: one network pass per step (the text is a weak hint here; the image leads)
     aug_level: int = 100  # s: the forward-process step the low-resolution image is noised to (of T)
 
@@ -98,13 +99,12 @@ def assemble_cascade(base: str | Path, upsampler: str | Path, out: str | Path) -
 class Upsampler:
     """A U-Net that denoises (B, 3f², h, w) given the low-resolution image, the text and the augmentation level."""
 
-    def __init__(self, *, unet: UNet, schedule: NoiseSchedule, prediction_type: str, factor: int,
-                 settings: UpsamplerSettings | None = None):
+    def __init__(self, *, unet: UNet, schedule: NoiseSchedule, factor: int, settings: UpsamplerSettings | None = None):
         c = unet.config
         if c.class_embed_type != "timestep" or c.in_channels != 3 * factor**2 + 3 or c.out_channels != 3 * factor**2:
             raise CarraraError(f"this U-Net is not a ×{factor} upsampler (needs class_embed_type='timestep', "
                                f"{3 * factor**2 + 3} input and {3 * factor**2} output channels)")
-        self.unet, self.schedule, self.prediction_type, self.factor = unet.eval(), schedule, prediction_type, factor
+        self.unet, self.schedule, self.factor = unet.eval(), schedule, factor  # schedule.prediction_type: ε or v
         self.settings = settings or UpsamplerSettings()
 
     @classmethod
@@ -121,8 +121,7 @@ class Upsampler:
         except (TypeError, ValueError) as e:
             raise CarraraError(f"{folder / 'model_index.json'}: bad upsampler settings ({e})") from None
         unet = UNet.from_pretrained(folder / "unet", allow_pickle=allow_pickle)
-        return cls(unet=unet, schedule=NoiseSchedule.from_diffusers_config(scheduler),
-                   prediction_type=scheduler.get("prediction_type", "epsilon"), factor=factor, settings=settings)
+        return cls(unet=unet, schedule=NoiseSchedule.from_diffusers_config(scheduler), factor=factor, settings=settings)
 
     def save(self, folder: str | Path, *, text_encoder: str) -> None:
         """unet/, scheduler/ and model_index.json (with the factor and the sampling defaults) into `folder`."""
@@ -162,6 +161,6 @@ class Upsampler:
 
         model = cfg_model(net, cond, uncond, s.guidance)
         timesteps = default_timesteps(s.sampler, self.schedule, s.steps)
-        x0 = SAMPLERS[s.sampler](model, x_T, self.schedule, timesteps, prediction_type=self.prediction_type,
+        x0 = SAMPLERS[s.sampler](model, x_T, self.schedule, timesteps,
                                  generator=torch.Generator().manual_seed(seed + 1_000_003), callback=callback)
         return depth_to_space(x0, f).clamp(-1, 1)  # (B, 3, fh, fw)

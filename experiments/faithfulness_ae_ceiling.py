@@ -13,9 +13,8 @@ from carrara.data import shapes
 from carrara.data.folder import to_tensor
 from carrara.evaluate.detector import detect
 from carrara.evaluate.faithfulness import _summarize, sample_prompts, score
+from carrara.images import to_model_range, to_pil
 from carrara.models.autoencoder import AutoencoderKL
-from carrara.train.cache import to_model_range
-from carrara.utils.grid import to_pil
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ def _value(report: dict, prefix: str, suffix: str = "") -> tuple[float, list[flo
 def main(argv: list[str] | None = None) -> int:
     from carrara.errors import CarraraError
     from carrara.evaluate.suite import EvalSettings, run_eval
-    from carrara.io import write_json_atomic
+    from carrara.fileio import write_json_atomic
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("experiment", choices=["guidance", "steps"])

@@ -62,7 +62,7 @@ def test_upsampler_stage_trains_and_saves_its_folder(tiny_upsampler_run):
     assert result["steps"] == 6
     stage = Upsampler.load(run)
     assert stage.factor == 2 and stage.settings == UpsamplerSettings(steps=3, aug_level=50)
-    assert stage.unet.config.in_channels == 15 and stage.prediction_type == "v_prediction"
+    assert stage.unet.config.in_channels == 15 and stage.schedule.prediction_type.value == "v_prediction"
     assert (run / "samples").is_dir() and any((run / "samples").iterdir())
 
 
@@ -185,4 +185,4 @@ def test_the_cli_trains_assembles_exports_and_generates_the_cascade(tiny_shapes,
     assert (tmp_path / "packaged" / "training" / "upsampler" / "log.txt").is_file()
     from safetensors import safe_open
     with safe_open(tmp_path / "packaged" / "upsampler" / "unet" / "diffusion_pytorch_model.safetensors", "pt") as f:
-        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}  # noqa: SIM118 (safe_open is not iterable)

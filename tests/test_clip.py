@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from carrara.errors import CarraraError
-from carrara.evaluate.clipscore import ClipScorer, clip_score, retrieval
-from carrara.models.clip import ClipModel, clip_loss, sentence_embeddings
+from carrara.models.clip import ClipModel, ClipScorer, clip_loss, clip_score, retrieval
+from carrara.text.encoder import mean_pool
 from carrara.train.clip import random_shift, split_by_caption
 
 
@@ -73,7 +73,7 @@ def test_random_shift_moves_content_and_keeps_size():
 def test_sentence_embedding_is_the_masked_mean():
     states = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]])
     mask = torch.tensor([[1, 1, 0]])
-    assert sentence_embeddings(states, mask).tolist() == [[2.0, 3.0]]
+    assert mean_pool(states, mask, normalize=False).tolist() == [[2.0, 3.0]]
 
 
 @pytest.fixture

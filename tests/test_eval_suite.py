@@ -40,10 +40,10 @@ def test_reported_fd_and_clip_score_are_those_of_the_generated_images(report, ti
     import random
 
     from carrara.data.folder import load_folder
-    from carrara.evaluate.clipscore import ClipScorer, clip_score
+    from carrara.data.load import preload_images
     from carrara.evaluate.fid import feature_stats, frechet_distance
+    from carrara.models.clip import ClipScorer, clip_score
     from carrara.pipeline import Pipeline
-    from carrara.train.cache import preload_images
 
     out, s = report
     metrics = json.loads((out / "metrics.json").read_text())["metrics"]
@@ -111,7 +111,7 @@ def test_missing_pieces_are_one_clear_error(settings, message, tmp_path):
 
 def test_retrieval_on_a_prompts_file_is_that_of_the_generated_images(tiny_shapes, tiny_diffusion_run, tiny_clip_run,
                                                                       tmp_path):
-    from carrara.evaluate.clipscore import ClipScorer, retrieval
+    from carrara.models.clip import ClipScorer, retrieval
     from carrara.pipeline import Pipeline
 
     prompts = ["a large red circle on the left", "a small blue square at the top", "a green star",

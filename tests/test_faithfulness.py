@@ -16,7 +16,6 @@ from carrara.evaluate.detector import detect
 from carrara.evaluate.faithfulness import (
     detector_ceiling,
     evaluate_faithfulness,
-    faithfulness_command,
     sample_prompts,
     score,
     wilson_interval,
@@ -208,16 +207,15 @@ def test_prompts_are_deterministic_and_caption_their_scenes():
 
 
 def test_command_writes_the_report(tmp_path, monkeypatch, capsys):
-    from argparse import Namespace
-
     from carrara import pipeline
+    from carrara.cli import main
 
     painter = CaptionPainter()
     painter.model_hash = "abc123"
     monkeypatch.setattr(pipeline.Pipeline, "load", classmethod(lambda cls, path, **kwargs: painter))
     out = tmp_path / "faith.json"
-    args = Namespace(model="run", n=12, guidance=3.0, steps=4, sampler="ddim", seed=1, out=str(out), quiet=True)
-    assert faithfulness_command(args) == 0
+    assert main(["eval", "faithfulness", "--model", "run", "--n", "12", "--guidance", "3", "--steps", "4",
+                 "--sampler", "ddim", "--seed", "1", "--out", str(out), "--quiet"]) == 0
     report = json.loads(out.read_text())
     assert report["model_hash"] == "abc123" and report["n"] == 12 and report["guidance"] == 3.0
     assert report["one_object"]["model"]["position"]["accuracy"] == 1.0

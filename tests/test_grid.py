@@ -2,7 +2,7 @@
 import numpy as np
 from PIL import Image
 
-from carrara.utils.grid import image_grid
+from carrara.images import image_grid
 
 
 def _tiles(n, size=8):

@@ -15,6 +15,7 @@ from carrara.diffusion.guidance import cfg_model
 from carrara.diffusion.samplers import default_timesteps, sample_ddim
 from carrara.diffusion.schedule import NoiseSchedule
 from carrara.errors import CarraraError
+from carrara.hardware import cpu_supports_bf16
 from carrara.modelfolder import write_model_folder
 from carrara.models.autoencoder import AutoencoderKL
 from carrara.models.config import AutoencoderConfig, UNetConfig
@@ -22,7 +23,6 @@ from carrara.models.unet import UNet2DConditionModel
 from carrara.pipeline import Pipeline
 from carrara.png import read_png_metadata
 from carrara.train.diffusion import train_diffusion
-from carrara.utils.hardware import cpu_supports_bf16
 
 TINY_UNET = UNetConfig(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
                        cross_attention_dim=384, attention_head_dim=(2, 4),

@@ -16,7 +16,7 @@ from carrara.diffusion.samplers import (
     sample_ddpm,
     sample_dpmpp_2m,
 )
-from carrara.diffusion.schedule import NoiseSchedule, timesteps
+from carrara.diffusion.schedule import NoiseSchedule, spaced_timesteps
 from carrara.errors import CarraraError
 
 DIFFUSERS_NAME = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
@@ -218,4 +218,4 @@ def test_default_timesteps():
     with pytest.raises(CarraraError):
         sample_ddim(lambda x, t: x, torch.zeros(1, 2), linear, [10, 20])
     with pytest.raises(CarraraError):
-        timesteps(linear, 0)
+        spaced_timesteps(linear, 0)

@@ -6,7 +6,14 @@ import torch
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 
 from carrara.diffusion.objectives import diffusion_loss, from_x0_eps, sample_t_and_noise, to_x0_eps
-from carrara.diffusion.schedule import NoiseSchedule, PredictionType, add_noise, cosine_betas, last_timestep, timesteps
+from carrara.diffusion.schedule import (
+    NoiseSchedule,
+    PredictionType,
+    add_noise,
+    cosine_betas,
+    last_timestep,
+    spaced_timesteps,
+)
 from carrara.errors import CarraraError
 
 KINDS = [("linear", "linear", {}), ("cosine", "squaredcos_cap_v2", {}),
@@ -52,7 +59,7 @@ def test_timesteps_equal_diffusers(spacing):
     for steps, offset in [(1, 0), (7, 0), (20, 1), (50, 0), (999, 0), (1000, 0)]:
         ref = DDPMScheduler(timestep_spacing=spacing, steps_offset=offset)
         ref.set_timesteps(steps)
-        assert timesteps(schedule, steps, spacing, steps_offset=offset) == ref.timesteps.tolist()
+        assert spaced_timesteps(schedule, steps, spacing, steps_offset=offset) == ref.timesteps.tolist()
 
 
 def test_lambda_min_matches_diffusers_lambda_min_clipped():
@@ -66,7 +73,7 @@ def test_lambda_min_matches_diffusers_lambda_min_clipped():
 
 def test_logsnr_spacing_is_uniform_in_lambda():
     schedule = NoiseSchedule.from_config("linear")
-    ts = timesteps(schedule, 10, "logsnr")
+    ts = spaced_timesteps(schedule, 10, "logsnr")
     lam = schedule.lambdas()
     step = (lam[0] - lam[-1]) / 10
     assert ts[0] == 999 and len(set(ts)) == 10
@@ -102,9 +109,9 @@ def test_bad_diffusers_configs_and_spacings_raise():
     with pytest.raises(CarraraError):
         NoiseSchedule.from_diffusers_config({"beta_schedule": "linear", "trained_betas": [0.1, 0.2]})
     with pytest.raises(CarraraError):
-        timesteps(NoiseSchedule.from_config("linear"), 10, "karras")
+        spaced_timesteps(NoiseSchedule.from_config("linear"), 10, "karras")
     with pytest.raises(CarraraError):
-        timesteps(NoiseSchedule.from_config("linear"), 1001)
+        spaced_timesteps(NoiseSchedule.from_config("linear"), 1001)
 
 
 # ---- objectives ----------------------------------------------------------------------------------------------------

@@ -7,8 +7,9 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
+from carrara.diffusion.samplers import SchedulerOptions, sampling_plan
 from carrara.errors import CarraraError
-from carrara.pipeline import DDIMSettings, Pipeline
+from carrara.pipeline import Pipeline
 
 WORDS = ["red", "blue", "circle", "square", "green", "blurry"]  # whole-word BPE tokens; other text spells out
 PROMPTS = ["a red circle", "a blue square"]
@@ -99,9 +100,11 @@ def test_sd_folder_matches_diffusers_ddim(sd, reference):
     folder, ref = sd
     want_latents, want_images = reference
     pipe = Pipeline.load(folder, precision="fp32")  # diffusers runs fp32
-    assert pipe.ddim == DDIMSettings(steps_offset=1, set_alpha_to_one=False)
+    assert pipe.scheduler_options == SchedulerOptions(steps_offset=1, set_alpha_to_one=False)
     ref.scheduler.set_timesteps(STEPS)
-    assert pipe.ddim.timesteps(pipe.schedule, STEPS) == ref.scheduler.timesteps.tolist() == [801, 601, 401, 201, 1]
+    timesteps, options = sampling_plan("ddim", pipe.schedule, STEPS, pipe.scheduler_options)
+    assert timesteps == ref.scheduler.timesteps.tolist() == [801, 601, 401, 201, 1]
+    assert options == {"final_alpha_bar": float(pipe.schedule.alphas_cumprod[0])}
     latents = generate(pipe, "latent")  # (2, 4, 8, 8)
     images = (generate(pipe, "tensor") + 1) / 2  # (2, 3, 16, 16) in [0, 1]
     latent_diff = (latents - want_latents).abs().max().item()
@@ -113,12 +116,12 @@ def test_sd_folder_matches_diffusers_ddim(sd, reference):
     assert (want_images[0] - want_images[1]).abs().max() > 0.1  # the images depend on prompt and seed
 
 
-@pytest.mark.parametrize("settings", [DDIMSettings(), DDIMSettings(steps_offset=1),
-                                      DDIMSettings(set_alpha_to_one=False)])
+@pytest.mark.parametrize("settings", [SchedulerOptions(), SchedulerOptions(steps_offset=1),
+                                      SchedulerOptions(set_alpha_to_one=False)])
 def test_each_scheduler_setting_is_needed(sd, reference, settings):
     """carrara's own DDIM grid (t = 0, k, …) or end point (ᾱ = 1) would miss diffusers' latents by far."""
     pipe = Pipeline.load(sd[0], precision="fp32")
-    pipe.ddim = settings
+    pipe.scheduler_options = settings
     assert (generate(pipe, "latent") - reference[0]).abs().max() > 0.01
 
 

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from carrara.errors import CarraraError
-from carrara.io import ensure_dir
+from carrara.fileio import ensure_dir
 
 MAX_SIDE = 1024  # the builders render in float64 (H, W, 3) arrays: 1024² is 24 MiB, 100000² would be 224 GiB
 METADATA = "metadata.jsonl"

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from carrara.data.build import check_side, claim_folder, remove_stale
 from carrara.errors import CarraraError
-from carrara.io import save_image_atomic, write_text_atomic
+from carrara.fileio import save_image_atomic, write_text_atomic
 
 DEFAULT_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"  # Debian: fonts-noto-color-emoji
 FONT_SIZE = 109  # NotoColorEmoji's only bitmap strike; FreeType refuses any other size for it

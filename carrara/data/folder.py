@@ -35,6 +35,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from carrara.errors import CarraraError
+from carrara.images import to_model_range
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 METADATA = "metadata.jsonl"
@@ -277,7 +278,7 @@ class FolderDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         record = self.records[i]
-        image = self.image_uint8(i).float() / 127.5 - 1  # (3, H, W) in [-1, 1]
+        image = to_model_range(self.image_uint8(i))  # (3, H, W) in [-1, 1]
         return {"image": image, "text": record.text, **record.extra}
 
 
@@ -314,12 +315,3 @@ def load_folder(path, size: int | None = None) -> FolderDataset:
         raise CarraraError(f"{root} has no usable images: expected images with a {METADATA} "
                            "(file_name, text per line) or a .txt caption beside each image")
     return dataset
-
-
-def load_dataset(spec: str, size: int | None = None):
-    """A folder, or tar shards named by a pattern ending in .tar, e.g. 'shards/{000000..000099}.tar'."""
-    if str(spec).endswith(".tar"):
-        from carrara.data.shards import load_shards
-
-        return load_shards(spec, size=size)
-    return load_folder(spec, size=size)

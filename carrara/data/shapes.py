@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from carrara.data.build import check_side, claim_folder, remove_stale
 from carrara.errors import CarraraError
-from carrara.io import save_image_atomic, write_text_atomic
+from carrara.fileio import save_image_atomic, write_text_atomic
 
 BACKGROUND: tuple[int, int, int] = (0, 0, 0)
 COLORS: dict[str, tuple[int, int, int]] = {

@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 from carrara.data import folder
 from carrara.data.folder import Record, decode_image, fit_to_size, load_folder, to_rgb, to_tensor, warn_report
 from carrara.errors import CarraraError
-from carrara.io import atomic_path, ensure_dir
+from carrara.fileio import atomic_path, ensure_dir
+from carrara.images import to_model_range
 
 UNREADABLE_SHARD = "unreadable shard"
 _BRACES = re.compile(r"\{([^{}]*)\}")
@@ -117,7 +118,7 @@ class ShardDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         record = self.records[i]
-        return {"image": self.pixels[i].float() / 127.5 - 1, "text": record.text, **record.extra}
+        return {"image": to_model_range(self.pixels[i]), "text": record.text, **record.extra}
 
 
 def _sample_reason(files: dict[str, bytes]) -> tuple[str, str, bytes, dict]:

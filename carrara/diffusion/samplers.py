@@ -17,12 +17,13 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
 
 import torch
 
 from carrara.diffusion.objectives import ModelFn, to_x0_eps
-from carrara.diffusion.schedule import NoiseSchedule, PredictionType
-from carrara.diffusion.schedule import timesteps as spaced_timesteps
+from carrara.diffusion.schedule import NoiseSchedule, PredictionType, spaced_timesteps
+from carrara.diffusion.settings import SAMPLER_NAMES
 from carrara.errors import CarraraError
 
 Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
@@ -157,13 +158,49 @@ def sample_dpmpp_2m(model: ModelFn, x_T: torch.Tensor, schedule: NoiseSchedule, 
     return x
 
 
-SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp": sample_dpmpp_2m}
+# name → sampler, in the order of settings.SAMPLER_NAMES (the names' one source): ddpm, ddim, dpmpp.
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = dict(
+    zip(SAMPLER_NAMES, (sample_ddpm, sample_ddim, sample_dpmpp_2m), strict=True))
 
 
 def get_sampler(name: str) -> Callable[..., torch.Tensor]:
     if name not in SAMPLERS:
         raise CarraraError(f"unknown sampler {name!r}; use one of {', '.join(SAMPLERS)}")
     return SAMPLERS[name]
+
+
+@dataclass(frozen=True)
+class SchedulerOptions:
+    """The timestep grid and end point a diffusers scheduler_config.json sets (its keys and defaults).
+
+    The defaults are diffusers' DDIMScheduler defaults, which are also carrara's own: the "leading" grid
+    t = 0, k, 2k, … (k = T // steps) and ᾱ = 1, clean data, after the last step. Stable Diffusion's configs say
+    steps_offset=1 (t = 1, 1 + k, …) and set_alpha_to_one=False: the last step ends at ᾱ_0 and that latent is
+    decoded, as diffusers' DDIMScheduler does. Only DDIM reads them, as only diffusers' DDIM does.
+    """
+
+    steps_offset: int = 0
+    set_alpha_to_one: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.steps_offset, int) or isinstance(self.steps_offset, bool) or self.steps_offset < 0:
+            raise CarraraError(f"scheduler config steps_offset={self.steps_offset!r} must be an integer ≥ 0")
+        if not isinstance(self.set_alpha_to_one, bool):
+            raise CarraraError(f"scheduler config set_alpha_to_one={self.set_alpha_to_one!r} must be true or false")
+
+    @classmethod
+    def from_scheduler_config(cls, config: dict) -> SchedulerOptions:
+        return cls(**{f.name: config[f.name] for f in fields(cls) if f.name in config})
+
+
+def sampling_plan(sampler: str, schedule: NoiseSchedule, steps: int,
+                  options: SchedulerOptions = SchedulerOptions()) -> tuple[list[int], dict]:
+    """(timesteps, keyword options) for `SAMPLERS[sampler]`: `default_timesteps`, except that DDIM follows the
+    scheduler config's grid offset and end point (ᾱ after the last step: 1, or ᾱ_0 if set_alpha_to_one is false)."""
+    if sampler != "ddim":
+        return default_timesteps(sampler, schedule, steps), {}
+    final = 1.0 if options.set_alpha_to_one else float(schedule.alphas_cumprod[0])
+    return spaced_timesteps(schedule, steps, "leading", steps_offset=options.steps_offset), {"final_alpha_bar": final}
 
 
 def default_timesteps(sampler: str, schedule: NoiseSchedule, steps: int) -> list[int]:
@@ -174,9 +211,9 @@ def default_timesteps(sampler: str, schedule: NoiseSchedule, steps: int) -> list
     ddim:  "leading" with steps_offset 0, i.e. t = 0, k, 2k, … (k = T // steps), the grid of Song et al.'s code
            and diffusers' default (Stable Diffusion's own configs use steps_offset = 1).
     dpmpp: "logsnr" (uniform in λ, the "logSNR" step schedule of Lu et al. 2022, DPM-Solver) over the timesteps with
-           λ_t ≥ DPM_LAMBDA_MIN. On the mixture test of tests/test_samplers.py at 20 steps the spread is within 7%
-           on all three schedules; diffusers' time-uniform grids ("linspace"/"trailing") are 16–21% too narrow
-           on the linear ones, because their last step to σ = 0 starts at t ≈ 50 and returns E[x0 | x_t].
+           λ_t ≥ DPM_LAMBDA_MIN. Time-uniform grids ("linspace"/"trailing", diffusers' defaults) start their last
+           step to σ = 0 at t ≈ 50 on the linear schedules, where it returns E[x0 | x_t] and narrows the samples
+           (tests/test_samplers.py checks the spread of a Gaussian mixture; docs/decisions.md has the numbers).
     """
     get_sampler(sampler)
     if sampler == "ddpm":

@@ -166,7 +166,7 @@ def last_timestep(schedule: NoiseSchedule, lambda_min: float | None = None) -> i
     return int((schedule.lambdas() >= lambda_min).sum())
 
 
-def timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "leading", *, steps_offset: int = 0,
+def spaced_timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "leading", *, steps_offset: int = 0,
               lambda_min: float | None = None) -> list[int]:
     """Descending inference timesteps; leading/linspace/trailing as diffusers' DDPM/DDIM `set_timesteps`.
 

@@ -26,8 +26,11 @@ from statistics import NormalDist
 from tqdm import tqdm
 
 from carrara.data import shapes
+from carrara.diffusion.settings import DEFAULTS
 from carrara.errors import CarraraError
 from carrara.evaluate.detector import Detection, detect, relation_between
+from carrara.fileio import write_json_atomic
+from carrara.pipeline import Pipeline
 
 OBJECT_ATTRIBUTES = {1: ("color", "shape", "size", "position"), 2: ("color", "shape", "size")}
 SCENE_ATTRIBUTES = {1: ("count", "all"), 2: ("relation", "both objects", "count", "all")}
@@ -91,8 +94,9 @@ def _summarize(outcomes: list[dict[str, list[bool]]], objects: int) -> dict[str,
     return summary
 
 
-def evaluate_faithfulness(pipe: Callable, *, n: int = 200, objects: int = 1, steps: int = 20, sampler: str = "dpmpp",
-                          guidance: float = 4.0, seed: int = 0, batch_size: int = 16, progress: bool = True) -> dict:
+def evaluate_faithfulness(pipe: Callable, *, n: int = 200, objects: int = 1, steps: int = DEFAULTS.steps,
+                          sampler: str = DEFAULTS.sampler, guidance: float = DEFAULTS.guidance, seed: int = 0,
+                          batch_size: int = 16, progress: bool = True) -> dict:
     """Generate n captioned scenes with `pipe` and score what the detector reads back, per attribute."""
     if batch_size < 1:
         raise CarraraError(f"batch_size must be at least 1, got {batch_size}")
@@ -120,13 +124,12 @@ def detector_ceiling(n: int = 200, objects: int = 1, seed: int = 0, *, size: int
     return {"objects": objects, "n": n, "seed": seed, "size": size, "attributes": _summarize(outcomes, objects)}
 
 
-def faithfulness_report(model_path, n: int = 200, guidance: float = 4.0, *, steps: int = 20, sampler: str = "dpmpp",
-                        seed: int = 0, batch_size: int = 16, out=None, progress: bool = True,
-                        allow_pickle: bool = False) -> dict:
+def faithfulness_report(model_path, n: int = 200, guidance: float = DEFAULTS.guidance, *, steps: int = DEFAULTS.steps,
+                        sampler: str = DEFAULTS.sampler, seed: int = 0, batch_size: int = 16, out=None,
+                        progress: bool = True, allow_pickle: bool = False) -> dict:
     """Load a model, evaluate one- and two-object captions beside the detector's ceiling; write JSON to `out`."""
-    from carrara.io import write_json_atomic
-    from carrara.pipeline import Pipeline
-
+    if n < 1:
+        raise CarraraError(f"--n must be at least 1, got {n}")
     pipe = Pipeline.load(model_path, allow_pickle=allow_pickle)
     report = {"model": str(model_path), "model_hash": pipe.model_hash, "n": n, "guidance": guidance, "steps": steps,
               "sampler": sampler, "seed": seed,
@@ -155,21 +158,3 @@ def format_report(report: dict) -> str:
             lines.append(f"  {attribute:12s}{100 * m['accuracy']:7.1f}% [{100 * lo:5.1f}, {100 * hi:5.1f}]"
                          f"{100 * ceiling:8.1f}%")
     return "\n".join(lines)
-
-
-def faithfulness_command(args) -> int:
-    """`carrara eval faithfulness --model RUN [--n N] [--guidance W] [--steps S] [--sampler NAME] [--seed S] [--out F]`."""
-    def option(name, default):
-        value = getattr(args, name, None)
-        return default if value is None else value
-
-    n = option("n", 200)
-    if n < 1:
-        raise CarraraError(f"--n must be at least 1, got {n}")
-    report = faithfulness_report(args.model, n, option("guidance", 4.0), steps=option("steps", 20),
-                                 sampler=option("sampler", "dpmpp"), seed=option("seed", 0), out=option("out", None),
-                                 progress=not option("quiet", False), allow_pickle=option("allow_pickle", False))
-    print(format_report(report))
-    if report_path := option("out", None):
-        print(f"wrote {report_path}")
-    return 0

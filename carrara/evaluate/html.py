@@ -16,7 +16,7 @@ def _row(*cells: str, header: bool = False) -> str:
 
 def write_report_html(path: str | Path, report: dict, samples: str | None = None) -> None:
     """Write a self-contained page (no scripts, no network) next to metrics.json."""
-    from carrara.io import write_text_atomic
+    from carrara.fileio import write_text_atomic
 
     s = report["settings"]
     parts = [f"<!doctype html><meta charset=utf-8><title>carrara eval: {escape(s['model'])}</title>",

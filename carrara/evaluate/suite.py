@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from carrara.diffusion.settings import DEFAULTS
 from carrara.errors import CarraraError
 
 METRICS = ("fd", "kid", "clipscore", "retrieval", "faithfulness")
@@ -33,9 +34,9 @@ class EvalSettings:
     clip: str | None = None
     prompts: str | None = None  # a text file of prompts (one per line, # comments) instead of the data's captions
     inception_weights: str | None = None
-    guidance: float = 4.0
-    steps: int = 20
-    sampler: str = "dpmpp"
+    guidance: float = DEFAULTS.guidance
+    steps: int = DEFAULTS.steps
+    sampler: str = DEFAULTS.sampler
     seed: int = 0
     batch_size: int = 32
     bootstrap: int = 50
@@ -111,9 +112,9 @@ def read_prompts(path: str | Path) -> list[str]:
 
 def run_eval(settings: EvalSettings, out_dir: str | Path, progress: bool = True) -> dict:
     """Generate n images for captions of `settings.data`, score them, write metrics.json + report.html."""
-    from carrara.io import ensure_dir, save_image_atomic, write_json_atomic
+    from carrara.fileio import ensure_dir, save_image_atomic, write_json_atomic
+    from carrara.images import image_grid
     from carrara.pipeline import Pipeline
-    from carrara.utils.grid import image_grid
 
     unknown = set(settings.metrics) - set(METRICS)
     if unknown:
@@ -137,7 +138,7 @@ def run_eval(settings: EvalSettings, out_dir: str | Path, progress: bool = True)
 
     if needs_data:
         from carrara.data.folder import load_folder
-        from carrara.train.cache import preload_images
+        from carrara.data.load import preload_images
 
         real_images, real_texts = preload_images(load_folder(settings.data), progress=progress)
         rng = random.Random(settings.seed)
@@ -151,7 +152,7 @@ def run_eval(settings: EvalSettings, out_dir: str | Path, progress: bool = True)
                                f"{tuple(real_images.shape[-2:])}: evaluate against data of the model's size")
         save_image_atomic(out_dir / "samples.png", image_grid(_to_pil(fake[:64]), rows=8))
         if settings.clip:
-            from carrara.evaluate.clipscore import ClipScorer, clip_score
+            from carrara.models.clip import ClipScorer, clip_score
 
             scorer = ClipScorer.load(settings.clip)
             emb_fake, emb_real = scorer.embed_images(fake), scorer.embed_images(real_images)
@@ -163,7 +164,7 @@ def run_eval(settings: EvalSettings, out_dir: str | Path, progress: bool = True)
                     report["metrics"][key] = {"value": mean(s), "ci95": bootstrap_interval(mean, s, n=settings.bootstrap),
                                               "n": len(s)}
             if "retrieval" in settings.metrics:  # does each prompt find its own image among the generated ones?
-                from carrara.evaluate.clipscore import retrieval
+                from carrara.models.clip import retrieval
 
                 hits: dict = {}
                 r = retrieval(emb_fake, prompts, scorer.embed_texts, hits=hits)

@@ -1,6 +1,6 @@
 """A small CLIP for evaluation: an image CNN and a projection of frozen MiniLM sentence embeddings.
 
-CLIP (Radford et al. 2021; seeds/000–001) trains an image encoder and a text encoder so that matching
+CLIP (Radford et al. 2021) trains an image encoder and a text encoder so that matching
 image–text pairs have a high cosine similarity (symmetric InfoNCE, learned temperature). carrara's text
 tower is the frozen all-MiniLM-L6-v2 sentence embedding (mean of token states over the mask, as the
 model was trained) followed by a trained two-layer projection; the image tower is a ResNet-style CNN.
@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from carrara.errors import CarraraError
+from carrara.images import to_model_range
+from carrara.text.encoder import TextEncoder, mean_pool
 
 
 @dataclass
@@ -90,7 +92,7 @@ class ClipModel(nn.Module):
         return F.normalize(self.image_encoder(images).float(), dim=-1)
 
     def encode_text(self, sentence_embeddings: torch.Tensor) -> torch.Tensor:
-        """Unit text embeddings (B, E) from MiniLM sentence embeddings (B, text_dim) (see `sentence_embeddings`)."""
+        """Unit text embeddings (B, E) from MiniLM sentence embeddings (B, text_dim) (`mean_pool(…, normalize=False)`)."""
         return F.normalize(self.text_proj(sentence_embeddings).float(), dim=-1)
 
     def temperature_scale(self) -> torch.Tensor:
@@ -125,12 +127,6 @@ class ClipModel(nn.Module):
         return model.eval()
 
 
-def sentence_embeddings(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """all-MiniLM-L6-v2's sentence embedding: the mean of token states over the attention mask, (B, D)."""
-    m = mask.to(states.dtype).unsqueeze(-1)  # (B, L, 1)
-    return (states * m).sum(1) / m.sum(1).clamp(min=1.0)
-
-
 def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, scale: torch.Tensor,
               same_text: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE (CLIP, Radford et al. 2021, Fig. 3) over a batch of unit embeddings (B, E).
@@ -145,3 +141,68 @@ def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, scale: torch.Tens
     loss_i2t = -(target * F.log_softmax(logits, dim=1)).sum(1).mean()
     loss_t2i = -(target * F.log_softmax(logits.T, dim=1)).sum(1).mean()
     return 0.5 * (loss_i2t + loss_t2i)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Using a trained CLIP as a judge: CLIP score (Hessel et al. 2021, eq. 1 with w = 100, torchmetrics' convention) and
+# zero-shot retrieval. Retrieval counts captions, not indices, so repeated captions (common in `shapes`) are not
+# scored as misses: image→text is a hit at k when the image's own caption is among the k distinct captions closest
+# to it; text→image is a hit when one of the k closest images carries that caption.
+
+
+class ClipScorer:
+    """A trained CLIP run plus the frozen text encoder it was trained with."""
+
+    def __init__(self, model: ClipModel, text_encoder, name: str = "carrara-clip"):
+        self.model, self.text_encoder, self.name = model.eval(), text_encoder, name
+
+    @classmethod
+    def load(cls, run: str | Path) -> ClipScorer:
+        run = Path(run)
+        folder = run / "clip" if (run / "clip").is_dir() else run
+        return cls(ClipModel.from_pretrained(folder), TextEncoder.load("minilm"), name=f"carrara-clip[{run.name}]")
+
+    @torch.inference_mode()
+    def embed_images(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """Unit embeddings (N, E) of uint8 images (N, 3, H, W)."""
+        out = [self.model.encode_image(to_model_range(images[i:i + batch_size]))
+               for i in range(0, len(images), batch_size)]
+        return torch.cat(out)
+
+    @torch.inference_mode()
+    def embed_texts(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+        """Unit embeddings (N, E) of captions."""
+        out = []
+        for i in range(0, len(texts), batch_size):
+            states, mask = self.text_encoder.encode(texts[i:i + batch_size])
+            out.append(self.model.encode_text(mean_pool(states.float(), mask, normalize=False)))
+        return torch.cat(out)
+
+
+def clip_score(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+    """Per-pair CLIP score (N,) = 100 · max(cos, 0) of unit embeddings (N, E) and (N, E)."""
+    return 100.0 * (image_emb * text_emb).sum(-1).clamp(min=0.0)
+
+
+def retrieval(image_emb: torch.Tensor, texts: list[str], embed_texts, ks: tuple[int, ...] = (1, 5),
+              hits: dict | None = None) -> dict:
+    """Top-k accuracy of image→text and text→image over a set of (image, caption) pairs.
+
+    `embed_texts(list[str]) -> (U, E)` embeds the distinct captions. Returns {"i2t_top1": …, "t2i_top5": …}.
+    """
+    unique = sorted(set(texts))
+    position = {t: i for i, t in enumerate(unique)}
+    own = torch.tensor([position[t] for t in texts])  # (N,) caption index of each image
+    sim = image_emb @ embed_texts(unique).T  # (N, U)
+    out = {}
+    for k in ks:
+        k_t = min(k, len(unique))
+        top_texts = sim.topk(k_t, dim=1).indices  # (N, k): closest distinct captions to each image
+        out[f"i2t_top{k}"] = float((top_texts == own[:, None]).any(1).float().mean())
+        k_i = min(k, len(texts))
+        top_images = sim.T.topk(k_i, dim=1).indices  # (U, k): closest images to each caption
+        t2i = (own[top_images] == torch.arange(len(unique))[:, None]).any(1).float()  # (U,) per distinct caption
+        out[f"t2i_top{k}"] = float(t2i.mean())
+        if hits is not None:  # per-item hits, for bootstrap intervals
+            hits[f"t2i_top{k}"] = t2i.numpy()
+    return out

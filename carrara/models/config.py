@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from carrara.errors import CarraraError
-from carrara.io import atomic_path, ensure_dir, write_json_atomic
+from carrara.fileio import atomic_path, ensure_dir, write_json_atomic
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"

@@ -6,13 +6,11 @@ made); request bodies are capped (413); the page loads nothing from the network 
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import ipaddress
 import json
 import os
 import socket
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -27,9 +25,10 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
 from carrara import __version__
+from carrara.diffusion.settings import MAX_GUIDANCE, MAX_STEPS, SAMPLER_NAMES
 from carrara.errors import CarraraError
 from carrara.modelfolder import PACKAGED
-from carrara.pipeline import MAX_BATCH, MAX_STEPS
+from carrara.pipeline import MAX_BATCH
 from carrara.serve.gallery import Gallery
 from carrara.serve.jobs import FINISHED, JobQueue, QueueFull
 from carrara.serve.schema import (
@@ -303,9 +302,9 @@ def create_app(pipe, data_dir: str | Path, *, max_queued: int = 32, batch_images
         """What is loaded, the image size it makes, and the request limits."""
         return {"name": jobs.model_ref, "model_hash": pipe.model_hash, "precision": getattr(pipe, "precision", "fp32"),
                 "image_size": [image_size, image_size],
-                "latent_shape": list(latent), "samplers": ["dpmpp", "ddim", "ddpm"],
+                "latent_shape": list(latent), "samplers": list(SAMPLER_NAMES),
                 "defaults": defaults, "example_prompt": placeholder,
-                "limits": {"prompt_chars": MAX_PROMPT_CHARS, "steps": MAX_STEPS, "guidance": 50.0, "n": MAX_BATCH,
+                "limits": {"prompt_chars": MAX_PROMPT_CHARS, "steps": MAX_STEPS, "guidance": MAX_GUIDANCE, "n": MAX_BATCH,
                            "steps_x_n": MAX_WORK, "seed": MAX_SEED, "queue": jobs.max_queued,
                            "body_bytes": max_body_bytes}}
 
@@ -352,26 +351,3 @@ def running(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[st
         srv.should_exit = True
         thread.join(30)
         sock.close()
-
-
-def serve_command(args: argparse.Namespace) -> int:
-    """`carrara serve`: load the model, then serve the page and API until Ctrl-C."""
-    from carrara.pipeline import Pipeline
-
-    loopback = is_loopback(args.host)
-    if not loopback:
-        print(f"carrara: warning: serving on {args.host}: anyone who can reach port {args.port} can generate images "
-              "and read the gallery (there is no authentication)", file=sys.stderr)
-    sock = listen(args.host, args.port)
-    try:
-        pipe = Pipeline.load(args.model, allow_pickle=getattr(args, "allow_pickle", False))
-        app = create_app(pipe, args.data_dir, allowed_hosts=LOOPBACK_HOSTS if loopback else None)
-        host, port = sock.getsockname()[:2]
-        url_host = f"[{host}]" if ":" in host else host
-        print(f"carrara serve: model {app.state.jobs.model_ref} ({pipe.model_hash}) on http://{url_host}:{port}/ "
-              f"— gallery in {Path(args.data_dir).resolve()}; Ctrl-C stops", flush=True)
-        print(f"carrara serve: {app.state.gallery.summary()}", flush=True)
-        server(app).run(sockets=[sock])
-    finally:
-        sock.close()
-    return 0

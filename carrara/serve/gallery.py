@@ -19,7 +19,7 @@ from pathlib import Path
 from PIL import Image
 from pydantic import ValidationError
 
-from carrara.io import ensure_dir, write_json_atomic
+from carrara.fileio import ensure_dir, write_json_atomic
 from carrara.png import KEY, save_png
 from carrara.serve.schema import MAX_SIZE, ImageItem
 

@@ -23,8 +23,8 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from carrara.diffusion.settings import GenerationSettings
 from carrara.errors import CarraraError
-from carrara.pipeline import GenerationSettings
 from carrara.serve.gallery import Gallery
 
 QUEUED, RUNNING, DONE, CANCELLED, FAILED = "queued", "running", "done", "cancelled", "failed"
@@ -93,7 +93,7 @@ def log_line(job: Job) -> str:
 
 def _data_url(images) -> str:
     """PIL images → one PNG data URL (a grid when there are several)."""
-    from carrara.utils.grid import image_grid
+    from carrara.images import image_grid
 
     buf = io.BytesIO()
     (images[0] if len(images) == 1 else image_grid(images)).save(buf, format="PNG")
@@ -262,7 +262,7 @@ class JobQueue:
             previews = None
             # a preview costs a decode of the whole batch and a PNG per job: only when a stream is open on it
             if i % every == 0 and any(job.watchers for job in batch):
-                from carrara.utils.grid import to_pil
+                from carrara.images import to_pil
 
                 x = to_pil(decode())  # (B, 3, H, W) → B images
                 previews = [_data_url(x[offsets[k]:offsets[k + 1]]) for k in range(len(batch))]

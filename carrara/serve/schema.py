@@ -1,5 +1,6 @@
 """The JSON bodies of `carrara serve`'s API as pydantic models: FastAPI validates requests (422) and writes the
-OpenAPI schema from them. Limits reuse the pipeline's (MAX_STEPS, MAX_BATCH, `GenerationSettings.validate`).
+OpenAPI schema from them. Defaults and limits are the generation settings' own (diffusion/settings.py) and the
+pipeline's batch limit.
 """
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from carrara.diffusion.settings import DEFAULTS, MAX_GUIDANCE, MAX_STEPS, SAMPLER_NAMES, GenerationSettings
 from carrara.errors import CarraraError
-from carrara.pipeline import MAX_BATCH, MAX_STEPS, GenerationSettings
+from carrara.pipeline import MAX_BATCH
 
 MAX_PROMPT_CHARS = 1000
 MAX_SEED = 2**53 - 1  # the largest integer JavaScript numbers hold exactly
@@ -25,9 +27,9 @@ class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="what to draw")
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description='the unconditional branch; "" = null')
-    steps: int = Field(20, ge=1, le=MAX_STEPS)
-    sampler: Literal["dpmpp", "ddim", "ddpm"] = "dpmpp"
-    guidance: float = Field(4.0, ge=0.0, le=50.0, description="classifier-free guidance w")
+    steps: int = Field(DEFAULTS.steps, ge=1, le=MAX_STEPS)
+    sampler: Literal[SAMPLER_NAMES] = DEFAULTS.sampler
+    guidance: float = Field(DEFAULTS.guidance, ge=0.0, le=MAX_GUIDANCE, description="classifier-free guidance w")
     seed: int | Literal["random"] = Field(
         0, description=f'0 … {MAX_SEED}; image i uses seed + i; "random" picks one when the job runs')
     n: int = Field(1, ge=1, le=MAX_BATCH, description="number of images")

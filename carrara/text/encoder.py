@@ -116,13 +116,13 @@ def _first_line(e: Exception) -> str:
     return f"{type(e).__name__}: {lines[0] if lines else ''}"
 
 
-def mean_pool(states: Tensor, mask: Tensor) -> Tensor:
+def mean_pool(states: Tensor, mask: Tensor, *, normalize: bool = True) -> Tensor:
     """The sentence embedding (B, D): mean of the token states over the mask, L2-normalised — the vector
     all-MiniLM-L6-v2 was trained to make (Reimers & Gurevych 2019, mean pooling + Normalize), where paraphrases
     land close together. Imagen (Saharia et al. 2022 §2.2) adds such a pooled vector to the timestep embedding."""
     m = mask.to(states.dtype).unsqueeze(-1)  # (B, L, 1)
     mean = (states * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, D)
-    return torch.nn.functional.normalize(mean, dim=-1)
+    return torch.nn.functional.normalize(mean, dim=-1) if normalize else mean
 
 
 def _check_prompts(prompts: str | Sequence[str]) -> list[str]:

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import torch
 
-from carrara.data.folder import fingerprint, load_dataset
+from carrara.data.folder import fingerprint
+from carrara.data.load import load_dataset, preload_images
 from carrara.errors import CarraraError
-from carrara.io import ensure_dir
+from carrara.fileio import ensure_dir
+from carrara.images import image_grid, to_model_range, to_pil
 from carrara.models.autoencoder import AutoencoderKL
 from carrara.models.config import AutoencoderConfig, default_autoencoder_config
-from carrara.train.cache import preload_images, to_model_range
 from carrara.train.core import TrainConfig, Trainer
-from carrara.utils.grid import image_grid, to_pil
 
 
 @dataclass

@@ -1,37 +1,15 @@
-"""Encode a dataset once: images in memory, then latents (posterior mean and std) and text states.
+"""Encode a dataset once: latents (posterior mean and std) and text states.
 
-This is what the three-stage split buys (seeds/001: the parts are trained separately): the frozen
-autoencoder and text encoder run once per example, not once per step.
+This is what training the parts separately buys (Rombach et al. 2022 §3: the autoencoder is trained once, the
+diffusion model on its latents): the frozen autoencoder and text encoder run once per example, not once per step.
 """
 from __future__ import annotations
 
 import torch
 from tqdm.auto import tqdm
 
-from carrara.errors import CarraraError
+from carrara.images import to_model_range
 from carrara.text.encoder import mean_pool
-
-
-def preload_images(dataset, *, progress: bool = True) -> tuple[torch.Tensor, list[str]]:
-    """All images as one uint8 tensor (N, 3, H, W) and their captions; sizes must agree.
-
-    `dataset` is a folder or a shard set (data/folder.py `load_dataset`): anything with `records` and `image_uint8(i)`.
-    """
-    images, texts = [], []
-    for i in tqdm(range(len(dataset)), desc="loading images", disable=not progress, leave=False):
-        images.append(dataset.image_uint8(i))
-        texts.append(dataset.records[i].text)
-    if not images:
-        raise CarraraError("the dataset holds no usable images")
-    shapes = {tuple(im.shape) for im in images}
-    if len(shapes) > 1:
-        raise CarraraError(f"images have different sizes {sorted(shapes)[:3]}; pass --size to resize them")
-    return torch.stack(images), texts
-
-
-def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, H, W) → float (B, 3, H, W) in [-1, 1]."""
-    return images_uint8.float() / 127.5 - 1.0
 
 
 @torch.inference_mode()

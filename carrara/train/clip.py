@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from carrara.data.folder import fingerprint, load_dataset
+from carrara.data.folder import fingerprint
+from carrara.data.load import load_dataset, preload_images
 from carrara.errors import CarraraError
-from carrara.evaluate.clipscore import clip_score, retrieval
-from carrara.io import ensure_dir, write_json_atomic
-from carrara.models.clip import ClipConfig, ClipModel, clip_loss, sentence_embeddings
-from carrara.text.encoder import TextEncoder
-from carrara.train.cache import preload_images, to_model_range
+from carrara.fileio import ensure_dir, write_json_atomic
+from carrara.images import to_model_range
+from carrara.models.clip import ClipConfig, ClipModel, clip_loss, clip_score, retrieval
+from carrara.text.encoder import TextEncoder, mean_pool
 from carrara.train.core import TrainConfig, Trainer
 
 
@@ -72,7 +72,7 @@ def train_clip(recipe: ClipRecipe, out: str | Path, *, resume: bool = False, pro
     text_encoder = TextEncoder.load("minilm")
     unique = sorted(set(texts))
     with torch.inference_mode():
-        sent = torch.cat([sentence_embeddings(*text_encoder.encode(unique[i:i + 256]))
+        sent = torch.cat([mean_pool(*text_encoder.encode(unique[i:i + 256]), normalize=False)
                           for i in range(0, len(unique), 256)]).float()  # (U, 384)
     caption_of = torch.tensor([{t: i for i, t in enumerate(unique)}[t] for t in texts])  # (N,)
     train_idx, held_idx = split_by_caption(texts, recipe.holdout, recipe.train.seed)
@@ -108,7 +108,7 @@ def train_clip(recipe: ClipRecipe, out: str | Path, *, resume: bool = False, pro
         from PIL import Image
 
         metrics = evaluate(ema)
-        trainer._log(f"step {step}: held-out retrieval {metrics}")
+        trainer.log(f"step {step}: held-out retrieval {metrics}")
         sel = held_idx[:32]
         with torch.inference_mode():
             dev = next(ema.parameters()).device

@@ -31,11 +31,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from carrara.data.folder import describe
 from carrara.errors import CarraraError
-from carrara.io import save_image_atomic, write_json_atomic
+from carrara.fileio import atomic_path, save_image_atomic, write_json_atomic, write_text_atomic
+from carrara.hardware import cpu_supports_bf16
 from carrara.train import distributed
 from carrara.train.checkpoint import load_latest, save_checkpoint
-from carrara.utils.hardware import cpu_supports_bf16
 
 
 @dataclass
@@ -155,10 +156,9 @@ def plot_loss(metrics: list[dict], path: Path, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    tmp.replace(path)
 
 
 class Trainer:
@@ -204,7 +204,7 @@ class Trainer:
         progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
         return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
-    def _log(self, line: str) -> None:
+    def log(self, line: str) -> None:
         if self.ctx.main:
             with open(self.run_dir / "log.txt", "a") as f:
                 f.write(line + "\n")
@@ -212,7 +212,7 @@ class Trainer:
     def _warn(self, line: str) -> None:
         if self.ctx.main:
             print(f"carrara: warning: {line}", file=sys.stderr)
-        self._log(f"warning: {line}")
+        self.log(f"warning: {line}")
 
     def data_position(self, step: int) -> dict:
         """Where the data stream is before `step`: samples drawn so far and, for epoch walks, epoch and offset."""
@@ -239,15 +239,13 @@ class Trainer:
             lines = [json.loads(s) for s in path.read_text().splitlines() if s.strip()]
             self.metrics = [m for m in lines if m["step"] < step]
         self._write_metrics()
-        self._log(f"resumed from {ckpt.name} at step {step}")
+        self.log(f"resumed from {ckpt.name} at step {step}")
         self.saved_step = step
         return step
 
     def _write_metrics(self) -> None:
         if self.ctx.main:
-            text = "".join(json.dumps(m) + "\n" for m in self.metrics)
-            (self.run_dir / ".metrics.jsonl.tmp").write_text(text)
-            (self.run_dir / ".metrics.jsonl.tmp").replace(self.run_dir / "metrics.jsonl")
+            write_text_atomic(self.run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in self.metrics))
 
     def _status(self, what: str = "") -> None:
         """Name on the bar the work it waits for (checkpoint, export, samples): at 100 % it would look hung."""
@@ -285,8 +283,6 @@ class Trainer:
         save_image_atomic(self.run_dir / "samples" / f"step_{step:07d}.png", image)
 
     def _data_line(self) -> str:
-        from carrara.data.folder import describe
-
         return f"data: {self.data_report.get('source', '')}: {describe(self.data_report) or 'every example usable'}"
 
     def step(self, step: int) -> tuple[float, torch.Tensor | None]:
@@ -327,7 +323,7 @@ class Trainer:
             self._checkpoint(step)
         distributed.barrier(self.ctx)  # no rank exits (and makes torchrun stop the others) before the save
         self.bar.close()
-        self._log(f"interrupted at step {step}: checkpoint saved")
+        self.log(f"interrupted at step {step}: checkpoint saved")
         if self.ctx.main:
             print(f"carrara: interrupted at step {step}: checkpoint saved in {self.run_dir / 'checkpoints'}; "
                   "continue with --resume", file=sys.stderr)
@@ -345,11 +341,11 @@ class Trainer:
                 (self.run_dir / "log.txt").write_text("")
         start = self._resume() if resume else 0
         distributed.barrier(ctx)  # every rank has read the checkpoint before rank 0 may replace or prune it
-        self._log(f"{self.name}: steps {start}->{cfg.steps}, batch {cfg.batch_size} = {ctx.world_size} processes × "
+        self.log(f"{self.name}: steps {start}->{cfg.steps}, batch {cfg.batch_size} = {ctx.world_size} processes × "
                   f"{cfg.grad_accum} micro-batches × {cfg.batch_size // (ctx.world_size * cfg.grad_accum)}, "
                   f"{ctx.device.type} {str(self.dtype).removeprefix('torch.') if self.dtype else 'fp32'}, "
                   f"{sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M params, {self.n_examples} examples")
-        self._log(self._data_line())
+        self.log(self._data_line())
         self.model.train()
         self.bar = bar = tqdm(total=cfg.steps, initial=start, desc=self.name, disable=not (progress and ctx.main),
                               dynamic_ncols=True)
@@ -361,8 +357,8 @@ class Trainer:
         last = self.metrics[-1]["loss"] if self.metrics else float("nan")
         if n_bad:
             self._warn(f"{n_bad} steps skipped for a non-finite loss (see {self.run_dir / 'log.txt'})")
-        self._log(self._data_line())
-        self._log(f"done at step {min(cfg.steps, stop_at or cfg.steps)}, last loss {last:.5f}")
+        self.log(self._data_line())
+        self.log(f"done at step {min(cfg.steps, stop_at or cfg.steps)}, last loss {last:.5f}")
         return {"steps": cfg.steps, "last_loss": last, "skipped_steps": n_bad,
                 "skipped": dict(self.data_report.get("skipped") or {}),
                 "converted": dict(self.data_report.get("converted") or {})}
@@ -379,7 +375,7 @@ class Trainer:
             loss, grad_norm = self.step(step)
             if grad_norm is None:
                 bad, n_bad = bad + 1, n_bad + 1
-                self._log(f"step {step}: non-finite loss {loss}, step skipped")
+                self.log(f"step {step}: non-finite loss {loss}, step skipped")
                 if bad >= cfg.max_bad_steps:
                     self._checkpoint(step)
                     raise CarraraError(f"{bad} non-finite losses in a row at step {step}; last good weights "
@@ -395,7 +391,7 @@ class Trainer:
                 m = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm.item(), "samples_per_s": rate}
                 self.metrics.append(m)
                 bar.set_postfix(loss=f"{m['loss']:.4f}", sps=f"{rate:.0f}")
-                self._log(json.dumps(m))
+                self.log(json.dumps(m))
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 in (cfg.steps, stop_at):
                 self._checkpoint(step + 1)
             if (step + 1) % cfg.sample_every == 0 or step + 1 == cfg.steps:

@@ -13,20 +13,21 @@ from pathlib import Path
 
 import torch
 
-from carrara.data.folder import fingerprint, load_dataset
+from carrara.data.folder import fingerprint
+from carrara.data.load import load_dataset, preload_images
 from carrara.diffusion.objectives import diffusion_loss, sample_t_and_noise
 from carrara.diffusion.schedule import NoiseSchedule
 from carrara.errors import CarraraError
-from carrara.io import ensure_dir
+from carrara.fileio import ensure_dir
+from carrara.images import image_grid
 from carrara.modelfolder import write_model_folder
 from carrara.models.autoencoder import AutoencoderKL
 from carrara.models.config import AutoencoderConfig, UNetConfig, default_unet_config, load_into
 from carrara.models.unet import UNet2DConditionModel as UNet
 from carrara.safeload import load_state_dict, weights_file
 from carrara.text.encoder import TextEncoder, mean_pool
-from carrara.train.cache import encode_latents, encode_texts, preload_images
+from carrara.train.cache import encode_latents, encode_texts
 from carrara.train.core import TrainConfig, Trainer
-from carrara.utils.grid import image_grid
 
 
 @dataclass
@@ -225,9 +226,8 @@ def train_diffusion(recipe: DiffusionRecipe, out: str | Path, *, resume: bool = 
                               recipe.prediction_type)
 
     def sample_fn(ema: UNet, step: int):
-        pipe = Pipeline(unet=ema, vae=vae, text_encoder=text_encoder, schedule=schedule,
-                        prediction_type=recipe.prediction_type)
-        return image_grid(pipe(prompts, steps=20, sampler="dpmpp", guidance=4.0, seed=0), rows=1)
+        pipe = Pipeline(unet=ema, vae=vae, text_encoder=text_encoder, schedule=schedule)
+        return image_grid(pipe(prompts, seed=0), rows=1)  # the default sampling settings
 
     pickled_vae = not (vae_dir / "diffusion_pytorch_model.safetensors").is_file()
 

@@ -15,19 +15,19 @@ from pathlib import Path
 
 import torch
 
-from carrara.data.folder import fingerprint, load_dataset
+from carrara.data.folder import fingerprint
+from carrara.data.load import load_dataset, preload_images
 from carrara.diffusion.objectives import diffusion_loss, sample_t_and_noise
 from carrara.diffusion.schedule import NoiseSchedule, add_noise
 from carrara.errors import CarraraError
-from carrara.io import ensure_dir
+from carrara.fileio import ensure_dir
+from carrara.images import image_grid, to_model_range, to_pil
 from carrara.models.config import UNetConfig
 from carrara.models.unet import UNet2DConditionModel as UNet
 from carrara.text.encoder import TextEncoder
-from carrara.train.cache import preload_images, to_model_range
 from carrara.train.core import TrainConfig, Trainer
 from carrara.train.diffusion import Captions, balanced_batches
 from carrara.upsampler import Upsampler, UpsamplerSettings, downsample, space_to_depth, upsampler_inputs
-from carrara.utils.grid import image_grid, to_pil
 
 
 def default_upsampler_config(factor: int = 2) -> dict:
@@ -123,8 +123,7 @@ def train_upsampler(recipe: UpsamplerRecipe, out: str | Path, *, resume: bool = 
     null_states = text_encoder.encode([""])[0]
 
     def stage(ema: UNet) -> Upsampler:
-        return Upsampler(unet=ema, schedule=schedule, prediction_type=recipe.prediction_type, factor=f,
-                         settings=recipe.sampling)
+        return Upsampler(unet=ema, schedule=schedule, factor=f, settings=recipe.sampling)
 
     def sample_fn(ema: UNet, step: int):
         """Rows: the low-resolution input enlarged (nearest), bicubic ×f, the stage's output, the real image."""

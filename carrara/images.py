@@ -1,16 +1,27 @@
-"""Tensors ↔ PIL images, and image grids."""
+"""Images between their three forms — float tensors in [−1, 1] (the models'), uint8 tensors (disk and caches), PIL —
+and image grids. The one place the [−1, 1] ↔ uint8 convention is written."""
 from __future__ import annotations
 
 import math
+import textwrap
 
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """(…, H, W) float in [−1, 1] → uint8 in [0, 255], rounded to nearest (values outside are clipped)."""
+    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (…, H, W) → float32 in [−1, 1], the models' range."""
+    return images.float() / 127.5 - 1.0
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """(B, 3, H, W) float in [-1, 1] → list of RGB PIL images (round to nearest, no dithering)."""
-    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (B, 3, H, W)
-    return [Image.fromarray(im.permute(1, 2, 0).numpy(), "RGB") for im in x]
+    return [Image.fromarray(im.permute(1, 2, 0).numpy(), "RGB") for im in to_uint8(images)]  # (H, W, 3) each
 
 
 def image_grid(images: list[Image.Image], *, rows: int | None = None, pad: int = 2,
@@ -21,10 +32,6 @@ def image_grid(images: list[Image.Image], *, rows: int | None = None, pad: int =
     labels: a caption under each image (wrapped to its width, PIL's built-in font); scale: nearest-neighbour
     enlargement of each image first, so 64-pixel images and their captions stay readable.
     """
-    import textwrap
-
-    from PIL import ImageDraw, ImageFont
-
     if scale != 1:
         images = [im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in images]
     n = len(images)

@@ -1,0 +1,39 @@
+"""What decides the pixels besides the model, with the defaults and the sampler names every interface reads (CLI,
+server, evaluation, demo, training's sample grids): written here once. Imports no torch (the CLI's --help is fast)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from carrara.errors import CarraraError
+
+SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp")  # Algorithm 2 of Ho et al. 2020, DDIM (Song et al. 2021), DPM-Solver++(2M)
+MAX_STEPS = 1000
+MAX_GUIDANCE = 50.0
+
+
+@dataclass
+class GenerationSettings:
+    """One image's recipe, recorded in every PNG: 20 DPM-Solver++ steps (Lu et al. 2022: as good as 100 DDIM steps
+    here, docs/default-model.md) at classifier-free guidance w = 4 (Ho & Salimans 2022)."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    steps: int = 20
+    sampler: str = "dpmpp"
+    guidance: float = 4.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not isinstance(self.prompt, str):
+            raise CarraraError("the prompt must be text")
+        if not 1 <= self.steps <= MAX_STEPS:
+            raise CarraraError(f"--steps must be between 1 and {MAX_STEPS}, got {self.steps}")
+        if self.sampler not in SAMPLER_NAMES:
+            raise CarraraError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLER_NAMES)}")
+        if not 0.0 <= self.guidance <= MAX_GUIDANCE:
+            raise CarraraError(f"--guidance must be between 0 and {MAX_GUIDANCE:g}, got {self.guidance}")
+        if not 0 <= self.seed < 2**63:
+            raise CarraraError(f"--seed must be between 0 and 2^63-1, got {self.seed}")
+
+
+DEFAULTS = GenerationSettings()
