@@ -16,6 +16,11 @@ from pathlib import Path
 
 from carrara.diffusion.settings import DEFAULTS
 from carrara.errors import CarraraError
+from carrara.images import image_grid
+from carrara.modelfolder import PACKAGED
+from carrara.pipeline import Pipeline
+from carrara.png import save_png
+from carrara.recipe import run_recipe
 
 SHAPES_PROMPTS = [
     "a large red circle on the left", "a large blue square on the right", "a large green triangle at the top",
@@ -39,10 +44,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="which 16 prompts (default: emoji; shapes for the demo's own shapes model)")
     parser.add_argument("--out", default="demo/grid.png", help="where the grid goes (default: demo/grid.png)")
     args = parser.parse_args(argv)
-    from carrara.images import image_grid
-    from carrara.modelfolder import PACKAGED
-    from carrara.pipeline import Pipeline
-    from carrara.png import save_png
 
     out_dir = Path("demo")
     try:
@@ -51,8 +52,6 @@ def main(argv: list[str] | None = None) -> int:
         elif (PACKAGED / "default" / "model_index.json").is_file():
             model, kind = "default", "emoji"
         else:
-            from carrara.recipe import run_recipe
-
             out_dir.mkdir(exist_ok=True)
             recipe = Path(__file__).resolve().parent.parent / "recipes" / "demo.toml"
             print("no packaged model in this checkout: training the small shapes model of recipes/demo.toml "

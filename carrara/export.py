@@ -13,6 +13,7 @@ tokenizer (`model_max_length` = carrara's 64 tokens, so both pad prompts to the 
 """
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,15 +21,15 @@ from pathlib import Path
 import torch
 
 from carrara.errors import CarraraError
+from carrara.fileio import write_json_atomic
 from carrara.modelfolder import resolve
+from carrara.models.config import CONFIG_NAME, load_weights, save_folder
+from carrara.text.encoder import TextEncoder, resolve_folders
 
 TRAINING_FILES = ("config.json", "log.txt", "metrics.jsonl", "loss.png")
 
 
 def _copy_component(src: Path, dst: Path, dtype: torch.dtype) -> None:
-    import json
-
-    from carrara.models.config import CONFIG_NAME, load_weights, save_folder
 
     state = load_weights(src)
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
@@ -90,10 +91,6 @@ def _copy_files(src: Path, dst: Path, names) -> None:
 
 def export_diffusers(model: str | Path, out: str | Path) -> dict:
     """Write model folder `model` as a diffusers StableDiffusionPipeline folder at `out` (text encoder included)."""
-    import json
-
-    from carrara.fileio import write_json_atomic
-    from carrara.text.encoder import TextEncoder, resolve_folders
 
     folder = resolve(model)
     out = Path(out)

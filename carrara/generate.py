@@ -23,6 +23,9 @@ from tqdm import tqdm
 from carrara.diffusion.settings import DEFAULTS as SETTINGS
 from carrara.diffusion.settings import GenerationSettings
 from carrara.errors import CarraraError
+from carrara.images import image_grid
+from carrara.pipeline import MAX_BATCH, Pipeline
+from carrara.png import read_png_metadata, save_pngs
 
 DEFAULTS = {**dataclasses.asdict(SETTINGS), "precision": "auto", "n": 1}
 # What --from accepts in a PNG's metadata: field → (Python types, how the error names it).
@@ -35,8 +38,6 @@ _FROM_FIELDS = {"prompt": (str, "text"), "negative_prompt": (str, "text"), "samp
 
 def _read_from(path: str) -> dict:
     """The settings of a `--from` PNG, each field checked for its type (a hand-edited PNG gives one clear line)."""
-    from carrara.png import read_png_metadata
-
     meta = read_png_metadata(path)
     for key, (kind, name) in _FROM_FIELDS.items():
         if key in meta and (not isinstance(meta[key], kind) or isinstance(meta[key], bool)):
@@ -47,8 +48,6 @@ def _read_from(path: str) -> dict:
 
 def _settings(args: argparse.Namespace, meta: dict | None) -> tuple[dict, str]:
     """Merge --from metadata, then explicit flags, then defaults; returns (settings, model path)."""
-    from carrara.pipeline import MAX_BATCH
-
     base = dict(DEFAULTS)
     model = "default"
     if meta is not None:
@@ -102,10 +101,6 @@ def _check_writable(out: Path) -> None:
 
 
 def generate_command(args: argparse.Namespace) -> int:
-    from carrara.images import image_grid
-    from carrara.pipeline import Pipeline
-    from carrara.png import save_pngs
-
     meta = _read_from(args.from_png) if args.from_png else None
     s, model = _settings(args, meta)
     GenerationSettings(s["prompt"], s["negative_prompt"], s["steps"], s["sampler"], s["guidance"], s["seed"]).validate()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from carrara.errors import CarraraError
 from carrara.fileio import write_json_atomic
+from carrara.safeload import weights_file
 
 PACKAGED = Path(__file__).parent / "assets"
 
@@ -30,8 +31,6 @@ class ModelFolder:
 
     def unet_hash(self, *, allow_pickle: bool = False) -> str:
         """First 12 hex digits of the SHA-256 of the U-Net weights: names the model in PNG metadata."""
-        from carrara.safeload import weights_file
-
         weights = weights_file(self.unet, "diffusion_pytorch_model", allow_pickle=allow_pickle)
         h = hashlib.sha256()
         with open(weights, "rb") as f:

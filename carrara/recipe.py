@@ -9,7 +9,15 @@ from typing import Any
 
 import tomllib
 
+from carrara.data.emoji import build_emoji
+from carrara.data.shapes import build_shapes
 from carrara.errors import CarraraError
+from carrara.fileio import ensure_dir
+from carrara.train.autoencoder import AutoencoderRecipe, train_autoencoder
+from carrara.train.checkpoint import latest_checkpoint
+from carrara.train.diffusion import DiffusionRecipe, train_diffusion
+from carrara.train.upsampler import UpsamplerRecipe, train_upsampler
+from carrara.upsampler import assemble_cascade
 
 
 def _parse_value(text: str) -> Any:
@@ -74,8 +82,6 @@ def load_recipe_file(path: str | Path) -> dict:
 
 
 def _stage_done(run_dir: Path, steps: int) -> bool:
-    from carrara.train.checkpoint import latest_checkpoint
-
     ckpt = latest_checkpoint(run_dir)
     return ckpt is not None and int(ckpt.name.split("_")[1]) >= steps
 
@@ -86,12 +92,8 @@ def _build_data(cfg: dict, folder: Path, size: int, progress: bool) -> Path:
         return Path(cfg["dataset"])  # a user's own folder, resized on load
     if not (folder / "metadata.jsonl").is_file():  # the recipe's own folder: no metadata.jsonl = an interrupted build
         if cfg["dataset"] == "shapes":
-            from carrara.data.shapes import build_shapes
-
             build_shapes(folder, n=cfg["n"], size=size, seed=cfg["seed"], progress=progress, overwrite=True)
         else:
-            from carrara.data.emoji import build_emoji
-
             build_emoji(folder, size=size, progress=progress, overwrite=True)
     return folder
 
@@ -103,12 +105,6 @@ def run_recipe(path: str | Path, out: str | Path, *, resume: bool = False, overr
                progress: bool = True) -> dict:
     """Build the data, train the autoencoder, the diffusion model and (if the recipe has one) the upsampler,
     skipping what is done; with an upsampler, `out/model` is the cascade (base + upsampler/)."""
-    from carrara.fileio import ensure_dir
-    from carrara.train.autoencoder import AutoencoderRecipe, train_autoencoder
-    from carrara.train.diffusion import DiffusionRecipe, train_diffusion
-    from carrara.train.upsampler import UpsamplerRecipe, train_upsampler
-    from carrara.upsampler import assemble_cascade
-
     table = load_recipe_file(path)
     unknown = set(table) - set(STAGES)
     if unknown:

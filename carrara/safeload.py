@@ -12,6 +12,8 @@ import pickle
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from carrara.errors import CarraraError
 
@@ -29,9 +31,6 @@ def refuse_pickle(path: str | Path) -> CarraraError:
 
 def load_state_dict(path: str | Path, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """A {name: tensor} dict from a .safetensors file, or (with allow_pickle) from a pickle read weights-only."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.is_file():
         raise CarraraError(f"weights file {path} not found")

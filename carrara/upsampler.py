@@ -9,7 +9,7 @@ is chosen, so the stage forgives the base model's artefacts instead of copying t
 It works in pixel space, made cheap by a space-to-depth stem (Hoogeboom et al. 2023, "simple diffusion"): the
 (B, 3, f·h, f·w) image is denoised as a (B, 3·f², h, w) tensor, so the U-Net runs at the low resolution and the
 low-resolution image (B, 3, h, w) is concatenated channel-wise as it is, with no resampling and no autoencoder
-ceiling (docs/decisions.md, 2026-11-29, says why not a latent upsampler).
+ceiling (docs/decisions.md says why not a latent upsampler, with the measurement).
 
     y (B, 3, h, w) ─ q(y_s | y) ─┐
     x_t (B, 3f², h, w) ──────────┴─ cat ─► U-Net(·, t, text, class_labels=s) ─► v̂ ─► sampler ─► x_0 ─ depth-to-space ─► (B, 3, fh, fw)

@@ -6,8 +6,8 @@ import torch
 
 from carrara.data.folder import Record
 from carrara.errors import CarraraError
+from carrara.train.captions import balanced_batches, caption_list, variant_table
 from carrara.train.core import TrainConfig
-from carrara.train.diffusion import balanced_batches, caption_list, variant_table
 
 
 def test_caption_list_puts_the_caption_first_and_drops_repeats_and_junk():

@@ -11,7 +11,8 @@ from carrara.errors import CarraraError
 from carrara.models import UNet2DConditionModel, UNetConfig
 from carrara.pipeline import Pipeline
 from carrara.text.encoder import TextEncoder, mean_pool
-from carrara.train.diffusion import Captions, EncodedData, init_from, make_batch, train_diffusion
+from carrara.train.captions import Captions
+from carrara.train.diffusion import EncodedData, init_from, make_batch, train_diffusion
 
 
 @pytest.fixture(scope="module")

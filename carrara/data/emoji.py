@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import emoji as emoji_package
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
@@ -78,8 +79,6 @@ def base_name(en: str, emoji: str = "") -> str:
 
 def fully_qualified() -> dict[str, dict]:
     """The `emoji` package's fully-qualified emoji, in its order: {emoji: its EMOJI_DATA entry}."""
-    import emoji as emoji_package
-
     status = emoji_package.STATUS["fully_qualified"]
     return {e: d for e, d in emoji_package.EMOJI_DATA.items() if d["status"] == status}
 

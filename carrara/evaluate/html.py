@@ -4,6 +4,8 @@ from __future__ import annotations
 from html import escape
 from pathlib import Path
 
+from carrara.fileio import write_text_atomic
+
 STYLE = """body{font:14px/1.4 system-ui,sans-serif;margin:2em;max-width:60em;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}
 th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}img{image-rendering:pixelated}"""
@@ -16,8 +18,6 @@ def _row(*cells: str, header: bool = False) -> str:
 
 def write_report_html(path: str | Path, report: dict, samples: str | None = None) -> None:
     """Write a self-contained page (no scripts, no network) next to metrics.json."""
-    from carrara.fileio import write_text_atomic
-
     s = report["settings"]
     parts = [f"<!doctype html><meta charset=utf-8><title>carrara eval: {escape(s['model'])}</title>",
              f"<style>{STYLE}</style><h1>carrara eval</h1>",

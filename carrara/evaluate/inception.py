@@ -20,6 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from carrara.errors import CarraraError
+from carrara.safeload import is_pickle, refuse_pickle
 
 SIZE = 299  # Inception-v3 input side
 WEIGHTS_HELP = ("FID needs the Inception weights file: pass --inception-weights PATH "
@@ -183,8 +184,6 @@ class FIDInceptionV3(nn.Module):
 
 def load_inception(path: str | Path | None, *, allow_pickle: bool = False) -> FIDInceptionV3:
     """The FID Inception from a local state dict (`.safetensors`, or with allow_pickle a `.pth` read weights-only)."""
-    from carrara.safeload import is_pickle, refuse_pickle
-
     if path is None or not Path(path).is_file():
         raise CarraraError(WEIGHTS_HELP if path is None else f"{WEIGHTS_HELP} ({path} is not a file)")
     path = Path(path)

@@ -17,8 +17,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from carrara.data.folder import load_folder
+from carrara.data.load import preload_images
 from carrara.diffusion.settings import DEFAULTS
 from carrara.errors import CarraraError
+from carrara.evaluate.faithfulness import detector_ceiling, evaluate_faithfulness
+from carrara.evaluate.fid import feature_stats, frechet_distance, kid
+from carrara.evaluate.html import write_report_html
+from carrara.evaluate.inception import InceptionFeatures
+from carrara.fileio import ensure_dir, save_image_atomic, write_json_atomic
+from carrara.images import image_grid
+from carrara.models.clip import ClipScorer, clip_score, retrieval
+from carrara.pipeline import Pipeline
 
 METRICS = ("fd", "kid", "clipscore", "retrieval", "faithfulness")
 
@@ -52,8 +62,8 @@ def bootstrap_interval(stat, a: np.ndarray, b: np.ndarray | None = None, *, n: i
     The percentile interval [q2.5, q97.5] of the resampled statistics, shifted by the bootstrap's bias
     mean(θ*) − θ̂. For a mean the bias is ~0 and this is the plain percentile interval. For the Fréchet distance
     it is not: a resample repeats ~37 % of the images, its features are less diverse, and its FD is larger
-    (measured on the emoji model, n=300: θ̂ = 0.085, resamples 0.108–0.130), so the plain percentile interval
-    lies entirely above the estimate. Shifted, it says how far the n-sample estimate moves between draws — the
+    (docs/evaluation.md shows it on the default model), so the plain percentile interval can lie entirely above
+    the estimate. Shifted, it says how far the n-sample estimate moves between draws — the
     spread that matters when comparing models at equal n (Efron & Tibshirani 1993, §10 on bootstrap bias).
     """
     rng = np.random.default_rng(seed)
@@ -79,8 +89,6 @@ def generate_images(pipe, prompts: list[str], settings: EvalSettings, progress: 
 
 
 def _fd_and_kid(name: str, real: np.ndarray, fake: np.ndarray, settings: EvalSettings, report: dict) -> None:
-    from carrara.evaluate.fid import feature_stats, frechet_distance, kid
-
     def fd(a, b):
         return frechet_distance(*feature_stats(b), *feature_stats(a))
 
@@ -112,10 +120,6 @@ def read_prompts(path: str | Path) -> list[str]:
 
 def run_eval(settings: EvalSettings, out_dir: str | Path, progress: bool = True) -> dict:
     """Generate n images for captions of `settings.data`, score them, write metrics.json + report.html."""
-    from carrara.fileio import ensure_dir, save_image_atomic, write_json_atomic
-    from carrara.images import image_grid
-    from carrara.pipeline import Pipeline
-
     unknown = set(settings.metrics) - set(METRICS)
     if unknown:
         raise CarraraError(f"--metrics: unknown {sorted(unknown)}; choose from {','.join(METRICS)}")
@@ -137,9 +141,6 @@ def run_eval(settings: EvalSettings, out_dir: str | Path, progress: bool = True)
     started = time.perf_counter()
 
     if needs_data:
-        from carrara.data.folder import load_folder
-        from carrara.data.load import preload_images
-
         real_images, real_texts = preload_images(load_folder(settings.data), progress=progress)
         rng = random.Random(settings.seed)
         if own_prompts is not None:  # the file's prompts in order, repeated if n asks for more
@@ -152,8 +153,6 @@ def run_eval(settings: EvalSettings, out_dir: str | Path, progress: bool = True)
                                f"{tuple(real_images.shape[-2:])}: evaluate against data of the model's size")
         save_image_atomic(out_dir / "samples.png", image_grid(_to_pil(fake[:64]), rows=8))
         if settings.clip:
-            from carrara.models.clip import ClipScorer, clip_score
-
             scorer = ClipScorer.load(settings.clip)
             emb_fake, emb_real = scorer.embed_images(fake), scorer.embed_images(real_images)
             if "clipscore" in settings.metrics:
@@ -164,7 +163,6 @@ def run_eval(settings: EvalSettings, out_dir: str | Path, progress: bool = True)
                     report["metrics"][key] = {"value": mean(s), "ci95": bootstrap_interval(mean, s, n=settings.bootstrap),
                                               "n": len(s)}
             if "retrieval" in settings.metrics:  # does each prompt find its own image among the generated ones?
-                from carrara.models.clip import retrieval
 
                 hits: dict = {}
                 r = retrieval(emb_fake, prompts, scorer.embed_texts, hits=hits)
@@ -176,15 +174,11 @@ def run_eval(settings: EvalSettings, out_dir: str | Path, progress: bool = True)
             _fd_and_kid(scorer.name, emb_real.numpy().astype(np.float64), emb_fake.numpy().astype(np.float64),
                         settings, report)
         if settings.inception_weights and {"fd", "kid"} & set(settings.metrics):
-            from carrara.evaluate.inception import InceptionFeatures
-
             net = InceptionFeatures(settings.inception_weights, allow_pickle=settings.allow_pickle)
             _fd_and_kid(f"{net.name}, resize=PIL-bicubic-299", net.extract(real_images, progress=progress),
                         net.extract(fake, progress=progress), settings, report)
 
     if "faithfulness" in settings.metrics:
-        from carrara.evaluate.faithfulness import detector_ceiling, evaluate_faithfulness
-
         for objects, key in ((1, "one_object"), (2, "two_objects")):
             n = min(settings.n, 200)
             model = evaluate_faithfulness(pipe, n=n, objects=objects, steps=settings.steps, sampler=settings.sampler,
@@ -194,7 +188,6 @@ def run_eval(settings: EvalSettings, out_dir: str | Path, progress: bool = True)
                                                                  "ceiling": ceiling["attributes"]}
     report["seconds"] = round(time.perf_counter() - started, 1)
     write_json_atomic(out_dir / "metrics.json", report)
-    from carrara.evaluate.html import write_report_html
 
     write_report_html(out_dir / "report.html", report, samples="samples.png" if needs_data else None)
     return report

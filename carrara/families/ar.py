@@ -182,17 +182,22 @@ def prepare(model: ARPrior, images: torch.Tensor) -> torch.Tensor:
 
 
 def loss(model: ARPrior, batch: Batch) -> torch.Tensor:
+    """Next-token cross-entropy of the model's transformer (`model.gpt`) on the token grid, caption as prefix."""
     return model.gpt.next_token_loss(batch.cond, batch.x)
 
 
 @torch.no_grad()
-def sample(model: ARPrior, cond: torch.Tensor, seed: int, *, temperature: float | None = None,
-           top_k: int | None = None, guidance: float = 1.0, uncond: torch.Tensor | None = None) -> torch.Tensor:
-    """Codes from the transformer, decoded by the VQ-VAE: (B, 3, S, S) in [−1, 1]."""
+def model_tokens(model, cond: torch.Tensor, seed: int, *, temperature: float | None = None, top_k: int | None = None,
+                 guidance: float = 1.0, uncond: torch.Tensor | None = None) -> torch.Tensor:
+    """`sample_tokens` from `model.gpt`, temperature and top-k defaulting to the model's config."""
     c = model.config
-    codes = sample_tokens(model.gpt, cond, seed, temperature=c.temperature if temperature is None else temperature,
-                          top_k=c.top_k if top_k is None else top_k, guidance=guidance, uncond=uncond)
-    return model.vqvae.decode_codes(codes)
+    return sample_tokens(model.gpt, cond, seed, temperature=c.temperature if temperature is None else temperature,
+                         top_k=c.top_k if top_k is None else top_k, guidance=guidance, uncond=uncond)
+
+
+def sample(model: ARPrior, cond: torch.Tensor, seed: int, **options) -> torch.Tensor:
+    """Codes from the transformer, decoded by the VQ-VAE: (B, 3, S, S) in [−1, 1]."""
+    return model.vqvae.decode_codes(model_tokens(model, cond, seed, **options))
 
 
 @torch.no_grad()

@@ -15,9 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from carrara.families.ar import GPT, GPTConfig, sample_tokens
-from carrara.families.base import Batch
+from carrara.families.ar import GPT, GPTConfig, model_tokens
+from carrara.families.ar import loss as next_token_loss
 from carrara.images import to_model_range
+
+loss = next_token_loss  # Image GPT's objective is the VQ prior's: next-token cross-entropy, on palette indices
 
 TRAIN = {"steps": 2000, "batch_size": 32, "lr": 5e-4, "warmup_steps": 50, "sample_every": 500}  # TrainConfig fields (train.py)
 COND_DROPOUT = 0.1
@@ -96,18 +98,9 @@ def prepare(model: ImageGPT, images: torch.Tensor) -> torch.Tensor:
     return torch.cat([model.quantize(to_model_range(images[i:i + 256])) for i in range(0, len(images), 256)])
 
 
-def loss(model: ImageGPT, batch: Batch) -> torch.Tensor:
-    return model.gpt.next_token_loss(batch.cond, batch.x)
-
-
-@torch.no_grad()
-def sample(model: ImageGPT, cond: torch.Tensor, seed: int, *, temperature: float | None = None,
-           top_k: int | None = None, guidance: float = 1.0, uncond: torch.Tensor | None = None) -> torch.Tensor:
+def sample(model: ImageGPT, cond: torch.Tensor, seed: int, **options) -> torch.Tensor:
     """Pixels one at a time (g² transformer steps), as palette colours: (B, 3, S, S) in [−1, 1]."""
-    c = model.config
-    indices = sample_tokens(model.gpt, cond, seed, temperature=c.temperature if temperature is None else temperature,
-                            top_k=c.top_k if top_k is None else top_k, guidance=guidance, uncond=uncond)
-    return model.dequantize(indices)
+    return model.dequantize(model_tokens(model, cond, seed, **options))
 
 
 @torch.no_grad()

@@ -1,7 +1,7 @@
 """Train one generative family on a dataset folder with the shared Trainer (train/core.py).
 
 The images are loaded once and turned by the family's `prepare` into what its loss reads (pixels, uint8
-values, VQ codes, palette indices); the captions are encoded once (train/diffusion.py `Captions`) and each
+values, VQ codes, palette indices); the captions are encoded once (train/captions.py `Captions`) and each
 step draws one caption variant per image, replaced by the empty prompt with probability `cond_dropout`.
 The run folder gets what every stage's has (config.json, log.txt, metrics.jsonl, loss.png, samples/,
 resumable checkpoints/) and, at every checkpoint, family.json + family.safetensors for `FamilyPipeline`.
@@ -12,14 +12,11 @@ so its run folder generates on its own.
 from __future__ import annotations
 
 import copy
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from carrara.data.folder import fingerprint
-from carrara.data.load import load_dataset, preload_images
 from carrara.errors import CarraraError
 from carrara.families import build, config_for, family
 from carrara.families.base import Batch, to_dict
@@ -27,8 +24,8 @@ from carrara.families.pipeline import GUIDED, draw, load_model, save_family
 from carrara.fileio import ensure_dir
 from carrara.images import image_grid, to_pil
 from carrara.text.encoder import TextEncoder
+from carrara.train.captions import load_captioned
 from carrara.train.core import TrainConfig, Trainer
-from carrara.train.diffusion import Captions
 
 REPORT_EXAMPLES = 256  # images `report` measures at each checkpoint (the first ones of the dataset)
 INIT_EXAMPLES = 512  # images the data-dependent initialisation sees
@@ -108,11 +105,8 @@ def train_family(recipe: FamilyRecipe, out: str | Path, *, resume: bool = False,
     module = family(recipe.kind)
     vq_config, tokenizer = load_tokenizer(recipe)
     text_encoder = TextEncoder.load(recipe.text_encoder)
-    dataset = load_dataset(recipe.data, size=recipe.size)
-    images, texts = preload_images(dataset, progress=progress)  # (N, 3, S, S) uint8
-    records, report_data = dataset.records, dataset.report()
-    del dataset
-    captions = Captions.encode(text_encoder, records, recipe.caption_variants, progress=progress)
+    loaded = load_captioned(recipe.data, recipe.size, text_encoder, recipe.caption_variants, progress=progress)
+    images, records, report_data, captions = loaded.images, loaded.records, loaded.report, loaded.captions
     first_caption = captions.pooled[captions.caption_of[:, 0]]  # (N, D): each image's own caption
 
     config = model_config(recipe, text_encoder.dim, vq_config)
@@ -130,7 +124,7 @@ def train_family(recipe: FamilyRecipe, out: str | Path, *, resume: bool = False,
         dev = next(model.parameters()).device
         return module.loss(model, Batch(data[idx[rows]].to(dev), pooled[rows].to(dev), gen))
 
-    prompts = recipe.sample_prompts or sorted(set(texts), key=texts.index)[:8]
+    prompts = recipe.sample_prompts or loaded.first_captions()
     prompt_cond, prompt_null = text_encoder.pooled(prompts), text_encoder.pooled([""] * len(prompts))
     guidance = 3.0 if recipe.kind in GUIDED and recipe.cond_dropout > 0 else 1.0
 
@@ -149,9 +143,7 @@ def train_family(recipe: FamilyRecipe, out: str | Path, *, resume: bool = False,
             "text_encoder_fingerprint": text_encoder.fingerprint(), "image_size": recipe.size,
             "parameters": sum(p.numel() for p in ema.parameters()), "report": dict(measured)})
 
-    run_config = {"stage": "family", **dataclasses.asdict(recipe)}
-    trainer = Trainer(out, model, recipe.train, n_examples=len(images), loss_fn=loss_fn, sample_fn=sample_fn,
-                      export_fn=export_fn, run_config=run_config, name=recipe.kind, data_report=report_data,
-                      data_fingerprint=fingerprint(records))
+    trainer = Trainer.for_stage("family", recipe, out, model, records=records, report=report_data, name=recipe.kind,
+                                n_examples=len(images), loss_fn=loss_fn, sample_fn=sample_fn, export_fn=export_fn)
     result = trainer.fit(resume=resume, progress=progress, stop_at=stop_at)
     return {**result, "n_images": len(images), "report": dict(measured)}

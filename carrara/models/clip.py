@@ -16,10 +16,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 
 from carrara.errors import CarraraError
 from carrara.images import to_model_range
+from carrara.models.config import save_folder
 from carrara.text.encoder import TextEncoder, mean_pool
 
 
@@ -101,15 +104,10 @@ class ClipModel(nn.Module):
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write `config.json` + `model.safetensors`, atomically."""
-        from carrara.models.config import save_folder
-
         save_folder(folder, asdict(self.config), self.state_dict(), weights_name="model.safetensors")
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike) -> ClipModel:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         folder = Path(folder)
         try:
             config = ClipConfig.from_dict(json.loads((folder / "config.json").read_text()))

@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from carrara.errors import CarraraError
 from carrara.fileio import atomic_path, ensure_dir, write_json_atomic
+from carrara.safeload import load_state_dict, weights_file
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -56,7 +58,6 @@ _FIXED_UNET: dict[str, tuple] = {
 }
 _FIXED_VAE: dict[str, tuple] = {"latents_mean": (None,), "latents_std": (None,)}
 _ACTIVATIONS = ("silu", "swish")  # the same function under two names
-_CLASS_NAMES = {"AutoencoderConfig": "AutoencoderKL", "UNetConfig": "UNet2DConditionModel"}
 
 # Sizes refused before anything is allocated (a hostile or mistyped config.json must not ask for 160 GB). Generous
 # for real models: Stable Diffusion 1.x/2.x/XL have 4 levels of at most 1280 channels, latents of side 64/96/128,
@@ -154,7 +155,7 @@ def _check_types(cfg, **kinds: tuple[str, ...]) -> None:
         for name in fields:
             value = getattr(cfg, name)
             if not _KINDS[names[key]](value):
-                raise CarraraError(f"{_CLASS_NAMES[type(cfg).__name__]} config field {name}={value!r} must be "
+                raise CarraraError(f"{cfg._class_name} config field {name}={value!r} must be "
                                    f"{names[key]}")
 
 
@@ -177,10 +178,10 @@ def _check_sample_size(cfg, limit: int, *, optional: bool = False) -> None:
         return
     sides = value if isinstance(value, tuple) and len(value) == 2 else (value,)
     if not all(_KINDS["int ≥ 1"](v) for v in sides):
-        raise CarraraError(f"{_CLASS_NAMES[type(cfg).__name__]} config field sample_size={_thaw(value)!r} must be a "
+        raise CarraraError(f"{cfg._class_name} config field sample_size={_thaw(value)!r} must be a "
                            "positive int or [height, width]")
     if max(sides) > limit:
-        raise CarraraError(f"{_CLASS_NAMES[type(cfg).__name__]} config field sample_size={_thaw(value)!r} is too "
+        raise CarraraError(f"{cfg._class_name} config field sample_size={_thaw(value)!r} is too "
                            f"large (at most {limit})")
 
 
@@ -188,7 +189,7 @@ def _check_parameters(cfg) -> None:
     """Refuse a config whose network would have more than MAX_PARAMETERS weights, before building it."""
     n = cfg.estimate_parameters()
     if n > MAX_PARAMETERS:
-        raise CarraraError(f"{_CLASS_NAMES[type(cfg).__name__]} config describes a network of ~{n:.2g} parameters, "
+        raise CarraraError(f"{cfg._class_name} config describes a network of ~{n:.2g} parameters, "
                            f"more than the limit of {MAX_PARAMETERS:.0e}: check block_out_channels, "
                            "layers_per_block and the channel counts")
 
@@ -204,13 +205,32 @@ def _transformer_weights(c: int, context: int, depth: int) -> int:
     return 2 * c * c + depth * (18 * c * c + 2 * c * context)
 
 
+class DiffusersConfig:
+    """Reading and writing a diffusers `config.json` for a config dataclass with `_fixed` and `_class_name`."""
+
+    _fixed: dict = {}  # noqa: RUF012 (a class-level table, never mutated)
+    _class_name = ""
+
+    @classmethod
+    def from_diffusers_config(cls, src: dict | str | os.PathLike):
+        """From a diffusers config dict, `config.json` path, or folder holding one."""
+        return _config_from_dict(cls, src, cls._fixed, cls._class_name)
+
+    def to_diffusers_config(self) -> dict:
+        """The diffusers `config.json` dict for this config (loadable by the diffusers class's `from_config`)."""
+        return _config_to_dict(self, self._fixed, self._class_name)
+
+
 @dataclass
-class AutoencoderConfig:
+class AutoencoderConfig(DiffusersConfig):
     """Shape of the KL autoencoder (Rombach et al. 2022 §3.1); fields are diffusers' `AutoencoderKL` config keys.
 
     Latents for the diffusion model are z' = (z − shift_factor) · scaling_factor (shift 0 when None); callers apply
     this, the autoencoder itself works on unscaled z. The image is downsampled by f = 2^(len(block_out_channels)−1).
     """
+
+    _fixed = _FIXED_VAE
+    _class_name = "AutoencoderKL"
 
     in_channels: int = 3
     out_channels: int = 3
@@ -264,23 +284,18 @@ class AutoencoderConfig:
             n += 9 * c * c * ((i < len(ch) - 1) + (i > 0))  # encoder downsampler, decoder upsampler
         return n
 
-    @classmethod
-    def from_diffusers_config(cls, src: dict | str | os.PathLike) -> AutoencoderConfig:
-        """From a diffusers `AutoencoderKL` config dict, `config.json` path, or folder holding one."""
-        return _config_from_dict(cls, src, _FIXED_VAE, "AutoencoderKL")
-
-    def to_diffusers_config(self) -> dict:
-        """The diffusers `config.json` dict for this config (loadable by `AutoencoderKL.from_config`)."""
-        return _config_to_dict(self, _FIXED_VAE, "AutoencoderKL")
 
 
 @dataclass
-class UNetConfig:
+class UNetConfig(DiffusersConfig):
     """Shape of the conditional U-Net noise predictor; fields are diffusers' `UNet2DConditionModel` config keys.
 
     Defaults are diffusers' (the Stable Diffusion 1.x layout). As in diffusers, `attention_head_dim` is really the
     number of attention heads per block (the "naming quirk", diffusers issue #2011); head size = channels // heads.
     """
+
+    _fixed = _FIXED_UNET
+    _class_name = "UNet2DConditionModel"
 
     sample_size: int | tuple[int, int] | None = None
     in_channels: int = 4
@@ -365,14 +380,6 @@ class UNetConfig:
             n += 9 * c * c * ((i < len(ch) - 1) + (i > 0))  # downsampler, upsampler
         return n
 
-    @classmethod
-    def from_diffusers_config(cls, src: dict | str | os.PathLike) -> UNetConfig:
-        """From a diffusers `UNet2DConditionModel` config dict, `config.json` path, or folder holding one."""
-        return _config_from_dict(cls, src, _FIXED_UNET, "UNet2DConditionModel")
-
-    def to_diffusers_config(self) -> dict:
-        """The diffusers `config.json` dict for this config (loadable by `UNet2DConditionModel.from_config`)."""
-        return _config_to_dict(self, _FIXED_UNET, "UNet2DConditionModel")
 
 
 def default_unet_config() -> UNetConfig:
@@ -423,8 +430,6 @@ def resolve_model_folder(folder: str | os.PathLike, subfolder: str) -> Path:
 
 def load_weights(folder: Path, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """Read `diffusion_pytorch_model.safetensors` from `folder` (or, with allow_pickle, its `.bin` twin)."""
-    from carrara.safeload import load_state_dict, weights_file
-
     return load_state_dict(weights_file(folder, WEIGHTS_NAME.removesuffix(".safetensors"), allow_pickle=allow_pickle),
                            allow_pickle=allow_pickle)
 
@@ -445,8 +450,6 @@ def load_into(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], sour
 def save_folder(folder: str | os.PathLike, config: dict, state_dict: dict[str, torch.Tensor], *,
                 weights_name: str = WEIGHTS_NAME) -> Path:
     """Write `config.json` and the safetensors weights into `folder`, each atomically."""
-    from safetensors.torch import save_file
-
     folder = ensure_dir(folder)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     with atomic_path(folder / weights_name) as tmp:

@@ -10,6 +10,7 @@ import asyncio
 import ipaddress
 import json
 import os
+import resource
 import socket
 import threading
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Annotated
 from urllib.parse import urlsplit
 
+import uvicorn
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
@@ -58,8 +60,6 @@ def rss_mb() -> float:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     except OSError:
-        import resource
-
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -328,8 +328,6 @@ def listen(host: str, port: int) -> socket.socket:
 
 def server(app: FastAPI):
     """A uvicorn server for `app`: `.run(sockets=[listen(host, port)])`; set `.should_exit` to stop it."""
-    import uvicorn
-
     return uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5, lifespan="on"))
 
 

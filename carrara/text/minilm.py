@@ -1,7 +1,7 @@
 """all-MiniLM-L6-v2 without importing transformers: a compact BERT encoder and the `tokenizers` tokenizer.
 
-`import transformers` plus `BertModel.from_pretrained` take ~2–4 s here, longer than the whole 20-step
-sampling of a 64×64 image; this module loads the same weights (same state-dict keys as transformers'
+`import transformers` plus `BertModel.from_pretrained` take seconds, longer than sampling a 64×64 image
+(docs/performance.md, cold start); this module loads the same weights (same state-dict keys as transformers'
 `BertModel`, pooler included so the weight fingerprint is unchanged) in a fraction of that. Only the behaviour
 carrara uses is reproduced, and `tests/test_text.py` checks it against transformers: token ids, masks and
 token states (Devlin et al. 2019: post-LayerNorm encoder, exact-erf GELU, learned absolute positions).
@@ -14,6 +14,9 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from tokenizers import Tokenizer
 from torch import Tensor, nn
 
 from carrara.errors import CarraraError
@@ -25,8 +28,6 @@ class FastBertTokenizer:
     transformers_class = "BertTokenizer"  # what loads these files in transformers (an exported diffusers folder)
 
     def __init__(self, folder: str | Path):
-        from tokenizers import Tokenizer
-
         self.folder = Path(folder)
         try:
             self._tok = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
@@ -136,9 +137,6 @@ class MiniLM(nn.Module):
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> MiniLM:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         folder = Path(folder)
         try:
             model = cls(json.loads((folder / "config.json").read_text(encoding="utf-8")))

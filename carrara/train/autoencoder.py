@@ -2,20 +2,17 @@
 
 Loss = reconstruction + kl_weight · KL(q(z|x) ‖ N(0, I)). LDM uses L1 plus a perceptual (LPIPS) and an
 adversarial term; both need pretrained weights we cannot download. Without them, L1 alone fails on sparse
-images: measured on `shapes` (2026-11-24, 1024 images, lr 1e-3/2e-3, b16), L1 after 200–500 steps gave gray
-shapes (L1 on shape pixels 0.67–0.81: a per-pixel median sides with the black background), while MSE learned
-the colors (shape-pixel L1 0.30 at 200 steps, 0.08 at 1000). So the default is MSE; `reconstruction="l1"` remains.
+images: its per-pixel median sides with the background and leaves shapes gray, while MSE learns their colors
+(docs/decisions.md, 2026-11-24, has the measurement). So the default is MSE; `reconstruction="l1"` remains.
 At the end, `scaling_factor` = 1 / std of the latents (LDM sec. 4.3.2) is stored in the config.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from carrara.data.folder import fingerprint
 from carrara.data.load import load_dataset, preload_images
 from carrara.errors import CarraraError
 from carrara.fileio import ensure_dir
@@ -50,8 +47,8 @@ def narrow_initial_posterior(vae: AutoencoderKL, logvar: float | None) -> None:
     """Start q(z|x) with σ ≈ exp(logvar / 2) by zeroing the last layer's log σ² weights and setting its bias.
 
     With the default init log σ² ≈ 0, the sampled latent is mostly noise (σ ≈ 1 against |μ| < 1), and at
-    kl_weight = 1e-6 the encoder needs thousands of steps to shrink σ: measured on `shapes` (2026-11-24),
-    500 steps left reconstructions gray (colors lost, L1 0.077). A narrow start makes the first steps train a
+    kl_weight = 1e-6 the encoder needs thousands of steps to shrink σ and early reconstructions lose their colors
+    (docs/decisions.md, 2026-11-24). A narrow start makes the first steps train a
     near-deterministic autoencoder; the KL term still pulls log σ² up towards 0 as training goes on.
     """
     if logvar is None:
@@ -95,9 +92,7 @@ def train_autoencoder(recipe: AutoencoderRecipe, out: str | Path, *, resume: boo
         ema.config.scaling_factor = latent_scaling_factor(ema, images)
         ema.save_pretrained(out / "vae")
 
-    run_config = {"stage": "autoencoder", **dataclasses.asdict(recipe)}
-    trainer = Trainer(out, vae, recipe.train, n_examples=len(images), loss_fn=loss_fn, sample_fn=sample_fn,
-                      export_fn=export_fn, run_config=run_config, name="autoencoder", data_report=dataset.report(),
-                      data_fingerprint=fingerprint(dataset.records))
+    trainer = Trainer.for_stage("autoencoder", recipe, out, vae, records=dataset.records, report=dataset.report(),
+                                n_examples=len(images), loss_fn=loss_fn, sample_fn=sample_fn, export_fn=export_fn)
     result = trainer.fit(resume=resume, progress=progress, stop_at=stop_at)
     return {**result, "n_images": len(images)}

@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from carrara.data.folder import fingerprint
 from carrara.data.load import load_dataset, preload_images
 from carrara.errors import CarraraError
 from carrara.fileio import ensure_dir, write_json_atomic
@@ -119,10 +118,8 @@ def train_clip(recipe: ClipRecipe, out: str | Path, *, resume: bool = False, pro
     def export_fn(ema: ClipModel) -> None:
         ema.save_pretrained(out / "clip")
 
-    run_config = {"stage": "clip", **dataclasses.asdict(recipe)}
-    trainer = Trainer(out, model, recipe.train, n_examples=len(train_idx), loss_fn=loss_fn, sample_fn=sample_fn,
-                      export_fn=export_fn, run_config=run_config, name="clip", data_report=dataset.report(),
-                      data_fingerprint=fingerprint(dataset.records))
+    trainer = Trainer.for_stage("clip", recipe, out, model, records=dataset.records, report=dataset.report(),
+                                n_examples=len(train_idx), loss_fn=loss_fn, sample_fn=sample_fn, export_fn=export_fn)
     result = trainer.fit(resume=resume, progress=progress, stop_at=stop_at)
     metrics = evaluate(trainer.ema.model)
     write_json_atomic(out / "retrieval.json", {"held_out": metrics, "train_pairs": len(train_idx)})

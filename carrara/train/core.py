@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from carrara.data.folder import describe
+from carrara.data.folder import describe, fingerprint
 from carrara.errors import CarraraError
 from carrara.fileio import atomic_path, save_image_atomic, write_json_atomic, write_text_atomic
 from carrara.hardware import cpu_supports_bf16
@@ -136,7 +136,7 @@ class Interrupt:
 
 def plot_loss(metrics: list[dict], path: Path, title: str) -> None:
     """Loss curve (raw and smoothed, log scale) as a PNG."""
-    import matplotlib
+    import matplotlib  # here, not at the top: the Agg backend must be chosen before pyplot is imported
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -195,6 +195,14 @@ class Trainer:
         self.bar: tqdm | None = None
         self.shown = ""  # the status the bar shows besides its name
         self.saved_step: int | None = None  # the step of the newest checkpoint this run wrote or resumed from
+
+    @classmethod
+    def for_stage(cls, stage: str, recipe, out: Path, model: torch.nn.Module, *, records: list, report: dict,
+                  name: str | None = None, **kwargs) -> Trainer:
+        """The trainer of one stage: its recipe (a dataclass with `.train`) is the run's config.json, and the records'
+        fingerprint names its data, so a resume on other data warns."""
+        return cls(out, model, recipe.train, run_config={"stage": stage, **asdict(recipe)}, name=name or stage,
+                   data_report=report, data_fingerprint=fingerprint(records), **kwargs)
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up, then cosine decay to 10 % of the peak."""

@@ -13,20 +13,20 @@ from pathlib import Path
 
 import torch
 
-from carrara.data.folder import fingerprint
-from carrara.data.load import load_dataset, preload_images
 from carrara.diffusion.objectives import diffusion_loss, sample_t_and_noise
 from carrara.diffusion.schedule import NoiseSchedule
 from carrara.errors import CarraraError
 from carrara.fileio import ensure_dir
 from carrara.images import image_grid
-from carrara.modelfolder import write_model_folder
+from carrara.modelfolder import resolve, write_model_folder
 from carrara.models.autoencoder import AutoencoderKL
-from carrara.models.config import AutoencoderConfig, UNetConfig, default_unet_config, load_into
+from carrara.models.config import UNetConfig, default_unet_config, load_into
 from carrara.models.unet import UNet2DConditionModel as UNet
+from carrara.pipeline import Pipeline
 from carrara.safeload import load_state_dict, weights_file
-from carrara.text.encoder import TextEncoder, mean_pool
-from carrara.train.cache import encode_latents, encode_texts
+from carrara.text.encoder import TextEncoder
+from carrara.train.cache import encode_latents
+from carrara.train.captions import Captions, balanced_batches, load_captioned
 from carrara.train.core import TrainConfig, Trainer
 
 
@@ -49,81 +49,6 @@ class DiffusionRecipe:
     sample_prompts: list[str] = field(default_factory=list)
     model: dict = field(default_factory=lambda: default_unet_config().to_diffusers_config())
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=3000, batch_size=64, lr=3e-4))
-
-
-def caption_list(record, field_name: str) -> list[str]:
-    """The record's caption, then its distinct alternative captions from `field_name` (if it holds a list)."""
-    extra = record.extra.get(field_name) if field_name else None
-    out = [record.text]
-    for c in extra if isinstance(extra, list) else []:
-        c = c.strip() if isinstance(c, str) else ""
-        if c and c not in out:
-            out.append(c)
-    return out
-
-
-def variant_table(variants: list[list[str]], flat_index: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-example caption indices padded to (N, K) (padding repeats the first), and the counts (N,)."""
-    width = max(len(v) for v in variants)
-    table, counts, at = torch.zeros(len(variants), width, dtype=torch.long), torch.zeros(len(variants)), 0
-    for i, v in enumerate(variants):
-        row = flat_index[at:at + len(v)]
-        at += len(v)
-        table[i] = torch.tensor(row + [row[0]] * (width - len(row)))
-        counts[i] = len(v)
-    return table, counts
-
-
-def balanced_batches(records, field_name: str, cfg: TrainConfig):
-    """A batch_fn drawing examples with weight 1 / (examples sharing their `field_name` value): every value
-    (e.g. an emoji's base concept, whatever its number of skin-tone variants) is seen equally often."""
-    from collections import Counter
-
-    from carrara.train.core import step_generator
-
-    keys = [str(r.extra.get(field_name, r.text)) for r in records]
-    if all(field_name not in r.extra for r in records):
-        raise CarraraError(f"balance_by={field_name!r}: no record of the dataset has that field")
-    count = Counter(keys)
-    weights = torch.tensor([1.0 / count[k] for k in keys], dtype=torch.float64)
-
-    def batch_fn(step: int) -> torch.Tensor:
-        gen = step_generator(cfg.seed + 7, step)
-        return torch.multinomial(weights, cfg.batch_size, replacement=True, generator=gen)
-
-    return batch_fn
-
-
-@dataclass
-class Captions:
-    """Every image's caption variants, encoded once (train/cache.py), and the empty prompt."""
-
-    states: torch.Tensor  # (U, L, D) bf16 token states of every distinct caption
-    pooled: torch.Tensor  # (U, D) pooled embeddings of the same captions
-    caption_of: torch.Tensor  # (N, K) indices into states: each image's caption variants (padded)
-    n_variants: torch.Tensor  # (N,) how many of the K are real
-    null_states: torch.Tensor  # (1, L, D) the empty prompt's states, the classifier-free null condition
-    null_pooled: torch.Tensor  # (1, D)
-
-    @classmethod
-    def encode(cls, text_encoder: TextEncoder, records, variants_field: str, *, progress: bool = True) -> Captions:
-        variants = [caption_list(r, variants_field) for r in records]  # N lists, caption first
-        states, pooled, flat_index = encode_texts(text_encoder, [c for v in variants for c in v],
-                                                  progress=progress)  # (U, L, D), (U, D)
-        caption_of, n_variants = variant_table(variants, flat_index)  # (N, K) indices into states, (N,)
-        null_states, null_mask = text_encoder.encode([""])  # (1, L, D), (1, L): the empty prompt
-        return cls(states, pooled, caption_of, n_variants, null_states.to(torch.bfloat16),
-                   mean_pool(null_states, null_mask))
-
-    def draw(self, idx: torch.Tensor, gen: torch.Generator, cond_dropout: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(states (B, L, D), pooled (B, D)) of one caption variant per example, each replaced by the empty prompt
-        with probability `cond_dropout` (Ho & Salimans 2022), so one network learns ε(x_t, c) and ε(x_t, ∅)."""
-        pick = (torch.rand(len(idx), generator=gen) * self.n_variants[idx]).long()  # one caption variant each
-        drop = torch.rand(len(idx), generator=gen) < cond_dropout  # (B,)
-        caption = self.caption_of[idx, pick]  # (B,)
-        states = torch.where(drop[:, None, None], self.null_states, self.states[caption]).float()  # (B, L, D)
-        pooled = torch.where(drop[:, None], self.null_pooled, self.pooled[caption])  # (B, D)
-        return states, pooled
 
 
 @dataclass
@@ -152,8 +77,6 @@ def init_from(unet: UNet, folder: str, *, allow_pickle: bool = False) -> None:
     """Copy a trained U-Net's weights into `unet` (same shapes). A pooled-embedding MLP the source lacks starts with
     a zero last layer, so the fine-tuned network begins as exactly the source network (Stable Diffusion 2's
     ε → v fine-tune started from a trained model the same way)."""
-    from carrara.modelfolder import resolve
-
     source = resolve(folder).unet
     state = load_state_dict(weights_file(source, "diffusion_pytorch_model", allow_pickle=allow_pickle),
                             allow_pickle=allow_pickle)
@@ -167,35 +90,21 @@ def init_from(unet: UNet, folder: str, *, allow_pickle: bool = False) -> None:
     load_into(unet, state, f"--set init_unet={folder}")
 
 
-def load_autoencoder(vae_dir: Path, *, allow_pickle: bool = False) -> AutoencoderKL:
-    """The frozen autoencoder named by --autoencoder: safetensors, or a pickle only when allowed (safeload.py)."""
-    path = weights_file(vae_dir, "diffusion_pytorch_model", allow_pickle=allow_pickle)
-    if path.suffix == ".safetensors":
-        return AutoencoderKL.from_pretrained(vae_dir)
-    vae = AutoencoderKL(AutoencoderConfig.from_diffusers_config(vae_dir))
-    load_into(vae, load_state_dict(path, allow_pickle=True), str(path))
-    return vae.eval()
-
-
 def train_diffusion(recipe: DiffusionRecipe, out: str | Path, *, resume: bool = False, progress: bool = True,
                     stop_at: int | None = None, allow_pickle: bool = False) -> dict:
     """Encode the dataset once, then train the U-Net; the run folder becomes a model folder."""
-    from carrara.pipeline import Pipeline
-
     out = ensure_dir(out)
     vae_dir = Path(recipe.autoencoder) / "vae"
     if not (vae_dir / "config.json").is_file():
         raise CarraraError(f"--autoencoder {recipe.autoencoder}: no trained autoencoder there (expected vae/config.json)")
     if not 0.0 <= recipe.cond_dropout < 1.0:
         raise CarraraError(f"cond_dropout must be in [0, 1), got {recipe.cond_dropout}")
-    vae = load_autoencoder(vae_dir, allow_pickle=allow_pickle)
+    vae = AutoencoderKL.from_pretrained(vae_dir, allow_pickle=allow_pickle)  # frozen (safeload.py: pickles if allowed)
     text_encoder = TextEncoder.load(recipe.text_encoder)
-    dataset = load_dataset(recipe.data, size=recipe.size)
-    images, texts = preload_images(dataset, progress=progress)
-    mean, std = encode_latents(vae, images, progress=progress)  # (N, c, h, w) each, unscaled
-    records, report = dataset.records, dataset.report()
-    del dataset, images  # training needs the latents only: the pixels (a shard set's included) are freed
-    captions = Captions.encode(text_encoder, records, recipe.caption_variants, progress=progress)
+    loaded = load_captioned(recipe.data, recipe.size, text_encoder, recipe.caption_variants, progress=progress)
+    records, report, captions = loaded.records, loaded.report, loaded.captions
+    mean, std = encode_latents(vae, loaded.images, progress=progress)  # (N, c, h, w) each, unscaled
+    loaded.images = None  # training needs the latents only: the pixels (a shard set's included) are freed
     data = EncodedData(mean, std, vae.config.scaling_factor, captions)
     batch_fn = balanced_batches(records, recipe.balance_by, recipe.train) if recipe.balance_by else None
 
@@ -213,7 +122,7 @@ def train_diffusion(recipe: DiffusionRecipe, out: str | Path, *, resume: bool = 
     schedule = NoiseSchedule.from_config(recipe.schedule, T=recipe.num_train_timesteps,
                                          prediction_type=recipe.prediction_type)
     scheduler_config = schedule.to_diffusers_config()
-    prompts = recipe.sample_prompts or sorted(set(texts), key=texts.index)[:8]
+    prompts = recipe.sample_prompts or loaded.first_captions()
 
     def loss_fn(model: UNet, idx: torch.Tensor, gen: torch.Generator, rows: slice) -> torch.Tensor:
         # Random numbers are drawn for the whole batch idx, then this call's rows are kept (train/core.py).
@@ -235,9 +144,8 @@ def train_diffusion(recipe: DiffusionRecipe, out: str | Path, *, resume: bool = 
         write_model_folder(out, unet=ema, vae=vae if pickled_vae else None, vae_dir=None if pickled_vae else vae_dir,
                            scheduler_config=scheduler_config, text_encoder=recipe.text_encoder)
 
-    run_config = {"stage": "diffusion", **dataclasses.asdict(recipe)}
-    trainer = Trainer(out, unet, recipe.train, n_examples=len(mean), loss_fn=loss_fn, sample_fn=sample_fn,
-                      export_fn=export_fn, run_config=run_config, name="diffusion", data_report=report,
-                      data_fingerprint=fingerprint(records), batch_fn=batch_fn)
+    trainer = Trainer.for_stage("diffusion", recipe, out, unet, records=records, report=report,
+                                n_examples=len(mean), loss_fn=loss_fn, sample_fn=sample_fn, export_fn=export_fn,
+                                batch_fn=batch_fn)
     result = trainer.fit(resume=resume, progress=progress, stop_at=stop_at)
     return {**result, "n_images": len(mean), "n_captions": len(captions.states)}

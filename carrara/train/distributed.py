@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from carrara.errors import CarraraError
 
@@ -122,7 +123,6 @@ def wrap(model: torch.nn.Module, loss_fn, ctx: Context):
     """A callable (idx, gen, rows) -> loss: DDP around LossModule when distributed, else the loss itself."""
     if ctx.world_size == 1:
         return lambda idx, gen, rows: loss_fn(model, idx, gen, rows)
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     return DDP(LossModule(model, loss_fn), device_ids=device_ids)  # broadcasts rank 0's weights at construction

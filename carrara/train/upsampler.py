@@ -15,8 +15,6 @@ from pathlib import Path
 
 import torch
 
-from carrara.data.folder import fingerprint
-from carrara.data.load import load_dataset, preload_images
 from carrara.diffusion.objectives import diffusion_loss, sample_t_and_noise
 from carrara.diffusion.schedule import NoiseSchedule, add_noise
 from carrara.errors import CarraraError
@@ -25,8 +23,8 @@ from carrara.images import image_grid, to_model_range, to_pil
 from carrara.models.config import UNetConfig
 from carrara.models.unet import UNet2DConditionModel as UNet
 from carrara.text.encoder import TextEncoder
+from carrara.train.captions import balanced_batches, load_captioned
 from carrara.train.core import TrainConfig, Trainer
-from carrara.train.diffusion import Captions, balanced_batches
 from carrara.upsampler import Upsampler, UpsamplerSettings, downsample, space_to_depth, upsampler_inputs
 
 
@@ -86,11 +84,8 @@ def train_upsampler(recipe: UpsamplerRecipe, out: str | Path, *, resume: bool = 
     check_recipe(recipe)
     out = ensure_dir(out)
     text_encoder = TextEncoder.load(recipe.text_encoder)
-    dataset = load_dataset(recipe.data, size=recipe.size)
-    images, _ = preload_images(dataset, progress=progress)  # (N, 3, H, W) uint8
-    records, report = dataset.records, dataset.report()
-    del dataset
-    captions = Captions.encode(text_encoder, records, recipe.caption_variants, progress=progress)
+    loaded = load_captioned(recipe.data, recipe.size, text_encoder, recipe.caption_variants, progress=progress)
+    images, records, report, captions = loaded.images, loaded.records, loaded.report, loaded.captions  # (N, 3, H, W)
     batch_fn = balanced_batches(records, recipe.balance_by, recipe.train) if recipe.balance_by else None
     f = recipe.factor
 
@@ -136,9 +131,8 @@ def train_upsampler(recipe: UpsamplerRecipe, out: str | Path, *, resume: bool = 
     def export_fn(ema: UNet) -> None:
         stage(ema).save(out, text_encoder=recipe.text_encoder)
 
-    run_config = {"stage": "upsampler", **dataclasses.asdict(recipe)}
-    trainer = Trainer(out, unet, recipe.train, n_examples=len(images), loss_fn=loss_fn, sample_fn=sample_fn,
-                      export_fn=export_fn, run_config=run_config, name="upsampler", data_report=report,
-                      data_fingerprint=fingerprint(records), batch_fn=batch_fn)
+    trainer = Trainer.for_stage("upsampler", recipe, out, unet, records=records, report=report,
+                                n_examples=len(images), loss_fn=loss_fn, sample_fn=sample_fn, export_fn=export_fn,
+                                batch_fn=batch_fn)
     result = trainer.fit(resume=resume, progress=progress, stop_at=stop_at)
     return {**result, "n_images": len(images)}
