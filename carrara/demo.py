@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             out_dir.mkdir(exist_ok=True)
             recipe = Path(__file__).resolve().parent.parent / "recipes" / "demo.toml"
             print("no packaged model in this checkout: training the small shapes model of recipes/demo.toml "
-                  "(about 10 minutes on 2 cores; run again to resume)", flush=True)
+                  "(about 10 minutes on 2 cores with AVX-512 BF16, longer on AVX2-only CPUs; run again to resume)", flush=True)
             model = run_recipe(recipe, out_dir / "run", resume=True)["model"]
             kind = "shapes"
         prompts = {"emoji": EMOJI_PROMPTS, "shapes": SHAPES_PROMPTS}[args.prompts or kind]

@@ -44,6 +44,8 @@ def read_png_metadata(path: str | Path) -> dict:
             text = im.text.get(KEY) if hasattr(im, "text") else None
     except FileNotFoundError:
         raise CarraraError(f"{path}: no such file") from None
+    except Image.DecompressionBombError:
+        raise CarraraError(f"{path}: the image is too large to read (a decompression bomb?)") from None
     except (UnidentifiedImageError, OSError) as e:
         raise CarraraError(f"{path}: not a readable PNG ({e})") from None
     if text is None:

@@ -193,3 +193,20 @@ def test_metadata_records_the_settings(model, tmp_path):
     assert {k: meta[k] for k in ("prompt", "seed", "steps", "n", "precision")} == {
         "prompt": "a red circle", "seed": 4, "steps": 2, "n": 1, "precision": "fp32"}
     assert json.loads(Image.open(tmp_path / "a.png").text["carrara"]) == meta
+
+
+def test_from_a_png_bomb_says_too_large(tmp_path, capsys):
+    """A PNG whose header claims 20000 × 20000 pixels is refused before its pixels are read."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)  # 8-bit RGB
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) +
+                     chunk(b"IEND", b""))
+    assert main(["generate", "--from", str(bomb), "-o", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "too large" in err and err.count("\n") == 1
