@@ -36,14 +36,14 @@ $(CHROMIUM):
 	fi
 
 test: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2  # both cores: one test process each (tests run one thread)
 
 # The suite on the AVX2 kind's code paths from any CPU: PyTorch's AVX2 kernels, oneDNN capped at AVX2, and
 # carrara's fp32 path (CARRARA_BF16=0; an AVX-512 BF16 CPU would otherwise pick bf16). See docs/performance.md.
 AVX2 := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 CARRARA_BF16=0
 
 test-avx2: setup
-	$(AVX2) HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	$(AVX2) HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2
 
 test-slow: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m slow
