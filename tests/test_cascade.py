@@ -186,3 +186,32 @@ def test_the_cli_trains_assembles_exports_and_generates_the_cascade(tiny_shapes,
     from safetensors import safe_open
     with safe_open(tmp_path / "packaged" / "upsampler" / "unet" / "diffusion_pytorch_model.safetensors", "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}  # noqa: SIM118 (safe_open is not iterable)
+
+
+def test_the_server_offers_both_sizes_of_a_cascade(cascade, tmp_path):
+    """GET /api/model lists the sizes; width/height pick one (default the largest); other sizes are a 422."""
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from carrara.serve.app import create_app
+
+    def finished(client, job) -> dict:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            info = client.get(f"/api/jobs/{job['id']}").json()
+            if info["status"] in ("done", "failed", "cancelled"):
+                return info
+            time.sleep(0.05)  # polling a state change with a deadline, not waiting a fixed time
+        raise AssertionError("job did not finish")
+
+    with TestClient(create_app(cascade, tmp_path / "gallery"), base_url="http://127.0.0.1") as client:
+        model = client.get("/api/model").json()
+        assert model["sizes"] == [16, 32] and model["image_size"] == [32, 32]
+        for body, side in (({}, 32), ({"width": 16, "height": 16}, 16), ({"height": 16}, 16)):
+            job = client.post("/api/generate", json={"prompt": "a red circle", "steps": 2, **body}).json()
+            info = finished(client, job)
+            assert info["status"] == "done" and info["images"][0]["size"] == [side, side]
+        for body in ({"width": 64}, {"width": 16, "height": 32}):
+            response = client.post("/api/generate", json={"prompt": "a red circle", **body})
+            assert response.status_code == 422 and "16×16 or 32×32" in response.json()["message"]

@@ -22,6 +22,7 @@ class GenerationSettings:
     sampler: str = "dpmpp"
     guidance: float = 4.0
     seed: int = 0
+    size: int | None = None  # image side: None = the model's largest (a cascade's upsampled side)
 
     def validate(self) -> None:
         if not isinstance(self.prompt, str):
@@ -34,6 +35,8 @@ class GenerationSettings:
             raise CarraraError(f"--guidance must be between 0 and {MAX_GUIDANCE:g}, got {self.guidance}")
         if not 0 <= self.seed < 2**63:
             raise CarraraError(f"--seed must be between 0 and 2^63-1, got {self.seed}")
+        if self.size is not None and (not isinstance(self.size, int) or self.size < 1):
+            raise CarraraError(f"--size must be a positive number of pixels, got {self.size!r}")
 
 
 DEFAULTS = GenerationSettings()

@@ -184,7 +184,8 @@ def create_app(pipe, data_dir: str | Path, *, max_queued: int = 32, batch_images
     gallery = Gallery(data_dir)
     jobs = JobQueue(pipe, gallery, max_queued=max_queued, batch_images=batch_images, preview_every=preview_every)
     latent = pipe.latent_shape()  # (c, h, w)
-    image_size = latent[1] * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    sizes = list(getattr(pipe, "sizes", (latent[1] * pipe.vae.config.downsample_factor,)))  # a cascade has two
+    image_size = sizes[-1]
     defaults = GenerateRequest.model_construct(prompt="").model_dump(exclude={"prompt", "width", "height"})
     placeholder = example_prompt(pipe.name)
     started = time.time()
@@ -216,9 +217,10 @@ def create_app(pipe, data_dir: str | Path, *, max_queued: int = 32, batch_images
     async def generate(body: GenerateRequest):
         """Queue a job; poll GET /api/jobs/{id} or stream /api/jobs/{id}/events."""
         for name in ("width", "height"):
-            if getattr(body, name) not in (None, image_size):
-                message = (f"{name}: this model makes {image_size}×{image_size} images; "
-                           f"give {image_size} or leave it out")
+            value, other = getattr(body, name), body.height if name == "width" else body.width
+            if value is not None and (value not in sizes or other not in (None, value)):  # square sizes only
+                square = " or ".join(f"{s}×{s}" for s in sizes)
+                message = f"{name}: this model makes {square} images; give one of them or leave it out"
                 return JSONResponse({"detail": [{"loc": ["body", name], "msg": message, "type": "value_error"}],
                                      "message": message}, 422)
         try:
@@ -301,7 +303,7 @@ def create_app(pipe, data_dir: str | Path, *, max_queued: int = 32, batch_images
     async def model() -> dict:
         """What is loaded, the image size it makes, and the request limits."""
         return {"name": jobs.model_ref, "model_hash": pipe.model_hash, "precision": getattr(pipe, "precision", "fp32"),
-                "image_size": [image_size, image_size],
+                "image_size": [image_size, image_size], "sizes": sizes,
                 "latent_shape": list(latent), "samplers": list(SAMPLER_NAMES),
                 "defaults": defaults, "example_prompt": placeholder,
                 "limits": {"prompt_chars": MAX_PROMPT_CHARS, "steps": MAX_STEPS, "guidance": MAX_GUIDANCE, "n": MAX_BATCH,

@@ -69,14 +69,15 @@ class Job:
 
     def batch_key(self) -> tuple:
         s = self.settings
-        return (s.steps, s.sampler, s.guidance, s.negative_prompt)
+        return (s.steps, s.sampler, s.guidance, s.negative_prompt, s.size)
 
     def to_dict(self, position: int | None = None) -> dict:
         s = self.settings
         return {"id": self.id, "status": self.status, "position": position, "step": self.step, "total": self.total,
                 "settings": {"prompt": s.prompt, "negative_prompt": s.negative_prompt, "steps": s.steps,
                              "sampler": s.sampler, "guidance": s.guidance,
-                             "seed": None if self.random_seed and self.status == QUEUED else s.seed, "n": self.n},
+                             "seed": None if self.random_seed and self.status == QUEUED else s.seed, "n": self.n,
+                             "size": s.size},
                 "images": self.images, "error": self.error, "created": self.created, "started": self.started,
                 "finished": self.finished, "batch_jobs": self.batch_jobs, "events_url": f"/api/jobs/{self.id}/events"}
 
@@ -237,7 +238,8 @@ class JobQueue:
         s = job.settings
         return {"prompt": s.prompt, "negative_prompt": s.negative_prompt, "steps": s.steps, "sampler": s.sampler,
                 "guidance": s.guidance, "seed": s.seed + i, "n": 1, "model": self.model_ref,
-                "model_hash": self.pipe.model_hash, "precision": getattr(self.pipe, "precision", "fp32")}
+                "model_hash": self.pipe.model_hash, "precision": getattr(self.pipe, "precision", "fp32"),
+                **({"size": s.size} if s.size is not None else {})}
 
     def _run(self) -> None:
         while True:
@@ -274,7 +276,7 @@ class JobQueue:
         try:
             images = self.pipe([job.settings.prompt for job in batch for _ in range(job.n)], steps=s.steps,
                                sampler=s.sampler, guidance=s.guidance, negative_prompt=s.negative_prompt,
-                               seed=s.seed, callback=callback)
+                               seed=s.seed, callback=callback, **({"size": s.size} if s.size is not None else {}))
         except _Stop:
             with self._cond:
                 for job in batch:

@@ -33,8 +33,8 @@ class GenerateRequest(BaseModel):
     seed: int | Literal["random"] = Field(
         0, description=f'0 … {MAX_SEED}; image i uses seed + i; "random" picks one when the job runs')
     n: int = Field(1, ge=1, le=MAX_BATCH, description="number of images")
-    width: int | None = Field(None, ge=1, le=MAX_SIZE, description="must be the model's size if given")
-    height: int | None = Field(None, ge=1, le=MAX_SIZE, description="must be the model's size if given")
+    width: int | None = Field(None, ge=1, le=MAX_SIZE, description="one of the model's sizes (GET /api/model)")
+    height: int | None = Field(None, ge=1, le=MAX_SIZE, description="equal to width if both are given")
 
     @field_validator("prompt")
     @classmethod
@@ -65,7 +65,8 @@ class GenerateRequest(BaseModel):
 
     def settings(self) -> GenerationSettings:
         seed = 0 if self.seed == "random" else self.seed
-        return GenerationSettings(self.prompt, self.negative_prompt, self.steps, self.sampler, self.guidance, seed)
+        return GenerationSettings(self.prompt, self.negative_prompt, self.steps, self.sampler, self.guidance, seed,
+                                  self.width or self.height)
 
 
 def field_range(name: str) -> tuple[float, float] | None:
@@ -86,6 +87,7 @@ class JobSettings(BaseModel):
     guidance: float
     seed: int | None = Field(description="null while a random-seed job waits")
     n: int
+    size: int | None = Field(None, description="the image side asked for; null: the model's largest")
 
 
 class ImageItem(BaseModel):

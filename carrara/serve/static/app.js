@@ -4,7 +4,7 @@
 
 const $ = (id) => document.getElementById(id);
 const FINISHED = ["done", "cancelled", "failed"];
-const SETTING_KEYS = ["prompt", "negative_prompt", "steps", "sampler", "guidance", "seed", "n"];
+const SETTING_KEYS = ["prompt", "negative_prompt", "steps", "sampler", "guidance", "seed", "n", "size"];
 let galleryTotal = 0;
 
 function el(tag, props = {}, ...children) {
@@ -33,6 +33,8 @@ function formSettings() {
     guidance: Number($("guidance").value),
     seed: $("random").checked ? "random" : Number($("seed").value),
     n: Number($("n").value),
+    width: Number($("size").value),
+    height: Number($("size").value),
   };
 }
 
@@ -146,6 +148,9 @@ async function start() {
     const model = await api("/api/model");
     const [w, h] = model.image_size;
     $("model").textContent = `${model.name} · ${model.model_hash} · ${w}×${h}`;
+    $("size").replaceChildren(...model.sizes.map((s) => el("option", { value: s, textContent: `${s}×${s}` })));
+    $("size").value = model.sizes[model.sizes.length - 1];  // a cascade's upsampled size by default
+    $("size").disabled = model.sizes.length < 2;
     $("prompt").placeholder = model.example_prompt;  // a prompt the loaded model was trained to draw
     $("steps").max = model.limits.steps;
     $("n").max = model.limits.n;
