@@ -88,6 +88,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
         recipe = ClipRecipe(data=args.data, **size)
         run = train_clip
+    elif args.stage == "family":
+        from carrara.families.train import FamilyRecipe, train_family
+
+        recipe = FamilyRecipe(kind=args.kind, data=args.data, vqvae=args.vqvae or "", **size)
+        run = train_family
     elif args.stage == "upsampler":
         from carrara.train.upsampler import UpsamplerRecipe, train_upsampler
 
@@ -255,11 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
     shard.set_defaults(func=_cmd_data_shard)
     train = commands.add_parser("train", help="train one stage: autoencoder, then diffusion, then (for a cascade) "
                                 "upsampler; clip for evaluation")
-    train.add_argument("stage", choices=["autoencoder", "diffusion", "upsampler", "clip"])
+    train.add_argument("stage", choices=["autoencoder", "diffusion", "upsampler", "clip", "family"])
     train.add_argument("--data", required=True, help="dataset folder (images + metadata.jsonl), "
                        "or tar shards: 'shards/{000000..000099}.tar'")
     train.add_argument("--out", required=True, help="run folder to create (or continue with --resume)")
     train.add_argument("--autoencoder", help="autoencoder run folder (diffusion stage)")
+    train.add_argument("--kind", default="vae", help="family stage: which generative family of the lectures "
+                       "(default vae; carrara/families/ lists them, an unknown name too)")
+    train.add_argument("--vqvae", help="family stage, --kind ar: the trained VQ-VAE run whose codes the prior models")
     train.add_argument("--size", type=_positive_int, default=None,
                        help="image side in pixels (default 64; upsampler: the high-resolution side, default 128)")
     train.add_argument("--steps", type=_positive_int, help="training steps")

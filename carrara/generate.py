@@ -23,8 +23,9 @@ from tqdm import tqdm
 from carrara.diffusion.settings import DEFAULTS as SETTINGS
 from carrara.diffusion.settings import GenerationSettings
 from carrara.errors import CarraraError
+from carrara.families.pipeline import FamilyPipeline, load_any
 from carrara.images import image_grid
-from carrara.pipeline import MAX_BATCH, Pipeline
+from carrara.pipeline import MAX_BATCH
 from carrara.png import read_png_metadata, save_pngs
 
 DEFAULTS = {**dataclasses.asdict(SETTINGS), "precision": "auto", "n": 1}
@@ -108,7 +109,7 @@ def generate_command(args: argparse.Namespace) -> int:
     _check_writable(asked)
     out = asked if args.overwrite else _next_free(asked, s["n"])
     t0 = time.perf_counter()
-    pipe = Pipeline.load(model, allow_pickle=args.allow_pickle, precision=s["precision"])
+    pipe = load_any(model, allow_pickle=args.allow_pickle, precision=s["precision"])  # a diffusion or family model
     t1 = time.perf_counter()
     with tqdm(total=s["steps"], desc="denoising", unit="step", file=sys.stderr, disable=args.quiet) as bar:
         def progress(i, n, _decode):
@@ -126,7 +127,9 @@ def generate_command(args: argparse.Namespace) -> int:
     model_ref = model if model == "default" else str(Path(model).resolve())
     metadata = {**s, "precision": pipe.precision, "model": model_ref, "model_hash": pipe.model_hash,
                 "size": images[0].width}
-    if images[0].width != pipe.sizes[0]:  # made by the cascade: its second stage's settings, for the record
+    if isinstance(pipe, FamilyPipeline):  # not diffusion: steps, sampler, size do not apply; say what made it
+        metadata["family"] = pipe.kind
+    elif images[0].width != pipe.sizes[0]:  # made by the cascade: its second stage's settings, for the record
         metadata["upsampler"] = dataclasses.asdict(pipe.upsampler.settings)
     names = _output_names(out, len(images))
     files = [(names[0], images[0] if len(images) == 1 else image_grid(images), metadata)]

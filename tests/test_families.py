@@ -290,3 +290,23 @@ def test_user_errors_are_one_line(tiny_shapes, tmp_path):
         train_family(recipe, tmp_path / "vae", progress=False)
     with pytest.raises(CarraraError, match="not a family run"):
         FamilyPipeline.load(tmp_path)
+
+
+def test_the_cli_trains_a_family_and_generates_from_it(tiny_shapes, tmp_path, capsys):
+    """`carrara train family` makes a run that `carrara generate --model` and `carrara eval` load like a diffusion model."""
+    from PIL import Image
+
+    from carrara.cli import main
+    from carrara.png import read_png_metadata
+
+    run = tmp_path / "vae"
+    assert main(["train", "family", "--kind", "vae", "--data", str(tiny_shapes), "--size", str(SIZE), "--out", str(run),
+                 "--steps", "3", "--batch-size", "4", "--quiet", "--set", "train.warmup_steps=1"]) == 0
+    out = tmp_path / "x.png"
+    assert main(["generate", "a red circle", "--model", str(run), "--quiet", "-o", str(out)]) == 0
+    assert Image.open(out).size == (SIZE, SIZE) and read_png_metadata(out)["family"] == "vae"
+    assert main(["generate", "--from", str(out), "--quiet", "-o", str(tmp_path / "again.png")]) == 0
+    assert Image.open(out).tobytes() == Image.open(tmp_path / "again.png").tobytes()
+    capsys.readouterr()
+    assert main(["train", "family", "--kind", "nope", "--data", str(tiny_shapes), "--out", str(tmp_path / "n")]) == 2
+    assert "unknown family 'nope'" in capsys.readouterr().err

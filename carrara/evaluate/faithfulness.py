@@ -29,8 +29,8 @@ from carrara.data import shapes
 from carrara.diffusion.settings import DEFAULTS
 from carrara.errors import CarraraError
 from carrara.evaluate.detector import Detection, detect, relation_between
+from carrara.families.pipeline import load_any
 from carrara.fileio import write_json_atomic
-from carrara.pipeline import Pipeline
 
 OBJECT_ATTRIBUTES = {1: ("color", "shape", "size", "position"), 2: ("color", "shape", "size")}
 SCENE_ATTRIBUTES = {1: ("count", "all"), 2: ("relation", "both objects", "count", "all")}
@@ -130,7 +130,7 @@ def faithfulness_report(model_path, n: int = 200, guidance: float = DEFAULTS.gui
     """Load a model, evaluate one- and two-object captions beside the detector's ceiling; write JSON to `out`."""
     if n < 1:
         raise CarraraError(f"--n must be at least 1, got {n}")
-    pipe = Pipeline.load(model_path, allow_pickle=allow_pickle)
+    pipe = load_any(model_path, allow_pickle=allow_pickle)
     report = {"model": str(model_path), "model_hash": pipe.model_hash, "n": n, "guidance": guidance, "steps": steps,
               "sampler": sampler, "seed": seed,
               "detector": "analytic color/shape detector (carrara.evaluate.detector); ceiling = same captions, "

@@ -25,10 +25,10 @@ from carrara.evaluate.faithfulness import detector_ceiling, evaluate_faithfulnes
 from carrara.evaluate.fid import feature_stats, frechet_distance, kid
 from carrara.evaluate.html import write_report_html
 from carrara.evaluate.inception import InceptionFeatures
+from carrara.families.pipeline import load_any
 from carrara.fileio import ensure_dir, save_image_atomic, write_json_atomic
 from carrara.images import image_grid
 from carrara.models.clip import ClipScorer, clip_score, retrieval
-from carrara.pipeline import Pipeline
 
 METRICS = ("fd", "kid", "clipscore", "retrieval", "faithfulness")
 
@@ -136,7 +136,7 @@ def run_eval(settings: EvalSettings, out_dir: str | Path, progress: bool = True)
             raise CarraraError(f"{metric} needs --clip RUN (a `carrara train clip` run)")
     own_prompts = read_prompts(settings.prompts) if settings.prompts else None
     out_dir = ensure_dir(out_dir)
-    pipe = Pipeline.load(settings.model, allow_pickle=settings.allow_pickle)
+    pipe = load_any(settings.model, allow_pickle=settings.allow_pickle)  # a diffusion model, a cascade or a family
     report = {"settings": asdict(settings), "model_hash": pipe.model_hash, "precision": pipe.precision, "metrics": {}}
     started = time.perf_counter()
 

@@ -20,6 +20,7 @@ from carrara.errors import CarraraError
 from carrara.families import build, config_for, family
 from carrara.fileio import atomic_path, write_json_atomic
 from carrara.images import to_pil
+from carrara.pipeline import Pipeline
 from carrara.text.encoder import TextEncoder
 
 META = "family.json"
@@ -78,12 +79,19 @@ def draw(kind: str, model: torch.nn.Module, cond: torch.Tensor, null: torch.Tens
     return family(kind).sample(model, cond, seed, **options)
 
 
+def load_any(path: str | Path, **options):
+    """A family run's `FamilyPipeline`, or `Pipeline.load(path, **options)` for a diffusion model or cascade: what
+    `carrara generate` and `carrara eval` load, so every family is judged like the diffusion models."""
+    return FamilyPipeline.load(path) if is_family_run(path) else Pipeline.load(path, **options)
+
+
 class FamilyPipeline:
     """Prompts → images with a trained family model, called like `Pipeline`."""
 
     def __init__(self, kind: str, model: torch.nn.Module, text_encoder: TextEncoder, meta: dict, model_hash: str = ""):
         self.kind, self.model, self.text_encoder, self.meta = kind, model, text_encoder, meta
         self.model_hash = model_hash
+        self.precision = "fp32"  # recorded in PNG metadata like a diffusion model's
         self.guided = kind in GUIDED and float(meta.get("cond_dropout", 0.0)) > 0
 
     @classmethod
