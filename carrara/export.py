@@ -23,7 +23,8 @@ import torch
 from carrara.errors import CarraraError
 from carrara.fileio import write_json_atomic
 from carrara.modelfolder import resolve
-from carrara.models.config import CONFIG_NAME, load_weights, save_folder
+from carrara.models.config import CONFIG_NAME
+from carrara.models.weights import load_weights, save_folder
 from carrara.text.encoder import TextEncoder, resolve_folders
 
 TRAINING_FILES = ("config.json", "log.txt", "metrics.jsonl", "loss.png")

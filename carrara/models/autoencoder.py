@@ -13,13 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from carrara.models.blocks import Downsample2D, ResnetBlock2D, SpatialSelfAttention, Upsample2D
-from carrara.models.config import (
-    AutoencoderConfig,
-    load_into,
-    load_weights,
-    resolve_model_folder,
-    save_folder,
-)
+from carrara.models.config import AutoencoderConfig
+from carrara.models.weights import load_into, load_weights, resolve_model_folder, save_folder
 
 _EPS = 1e-6  # GroupNorm ε of every autoencoder layer
 _DEPRECATED_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}

@@ -22,7 +22,7 @@ from torch import nn
 
 from carrara.errors import CarraraError
 from carrara.images import to_model_range
-from carrara.models.config import save_folder
+from carrara.models.weights import save_folder
 from carrara.text.encoder import TextEncoder, mean_pool
 
 

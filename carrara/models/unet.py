@@ -25,7 +25,8 @@ from carrara.models.blocks import (
     Upsample2D,
     timestep_embedding,
 )
-from carrara.models.config import UNetConfig, load_into, load_weights, resolve_model_folder, save_folder
+from carrara.models.config import UNetConfig
+from carrara.models.weights import load_into, load_weights, resolve_model_folder, save_folder
 
 MASK_BIAS = -10000.0  # score added at masked text tokens (diffusers' value, not −∞: an all-masked row stays finite)
 

@@ -20,8 +20,9 @@ from carrara.fileio import ensure_dir
 from carrara.images import image_grid
 from carrara.modelfolder import resolve, write_model_folder
 from carrara.models.autoencoder import AutoencoderKL
-from carrara.models.config import UNetConfig, default_unet_config, load_into
+from carrara.models.config import UNetConfig, default_unet_config
 from carrara.models.unet import UNet2DConditionModel as UNet
+from carrara.models.weights import load_into
 from carrara.pipeline import Pipeline
 from carrara.safeload import load_state_dict, weights_file
 from carrara.text.encoder import TextEncoder
