@@ -111,14 +111,21 @@ def generate_command(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     pipe = load_any(model, allow_pickle=args.allow_pickle, precision=s["precision"])  # a diffusion or family model
     t1 = time.perf_counter()
-    with tqdm(total=s["steps"], desc="denoising", unit="step", file=sys.stderr, disable=args.quiet) as bar:
-        def progress(i, n, _decode):
-            bar.total = n
-            bar.update(i - bar.n)  # called before step i: i steps are done
+    bars = []  # opened at the first step, so settings the model refuses end in one line, not a bar and a line
 
+    def progress(i, n, _decode):
+        if not bars:
+            bars.append(tqdm(total=n, desc="denoising", unit="step", file=sys.stderr, disable=args.quiet))
+        bars[0].update(i - bars[0].n)  # called before step i: i steps are done
+
+    try:
         images = pipe([s["prompt"]] * s["n"], steps=s["steps"], sampler=s["sampler"], guidance=s["guidance"],
                       negative_prompt=s["negative_prompt"], seed=s["seed"], callback=progress, size=s.get("size"))
-        bar.update(bar.total - bar.n)
+        if bars:
+            bars[0].update(bars[0].total - bars[0].n)
+    finally:
+        if bars:
+            bars[0].close()
     t2 = time.perf_counter()
     recorded = (meta or {}).get("model_hash")
     if recorded and recorded != pipe.model_hash:
