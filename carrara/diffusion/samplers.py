@@ -4,13 +4,18 @@
                clip_x0=None, **options) -> x_0
 
 `model(x_t, t) -> model_output` is an ε-, v- or x0-prediction (`prediction_type`, default the schedule's) with
-t a (B,) long tensor; `timesteps` are the descending model timesteps (see `default_timesteps`), and after the
-last one every sampler lands on clean data (ᾱ = 1, i.e. diffusers' `set_alpha_to_one` / `final_sigmas_type="zero"`;
-DDIM's `final_alpha_bar` can stop short of it, as Stable Diffusion's configs do).
+t a (B,) tensor, long for whole timesteps (float for the fractional ones Euler's grid has); `timesteps` are the
+descending model timesteps (see `default_timesteps`), and after the last one every sampler lands on clean data
+(ᾱ = 1, i.e. diffusers' `set_alpha_to_one` / `final_sigmas_type="zero"`; DDIM's `final_alpha_bar` can stop short
+of it, as Stable Diffusion's configs do). `generator` may be a list, one per image (diffusers' `randn_tensor`).
 `callback(i, t, x_t, x0_hat)` is called once per step, before the update (x̂0 previews for the UI).
 
 Notation per step: t → s (s = next timestep, −1 after the last), ᾱ_t / ᾱ_s the cumulative products,
 α = √ᾱ, σ = √(1 − ᾱ), λ = log(α / σ). Coefficients are Python floats computed in float64.
+
+The Karras-style samplers (euler, euler_a, dpmpp_karras) run in the variance-exploding form of the same process
+(Karras et al. 2022, §2; k-diffusion): x_σ = x_t / α = x0 + σ ε with σ = √((1 − ᾱ)/ᾱ) (diffusers' "sigmas"), so
+they start at x_T / α, show the network α x_σ (diffusers' `scale_model_input`) and end at σ = 0, where x_σ = x0.
 """
 from __future__ import annotations
 
@@ -19,10 +24,11 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 
 from carrara.diffusion.objectives import ModelFn, to_x0_eps
-from carrara.diffusion.schedule import NoiseSchedule, PredictionType, spaced_timesteps
+from carrara.diffusion.schedule import NoiseSchedule, PredictionType, last_timestep, spaced_timesteps
 from carrara.diffusion.settings import SAMPLER_NAMES
 from carrara.errors import CarraraError
 
@@ -32,7 +38,8 @@ Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 # schedule by unCLIP/Karlo). This is the ending time T = 0.9946 that Lu et al. 2022 set for the cosine schedule
 # ("T = 1 will have numerical issues"): at λ ≈ −9.9 (cosine, t = 999) x̂0 = (x_t − σ ε̂) / α multiplies any
 # error of ε̂ by σ/α ≈ 2·10⁴, and the first step's h ≈ 7 carries it into the sample. For the linear schedules
-# λ_T ≈ −5.06 > −5.1, so the clip removes nothing there.
+# λ_T ≈ −5.06 > −5.1, so the clip removes nothing there. Euler's and Karras' grids start there too (σ_max ≤ e^{5.1}):
+# from σ ≈ 2·10⁴ the first Euler step carries the same amplified error (tests/test_samplers.py, the mixture).
 DPM_LAMBDA_MIN = -5.1
 
 
@@ -48,16 +55,24 @@ def _alpha_bar(schedule: NoiseSchedule, t: int) -> float:
     return 1.0 if t < 0 else float(schedule.alphas_cumprod[t])
 
 
-def _denoise(model: ModelFn, x: torch.Tensor, t: int, alpha_bar_t: float, prediction_type: PredictionType,
+def _denoise(model: ModelFn, x: torch.Tensor, t: float, alpha_bar_t: float, prediction_type: PredictionType,
              clip_x0: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     """One network call at timestep t → (x̂0, ε̂), with x̂0 optionally clipped to [−clip_x0, clip_x0]."""
-    t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)  # (B,)
+    whole = float(t).is_integer()  # a trained timestep goes in as an integer, a fractional one (Euler's grid) as float
+    t_batch = torch.full((x.shape[0],), t, dtype=torch.long if whole else torch.float32, device=x.device)  # (B,)
     x0, eps = to_x0_eps(model(x, t_batch), x, alpha_bar_t, prediction_type)  # (B, C, H, W) each
     return (x0 if clip_x0 is None else x0.clamp(-clip_x0, clip_x0)), eps
 
 
-def _randn(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """z ~ N(0, I) shaped like x, drawn as diffusers' `randn_tensor` draws it (same generator → same z)."""
+def _randn(x: torch.Tensor, generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
+    """z ~ N(0, I) shaped like x, drawn as diffusers' `randn_tensor` draws it (same generator → same z); a list of
+    generators draws image i from generator i, so an image's noise does not depend on the batch it is in."""
+    if isinstance(generator, list | tuple) and len(generator) > 1:
+        if len(generator) != x.shape[0]:
+            raise CarraraError(f"got {len(generator)} generators for a batch of {x.shape[0]}")
+        return torch.cat([torch.randn((1, *x.shape[1:]), generator=g, device=x.device, dtype=x.dtype)
+                          for g in generator])  # (B, C, H, W)
+    generator = generator[0] if isinstance(generator, list | tuple) else generator
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
@@ -158,9 +173,157 @@ def sample_dpmpp_2m(model: ModelFn, x_T: torch.Tensor, schedule: NoiseSchedule, 
     return x
 
 
-# name → sampler, in the order of settings.SAMPLER_NAMES (the names' one source): ddpm, ddim, dpmpp.
+# ---- samplers in σ-space: Euler, Euler ancestral, DPM-Solver++(2M) on Karras σ (Karras et al. 2022; k-diffusion) ----
+
+KARRAS_RHO = 7.0  # ρ of Karras et al. 2022, eq. 5 ("ρ = 7 … we use in all experiments")
+
+
+def _check_times(schedule: NoiseSchedule, timesteps: Sequence[float] | torch.Tensor) -> list[float]:
+    ts = [float(t) for t in (timesteps.tolist() if torch.is_tensor(timesteps) else timesteps)]
+    if not ts or any(a <= b for a, b in itertools.pairwise(ts)) or ts[0] > schedule.T - 1 or ts[-1] < 0:
+        raise CarraraError(f"timesteps must be strictly decreasing within 0…{schedule.T - 1}, got {ts[:3]}…")
+    return ts
+
+
+def _train_sigmas(schedule: NoiseSchedule) -> np.ndarray:
+    """σ_t = √((1 − ᾱ_t)/ᾱ_t) of every trained timestep, float64 (T,), increasing in t."""
+    abar = schedule.alphas_cumprod.numpy()
+    return np.sqrt((1.0 - abar) / abar)
+
+
+def _sigma_at(schedule: NoiseSchedule, t: float, *, log_linear: bool = False) -> float:
+    """σ at a fractional timestep: linear in t between trained steps (diffusers' Euler `interpolation_type="linear"`),
+    or linear in log σ (the inverse of `karras_timesteps`' σ → t map, diffusers' `_sigma_to_t`)."""
+    sigmas, grid = _train_sigmas(schedule), np.arange(schedule.T)
+    if log_linear:
+        return float(np.exp(np.interp(t, grid, np.log(sigmas))))
+    return float(np.interp(t, grid, sigmas))
+
+
+def _denoise_sigma(model: ModelFn, x: torch.Tensor, sigma: float, t: float, prediction_type: PredictionType,
+                   clip_x0: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """D(x_σ; σ) of Karras et al. 2022: the network sees x_t = α x_σ, α = 1/√(1 + σ²) → (x_t, x̂0)."""
+    abar = 1.0 / (1.0 + sigma**2)  # σ² = (1 − ᾱ)/ᾱ
+    x_t = x * math.sqrt(abar)  # diffusers' `scale_model_input`: x_σ / √(σ² + 1)   (B, C, H, W)
+    return x_t, _denoise(model, x_t, t, abar, prediction_type, clip_x0)[0]
+
+
+@torch.no_grad()
+def sample_euler(model: ModelFn, x_T: torch.Tensor, schedule: NoiseSchedule, timesteps: Sequence[float], *,
+                 prediction_type: PredictionType | str | None = None, generator: torch.Generator | None = None,
+                 callback: Callback | None = None, clip_x0: float | None = None) -> torch.Tensor:
+    """Euler's method on the probability-flow ODE dx/dσ = (x − D(x; σ))/σ: Algorithm 2 of Karras et al. 2022 with
+    γ_i = 0 and without its 2nd-order correction (k-diffusion `sample_euler`; diffusers' EulerDiscreteScheduler).
+
+    Deterministic (the generator is unused). Timesteps may be fractional (`default_timesteps("euler", …)`: diffusers'
+    "linspace" grid); σ between trained steps is interpolated linearly in t, as diffusers does.
+    """
+    prediction_type = PredictionType.parse(prediction_type or schedule.prediction_type)
+    ts = _check_times(schedule, timesteps)
+    sigmas = [_sigma_at(schedule, t) for t in ts] + [0.0]  # t_0 > … > t_{N−1} > t_N = 0 in the paper's notation
+    x = x_T * math.sqrt(1.0 + sigmas[0] ** 2)  # 1. x_0 = x_T / α: the VP sample in σ-space   (B, C, H, W)
+    for i, t in enumerate(ts):
+        x_t, x0 = _denoise_sigma(model, x, sigmas[i], t, prediction_type, clip_x0)  # 2. D_θ(x_i; t_i)
+        if callback is not None:
+            callback(i, t, x_t, x0)
+        d = (x - x0) / sigmas[i]  # 3. Algorithm 2, line 7: d_i = (x_i − D_θ(x_i; t_i)) / t_i
+        x = x + (sigmas[i + 1] - sigmas[i]) * d  # 4. line 8: x_{i+1} = x_i + (t_{i+1} − t_i) d_i
+    return x  # 5. σ_N = 0: x_σ = x0 (α = 1)
+
+
+@torch.no_grad()
+def sample_euler_ancestral(model: ModelFn, x_T: torch.Tensor, schedule: NoiseSchedule, timesteps: Sequence[float], *,
+                           prediction_type: PredictionType | str | None = None,
+                           generator: torch.Generator | None = None, callback: Callback | None = None,
+                           clip_x0: float | None = None, eta: float = 1.0) -> torch.Tensor:
+    """Euler ancestral (k-diffusion `sample_euler_ancestral`; diffusers' EulerAncestralDiscreteScheduler at η = 1).
+
+    Each step σ → σ' is split into a deterministic Euler step down to σ_down and fresh noise of std σ_up, with
+    σ_down² + σ_up² = σ'² and σ_up² = η² σ'² (σ² − σ'²)/σ² the variance of DDPM's posterior q(x_s | x_t, x0) in
+    σ-space (Ho et al. 2020, eq. 7): at η = 1 it is DDPM's ancestral sampling on Euler's grid. Noise is drawn
+    as diffusers draws it (same generator → same sample).
+    """
+    prediction_type = PredictionType.parse(prediction_type or schedule.prediction_type)
+    ts = _check_times(schedule, timesteps)
+    sigmas = [_sigma_at(schedule, t) for t in ts] + [0.0]
+    x = x_T * math.sqrt(1.0 + sigmas[0] ** 2)  # 1. x_σ = x_T / α   (B, C, H, W)
+    for i, t in enumerate(ts):
+        x_t, x0 = _denoise_sigma(model, x, sigmas[i], t, prediction_type, clip_x0)  # 2. D_θ(x; σ)
+        if callback is not None:
+            callback(i, t, x_t, x0)
+        s_from, s_to = sigmas[i], sigmas[i + 1]
+        # 3. k-diffusion `get_ancestral_step`: σ_up = min(σ', η √(σ'² (σ² − σ'²) / σ²)), σ_down = √(σ'² − σ_up²)
+        sigma_up = min(s_to, eta * math.sqrt(s_to**2 * (s_from**2 - s_to**2) / s_from**2))
+        sigma_down = math.sqrt(s_to**2 - sigma_up**2)
+        x = x + (sigma_down - s_from) * (x - x0) / s_from  # 4. Euler step to σ_down with d = (x − D(x; σ)) / σ
+        if s_to > 0:
+            x = x + sigma_up * _randn(x, generator)  # 5. x ← x + σ_up z,  z ~ N(0, I)
+    return x  # σ = 0: x_σ = x0
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_karras(model: ModelFn, x_T: torch.Tensor, schedule: NoiseSchedule, timesteps: Sequence[float],
+                           *, prediction_type: PredictionType | str | None = None,
+                           generator: torch.Generator | None = None, callback: Callback | None = None,
+                           clip_x0: float | None = None) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) on Karras σ spacing (Karras et al. 2022, eq. 5, ρ = 7): "DPM++ 2M
+    Karras" of k-diffusion (`sample_dpmpp_2m`) and diffusers' DPMSolverMultistepScheduler(use_karras_sigmas=True).
+
+    Deterministic (the generator is unused). Give it `default_timesteps("dpmpp_karras", …)`: fractional t whose σ
+    (interpolated in log σ) are the Karras σ_i exactly; the network is told the nearest trained timestep, as diffusers
+    does (`timesteps.round()`). In σ-space λ = −log σ and the update reads x' = (σ'/σ) x − (e^{−h} − 1) D.
+    """
+    prediction_type = PredictionType.parse(prediction_type or schedule.prediction_type)
+    ts = _check_times(schedule, timesteps)
+    sigmas = [_sigma_at(schedule, t, log_linear=True) for t in ts] + [0.0]
+    x = x_T * math.sqrt(1.0 + sigmas[0] ** 2)  # x_σ = x_T / α   (B, C, H, W)
+    x0_prev, h_prev = None, None  # Algorithm 2's buffer: the previous data prediction and step size h_{i−1}
+    for i, t in enumerate(ts):
+        x_t, x0 = _denoise_sigma(model, x, sigmas[i], round(t), prediction_type, clip_x0)  # 1. x_θ(x̃_{t_i}, t_i)
+        if callback is not None:
+            callback(i, t, x_t, x0)
+        if sigmas[i + 1] == 0:  # 2. last step, first order to σ = 0: the h → ∞ limit of the update is x̂0
+            return x0
+        h = math.log(sigmas[i]) - math.log(sigmas[i + 1])  # 3. h_i = λ_{i+1} − λ_i with λ = −log σ
+        if x0_prev is None:
+            D = x0  # 4. first step: DPM-Solver++1 (= DDIM)
+        else:
+            r = h_prev / h  # 5. r_i = h_{i−1} / h_i;  D_i = (1 + 1/2r) x_θ(t_i) − x_θ(t_{i−1}) / 2r
+            D = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
+        x = (sigmas[i + 1] / sigmas[i]) * x - math.expm1(-h) * D  # 6. x̃_{i+1} = (σ_{i+1}/σ_i) x̃_i − (e^{−h} − 1) D_i
+        x0_prev, h_prev = x0, h
+    return x
+
+
+def _check_steps(steps: int) -> None:
+    if not isinstance(steps, int) or not 1 <= steps:
+        raise CarraraError(f"number of sampling steps must be a positive integer, got {steps!r}")
+
+
+def euler_timesteps(schedule: NoiseSchedule, steps: int) -> list[float]:
+    """T−1, …, 0 evenly spaced, fractional: diffusers' Euler grid (`timestep_spacing="linspace"`); T counts only the
+    timesteps with λ_t ≥ DPM_LAMBDA_MIN (all of them on the linear schedules, 995 of 1000 on the cosine one)."""
+    _check_steps(steps)
+    return [float(t) for t in np.linspace(last_timestep(schedule, DPM_LAMBDA_MIN) - 1, 0, steps)]
+
+
+def karras_timesteps(schedule: NoiseSchedule, steps: int, rho: float = KARRAS_RHO) -> list[float]:
+    """Timesteps of Karras et al. 2022 eq. 5: σ_i = (σ_max^{1/ρ} + i/(N−1) (σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ between the
+    schedule's σ_0 and σ_max (its last timestep with λ ≥ DPM_LAMBDA_MIN: σ_{T−1} on the linear schedules), each mapped
+    back to a fractional t by interpolating in log σ (diffusers' `_sigma_to_t`)."""
+    _check_steps(steps)
+    log_sigmas = np.log(_train_sigmas(schedule))  # (T,) increasing in t
+    t_max = last_timestep(schedule, DPM_LAMBDA_MIN) - 1
+    lo, hi = math.exp(log_sigmas[0] / rho), math.exp(log_sigmas[t_max] / rho)  # σ_min^{1/ρ}, σ_max^{1/ρ}
+    sigmas = (hi + np.linspace(0, 1, steps) * (lo - hi)) ** rho  # (steps,) σ_max → σ_min
+    ts = np.interp(np.log(sigmas), log_sigmas, np.arange(schedule.T, dtype=np.float64))
+    return [float(t) for t in ts]
+
+
+# name → sampler, in the order of settings.SAMPLER_NAMES (the names' one source).
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = dict(
-    zip(SAMPLER_NAMES, (sample_ddpm, sample_ddim, sample_dpmpp_2m), strict=True))
+    zip(SAMPLER_NAMES, (sample_ddpm, sample_ddim, sample_dpmpp_2m, sample_euler, sample_euler_ancestral,
+                        sample_dpmpp_2m_karras), strict=True))
 
 
 def get_sampler(name: str) -> Callable[..., torch.Tensor]:
@@ -203,7 +366,7 @@ def sampling_plan(sampler: str, schedule: NoiseSchedule, steps: int,
     return spaced_timesteps(schedule, steps, "leading", steps_offset=options.steps_offset), {"final_alpha_bar": final}
 
 
-def default_timesteps(sampler: str, schedule: NoiseSchedule, steps: int) -> list[int]:
+def default_timesteps(sampler: str, schedule: NoiseSchedule, steps: int) -> list[int] | list[float]:
     """The timesteps each sampler is meant to run on.
 
     ddpm:  T−1, …, 0 when steps == T (Algorithm 2 as written), else Improved DDPM's evenly strided respacing
@@ -214,8 +377,14 @@ def default_timesteps(sampler: str, schedule: NoiseSchedule, steps: int) -> list
            λ_t ≥ DPM_LAMBDA_MIN. Time-uniform grids ("linspace"/"trailing", diffusers' defaults) start their last
            step to σ = 0 at t ≈ 50 on the linear schedules, where it returns E[x0 | x_t] and narrows the samples
            (tests/test_samplers.py checks the spread of a Gaussian mixture; docs/decisions.md has the numbers).
+    euler, euler_a: T−1, …, 0 evenly spaced and fractional (`euler_timesteps`), diffusers' Euler default "linspace".
+    dpmpp_karras: Karras et al.'s σ spacing, eq. 5 with ρ = 7 (`karras_timesteps`), as diffusers' `use_karras_sigmas`.
     """
     get_sampler(sampler)
+    if sampler in ("euler", "euler_a"):
+        return euler_timesteps(schedule, steps)
+    if sampler == "dpmpp_karras":
+        return karras_timesteps(schedule, steps)
     if sampler == "ddpm":
         return spaced_timesteps(schedule, steps, "linspace")
     if sampler == "ddim":
