@@ -123,10 +123,11 @@ class Pipeline:
         dtype = self.unet_dtype
         cond = self.condition(prompts)  # states (B, L, D) [, pooled (B, P)]
         uncond = self.condition([negative_prompt] * len(prompts))
-        # 2. Initial noise x_T ~ N(0, I), one generator per image (Algorithm 2, line 1).
+        # 2. Initial noise x_T ~ N(0, I) (Algorithm 2, line 1). Image i draws all its randomness — x_T, then the
+        # noise of the stochastic samplers — from one generator seeded seed + i: alone or in a batch, same image.
         shape = self.latent_shape()
-        x_T = torch.cat([torch.randn(1, *shape, generator=torch.Generator().manual_seed(seed + i))
-                         for i in range(len(prompts))])  # (B, c, h, w)
+        gens = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
+        x_T = torch.cat([torch.randn(1, *shape, generator=g) for g in gens])  # (B, c, h, w)
         # 3. Denoise with classifier-free guidance: ε̃ = ε(∅) + w·(ε(c) − ε(∅)).
         model = cfg_model(lambda x, t, c: self.unet(x.to(dtype), t, c[0], class_labels=c[1] if len(c) > 1 else None
                                                     ).float(), cond, uncond, guidance)
@@ -136,7 +137,7 @@ class Pipeline:
             def decode_cb(i, t, x_t, x0_hat):
                 callback(i, total, lambda: self.decode(x0_hat))
         z0 = SAMPLERS[sampler](model, x_T, self.schedule, timesteps,
-                               generator=torch.Generator().manual_seed(seed), callback=decode_cb, **options)
+                               generator=gens, callback=decode_cb, **options)
         _check_finite(z0, "U-Net")
         if output == "latent":
             return z0  # (B, c, h, w), scaled as the U-Net sees it (diffusers' output_type="latent")

@@ -162,5 +162,5 @@ class Upsampler:
         model = cfg_model(net, cond, uncond, s.guidance)
         timesteps = default_timesteps(s.sampler, self.schedule, s.steps)
         x0 = SAMPLERS[s.sampler](model, x_T, self.schedule, timesteps,
-                                 generator=torch.Generator().manual_seed(seed + 1_000_003), callback=callback)
+                                 generator=gens, callback=callback)  # image i's stream goes on: x_T, then noise
         return depth_to_space(x0, f).clamp(-1, 1)  # (B, 3, fh, fw)

@@ -65,12 +65,16 @@ def test_generate_is_deterministic_and_seed_dependent(pipe):
     assert a.shape == (1, 3, 16, 16)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_image_i_of_a_batch_is_seed_plus_i(model_dir, precision):
+@pytest.mark.parametrize("precision, sampler", [("fp32", "dpmpp"), ("bf16", "dpmpp"), ("fp32", "ddpm"),
+                                                ("fp32", "euler_a")])
+def test_image_i_of_a_batch_is_seed_plus_i(model_dir, precision, sampler):
+    """Also for the samplers that draw noise at every step: image i's whole stream is seeded seed + i."""
     pipe = Pipeline.load(model_dir, precision=precision)
-    batch = pipe(["a red circle", "a blue square"], steps=4, seed=10, output="tensor")
-    alone = pipe(["a blue square"], steps=4, seed=11, output="tensor")
+    batch = pipe(["a red circle", "a blue square"], steps=4, seed=10, output="tensor", sampler=sampler)
+    alone = pipe(["a blue square"], steps=4, seed=11, output="tensor", sampler=sampler)
     assert (batch[1] - alone[0]).abs().max() < 1e-4
+    if sampler != "dpmpp":  # the step noise is not x_T drawn again: another seed's stream gives another image
+        assert (pipe(["a blue square"], steps=4, seed=12, output="tensor", sampler=sampler) - alone).abs().max() > 1e-2
 
 
 def test_text_and_guidance_change_the_image(pipe):

@@ -131,7 +131,7 @@ def client(pipe, tmp_path):
 BAD = [({}, "prompt"), ({"prompt": ""}, "prompt"), ({"prompt": "   "}, "prompt"), ({"prompt": "x" * 1001}, "prompt"),
        ({"negative_prompt": "x" * 1001}, "negative_prompt"), ({"steps": 0}, "steps"), ({"steps": 1001}, "steps"),
        ({"steps": "5"}, "steps"), ({"guidance": -1}, "guidance"), ({"guidance": 50.5}, "guidance"), ({"n": 0}, "n"),
-       ({"n": 65}, "n"), ({"sampler": "euler"}, "sampler"), ({"seed": -1}, "seed"), ({"seed": "lucky"}, "seed"),
+       ({"n": 65}, "n"), ({"sampler": "heun"}, "sampler"), ({"seed": -1}, "seed"), ({"seed": "lucky"}, "seed"),
        ({"seed": 2**53}, "seed"), ({"width": 32}, "width"), ({"height": 8}, "height"), ({"width": 0}, "width"),
        ({"path": "/etc/passwd"}, "path")]
 

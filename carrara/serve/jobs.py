@@ -4,8 +4,8 @@ A job is one POST /api/generate: a prompt, its settings and n images, image i ma
 `carrara generate`. The worker takes the oldest queued job and adds later queued jobs with the same steps,
 sampler, guidance and negative prompt whose seeds continue the batch's, so that one `Pipeline` call (image k of
 a batch uses seed + k) gives every job its own seeds. A "random" seed is picked when the job runs, as the next
-free one, so random-seed jobs always join. DDPM draws its per-step noise batch-wide from one generator, so a
-DDPM job runs alone. Batching changes float sums by ~1e-6, so a batched image can differ from the same seed
+free one, so random-seed jobs always join (the stochastic samplers too: image k draws its noise from its own
+seed's generator). Batching changes float sums by ~1e-6, so a batched image can differ from the same seed
 made alone by one level in an occasional pixel; a job that ran alone (`batch_jobs == 1`) matches exactly.
 """
 from __future__ import annotations
@@ -218,16 +218,15 @@ class JobQueue:
             first.settings.seed = secrets.randbelow(2**32)
         batch, images = [first], first.n
         next_seed = first.settings.seed + first.n
-        if first.settings.sampler != "ddpm":
-            for job in list(self._queue):
-                if images + job.n > self.batch_images or job.batch_key() != first.batch_key():
-                    continue
-                if not job.random_seed and job.settings.seed != next_seed:
-                    continue
-                job.settings.seed = next_seed
-                self._queue.remove(job)
-                batch.append(job)
-                images, next_seed = images + job.n, next_seed + job.n
+        for job in list(self._queue):
+            if images + job.n > self.batch_images or job.batch_key() != first.batch_key():
+                continue
+            if not job.random_seed and job.settings.seed != next_seed:
+                continue
+            job.settings.seed = next_seed
+            self._queue.remove(job)
+            batch.append(job)
+            images, next_seed = images + job.n, next_seed + job.n
         for job in batch:
             job.status, job.started, job.batch_jobs = RUNNING, time.time(), len(batch)
             job.version += 1
