@@ -151,6 +151,11 @@ async function start() {
     $("size").replaceChildren(...model.sizes.map((s) => el("option", { value: s, textContent: `${s}×${s}` })));
     $("size").value = model.sizes[model.sizes.length - 1];  // a cascade's upsampled size by default
     $("size").disabled = model.sizes.length < 2;
+    // the server's sampler names and defaults (carrara/diffusion/settings.py), not a list kept here
+    $("sampler").replaceChildren(...model.samplers.map((name) => el("option", { value: name, textContent: name })));
+    $("sampler").value = model.defaults.sampler;
+    $("steps").value = model.defaults.steps;
+    $("guidance").value = model.defaults.guidance;
     $("prompt").placeholder = model.example_prompt;  // a prompt the loaded model was trained to draw
     $("steps").max = model.limits.steps;
     $("n").max = model.limits.n;
