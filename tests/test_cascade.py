@@ -70,8 +70,8 @@ def test_upsampler_stage_trains_and_saves_its_folder(tiny_upsampler_run):
 def cascade(tiny_diffusion_run, tiny_upsampler_run, tmp_path_factory):
     """The tiny base model folder with the tiny upsampler beside its unet/ and vae/."""
     folder = tmp_path_factory.mktemp("cascade") / "model"
-    shutil.copytree(tiny_diffusion_run, folder, ignore=shutil.ignore_patterns("checkpoints", "samples"))
-    shutil.copytree(tiny_upsampler_run[0], folder / "upsampler", ignore=shutil.ignore_patterns("checkpoints", "samples"))
+    shutil.copytree(tiny_diffusion_run, folder, ignore=shutil.ignore_patterns("checkpoints", "samples", "cache"))
+    shutil.copytree(tiny_upsampler_run[0], folder / "upsampler", ignore=shutil.ignore_patterns("checkpoints", "samples", "cache"))
     return Pipeline.load(folder, precision="fp32")
 
 

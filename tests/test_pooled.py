@@ -148,3 +148,26 @@ def test_trained_pooled_model_samples_through_the_pipeline(tiny_shapes, tiny_ae_
     a = pipe(["a red circle"], steps=2, output="latent")
     assert torch.equal(a, pipe(["a red circle"], steps=2, output="latent"))
     assert not torch.equal(a, pipe(["a blue square"], steps=2, output="latent"))
+
+
+def test_caption_states_are_cached_in_the_run_folder(minilm, tmp_path, monkeypatch):
+    """A resumed run reads the encoded captions back instead of running the text encoder again; a damaged cache
+    file, or other captions, are encoded afresh."""
+    from carrara.train.cache import encode_texts
+
+    texts = ["a red circle", "cat face", "a red circle", "rocket"]
+    states, pooled, index = encode_texts(minilm, texts, progress=False, cache_dir=tmp_path / "cache")
+    (cached,) = list((tmp_path / "cache").iterdir())
+
+    def refuse(prompts):
+        raise AssertionError("the text encoder ran although its output is cached")
+
+    monkeypatch.setattr(minilm, "encode", refuse)
+    again = encode_texts(minilm, texts, progress=False, cache_dir=tmp_path / "cache")
+    assert torch.equal(again[0], states) and torch.equal(again[1], pooled) and again[2] == index == [0, 1, 0, 2]
+    with pytest.raises(AssertionError, match="text encoder ran"):  # other captions: another cache entry
+        encode_texts(minilm, texts + ["snowman"], progress=False, cache_dir=tmp_path / "cache")
+    monkeypatch.undo()
+    cached.write_bytes(b"not a safetensors file")
+    fresh = encode_texts(minilm, texts, progress=False, cache_dir=tmp_path / "cache")
+    assert torch.equal(fresh[0], states)

@@ -105,7 +105,8 @@ def train_family(recipe: FamilyRecipe, out: str | Path, *, resume: bool = False,
     module = family(recipe.kind)
     vq_config, tokenizer = load_tokenizer(recipe)
     text_encoder = TextEncoder.load(recipe.text_encoder)
-    loaded = load_captioned(recipe.data, recipe.size, text_encoder, recipe.caption_variants, progress=progress)
+    loaded = load_captioned(recipe.data, recipe.size, text_encoder, recipe.caption_variants, progress=progress,
+                            cache_dir=out / "cache")
     images, records, report_data, captions = loaded.images, loaded.records, loaded.report, loaded.captions
     first_caption = captions.pooled[captions.caption_of[:, 0]]  # (N, D): each image's own caption
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -69,10 +70,11 @@ class Captions:
     null_pooled: torch.Tensor  # (1, D)
 
     @classmethod
-    def encode(cls, text_encoder: TextEncoder, records, variants_field: str, *, progress: bool = True) -> Captions:
+    def encode(cls, text_encoder: TextEncoder, records, variants_field: str, *, progress: bool = True,
+               cache_dir: Path | None = None) -> Captions:
         variants = [caption_list(r, variants_field) for r in records]  # N lists, caption first
-        states, pooled, flat_index = encode_texts(text_encoder, [c for v in variants for c in v],
-                                                  progress=progress)  # (U, L, D), (U, D)
+        states, pooled, flat_index = encode_texts(text_encoder, [c for v in variants for c in v], progress=progress,
+                                                  cache_dir=cache_dir)  # (U, L, D), (U, D)
         caption_of, n_variants = variant_table(variants, flat_index)  # (N, K) indices into states, (N,)
         null_states, null_mask = text_encoder.encode([""])  # (1, L, D), (1, L): the empty prompt
         return cls(states, pooled, caption_of, n_variants, null_states.to(torch.bfloat16),
@@ -104,9 +106,9 @@ class CaptionedImages:
 
 
 def load_captioned(data: str, size: int, text_encoder: TextEncoder, variants_field: str, *,
-                   progress: bool = True) -> CaptionedImages:
-    """Read every image of `data` at `size` and encode every caption variant once."""
+                   progress: bool = True, cache_dir: Path | None = None) -> CaptionedImages:
+    """Read every image of `data` at `size` and encode every caption variant once (kept in `cache_dir` if given)."""
     dataset = load_dataset(data, size=size)
     images, _ = preload_images(dataset, progress=progress)  # (N, 3, H, W) uint8
-    captions = Captions.encode(text_encoder, dataset.records, variants_field, progress=progress)
+    captions = Captions.encode(text_encoder, dataset.records, variants_field, progress=progress, cache_dir=cache_dir)
     return CaptionedImages(images, dataset.records, dataset.report(), captions)

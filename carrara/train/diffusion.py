@@ -102,7 +102,8 @@ def train_diffusion(recipe: DiffusionRecipe, out: str | Path, *, resume: bool = 
         raise CarraraError(f"cond_dropout must be in [0, 1), got {recipe.cond_dropout}")
     vae = AutoencoderKL.from_pretrained(vae_dir, allow_pickle=allow_pickle)  # frozen (safeload.py: pickles if allowed)
     text_encoder = TextEncoder.load(recipe.text_encoder)
-    loaded = load_captioned(recipe.data, recipe.size, text_encoder, recipe.caption_variants, progress=progress)
+    loaded = load_captioned(recipe.data, recipe.size, text_encoder, recipe.caption_variants, progress=progress,
+                            cache_dir=out / "cache")
     records, report, captions = loaded.records, loaded.report, loaded.captions
     mean, std = encode_latents(vae, loaded.images, progress=progress)  # (N, c, h, w) each, unscaled
     loaded.images = None  # training needs the latents only: the pixels (a shard set's included) are freed

@@ -84,7 +84,8 @@ def train_upsampler(recipe: UpsamplerRecipe, out: str | Path, *, resume: bool = 
     check_recipe(recipe)
     out = ensure_dir(out)
     text_encoder = TextEncoder.load(recipe.text_encoder)
-    loaded = load_captioned(recipe.data, recipe.size, text_encoder, recipe.caption_variants, progress=progress)
+    loaded = load_captioned(recipe.data, recipe.size, text_encoder, recipe.caption_variants, progress=progress,
+                            cache_dir=out / "cache")
     images, records, report, captions = loaded.images, loaded.records, loaded.report, loaded.captions  # (N, 3, H, W)
     batch_fn = balanced_batches(records, recipe.balance_by, recipe.train) if recipe.balance_by else None
     f = recipe.factor
