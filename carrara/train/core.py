@@ -33,10 +33,11 @@ from tqdm.auto import tqdm
 
 from carrara.data.folder import describe, fingerprint
 from carrara.errors import CarraraError
-from carrara.fileio import atomic_path, save_image_atomic, write_json_atomic, write_text_atomic
+from carrara.fileio import save_image_atomic, write_json_atomic, write_text_atomic
 from carrara.hardware import cpu_supports_bf16
 from carrara.train import distributed
 from carrara.train.checkpoint import load_latest, save_checkpoint
+from carrara.train.plots import plot_loss
 
 
 @dataclass
@@ -132,33 +133,6 @@ class Interrupt:
             yield self
         finally:
             signal.signal(signal.SIGINT, previous)
-
-
-def plot_loss(metrics: list[dict], path: Path, title: str) -> None:
-    """Loss curve (raw and smoothed, log scale) as a PNG."""
-    import matplotlib  # here, not at the top: the Agg backend must be chosen before pyplot is imported
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [m["step"] for m in metrics]
-    loss = [m["loss"] for m in metrics]
-    smooth, s = [], loss[0] if loss else 0.0
-    for v in loss:
-        s = 0.9 * s + 0.1 * v
-        smooth.append(s)
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot(steps, loss, color="tab:blue", alpha=0.3, lw=0.8, label="loss")
-    ax.plot(steps, smooth, color="tab:blue", lw=1.5, label="smoothed")
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
 
 
 class Trainer:
