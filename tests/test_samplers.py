@@ -82,6 +82,13 @@ def _diffusers_loop(scheduler, model, x, step_kwargs=None):
     return x, x0s
 
 
+def assert_like_diffusers(ours, expected, x0s, ref_x0s, ts) -> None:
+    """Final sample within 1e-4 of diffusers', one callback per step in order, x̂0 previews within 1e-3 of diffusers'."""
+    assert (ours - expected).abs().max() <= 1e-4
+    assert [(i, t) for i, t, _ in x0s] == list(enumerate(ts))
+    assert max((a[2] - b).abs().max().item() for a, b in zip(x0s, ref_x0s)) <= 1e-3
+
+
 @pytest.mark.parametrize("kind,pt", CASES)
 def test_ddpm_matches_diffusers_respaced_and_stochastic(kind, pt):
     schedule, model, x_T = _setup(kind, pt)
@@ -128,9 +135,7 @@ def test_ddim_matches_diffusers(kind, pt, eta):
     x0s = []
     ours = sample_ddim(model, x_T, schedule, ts, eta=eta, generator=torch.Generator().manual_seed(11),
                        callback=lambda i, t, x, x0: x0s.append((i, t, x0)))
-    assert (ours - expected).abs().max() <= 1e-4
-    assert [(i, t) for i, t, _ in x0s] == list(enumerate(ts))  # one callback per step, in order
-    assert max((a[2] - b).abs().max().item() for a, b in zip(x0s, ref_x0s)) <= 1e-3  # x̂0 previews = diffusers'
+    assert_like_diffusers(ours, expected, x0s, ref_x0s, ts)
 
 
 @pytest.mark.parametrize("kind,pt", CASES)
@@ -184,9 +189,7 @@ def test_euler_matches_diffusers_euler_discrete(kind, pt):
     expected, ref_x0s = _diffusers_sigma_loop(ref, model, _x_sigma_T(schedule, x_T))
     x0s = []
     ours = sample_euler(model, x_T, schedule, ts, callback=lambda i, t, x, x0: x0s.append((i, t, x0)))
-    assert (ours - expected).abs().max() <= 1e-4
-    assert [(i, t) for i, t, _ in x0s] == list(enumerate(ts))  # one callback per step, in order
-    assert max((a[2] - b).abs().max().item() for a, b in zip(x0s, ref_x0s)) <= 1e-3  # x̂0 previews = diffusers'
+    assert_like_diffusers(ours, expected, x0s, ref_x0s, ts)
 
 
 @pytest.mark.parametrize("kind,pt", SIGMA_CASES)
