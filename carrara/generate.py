@@ -21,12 +21,12 @@ from pathlib import Path
 from tqdm import tqdm
 
 from carrara.diffusion.settings import DEFAULTS as SETTINGS
-from carrara.diffusion.settings import GenerationSettings
+from carrara.diffusion.settings import SAMPLER_NAMES, GenerationSettings
 from carrara.errors import CarraraError
 from carrara.families.pipeline import FamilyPipeline, load_any
 from carrara.images import image_grid
 from carrara.pipeline import MAX_BATCH
-from carrara.png import read_png_metadata, save_pngs
+from carrara.png import A1111_SAMPLERS, read_png_metadata, save_pngs
 
 DEFAULTS = {**dataclasses.asdict(SETTINGS), "precision": "auto", "n": 1}
 # What --from accepts in a PNG's metadata: field → (Python types, how the error names it).
@@ -60,6 +60,9 @@ def _settings(args: argparse.Namespace, meta: dict | None) -> tuple[dict, str]:
              "negative_prompt": args.negative, "seed": args.seed, "precision": args.precision, "n": args.n,
              "size": args.size}
     base.update({k: v for k, v in flags.items() if v is not None})
+    if base["sampler"] not in SAMPLER_NAMES and args.sampler is None:  # an A1111 PNG's sampler carrara lacks
+        raise CarraraError(f"{args.from_png}: sampler {base['sampler']!r} is not one carrara has "
+                           f"({', '.join(A1111_SAMPLERS.values())}); give --sampler {'|'.join(SAMPLER_NAMES)}")
     if args.model is not None:
         model = args.model
     if not base.get("prompt", "").strip():
