@@ -202,12 +202,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     sock = listen(args.host, args.port)
     try:
         pipe = Pipeline.load(args.model, allow_pickle=args.allow_pickle)
-        app = create_app(pipe, args.data_dir, allowed_hosts=LOOPBACK_HOSTS if loopback else None)
+        app = create_app(pipe, args.data_dir, allowed_hosts=LOOPBACK_HOSTS if loopback else None,
+                         models_dir=args.models, load=functools.partial(Pipeline.load, allow_pickle=args.allow_pickle))
         host, port = sock.getsockname()[:2]
         url_host = f"[{host}]" if ":" in host else host
         print(f"carrara serve: model {app.state.jobs.model_ref} ({pipe.model_hash}) on http://{url_host}:{port}/ "
               f"— gallery in {Path(args.data_dir).resolve()}; Ctrl-C stops", flush=True)
         print(f"carrara serve: {app.state.gallery.summary()}", flush=True)
+        print(f"carrara serve: models {', '.join(app.state.models.choices)} (GET /api/models)", flush=True)
         server(app).run(sockets=[sock])
     finally:
         sock.close()
@@ -363,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="a local web page and HTTP API for generating images")
     serve.add_argument("--model", default="default", help="model or run folder (default: the packaged model)")
+    serve.add_argument("--models", default=None, metavar="DIR", help="a folder of model folders the page can switch "
+                       "to (each loaded on first use), besides the packaged ones")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 = any free port)")
     serve.add_argument("--data-dir", default="carrara-gallery", help="where generated images are kept "

@@ -227,7 +227,8 @@ def test_api_image_has_the_cli_pixels_and_metadata(client, pipe, tiny_diffusion_
     assert main(["generate", "--from", str(tmp_path / "api.png"), "-o", str(tmp_path / "again.png")]) == 0
     assert np.array_equal(pixels(png.content), pixels(tmp_path / "cli.png"))
     assert np.array_equal(pixels(png.content), pixels(tmp_path / "again.png"))
-    assert job["images"][0]["settings"] == {**settings, "n": 1, "size": None}  # None: the model's own size
+    assert job["images"][0]["settings"] == {**settings, "n": 1, "size": 16,  # the size made, as `generate` records
+                                            "model": client.app.state.models.default}
 
 
 def test_compatible_jobs_share_a_batch_and_keep_their_seeds(pipe, tmp_path):

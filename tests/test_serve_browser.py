@@ -1,13 +1,15 @@
 """The page in headless Chromium (Debian's, driven by Playwright): prompt → live denoising → a gallery that survives
-a reload, with working "copy settings", "download PNG" and "reuse seed"."""
+a reload, with working "copy settings", "download PNG" and "reuse settings"; the model menu switches models."""
 import json
 import math
 import shutil
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
-from test_serve_api import SteppedPipe
+from test_cli_generate import write_tiny_model
+from test_serve_api import SteppedPipe, pixels
 
 from carrara.pipeline import Pipeline
 from carrara.png import read_png_metadata
@@ -34,7 +36,7 @@ def test_generate_watch_it_denoise_and_keep_the_gallery(tiny_diffusion_run, tmp_
     pipe = SteppedPipe(Pipeline.load(tiny_diffusion_run))  # the test lets each step happen: the counter is seen move
     app = create_app(pipe, tmp_path / "data", preview_every=1)
     with running(app) as url, sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        browser = launch(p)
         try:
             context = browser.new_context(viewport={"width": 1100, "height": 800},
                                           permissions=["clipboard-read", "clipboard-write"])
@@ -73,8 +75,12 @@ def test_generate_watch_it_denoise_and_keep_the_gallery(tiny_diffusion_run, tmp_
             newest.locator("button.copy").click()
             copied = json.loads(page.evaluate("navigator.clipboard.readText()"))
             assert copied["prompt"] == "a red circle" and copied["steps"] == 8 and copied["n"] == 1
+            page.fill("#prompt", "something else")
+            page.fill("#steps", "3")
             newest.locator("button.reuse").click()
-            assert page.input_value("#seed") == str(copied["seed"]) and not page.is_checked("#random")
+            expect(page.locator("#seed")).to_have_value(str(copied["seed"]))
+            assert not page.is_checked("#random") and page.input_value("#prompt") == "a red circle"
+            assert page.input_value("#steps") == "8" and page.input_value("#n") == "1"
             href = newest.locator("a.download").get_attribute("href")
             (tmp_path / "download.png").write_bytes(httpx.get(url + href).content)
             assert read_png_metadata(tmp_path / "download.png")["seed"] == copied["seed"]
@@ -82,3 +88,64 @@ def test_generate_watch_it_denoise_and_keep_the_gallery(tiny_diffusion_run, tmp_
         finally:
             pipe.allow(math.inf)
             browser.close()
+
+
+def launch(p):
+    return p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+
+
+def test_the_model_menu_switches_and_reuse_brings_back_every_setting(tiny_diffusion_run, tmp_path):
+    """Make an image with the second model, go back to the first with other settings, and "reuse settings": the
+    form shows the second model and all the image's settings, and Generate remakes the same pixels."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    expect = sync_api.expect
+    write_tiny_model(tmp_path / "models" / "other")
+    pipe = Pipeline.load(tiny_diffusion_run)
+    other = Pipeline.load(tmp_path / "models" / "other")
+    app = create_app(pipe, tmp_path / "data", models_dir=tmp_path / "models")
+    with running(app) as url, sync_api.sync_playwright() as p:
+        browser = launch(p)
+        try:
+            page = browser.new_page()
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(url)
+            expect(page.locator("#model")).to_contain_text(pipe.model_hash)
+            assert "other" in page.locator("#model-choice option").all_text_contents()
+            page.select_option("#model-choice", "other")
+            expect(page.locator("#model")).to_contain_text(other.model_hash)
+            expect(page.locator("#prompt")).to_have_attribute("placeholder", "a red apple")  # no sample prompts
+            settings = {"#prompt": "a blue square", "#negative_prompt": "red", "#steps": "3", "#guidance": "2.5"}
+            for selector, value in settings.items():
+                page.fill(selector, value)
+            page.select_option("#sampler", "euler")
+            page.uncheck("#random")
+            page.fill("#seed", "42")
+            page.click("#generate")
+            expect(page.locator("#gallery .card")).to_have_count(1, timeout=60_000)
+
+            page.select_option("#model-choice", tiny_diffusion_run.name)
+            expect(page.locator("#model")).to_contain_text(pipe.model_hash)
+            page.fill("#prompt", "something else")
+            page.fill("#seed", "7")
+            page.fill("#n", "3")
+            assert page.input_value("#sampler") == "dpmpp" and page.input_value("#steps") == "20"  # the defaults
+            page.locator("#gallery .card button.reuse").click()
+            expect(page.locator("#model")).to_contain_text(other.model_hash)
+            assert page.input_value("#model-choice") == "other"
+            for selector, value in {**settings, "#seed": "42", "#n": "1", "#size": "16"}.items():
+                assert page.input_value(selector) == value, selector
+            assert page.input_value("#sampler") == "euler" and not page.is_checked("#random")
+            page.click("#generate")
+            expect(page.locator("#gallery .card")).to_have_count(2, timeout=60_000)
+            urls = [img.get_attribute("src") for img in page.locator("#gallery .card img").all()]
+            assert not errors, errors
+        finally:
+            browser.close()
+        images = [httpx.get(url + u).content for u in urls]
+    assert np.array_equal(pixels(images[0]), pixels(images[1]))  # reused settings, same pixels
+    (tmp_path / "made.png").write_bytes(images[0])
+    meta = read_png_metadata(tmp_path / "made.png")
+    assert {k: meta[k] for k in ("prompt", "negative_prompt", "steps", "sampler", "guidance", "seed", "model_hash")} \
+        == {"prompt": "a blue square", "negative_prompt": "red", "steps": 3, "sampler": "euler", "guidance": 2.5,
+            "seed": 42, "model_hash": other.model_hash}

@@ -25,14 +25,16 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
 
 from carrara import __version__
 from carrara.diffusion.settings import MAX_GUIDANCE, MAX_STEPS, SAMPLER_NAMES
 from carrara.errors import CarraraError
 from carrara.modelfolder import PACKAGED
-from carrara.pipeline import MAX_BATCH
+from carrara.pipeline import MAX_BATCH, Pipeline
 from carrara.serve.gallery import Gallery
 from carrara.serve.jobs import FINISHED, JobQueue, QueueFull
+from carrara.serve.models import MAX_LOADED, Choice, ModelStore, discover
 from carrara.serve.schema import (
     MAX_PROMPT_CHARS,
     MAX_SEED,
@@ -174,21 +176,46 @@ def _validation_error(request: Request, exc: RequestValidationError) -> JSONResp
     return JSONResponse({"detail": errors, "message": message}, 422)
 
 
-def create_app(pipe, data_dir: str | Path, *, max_queued: int = 32, batch_images: int = 16,
-               allowed_hosts: tuple[str, ...] | None = LOOPBACK_HOSTS, max_body_bytes: int = MAX_BODY_BYTES,
-               preview_every: int | None = None) -> FastAPI:
-    """The app over one loaded `Pipeline`; its worker thread starts and stops with the app's lifespan.
-
-    allowed_hosts: Host header names answered (None: any, for a server bound beyond loopback).
-    """
-    gallery = Gallery(data_dir)
-    jobs = JobQueue(pipe, gallery, max_queued=max_queued, batch_images=batch_images, preview_every=preview_every)
+def describe(pipe, choice: Choice) -> dict:
+    """What GET /api/model says of one loaded model: its name, hash, the sizes it makes, and the page's defaults."""
     latent = pipe.latent_shape()  # (c, h, w)
     sizes = list(getattr(pipe, "sizes", (latent[1] * pipe.vae.config.downsample_factor,)))  # a cascade has two
-    image_size = sizes[-1]
-    defaults = GenerateRequest.model_construct(prompt="").model_dump(exclude={"prompt", "width", "height"})
-    placeholder = example_prompt(pipe.name)
+    defaults = GenerateRequest.model_construct(prompt="").model_dump(exclude={"prompt", "width", "height", "model"})
+    return {"name": choice.name, "ref": choice.ref, "model_hash": pipe.model_hash,
+            "precision": getattr(pipe, "precision", "fp32"), "image_size": [sizes[-1], sizes[-1]], "sizes": sizes,
+            "latent_shape": list(latent), "samplers": list(SAMPLER_NAMES), "defaults": defaults,
+            "example_prompt": example_prompt(choice.path)}
+
+
+def _error(status: int, message: str, field: str | None = None) -> JSONResponse:
+    """A 4xx/5xx whose `message` is one line (and, for a field, FastAPI's error list in `detail`)."""
+    detail = message if field is None else [{"loc": ["body", field], "msg": message, "type": "value_error"}]
+    return JSONResponse({"detail": detail, "message": message}, status)
+
+
+def create_app(pipe, data_dir: str | Path, *, max_queued: int = 32, batch_images: int = 16,
+               allowed_hosts: tuple[str, ...] | None = LOOPBACK_HOSTS, max_body_bytes: int = MAX_BODY_BYTES,
+               preview_every: int | None = None, models_dir: str | Path | None = None, max_loaded: int = MAX_LOADED,
+               load=None) -> FastAPI:
+    """The app over a loaded `Pipeline` (the default model) and the models it can switch to; its worker thread
+    starts and stops with the app's lifespan.
+
+    allowed_hosts: Host header names answered (None: any, for a server bound beyond loopback).
+    models_dir: a folder whose model sub-folders are offered besides the packaged ones (serve/models.py).
+    load: folder → pipeline for the other models (default `Pipeline.load`).
+    """
+    gallery = Gallery(data_dir)
+    models = ModelStore(discover(pipe.name, models_dir), pipe, load or Pipeline.load, max_loaded=max_loaded)
+    jobs = JobQueue(models, gallery, max_queued=max_queued, batch_images=batch_images, preview_every=preview_every)
+    described: dict[str, dict] = {}
     started = time.time()
+
+    async def model_info(name: str | None) -> dict:
+        """describe() of a choice, loading it first if it is not in memory (CarraraError: unknown or unloadable)."""
+        choice = models.choice(name)
+        if choice.name not in described:
+            described[choice.name] = describe(await run_in_threadpool(models.get, choice.name), choice)
+        return described[choice.name]
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -198,7 +225,7 @@ def create_app(pipe, data_dir: str | Path, *, max_queued: int = 32, batch_images
 
     app = FastAPI(title="carrara", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url="/api/openapi.json", description="Text-to-image generation with one local model.")
-    app.state.jobs, app.state.gallery = jobs, gallery
+    app.state.jobs, app.state.gallery, app.state.models = jobs, gallery, models
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
@@ -216,15 +243,19 @@ def create_app(pipe, data_dir: str | Path, *, max_queued: int = 32, batch_images
               responses={413: {"description": "body too large"}, 429: {"description": "queue full; see Retry-After"}})
     async def generate(body: GenerateRequest):
         """Queue a job; poll GET /api/jobs/{id} or stream /api/jobs/{id}/events."""
+        if body.model is not None and body.model not in models.choices:
+            return _error(422, f"model: no model {body.model!r}; choose one of {', '.join(models.choices)}", "model")
+        try:
+            sizes = (await model_info(body.model))["sizes"]
+        except CarraraError as e:
+            return _error(503, f"model {body.model!r} cannot be loaded: {e}")
         for name in ("width", "height"):
             value, other = getattr(body, name), body.height if name == "width" else body.width
             if value is not None and (value not in sizes or other not in (None, value)):  # square sizes only
                 square = " or ".join(f"{s}×{s}" for s in sizes)
-                message = f"{name}: this model makes {square} images; give one of them or leave it out"
-                return JSONResponse({"detail": [{"loc": ["body", name], "msg": message, "type": "value_error"}],
-                                     "message": message}, 422)
+                return _error(422, f"{name}: this model makes {square} images; give one of them or leave it out", name)
         try:
-            job = jobs.submit(body.settings(), n=body.n, random_seed=body.seed == "random")
+            job = jobs.submit(body.settings(), n=body.n, random_seed=body.seed == "random", model=body.model)
         except QueueFull as e:
             return JSONResponse({"detail": str(e)}, 429, headers={"Retry-After": str(e.retry_after)})
         except CarraraError as e:
@@ -299,14 +330,24 @@ def create_app(pipe, data_dir: str | Path, *, max_queued: int = 32, batch_images
         return {"status": "ok", "rss_mb": round(rss_mb(), 1), "uptime_s": round(time.time() - started, 1),
                 "jobs": jobs.stats(), "gallery_skipped": gallery.skipped}
 
-    @app.get("/api/model")
-    async def model() -> dict:
-        """What is loaded, the image size it makes, and the request limits."""
-        return {"name": jobs.model_ref, "model_hash": pipe.model_hash, "precision": getattr(pipe, "precision", "fp32"),
-                "image_size": [image_size, image_size], "sizes": sizes,
-                "latent_shape": list(latent), "samplers": list(SAMPLER_NAMES),
-                "defaults": defaults, "example_prompt": placeholder,
-                "limits": {"prompt_chars": MAX_PROMPT_CHARS, "steps": MAX_STEPS, "guidance": MAX_GUIDANCE, "n": MAX_BATCH,
+    @app.get("/api/models")
+    async def model_list() -> dict:
+        """The models a request may name (`model`), the default one, and which are in memory."""
+        loaded = models.loaded()
+        return {"default": models.default, "max_loaded": models.max_loaded,
+                "models": [{"name": c.name, "ref": c.ref, "loaded": c.name in loaded} for c in models.choices.values()]}
+
+    @app.get("/api/model", responses={404: {"description": "unknown model"}, 503: {"description": "cannot load"}})
+    async def model(name: str | None = None):
+        """A model (default: the one the server started with; naming another loads it): its hash, the image sizes
+        it makes, the sampling defaults, and the request limits."""
+        if name is not None and name not in models.choices:
+            return _error(404, f"no model {name!r}; choose one of {', '.join(models.choices)}")
+        try:
+            info = await model_info(name)
+        except CarraraError as e:
+            return _error(503, f"model {name!r} cannot be loaded: {e}")
+        return {**info, "limits": {"prompt_chars": MAX_PROMPT_CHARS, "steps": MAX_STEPS, "guidance": MAX_GUIDANCE, "n": MAX_BATCH,
                            "steps_x_n": MAX_WORK, "seed": MAX_SEED, "queue": jobs.max_queued,
                            "body_bytes": max_body_bytes}}
 

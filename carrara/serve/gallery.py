@@ -31,7 +31,9 @@ UNREADABLE = (OSError, ValueError, KeyError, TypeError, AttributeError, Recursio
 def make_item(image_id: str, metadata: dict, *, created: float, job_id: str, size: tuple[int, int]) -> dict:
     """The sidecar of one image: what the gallery lists, from the metadata its PNG carries."""
     return {"id": image_id, "url": f"/api/images/{image_id}.png", "created": created, "job_id": job_id,
-            "settings": {**{k: metadata[k] for k in SETTING_KEYS}, "size": metadata.get("size")}, "model": metadata["model"],
+            "settings": {**{k: metadata[k] for k in SETTING_KEYS}, "size": metadata.get("size"),
+                         "model": metadata.get("model_name")},  # the server's name for the model, when it made it
+            "model": metadata["model"],
             "model_hash": metadata["model_hash"], "size": list(size)}
 
 

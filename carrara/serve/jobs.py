@@ -1,8 +1,9 @@
-"""The job queue behind `carrara serve`: one model in memory, one worker thread, compatible jobs batched together.
+"""The job queue behind `carrara serve`: one worker thread, compatible jobs batched together, the models it names
+loaded by a `ModelStore` (serve/models.py) on first use.
 
-A job is one POST /api/generate: a prompt, its settings and n images, image i made with seed + i as in
-`carrara generate`. The worker takes the oldest queued job and adds later queued jobs with the same steps,
-sampler, guidance and negative prompt whose seeds continue the batch's, so that one `Pipeline` call (image k of
+A job is one POST /api/generate: a model, a prompt, its settings and n images, image i made with seed + i as in
+`carrara generate`. The worker takes the oldest queued job and adds later queued jobs with the same model, steps,
+sampler, guidance, negative prompt and size whose seeds continue the batch's, so that one `Pipeline` call (image k of
 a batch uses seed + k) gives every job its own seeds. A "random" seed is picked when the job runs, as the next
 free one, so random-seed jobs always join (the stochastic samplers too: image k draws its noise from its own
 seed's generator). Batching changes float sums by ~1e-6, so a batched image can differ from the same seed
@@ -21,12 +22,12 @@ import time
 import uuid
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from carrara.diffusion.settings import GenerationSettings
 from carrara.errors import CarraraError
 from carrara.images import image_grid, to_pil
 from carrara.serve.gallery import Gallery
+from carrara.serve.models import ModelStore
 
 QUEUED, RUNNING, DONE, CANCELLED, FAILED = "queued", "running", "done", "cancelled", "failed"
 FINISHED = (DONE, CANCELLED, FAILED)
@@ -51,6 +52,7 @@ class Job:
     settings: GenerationSettings  # seed is filled in when the job starts if random_seed
     n: int = 1
     random_seed: bool = False
+    model: str = ""  # the ModelStore choice it runs on
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     status: str = QUEUED
     step: int = 0  # the sampling step in progress (1-based); == total when done
@@ -69,7 +71,7 @@ class Job:
 
     def batch_key(self) -> tuple:
         s = self.settings
-        return (s.steps, s.sampler, s.guidance, s.negative_prompt, s.size)
+        return (self.model, s.steps, s.sampler, s.guidance, s.negative_prompt, s.size)
 
     def to_dict(self, position: int | None = None) -> dict:
         s = self.settings
@@ -77,7 +79,7 @@ class Job:
                 "settings": {"prompt": s.prompt, "negative_prompt": s.negative_prompt, "steps": s.steps,
                              "sampler": s.sampler, "guidance": s.guidance,
                              "seed": None if self.random_seed and self.status == QUEUED else s.seed, "n": self.n,
-                             "size": s.size},
+                             "size": s.size, "model": self.model},
                 "images": self.images, "error": self.error, "created": self.created, "started": self.started,
                 "finished": self.finished, "batch_jobs": self.batch_jobs, "events_url": f"/api/jobs/{self.id}/events"}
 
@@ -101,14 +103,14 @@ def _data_url(images) -> str:
 
 
 class JobQueue:
-    """A bounded FIFO of jobs and the one thread that runs them on `pipe`, saving results to `gallery`."""
+    """A bounded FIFO of jobs and the one thread that runs them on the models of `models`, saving results to
+    `gallery`."""
 
-    def __init__(self, pipe, gallery: Gallery, *, max_queued: int = 32, batch_images: int = 16,
+    def __init__(self, models: ModelStore, gallery: Gallery, *, max_queued: int = 32, batch_images: int = 16,
                  keep_finished: int = 1000, preview_every: int | None = None):
-        self.pipe, self.gallery = pipe, gallery
+        self.models, self.gallery = models, gallery
         self.max_queued, self.batch_images, self.keep_finished = max_queued, batch_images, keep_finished
         self.preview_every = preview_every  # steps between x̂0 previews; None: about 10 per job
-        self.model_ref = pipe.name if pipe.name == "default" else str(Path(pipe.name).resolve())
         self._cond = threading.Condition()
         self._queue: deque[Job] = deque()
         self._jobs: OrderedDict[str, Job] = OrderedDict()
@@ -142,9 +144,15 @@ class JobQueue:
             self._paused = False
             self._cond.notify_all()
 
-    def submit(self, settings: GenerationSettings, n: int = 1, random_seed: bool = False) -> Job:
-        """Queue a job, or raise QueueFull."""
-        job = Job(settings, n=n, random_seed=random_seed, total=settings.steps)
+    @property
+    def model_ref(self) -> str:
+        """What PNG metadata records for the model the server started with."""
+        return self.models.choice(None).ref
+
+    def submit(self, settings: GenerationSettings, n: int = 1, random_seed: bool = False,
+               model: str | None = None) -> Job:
+        """Queue a job on a model (None: the one the server started with), or raise QueueFull."""
+        job = Job(settings, n=n, random_seed=random_seed, model=self.models.choice(model).name, total=settings.steps)
         with self._cond:
             if self._closed:
                 raise CarraraError("the server is stopping")
@@ -232,13 +240,13 @@ class JobQueue:
             job.version += 1
         return batch
 
-    def _metadata(self, job: Job, i: int) -> dict:
+    def _metadata(self, job: Job, i: int, pipe, size: int) -> dict:
         """PNG metadata of image i of a job: `carrara generate`'s keys, so `carrara generate --from` remakes it."""
         s = job.settings
         return {"prompt": s.prompt, "negative_prompt": s.negative_prompt, "steps": s.steps, "sampler": s.sampler,
-                "guidance": s.guidance, "seed": s.seed + i, "n": 1, "model": self.model_ref,
-                "model_hash": self.pipe.model_hash, "precision": getattr(self.pipe, "precision", "fp32"),
-                **({"size": s.size} if s.size is not None else {})}
+                "guidance": s.guidance, "seed": s.seed + i, "n": 1, "model": self.models.choice(job.model).ref,
+                "model_name": job.model,
+                "model_hash": pipe.model_hash, "precision": getattr(pipe, "precision", "fp32"), "size": size}
 
     def _run(self) -> None:
         while True:
@@ -273,7 +281,8 @@ class JobQueue:
 
         start = time.perf_counter()
         try:
-            images = self.pipe([job.settings.prompt for job in batch for _ in range(job.n)], steps=s.steps,
+            pipe = self.models.get(batch[0].model)  # loaded on first use; the least recently used may be dropped
+            images = pipe([job.settings.prompt for job in batch for _ in range(job.n)], steps=s.steps,
                                sampler=s.sampler, guidance=s.guidance, negative_prompt=s.negative_prompt,
                                seed=s.seed, callback=callback, **({"size": s.size} if s.size is not None else {}))
         except _Stop:
@@ -294,7 +303,8 @@ class JobQueue:
             try:
                 if status == DONE:
                     items = self.gallery.add_all(images[offsets[k]:offsets[k + 1]],
-                                                 [self._metadata(job, i) for i in range(job.n)], job_id=job.id)
+                                                 [self._metadata(job, i, pipe, images[0].width) for i in range(job.n)],
+                                                 job_id=job.id)
             except (OSError, CarraraError) as e:
                 status, error = FAILED, f"cannot save the images, none was kept: {e}"
             with self._cond:

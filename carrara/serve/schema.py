@@ -19,6 +19,7 @@ MAX_SIZE = 4096
 # largest batch (64 images), or 1000 steps for one image: tens of seconds of the default model on a 2-core CPU (docs/
 # serve.md), so one request cannot hold the only worker for an hour (n = 64 at 1000 steps would be 64,000).
 MAX_WORK = 1280
+MAX_MODEL_NAME = 200
 
 
 class GenerateRequest(BaseModel):
@@ -35,6 +36,8 @@ class GenerateRequest(BaseModel):
     n: int = Field(1, ge=1, le=MAX_BATCH, description="number of images")
     width: int | None = Field(None, ge=1, le=MAX_SIZE, description="one of the model's sizes (GET /api/model)")
     height: int | None = Field(None, ge=1, le=MAX_SIZE, description="equal to width if both are given")
+    model: str | None = Field(None, max_length=MAX_MODEL_NAME,
+                              description="a name from GET /api/models; null: the model the server started with")
 
     @field_validator("prompt")
     @classmethod
@@ -88,6 +91,8 @@ class JobSettings(BaseModel):
     seed: int | None = Field(description="null while a random-seed job waits")
     n: int
     size: int | None = Field(None, description="the image side asked for; null: the model's largest")
+    model: str | None = Field(None, description="the model it runs on (GET /api/models); null in images made "
+                              "before the server offered several")
 
 
 class ImageItem(BaseModel):

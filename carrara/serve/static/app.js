@@ -1,11 +1,13 @@
-// carrara serve's page: a form → POST /api/generate, progress over server-sent events, a gallery from /api/gallery.
+// carrara serve's page: a model menu and a form → POST /api/generate, progress over server-sent events, a gallery
+// from /api/gallery whose "reuse settings" puts an image's settings (model included) back into the form.
 // User text is only ever set with textContent, never parsed as HTML.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const FINISHED = ["done", "cancelled", "failed"];
-const SETTING_KEYS = ["prompt", "negative_prompt", "steps", "sampler", "guidance", "seed", "n", "size"];
+const SETTING_KEYS = ["prompt", "negative_prompt", "steps", "sampler", "guidance", "seed", "n", "size", "model"];
 let galleryTotal = 0;
+let modelList = [];  // GET /api/models: [{name, ref, loaded}]
 
 function el(tag, props = {}, ...children) {
   const node = Object.assign(document.createElement(tag), props);
@@ -35,11 +37,12 @@ function formSettings() {
     n: Number($("n").value),
     width: Number($("size").value),
     height: Number($("size").value),
+    model: $("model-choice").value,
   };
 }
 
 function describe(s) {
-  return `${s.sampler} · ${s.steps} steps · guidance ${s.guidance} · seed ${s.seed}` +
+  return (s.model ? `${s.model} · ` : "") + `${s.sampler} · ${s.steps} steps · guidance ${s.guidance} · seed ${s.seed}` +
     (s.negative_prompt ? ` · negative “${s.negative_prompt}”` : "");
 }
 
@@ -66,14 +69,8 @@ function card(item) {
   const settings = Object.fromEntries(SETTING_KEYS.map((k) => [k, s[k]]));
   const copy = el("button", { type: "button", className: "copy", textContent: "copy settings" });
   copy.onclick = async () => { await copyText(JSON.stringify(settings, null, 2)); flash(copy, "copied"); };
-  const reuse = el("button", { type: "button", className: "reuse", textContent: "reuse seed" });
-  reuse.onclick = () => {
-    $("seed").value = s.seed;
-    $("random").checked = false;
-    $("seed").disabled = false;
-    $("seed").focus();
-    flash(reuse, `seed ${s.seed}`);
-  };
+  const reuse = el("button", { type: "button", className: "reuse", textContent: "reuse settings" });
+  reuse.onclick = () => reuseSettings(item, reuse).catch(showError);
   const download = el("a", { href: item.url, download: `carrara-${s.seed}.png`, className: "download",
                               textContent: "download PNG" });
   return el("figure", { className: "card", id: `image-${item.id}` },
@@ -81,6 +78,56 @@ function card(item) {
     el("figcaption", {}, el("div", { className: "prompt", textContent: s.prompt }),
       el("div", { className: "muted", textContent: describe(s) })),
     el("div", { className: "actions" }, copy, download, reuse));
+}
+
+async function reuseSettings(item, button) {
+  // the model first (its defaults would overwrite the fields), found by the name it ran under, else by its folder
+  const s = item.settings;
+  const choice = modelList.find((m) => m.name === s.model && m.ref === item.model) ||
+    modelList.find((m) => m.ref === item.model);
+  if (!choice) throw new Error(`the model that made this image (${item.model}) is not offered by this server`);
+  if (choice.name !== $("model-choice").value) await selectModel(choice.name);
+  $("prompt").value = s.prompt;
+  $("negative_prompt").value = s.negative_prompt;
+  $("sampler").value = s.sampler;
+  $("steps").value = s.steps;
+  $("guidance").value = s.guidance;
+  $("seed").value = s.seed;
+  $("random").checked = false;
+  $("seed").disabled = false;
+  $("n").value = 1;
+  $("size").value = s.size ?? item.size[0];
+  $("prompt").focus();
+  flash(button, `reused · seed ${s.seed}`);
+}
+
+function applyModel(model) {
+  // the chosen model's sizes and the server's sampler names and defaults (carrara/diffusion/settings.py)
+  const [w, h] = model.image_size;
+  $("model").textContent = `${model.name} · ${model.model_hash} · ${w}×${h}`;
+  $("size").replaceChildren(...model.sizes.map((s) => el("option", { value: s, textContent: `${s}×${s}` })));
+  $("size").value = model.sizes[model.sizes.length - 1];  // a cascade's upsampled size by default
+  $("size").disabled = model.sizes.length < 2;
+  $("sampler").replaceChildren(...model.samplers.map((name) => el("option", { value: name, textContent: name })));
+  $("sampler").value = model.defaults.sampler;
+  $("steps").value = model.defaults.steps;
+  $("guidance").value = model.defaults.guidance;
+  $("prompt").placeholder = model.example_prompt;  // a prompt the chosen model was trained to draw
+  $("steps").max = model.limits.steps;
+  $("n").max = model.limits.n;
+  $("seed").max = model.limits.seed;
+}
+
+async function selectModel(name) {
+  // asking for a model that is not in memory loads it on the server: the menu waits for it
+  $("model-choice").value = name;
+  $("model-choice").disabled = true;
+  $("model").textContent = `loading ${name}…`;
+  try {
+    applyModel(await api(`/api/model?name=${encodeURIComponent(name)}`));
+  } finally {
+    $("model-choice").disabled = false;
+  }
 }
 
 function setCount(total) {
@@ -144,22 +191,13 @@ async function start() {
     if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) $("form").requestSubmit();
   });
   $("random").addEventListener("change", () => { $("seed").disabled = $("random").checked; });
+  $("model-choice").addEventListener("change", () => selectModel($("model-choice").value).catch(showError));
   try {
-    const model = await api("/api/model");
-    const [w, h] = model.image_size;
-    $("model").textContent = `${model.name} · ${model.model_hash} · ${w}×${h}`;
-    $("size").replaceChildren(...model.sizes.map((s) => el("option", { value: s, textContent: `${s}×${s}` })));
-    $("size").value = model.sizes[model.sizes.length - 1];  // a cascade's upsampled size by default
-    $("size").disabled = model.sizes.length < 2;
-    // the server's sampler names and defaults (carrara/diffusion/settings.py), not a list kept here
-    $("sampler").replaceChildren(...model.samplers.map((name) => el("option", { value: name, textContent: name })));
-    $("sampler").value = model.defaults.sampler;
-    $("steps").value = model.defaults.steps;
-    $("guidance").value = model.defaults.guidance;
-    $("prompt").placeholder = model.example_prompt;  // a prompt the loaded model was trained to draw
-    $("steps").max = model.limits.steps;
-    $("n").max = model.limits.n;
-    $("seed").max = model.limits.seed;
+    const listed = await api("/api/models");
+    modelList = listed.models;
+    $("model-choice").replaceChildren(...modelList.map((m) => el("option", { value: m.name, textContent: m.name })));
+    $("model-choice").value = listed.default;
+    applyModel(await api("/api/model"));
     await loadGallery();
   } catch (error) {
     showError(error);
