@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import textwrap
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
@@ -22,6 +23,31 @@ def to_model_range(images: torch.Tensor) -> torch.Tensor:
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """(B, 3, H, W) float in [-1, 1] → list of RGB PIL images (round to nearest, no dithering)."""
     return [Image.fromarray(im.permute(1, 2, 0).numpy(), "RGB") for im in to_uint8(images)]  # (H, W, 3) each
+
+
+def square(image: Image.Image, side: int, *, mask: bool = False) -> Image.Image:
+    """A user's picture as the models take it: transparency over white (as the emoji data are drawn), centre-cropped
+    to a square and resized to side × side (Lanczos; a mask: grey levels, nearest neighbour, so it stays sharp)."""
+    if mask:
+        image = image.convert("L")
+    elif image.mode != "RGB":
+        rgba = image.convert("RGBA")
+        image = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image.alpha_composite(rgba)
+        image = image.convert("RGB")
+    w, h = image.size
+    crop = min(w, h)
+    image = image.crop(((w - crop) // 2, (h - crop) // 2, (w - crop) // 2 + crop, (h - crop) // 2 + crop))
+    resample = Image.Resampling.NEAREST if mask else Image.Resampling.LANCZOS
+    return image if image.size == (side, side) else image.resize((side, side), resample)
+
+
+def from_pil(images: list[Image.Image], side: int, *, mask: bool = False) -> torch.Tensor:
+    """PIL images → (B, 3, side, side) float in [−1, 1], or masks → (B, 1, side, side) of 0/1 (white = 1), via `square`."""
+    arrays = [torch.from_numpy(np.array(square(im, side, mask=mask))) for im in images]  # (H, W[, 3]) uint8 each
+    if mask:
+        return torch.stack([(a >= 128).float() for a in arrays]).unsqueeze(1)  # (B, 1, H, W)
+    return to_model_range(torch.stack(arrays).permute(0, 3, 1, 2))  # (B, 3, H, W)
 
 
 def image_grid(images: list[Image.Image], *, rows: int | None = None, pad: int = 2,

@@ -1,22 +1,26 @@
 """Text → image: encode the prompt, start from noise, denoise with guidance, decode (Rombach et al. 2022, Fig. 3);
-a cascade then runs its upsampler on the small image (Ho et al. 2021; carrara/upsampler.py).
+a cascade then runs its upsampler on the small image (Ho et al. 2021; carrara/upsampler.py). Given an init image
+the same loop edits it: img2img (SDEdit) and inpainting (RePaint's blending), diffusion/editing.py.
 
 The denoising loop is written out once, in `Pipeline.__call__`, and training's sample grids use it.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 
+from carrara.diffusion.editing import blend_known, check_strength, latent_mask, noise_to, truncate_plan
 from carrara.diffusion.guidance import cfg_model
-from carrara.diffusion.samplers import SAMPLERS, SchedulerOptions, sampling_plan
+from carrara.diffusion.samplers import SAMPLERS, SchedulerOptions, alpha_bar_at, sampling_plan
 from carrara.diffusion.schedule import NoiseSchedule
 from carrara.diffusion.settings import DEFAULTS, GenerationSettings
 from carrara.errors import CarraraError
 from carrara.hardware import cpu_supports_bf16
-from carrara.images import to_pil
+from carrara.images import from_pil, to_pil
 from carrara.modelfolder import resolve
 from carrara.models.autoencoder import AutoencoderKL
 from carrara.models.unet import UNet2DConditionModel as UNet
@@ -24,6 +28,8 @@ from carrara.text.encoder import TextEncoder, mean_pool
 from carrara.upsampler import Upsampler, UpsamplerSettings, depth_to_space
 
 MAX_BATCH = 64
+# diffusers' defaults: StableDiffusionImg2ImgPipeline strength=0.8, StableDiffusionInpaintPipeline strength=1.0
+IMG2IMG_STRENGTH, INPAINT_STRENGTH = 0.8, 1.0
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -41,6 +47,33 @@ def _check_finite(x: torch.Tensor, part: str) -> torch.Tensor:
     if not torch.isfinite(x).all():
         raise CarraraError(f"the {part} produced non-finite values (NaN or inf): its weights are damaged")
     return x
+
+
+@dataclass
+class EditInputs:
+    """What img2img and inpainting start from."""
+
+    image: torch.Tensor  # (B, 3, S, S) the init image at the output side, in [−1, 1]
+    z0: torch.Tensor  # (B, c, h, w) its latent at the base's side, scaled as the U-Net sees it
+    mask: torch.Tensor | None  # (B, 1, S, S) 1 = regenerate, at the output side
+    latent_mask: torch.Tensor | None  # (B, 1, h, w) the same on the latent grid (diffusion/editing.py)
+
+
+def _as_batch(images, batch: int, what: str, side: int, *, mask: bool) -> torch.Tensor:
+    """PIL image(s) or a tensor → (batch, C, side, side): one picture serves every prompt, or one per prompt."""
+    if torch.is_tensor(images):
+        if images.dim() != 4 or images.shape[1] != (1 if mask else 3):
+            raise CarraraError(f"the {what} tensor must be (B, {1 if mask else 3}, H, W), got {tuple(images.shape)}")
+        x = images.float()
+        if x.shape[-1] != side or x.shape[-2] != side:
+            x = torch.nn.functional.interpolate(x, size=(side, side), mode="nearest" if mask else "bicubic",
+                                                antialias=not mask)
+        x = (x > 0.5).float() if mask else x.clamp(-1, 1)
+    else:
+        x = from_pil([images] if isinstance(images, Image.Image) else list(images), side, mask=mask)
+    if x.shape[0] not in (1, batch):
+        raise CarraraError(f"give one {what} or one per prompt ({batch}), got {x.shape[0]}")
+    return x.expand(batch, -1, -1, -1).contiguous()
 
 
 class Pipeline:
@@ -103,11 +136,17 @@ class Pipeline:
     def __call__(self, prompts: list[str] | str, *, steps: int = DEFAULTS.steps, sampler: str = DEFAULTS.sampler,
                  guidance: float = DEFAULTS.guidance, negative_prompt: str = "", seed: int = 0,
                  callback: Callable | None = None, output: str = "pil", size: int | None = None,
-                 upsampler: UpsamplerSettings | None = None):
+                 upsampler: UpsamplerSettings | None = None, init_image=None, strength: float | None = None,
+                 mask=None):
         """Generate one image per prompt; image i uses seed + i, so any image can be made again alone.
 
         output: "pil" images, "tensor" (B, 3, H, W) in [−1, 1], or "latent" (B, c, h, w) before decoding.
         size: one of `self.sizes` (default the largest): a cascade runs its upsampler after the base.
+        init_image: edit this picture instead of starting from noise (img2img): a PIL image, one per prompt, or a
+            tensor (B, 3, H, W) in [−1, 1]; it is centre-cropped and resized to the base's side. strength ∈ (0, 1]:
+            how much of the sampling plan is run (default 0.8; 1.0 with a mask).
+        mask: inpaint: regenerate where the mask is white (≥ 128; a tensor (B, 1, H, W): 1), keep the rest of the
+            init image. The kept pixels of the result are the init's own (pasted back after decoding).
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not 1 <= len(prompts) <= MAX_BATCH:
@@ -118,7 +157,11 @@ class Pipeline:
         if size not in self.sizes:
             raise CarraraError(f"this model makes images of side {' or '.join(map(str, self.sizes))}, not {size}")
         cascade = size != self.sizes[0]
-        total = steps + (cascade and (upsampler or self.upsampler.settings).steps)
+        if mask is not None and init_image is None:
+            raise CarraraError("a mask needs an init image to inpaint (--init)")
+        if init_image is not None:
+            strength = (INPAINT_STRENGTH if mask is not None else IMG2IMG_STRENGTH) if strength is None else strength
+            check_strength(strength)
         # 1. Encode the text; the negative prompt ("" = the null condition) is the unconditional branch.
         dtype = self.unet_dtype
         cond = self.condition(prompts)  # states (B, L, D) [, pooled (B, P)]
@@ -128,16 +171,28 @@ class Pipeline:
         shape = self.latent_shape()
         gens = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
         x_T = torch.cat([torch.randn(1, *shape, generator=g) for g in gens])  # (B, c, h, w)
+        timesteps, options = sampling_plan(sampler, self.schedule, steps, self.scheduler_options)
+        edit = None
+        if init_image is not None:  # 2'. img2img / inpainting: start part-way, from the init image's latent
+            edit = self._edit_inputs(init_image, mask, len(prompts), size)
+            noise, timesteps = x_T, truncate_plan(timesteps, strength)
+            if not timesteps:  # a strength too small to run one step: the image's own latent
+                x_T = edit.z0
+            elif len(timesteps) < steps:  # SDEdit's x_{t0}; strength 1 starts from x_T itself, as txt2img
+                x_T = noise_to(edit.z0, noise, alpha_bar_at(sampler, self.schedule, timesteps[0]))
+            if edit.latent_mask is not None:
+                options["after_step"] = blend_known(edit.z0, noise, edit.latent_mask)
+        base_steps = len(timesteps)
+        total = base_steps + (cascade and (upsampler or self.upsampler.settings).steps)
         # 3. Denoise with classifier-free guidance: ε̃ = ε(∅) + w·(ε(c) − ε(∅)).
         model = cfg_model(lambda x, t, c: self.unet(x.to(dtype), t, c[0], class_labels=c[1] if len(c) > 1 else None
                                                     ).float(), cond, uncond, guidance)
-        timesteps, options = sampling_plan(sampler, self.schedule, steps, self.scheduler_options)
         decode_cb = None
         if callback is not None:
             def decode_cb(i, t, x_t, x0_hat):
                 callback(i, total, lambda: self.decode(x0_hat))
-        z0 = SAMPLERS[sampler](model, x_T, self.schedule, timesteps,
-                               generator=gens, callback=decode_cb, **options)
+        z0 = SAMPLERS[sampler](model, x_T, self.schedule, timesteps, generator=gens, callback=decode_cb,
+                               **options) if timesteps else x_T
         _check_finite(z0, "U-Net")
         if output == "latent":
             return z0  # (B, c, h, w), scaled as the U-Net sees it (diffusers' output_type="latent")
@@ -147,10 +202,24 @@ class Pipeline:
             up_cb = None
             if callback is not None:
                 def up_cb(i, t, x_t, x0_hat):
-                    callback(steps + i, total, lambda: depth_to_space(x0_hat, self.upsampler.factor).clamp(-1, 1))
+                    callback(base_steps + i, total, lambda: depth_to_space(x0_hat, self.upsampler.factor).clamp(-1, 1))
             images = _check_finite(self.upsampler(images, cond[0], uncond[0], seed=seed, settings=upsampler,
                                                   callback=up_cb), "upsampler")  # (B, 3, fH, fW)
+        if edit is not None and edit.mask is not None:  # 6. Inpainting: the kept pixels are the init's own
+            images = edit.mask * images + (1.0 - edit.mask) * edit.image
         return images if output == "tensor" else to_pil(images)
+
+    def _edit_inputs(self, init_image, mask, batch: int, size: int) -> EditInputs:
+        """The init image (and mask) for a batch: at the output side (for the paste), and the base's latent."""
+        base = self.sizes[0]
+        image = _as_batch(init_image, batch, "init image", size, mask=False)  # (B, 3, size, size)
+        small = image if size == base else _as_batch(init_image, batch, "init image", base, mask=False)
+        z0 = self.vae.encode(small).mode() * self.vae.config.scaling_factor  # (B, c, h, w): the posterior mean
+        if mask is None:
+            return EditInputs(image, z0, None, None)
+        pixels = _as_batch(mask, batch, "mask", size, mask=True)  # (B, 1, size, size)
+        small_mask = pixels if size == base else _as_batch(mask, batch, "mask", base, mask=True)
+        return EditInputs(image, z0, pixels, latent_mask(small_mask, self.vae.config.downsample_factor))
 
     def condition(self, prompts: list[str]) -> tuple[torch.Tensor, ...]:
         """The U-Net's text inputs: token states (B, L, D), and the pooled embedding (B, D) if it takes one."""

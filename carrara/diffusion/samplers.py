@@ -1,7 +1,7 @@
 """Samplers: stateless functions with one signature, k-diffusion style.
 
     sample_xxx(model, x_T, schedule, timesteps, *, prediction_type=None, generator=None, callback=None,
-               clip_x0=None, **options) -> x_0
+               clip_x0=None, after_step=None, **options) -> x_0
 
 `model(x_t, t) -> model_output` is an ε-, v- or x0-prediction (`prediction_type`, default the schedule's) with
 t a (B,) tensor, long for whole timesteps (float for the fractional ones Euler's grid has); `timesteps` are the
@@ -9,6 +9,9 @@ descending model timesteps (see `default_timesteps`), and after the last one eve
 (ᾱ = 1, i.e. diffusers' `set_alpha_to_one` / `final_sigmas_type="zero"`; DDIM's `final_alpha_bar` can stop short
 of it, as Stable Diffusion's configs do). `generator` may be a list, one per image (diffusers' `randn_tensor`).
 `callback(i, t, x_t, x0_hat)` is called once per step, before the update (x̂0 previews for the UI).
+`after_step(i, abar_s, x_s) -> x_s` is called once per step, after the update, with the new state in the VP form
+x_s = √ᾱ_s x0 + √(1 − ᾱ_s) ε at its noise level ᾱ_s (1 after the last step), and its result continues the chain:
+inpainting puts the known region back there (pipeline.py). σ-space samplers convert to and from that form.
 
 Notation per step: t → s (s = next timestep, −1 after the last), ᾱ_t / ᾱ_s the cumulative products,
 α = √ᾱ, σ = √(1 − ᾱ), λ = log(α / σ). Coefficients are Python floats computed in float64.
@@ -33,6 +36,7 @@ from carrara.diffusion.settings import SAMPLER_NAMES
 from carrara.errors import CarraraError
 
 Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+StepHook = Callable[[int, float, torch.Tensor], torch.Tensor]
 
 # DPM-Solver++ starts where the half log-SNR λ_t ≥ −5.1 (diffusers' `lambda_min_clipped`, used with the cosine
 # schedule by unCLIP/Karlo). This is the ending time T = 0.9946 that Lu et al. 2022 set for the cosine schedule
@@ -79,7 +83,8 @@ def _randn(x: torch.Tensor, generator: torch.Generator | Sequence[torch.Generato
 @torch.no_grad()
 def sample_ddpm(model: ModelFn, x_T: torch.Tensor, schedule: NoiseSchedule, timesteps: Sequence[int], *,
                 prediction_type: PredictionType | str | None = None, generator: torch.Generator | None = None,
-                callback: Callback | None = None, clip_x0: float | None = None) -> torch.Tensor:
+                callback: Callback | None = None, clip_x0: float | None = None,
+                after_step: StepHook | None = None) -> torch.Tensor:
     """Ancestral sampling, Algorithm 2 of Ho et al. 2020 with σ_t² = β̃_t; respaced β when steps are skipped."""
     prediction_type = PredictionType.parse(prediction_type or schedule.prediction_type)
     ts = _check_timesteps(schedule, timesteps)
@@ -104,6 +109,8 @@ def sample_ddpm(model: ModelFn, x_T: torch.Tensor, schedule: NoiseSchedule, time
                 math.sqrt(alpha_t) * (1.0 - abar_s) / (1.0 - abar_t)) * x
         sigma_t = math.sqrt((1.0 - abar_s) / (1.0 - abar_t) * beta_t)  # σ_t² = β̃_t, eq. 7 ("fixed_small")
         x = mean + sigma_t * z
+        if after_step is not None:
+            x = after_step(i, abar_s, x)
     return x  # line 6: return x_0
 
 
@@ -111,7 +118,7 @@ def sample_ddpm(model: ModelFn, x_T: torch.Tensor, schedule: NoiseSchedule, time
 def sample_ddim(model: ModelFn, x_T: torch.Tensor, schedule: NoiseSchedule, timesteps: Sequence[int], *,
                 prediction_type: PredictionType | str | None = None, generator: torch.Generator | None = None,
                 callback: Callback | None = None, clip_x0: float | None = None, eta: float = 0.0,
-                final_alpha_bar: float = 1.0) -> torch.Tensor:
+                final_alpha_bar: float = 1.0, after_step: StepHook | None = None) -> torch.Tensor:
     """DDIM, Song et al. 2021, eq. 12 with σ_t(η) of eq. 16 (η = 0: deterministic; η = 1: DDPM's variance).
 
     `final_alpha_bar` is ᾱ after the last step: 1 lands on clean data (diffusers' `set_alpha_to_one=True`);
@@ -134,13 +141,16 @@ def sample_ddim(model: ModelFn, x_T: torch.Tensor, schedule: NoiseSchedule, time
         x = math.sqrt(abar_s) * x0 + math.sqrt(max(1.0 - abar_s - sigma**2, 0.0)) * eps
         if sigma > 0:
             x = x + sigma * _randn(x, generator)
+        if after_step is not None:
+            x = after_step(i, abar_s, x)
     return x
 
 
 @torch.no_grad()
 def sample_dpmpp_2m(model: ModelFn, x_T: torch.Tensor, schedule: NoiseSchedule, timesteps: Sequence[int], *,
                     prediction_type: PredictionType | str | None = None, generator: torch.Generator | None = None,
-                    callback: Callback | None = None, clip_x0: float | None = None) -> torch.Tensor:
+                    callback: Callback | None = None, clip_x0: float | None = None,
+                    after_step: StepHook | None = None) -> torch.Tensor:
     """DPM-Solver++(2M), Algorithm 2 of Lu et al. 2022 ("DPM-Solver++"): multistep 2nd order, data prediction.
 
     Deterministic (the generator is unused). The first step is first order (DPM-Solver++1 = DDIM) and the last
@@ -159,7 +169,7 @@ def sample_dpmpp_2m(model: ModelFn, x_T: torch.Tensor, schedule: NoiseSchedule, 
         if callback is not None:
             callback(i, t, x, x0)
         if s < 0:  # final step to σ = 0: x̃ = (σ_s/σ_t) x̃_t − α_s (e^{−h} − 1) x̂0 → x̂0 as h → ∞
-            return x0
+            return x0 if after_step is None else after_step(i, 1.0, x0)
         alpha_t, sigma_t = math.sqrt(abar_t), math.sqrt(1.0 - abar_t)
         alpha_s, sigma_s = math.sqrt(abar_s), math.sqrt(1.0 - abar_s)
         h = math.log(alpha_s / sigma_s) - math.log(alpha_t / sigma_t)  # h_i = λ_{t_i} − λ_{t_{i−1}}
@@ -169,6 +179,8 @@ def sample_dpmpp_2m(model: ModelFn, x_T: torch.Tensor, schedule: NoiseSchedule, 
             r = h_prev / h  # r_i = h_{i−1} / h_i
             D = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev  # D_i = (1 + 1/2r) x_θ(t_{i−1}) − x_θ(t_{i−2}) / 2r
         x = (sigma_s / sigma_t) * x - (alpha_s * math.expm1(-h)) * D  # x̃_s = (σ_s/σ_t) x̃_t − α_s (e^{−h} − 1) D
+        if after_step is not None:
+            x = after_step(i, abar_s, x)
         x0_prev, h_prev = x0, h
     return x
 
@@ -208,10 +220,19 @@ def _denoise_sigma(model: ModelFn, x: torch.Tensor, sigma: float, t: float, pred
     return x_t, _denoise(model, x_t, t, abar, prediction_type, clip_x0)[0]
 
 
+def _after_step_sigma(after_step: StepHook | None, i: int, sigma: float, x: torch.Tensor) -> torch.Tensor:
+    """`after_step` for a σ-space state: shown x_σ · α in the VP form at ᾱ = 1/(1 + σ²), its answer taken back."""
+    if after_step is None:
+        return x
+    scale = math.sqrt(1.0 + sigma**2)  # 1/α
+    return after_step(i, 1.0 / scale**2, x / scale) * scale
+
+
 @torch.no_grad()
 def sample_euler(model: ModelFn, x_T: torch.Tensor, schedule: NoiseSchedule, timesteps: Sequence[float], *,
                  prediction_type: PredictionType | str | None = None, generator: torch.Generator | None = None,
-                 callback: Callback | None = None, clip_x0: float | None = None) -> torch.Tensor:
+                 callback: Callback | None = None, clip_x0: float | None = None,
+                 after_step: StepHook | None = None) -> torch.Tensor:
     """Euler's method on the probability-flow ODE dx/dσ = (x − D(x; σ))/σ: Algorithm 2 of Karras et al. 2022 with
     γ_i = 0 and without its 2nd-order correction (k-diffusion `sample_euler`; diffusers' EulerDiscreteScheduler).
 
@@ -228,6 +249,7 @@ def sample_euler(model: ModelFn, x_T: torch.Tensor, schedule: NoiseSchedule, tim
             callback(i, t, x_t, x0)
         d = (x - x0) / sigmas[i]  # 3. Algorithm 2, line 7: d_i = (x_i − D_θ(x_i; t_i)) / t_i
         x = x + (sigmas[i + 1] - sigmas[i]) * d  # 4. line 8: x_{i+1} = x_i + (t_{i+1} − t_i) d_i
+        x = _after_step_sigma(after_step, i, sigmas[i + 1], x)
     return x  # 5. σ_N = 0: x_σ = x0 (α = 1)
 
 
@@ -235,7 +257,8 @@ def sample_euler(model: ModelFn, x_T: torch.Tensor, schedule: NoiseSchedule, tim
 def sample_euler_ancestral(model: ModelFn, x_T: torch.Tensor, schedule: NoiseSchedule, timesteps: Sequence[float], *,
                            prediction_type: PredictionType | str | None = None,
                            generator: torch.Generator | None = None, callback: Callback | None = None,
-                           clip_x0: float | None = None, eta: float = 1.0) -> torch.Tensor:
+                           clip_x0: float | None = None, eta: float = 1.0,
+                           after_step: StepHook | None = None) -> torch.Tensor:
     """Euler ancestral (k-diffusion `sample_euler_ancestral`; diffusers' EulerAncestralDiscreteScheduler at η = 1).
 
     Each step σ → σ' is split into a deterministic Euler step down to σ_down and fresh noise of std σ_up, with
@@ -258,6 +281,7 @@ def sample_euler_ancestral(model: ModelFn, x_T: torch.Tensor, schedule: NoiseSch
         x = x + (sigma_down - s_from) * (x - x0) / s_from  # 4. Euler step to σ_down with d = (x − D(x; σ)) / σ
         if s_to > 0:
             x = x + sigma_up * _randn(x, generator)  # 5. x ← x + σ_up z,  z ~ N(0, I)
+        x = _after_step_sigma(after_step, i, s_to, x)
     return x  # σ = 0: x_σ = x0
 
 
@@ -265,7 +289,7 @@ def sample_euler_ancestral(model: ModelFn, x_T: torch.Tensor, schedule: NoiseSch
 def sample_dpmpp_2m_karras(model: ModelFn, x_T: torch.Tensor, schedule: NoiseSchedule, timesteps: Sequence[float],
                            *, prediction_type: PredictionType | str | None = None,
                            generator: torch.Generator | None = None, callback: Callback | None = None,
-                           clip_x0: float | None = None) -> torch.Tensor:
+                           clip_x0: float | None = None, after_step: StepHook | None = None) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) on Karras σ spacing (Karras et al. 2022, eq. 5, ρ = 7): "DPM++ 2M
     Karras" of k-diffusion (`sample_dpmpp_2m`) and diffusers' DPMSolverMultistepScheduler(use_karras_sigmas=True).
 
@@ -283,7 +307,7 @@ def sample_dpmpp_2m_karras(model: ModelFn, x_T: torch.Tensor, schedule: NoiseSch
         if callback is not None:
             callback(i, t, x_t, x0)
         if sigmas[i + 1] == 0:  # 2. last step, first order to σ = 0: the h → ∞ limit of the update is x̂0
-            return x0
+            return _after_step_sigma(after_step, i, 0.0, x0)
         h = math.log(sigmas[i]) - math.log(sigmas[i + 1])  # 3. h_i = λ_{i+1} − λ_i with λ = −log σ
         if x0_prev is None:
             D = x0  # 4. first step: DPM-Solver++1 (= DDIM)
@@ -291,6 +315,7 @@ def sample_dpmpp_2m_karras(model: ModelFn, x_T: torch.Tensor, schedule: NoiseSch
             r = h_prev / h  # 5. r_i = h_{i−1} / h_i;  D_i = (1 + 1/2r) x_θ(t_i) − x_θ(t_{i−1}) / 2r
             D = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
         x = (sigmas[i + 1] / sigmas[i]) * x - math.expm1(-h) * D  # 6. x̃_{i+1} = (σ_{i+1}/σ_i) x̃_i − (e^{−h} − 1) D_i
+        x = _after_step_sigma(after_step, i, sigmas[i + 1], x)
         x0_prev, h_prev = x0, h
     return x
 
@@ -318,6 +343,15 @@ def karras_timesteps(schedule: NoiseSchedule, steps: int, rho: float = KARRAS_RH
     sigmas = (hi + np.linspace(0, 1, steps) * (lo - hi)) ** rho  # (steps,) σ_max → σ_min
     ts = np.interp(np.log(sigmas), log_sigmas, np.arange(schedule.T, dtype=np.float64))
     return [float(t) for t in ts]
+
+
+def alpha_bar_at(sampler: str, schedule: NoiseSchedule, t: float) -> float:
+    """ᾱ at timestep t as `sampler` reads it: the trained value, or from σ interpolated between trained steps as the
+    σ-space samplers interpolate it (linearly in t for Euler's grid, in log σ for Karras'). img2img noises its start
+    to exactly this level."""
+    if sampler in ("euler", "euler_a", "dpmpp_karras"):
+        return 1.0 / (1.0 + _sigma_at(schedule, t, log_linear=sampler == "dpmpp_karras") ** 2)
+    return _alpha_bar(schedule, int(t))
 
 
 # name → sampler, in the order of settings.SAMPLER_NAMES (the names' one source).
