@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import math
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+
+from carrara.errors import CarraraError
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -23,6 +26,24 @@ def to_model_range(images: torch.Tensor) -> torch.Tensor:
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """(B, 3, H, W) float in [-1, 1] → list of RGB PIL images (round to nearest, no dithering)."""
     return [Image.fromarray(im.permute(1, 2, 0).numpy(), "RGB") for im in to_uint8(images)]  # (H, W, 3) each
+
+
+def open_picture(path: str | Path, what: str = "image") -> Image.Image:
+    """A picture file fully decoded, or one CarraraError line naming what is wrong with it."""
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode every pixel now: a truncated file fails here, not halfway through generating
+            return im.copy()
+    except FileNotFoundError:
+        raise CarraraError(f"{what} {path}: no such file") from None
+    except IsADirectoryError:
+        raise CarraraError(f"{what} {path} is a folder, not an image") from None
+    except Image.DecompressionBombError:
+        raise CarraraError(f"{what} {path}: the image is too large to read (a decompression bomb?)") from None
+    except UnidentifiedImageError:
+        raise CarraraError(f"{what} {path}: not an image file Pillow can read") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise CarraraError(f"{what} {path}: damaged or unreadable image ({e})") from None
 
 
 def square(image: Image.Image, side: int, *, mask: bool = False) -> Image.Image:

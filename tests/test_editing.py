@@ -143,7 +143,8 @@ def _half_mask(side):
 @pytest.mark.parametrize("sampler", ["dpmpp", "euler_a"])
 def test_inpainting_keeps_the_unmasked_region(pipe, init_image, sampler):
     side = pipe.sizes[0]
-    kw = {"steps": 8, "sampler": sampler, "guidance": 3.0, "seed": 3, "init_image": init_image, "mask": _half_mask(side)}
+    kw = {"steps": 8, "sampler": sampler, "guidance": 3.0, "seed": 3, "init_image": init_image,
+          "mask": _half_mask(side)}
     init = from_pil([init_image], side)
     z_init = pipe.vae.encode(init).mode() * pipe.vae.config.scaling_factor
     latent = pipe(["a green star"], output="latent", **kw)
