@@ -310,6 +310,9 @@ def load_folder(path, size: int | None = None) -> FolderDataset:
         if mode != "RGB":
             converted[mode] += 1
     dataset = FolderDataset(root, records, skipped, size, converted)
+    if not records and skipped:  # every image refused: the reasons are the error, not a warning before it
+        small = f"; at {size} px an image's short side must be ≥ {-(-size // 2)} px" if skipped[TOO_SMALL] else ""
+        raise CarraraError(f"{root} has no usable images: {describe(dataset.report())}{small}")
     warn_report(root, dataset.report())
     if not records:
         raise CarraraError(f"{root} has no usable images: expected images with a {METADATA} "

@@ -20,7 +20,8 @@ from carrara.fileio import ensure_dir
 from carrara.images import image_grid
 from carrara.modelfolder import resolve, write_model_folder
 from carrara.models.autoencoder import AutoencoderKL
-from carrara.models.config import UNetConfig, default_unet_config
+from carrara.models.config import AutoencoderConfig, UNetConfig, default_unet_config
+from carrara.models.lora import TARGETS, save_lora
 from carrara.models.unet import UNet2DConditionModel as UNet
 from carrara.models.weights import load_into
 from carrara.pipeline import Pipeline
@@ -44,12 +45,69 @@ class DiffusionRecipe:
     prediction_type: str = "epsilon"
     pooled: bool = False  # also condition on the pooled sentence embedding, added to the time embedding (Imagen)
     init_unet: str = ""  # a model folder ("default", a run) whose U-Net weights start training (fine-tuning)
+    from_model: str = ""  # fine-tune this model folder: its U-Net (config, weights), autoencoder, text encoder, schedule
+    lora_rank: int = 0  # > 0 (with from_model): train only LoRA adapters of this rank on the attention projections
+    lora_alpha: float | None = None  # the adapters' scale is α / r; None: α = r (diffusers' training scripts)
     cond_dropout: float = 0.1
     caption_variants: str = "captions"  # metadata field with alternative captions; one is drawn per step
     balance_by: str = ""  # metadata field (e.g. "base"): draw batches so each value is equally likely
     sample_prompts: list[str] = field(default_factory=list)
     model: dict = field(default_factory=lambda: default_unet_config().to_diffusers_config())
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=3000, batch_size=64, lr=3e-4))
+
+
+FINE_TUNE = TrainConfig(steps=500, batch_size=16, lr=1e-4, warmup_steps=20, log_every=10, sample_every=100,
+                        checkpoint_every=100)  # a small fine-tune: ~30 images, minutes (docs/fine-tune.md)
+LORA = dataclasses.replace(FINE_TUNE, lr=1e-3, weight_decay=0.0)  # only the adapters learn: a larger step
+
+
+def fine_tune_recipe(data: str, model: str, *, lora_rank: int = 0, size: int | None = None) -> DiffusionRecipe:
+    """The recipe of `carrara train diffusion --from MODEL`: the model's size, and a small fine-tune's settings."""
+    folder = resolve(model)
+    unet = UNetConfig.from_diffusers_config(folder.unet)
+    vae = AutoencoderConfig.from_diffusers_config(folder.vae)
+    native = unet.sample_size * vae.downsample_factor
+    if size is not None and size != native:
+        raise CarraraError(f"--size {size}: {model} makes {native}-pixel images and is fine-tuned at that size "
+                           "(drop --size; your images are center-cropped and resized to it)")
+    train = dataclasses.replace(LORA if lora_rank else FINE_TUNE)
+    return DiffusionRecipe(data=data, from_model=model, lora_rank=lora_rank, size=native, train=train)
+
+
+def adopt_model(recipe: DiffusionRecipe) -> dict:
+    """Take the U-Net's config, the autoencoder, the text encoder and the schedule from `recipe.from_model` (so a
+    fine-tune needs no autoencoder run); returns the model's scheduler config, which the run's folder keeps."""
+    folder = resolve(recipe.from_model)
+    unet = UNetConfig.from_diffusers_config(folder.unet)
+    schedule = NoiseSchedule.from_diffusers_config(folder.scheduler_config)
+    recipe.model = unet.to_diffusers_config()
+    recipe.pooled = unet.class_embed_type == "projection"
+    recipe.autoencoder = str(folder.root)  # its vae/
+    recipe.text_encoder = str(folder.root) if folder.tokenizer else folder.text_encoder  # a diffusers folder's pair
+    recipe.schedule, recipe.num_train_timesteps = schedule.kind.value, schedule.T
+    recipe.prediction_type = schedule.prediction_type.value
+    recipe.init_unet = recipe.from_model
+    return folder.scheduler_config
+
+
+def add_lora(unet: UNet, rank: int, alpha: float | None) -> UNet:
+    """Wrap the attention projections (models/lora.py TARGETS) with peft's LoRA layers; only they train.
+
+    peft's default init (A Kaiming-uniform, B = 0) makes the wrapped U-Net compute exactly what it computed before."""
+    from peft import LoraConfig, inject_adapter_in_model  # here: peft imports transformers, seconds of every start
+
+    config = LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, target_modules=list(TARGETS))
+    unet = inject_adapter_in_model(config, unet)
+    for name, p in unet.named_parameters():
+        p.requires_grad_(".lora_" in name)
+    return unet
+
+
+def lora_state(unet: UNet) -> dict[str, torch.Tensor]:
+    """The adapters of a LoRA-wrapped U-Net, keyed `<module>.lora_A.weight` / `.lora_B.weight` (peft's names)."""
+    from peft import get_peft_model_state_dict  # see add_lora
+
+    return get_peft_model_state_dict(unet)
 
 
 @dataclass
@@ -95,12 +153,22 @@ def train_diffusion(recipe: DiffusionRecipe, out: str | Path, *, resume: bool = 
                     stop_at: int | None = None, allow_pickle: bool = False) -> dict:
     """Encode the dataset once, then train the U-Net; the run folder becomes a model folder."""
     out = ensure_dir(out)
+    if recipe.lora_rank and not recipe.from_model:
+        raise CarraraError("a LoRA adapts a trained model: give --from MODEL (set from_model) with --lora-rank")
+    if not isinstance(recipe.lora_rank, int) or recipe.lora_rank < 0:
+        raise CarraraError(f"lora_rank must be a whole number ≥ 0, got {recipe.lora_rank!r}")
+    source_scheduler = adopt_model(recipe) if recipe.from_model else None
     vae_dir = Path(recipe.autoencoder) / "vae"
     if not (vae_dir / "config.json").is_file():
         raise CarraraError(f"--autoencoder {recipe.autoencoder}: no trained autoencoder there (expected vae/config.json)")
     if not 0.0 <= recipe.cond_dropout < 1.0:
         raise CarraraError(f"cond_dropout must be in [0, 1), got {recipe.cond_dropout}")
     vae = AutoencoderKL.from_pretrained(vae_dir, allow_pickle=allow_pickle)  # frozen (safeload.py: pickles if allowed)
+    if recipe.from_model:
+        native = UNetConfig.from_diffusers_config(recipe.model).sample_size * vae.config.downsample_factor
+        if recipe.size != native:
+            raise CarraraError(f"size {recipe.size}: {recipe.from_model} makes {native}-pixel images; "
+                               "fine-tune at that size")
     text_encoder = TextEncoder.load(recipe.text_encoder)
     loaded = load_captioned(recipe.data, recipe.size, text_encoder, recipe.caption_variants, progress=progress,
                             cache_dir=out / "cache")
@@ -121,9 +189,14 @@ def train_diffusion(recipe: DiffusionRecipe, out: str | Path, *, resume: bool = 
     unet = UNet(config)
     if recipe.init_unet and not resume:
         init_from(unet, recipe.init_unet, allow_pickle=allow_pickle)
-    schedule = NoiseSchedule.from_config(recipe.schedule, T=recipe.num_train_timesteps,
-                                         prediction_type=recipe.prediction_type)
-    scheduler_config = schedule.to_diffusers_config()
+    if recipe.lora_rank:
+        unet = add_lora(unet, recipe.lora_rank, recipe.lora_alpha)
+    if source_scheduler is not None:
+        schedule = NoiseSchedule.from_diffusers_config(source_scheduler)
+    else:
+        schedule = NoiseSchedule.from_config(recipe.schedule, T=recipe.num_train_timesteps,
+                                             prediction_type=recipe.prediction_type)
+    scheduler_config = source_scheduler or schedule.to_diffusers_config()
     prompts = recipe.sample_prompts or loaded.first_captions()
 
     def loss_fn(model: UNet, idx: torch.Tensor, gen: torch.Generator, rows: slice) -> torch.Tensor:
@@ -143,6 +216,10 @@ def train_diffusion(recipe: DiffusionRecipe, out: str | Path, *, resume: bool = 
     pickled_vae = not (vae_dir / "diffusion_pytorch_model.safetensors").is_file()
 
     def export_fn(ema: UNet) -> None:  # a VAE read from a pickle is written back as safetensors, never copied
+        if recipe.lora_rank:  # the adapter alone: apply it with `carrara generate --model MODEL --lora FILE`
+            save_lora(out / "lora.safetensors", lora_state(ema), rank=recipe.lora_rank,
+                      alpha=recipe.lora_rank if recipe.lora_alpha is None else recipe.lora_alpha)
+            return
         write_model_folder(out, unet=ema, vae=vae if pickled_vae else None, vae_dir=None if pickled_vae else vae_dir,
                            scheduler_config=scheduler_config, text_encoder=recipe.text_encoder)
 
@@ -150,4 +227,5 @@ def train_diffusion(recipe: DiffusionRecipe, out: str | Path, *, resume: bool = 
                                 n_examples=len(mean), loss_fn=loss_fn, sample_fn=sample_fn, export_fn=export_fn,
                                 batch_fn=batch_fn)
     result = trainer.fit(resume=resume, progress=progress, stop_at=stop_at)
-    return {**result, "n_images": len(mean), "n_captions": len(captions.states)}
+    lora = {"lora": str(out / "lora.safetensors")} if recipe.lora_rank else {}
+    return {**result, "n_images": len(mean), "n_captions": len(captions.states), **lora}
