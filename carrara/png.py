@@ -49,7 +49,8 @@ def infotext(metadata: dict) -> str:
              "Seed": metadata.get("seed"),
              "Size": None if metadata.get("size") is None else f"{metadata['size']}x{metadata['size']}",
              "Model hash": metadata.get("model_hash"),
-             "Model": None if metadata.get("model") is None else Path(str(metadata["model"])).name}
+             "Model": None if metadata.get("model") is None else Path(str(metadata["model"])).name,
+             "Denoising strength": metadata.get("strength")}  # img2img and inpainting
     line = ", ".join(f"{k}: {quote(v)}" for k, v in pairs.items() if v is not None)
     negative = metadata.get("negative_prompt") or ""
     return f"{metadata.get('prompt', '')}" + (f"\nNegative prompt: {negative}" if negative else "") + f"\n{line}"
@@ -119,7 +120,7 @@ def _as(kind, value: str, key: str, where: str):
 
 def settings_from_infotext(text: str, where: str) -> dict:
     """An A1111 infotext as carrara's metadata keys (prompt, negative_prompt, steps, sampler, guidance, seed, size,
-    model_hash); an unknown sampler name is kept as A1111 wrote it, for the caller to refuse or override."""
+    model_hash, and an edit's strength); an unknown sampler name is kept as A1111 wrote it, for the caller to refuse or override."""
     prompt, negative, params = parse_infotext(text)
     meta = {"prompt": prompt, "negative_prompt": negative}
     if "Steps" in params:
@@ -141,6 +142,8 @@ def settings_from_infotext(text: str, where: str) -> dict:
         meta["size"] = int(size[1])
     if "Model hash" in params:
         meta["model_hash"] = params["Model hash"]
+    if "Denoising strength" in params:
+        meta["strength"] = _as(float, params["Denoising strength"], "Denoising strength", where)
     return meta
 
 

@@ -52,6 +52,12 @@ def test_every_sampler_has_an_a1111_name():
     assert len(set(A1111_SAMPLERS.values())) == len(SAMPLER_NAMES)
 
 
+def test_an_edit_records_its_denoising_strength_as_a1111_does():
+    text = infotext({**SETTINGS, "strength": 0.55})
+    assert text.endswith("Model: shapes-v2, Denoising strength: 0.55")
+    assert settings_from_infotext(text, "x.png")["strength"] == 0.55
+
+
 def test_values_with_commas_or_colons_are_quoted_and_read_back():
     text = infotext({**SETTINGS, "model": "/runs/a, b: c"})
     assert text.endswith('Model: "a, b: c"')

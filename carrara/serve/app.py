@@ -31,7 +31,7 @@ from carrara import __version__
 from carrara.diffusion.settings import MAX_GUIDANCE, MAX_STEPS, SAMPLER_NAMES
 from carrara.errors import CarraraError
 from carrara.modelfolder import PACKAGED
-from carrara.pipeline import MAX_BATCH, Pipeline
+from carrara.pipeline import IMG2IMG_STRENGTH, INPAINT_STRENGTH, MAX_BATCH, Pipeline
 from carrara.serve.gallery import Gallery
 from carrara.serve.jobs import FINISHED, JobQueue, QueueFull
 from carrara.serve.models import MAX_LOADED, Choice, ModelStore, discover
@@ -44,9 +44,10 @@ from carrara.serve.schema import (
     JobInfo,
     field_range,
 )
+from carrara.serve.uploads import UploadError, read_edit
 
 STATIC = Path(__file__).parent / "static"
-MAX_BODY_BYTES = 64 * 1024
+MAX_BODY_BYTES = 6 * 2**20  # an init image and a mask of up to 2 MiB each, in base64 (serve/uploads.py)
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
                     (b"referrer-policy", b"no-referrer"),
@@ -180,7 +181,8 @@ def describe(pipe, choice: Choice) -> dict:
     """What GET /api/model says of one loaded model: its name, hash, the sizes it makes, and the page's defaults."""
     latent = pipe.latent_shape()  # (c, h, w)
     sizes = list(getattr(pipe, "sizes", (latent[1] * pipe.vae.config.downsample_factor,)))  # a cascade has two
-    defaults = GenerateRequest.model_construct(prompt="").model_dump(exclude={"prompt", "width", "height", "model"})
+    defaults = GenerateRequest.model_construct(prompt="").model_dump(exclude={
+        "prompt", "width", "height", "model", "init_image", "init_image_id", "mask"})
     return {"name": choice.name, "ref": choice.ref, "model_hash": pipe.model_hash,
             "precision": getattr(pipe, "precision", "fp32"), "image_size": [sizes[-1], sizes[-1]], "sizes": sizes,
             "latent_shape": list(latent), "samplers": list(SAMPLER_NAMES), "defaults": defaults,
@@ -255,7 +257,12 @@ def create_app(pipe, data_dir: str | Path, *, max_queued: int = 32, batch_images
                 square = " or ".join(f"{s}×{s}" for s in sizes)
                 return _error(422, f"{name}: this model makes {square} images; give one of them or leave it out", name)
         try:
-            job = jobs.submit(body.settings(), n=body.n, random_seed=body.seed == "random", model=body.model)
+            edit = await run_in_threadpool(read_edit, body, gallery, (IMG2IMG_STRENGTH, INPAINT_STRENGTH))
+        except UploadError as e:
+            return _error(422, str(e), str(e).split(":")[0])
+        try:
+            job = jobs.submit(body.settings(), n=body.n, random_seed=body.seed == "random", model=body.model,
+                              edit=edit)
         except QueueFull as e:
             return JSONResponse({"detail": str(e)}, 429, headers={"Retry-After": str(e.retry_after)})
         except CarraraError as e:

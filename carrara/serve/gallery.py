@@ -32,7 +32,9 @@ def make_item(image_id: str, metadata: dict, *, created: float, job_id: str, siz
     """The sidecar of one image: what the gallery lists, from the metadata its PNG carries."""
     return {"id": image_id, "url": f"/api/images/{image_id}.png", "created": created, "job_id": job_id,
             "settings": {**{k: metadata[k] for k in SETTING_KEYS}, "size": metadata.get("size"),
-                         "model": metadata.get("model_name")},  # the server's name for the model, when it made it
+                         "model": metadata.get("model_name"),  # the server's name for the model, when it made it
+                         "edit": None if "strength" not in metadata else "inpaint" if "mask_sha256" in metadata
+                         else "img2img", "strength": metadata.get("strength"), "init_image": metadata.get("init_image")},
             "model": metadata["model"],
             "model_hash": metadata["model_hash"], "size": list(size)}
 

@@ -3,8 +3,9 @@ loaded by a `ModelStore` (serve/models.py) on first use.
 
 A job is one POST /api/generate: a model, a prompt, its settings and n images, image i made with seed + i as in
 `carrara generate`. The worker takes the oldest queued job and adds later queued jobs with the same model, steps,
-sampler, guidance, negative prompt and size whose seeds continue the batch's, so that one `Pipeline` call (image k of
-a batch uses seed + k) gives every job its own seeds. A "random" seed is picked when the job runs, as the next
+sampler, guidance, negative prompt and size whose seeds continue the batch's, so that one `Pipeline` call (image k
+of a batch uses seed + k) gives every job its own seeds. An edit (img2img or inpainting) joins only edits of the
+same strength, all with a mask or none: the pipeline takes one init image and one mask per image. A "random" seed is picked when the job runs, as the next
 free one, so random-seed jobs always join (the stochastic samplers too: image k draws its noise from its own
 seed's generator). Batching changes float sums by ~1e-6, so a batched image can differ from the same seed
 made alone by one level in an occasional pixel; a job that ran alone (`batch_jobs == 1`) matches exactly.
@@ -28,6 +29,7 @@ from carrara.errors import CarraraError
 from carrara.images import image_grid, to_pil
 from carrara.serve.gallery import Gallery
 from carrara.serve.models import ModelStore
+from carrara.serve.uploads import Edit
 
 QUEUED, RUNNING, DONE, CANCELLED, FAILED = "queued", "running", "done", "cancelled", "failed"
 FINISHED = (DONE, CANCELLED, FAILED)
@@ -53,6 +55,7 @@ class Job:
     n: int = 1
     random_seed: bool = False
     model: str = ""  # the ModelStore choice it runs on
+    edit: Edit | None = None  # img2img / inpainting input; None: text to image
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     status: str = QUEUED
     step: int = 0  # the sampling step in progress (1-based); == total when done
@@ -71,7 +74,8 @@ class Job:
 
     def batch_key(self) -> tuple:
         s = self.settings
-        return (self.model, s.steps, s.sampler, s.guidance, s.negative_prompt, s.size)
+        edit = None if self.edit is None else (self.edit.strength, self.edit.mask is not None)
+        return (self.model, s.steps, s.sampler, s.guidance, s.negative_prompt, s.size, edit)
 
     def to_dict(self, position: int | None = None) -> dict:
         s = self.settings
@@ -79,9 +83,16 @@ class Job:
                 "settings": {"prompt": s.prompt, "negative_prompt": s.negative_prompt, "steps": s.steps,
                              "sampler": s.sampler, "guidance": s.guidance,
                              "seed": None if self.random_seed and self.status == QUEUED else s.seed, "n": self.n,
-                             "size": s.size, "model": self.model},
+                             "size": s.size, "model": self.model, **edit_settings(self.edit)},
                 "images": self.images, "error": self.error, "created": self.created, "started": self.started,
                 "finished": self.finished, "batch_jobs": self.batch_jobs, "events_url": f"/api/jobs/{self.id}/events"}
+
+
+def edit_settings(edit: Edit | None) -> dict:
+    """How a job's settings (and its images' metadata) describe an edit."""
+    if edit is None:
+        return {"edit": None, "strength": None, "init_image": None}
+    return {"edit": "img2img" if edit.mask is None else "inpaint", "strength": edit.strength, "init_image": edit.source}
 
 
 def log_line(job: Job) -> str:
@@ -150,9 +161,11 @@ class JobQueue:
         return self.models.choice(None).ref
 
     def submit(self, settings: GenerationSettings, n: int = 1, random_seed: bool = False,
-               model: str | None = None) -> Job:
-        """Queue a job on a model (None: the one the server started with), or raise QueueFull."""
-        job = Job(settings, n=n, random_seed=random_seed, model=self.models.choice(model).name, total=settings.steps)
+               model: str | None = None, edit: Edit | None = None) -> Job:
+        """Queue a job on a model (None: the one the server started with), editing `edit`'s picture if given, or
+        raise QueueFull."""
+        job = Job(settings, n=n, random_seed=random_seed, model=self.models.choice(model).name, edit=edit,
+                  total=settings.steps)
         with self._cond:
             if self._closed:
                 raise CarraraError("the server is stopping")
@@ -245,8 +258,27 @@ class JobQueue:
         s = job.settings
         return {"prompt": s.prompt, "negative_prompt": s.negative_prompt, "steps": s.steps, "sampler": s.sampler,
                 "guidance": s.guidance, "seed": s.seed + i, "n": 1, "model": self.models.choice(job.model).ref,
-                "model_name": job.model,
+                "model_name": job.model, **self._edit_metadata(job.edit),
                 "model_hash": pipe.model_hash, "precision": getattr(pipe, "precision", "fp32"), "size": size}
+
+    @staticmethod
+    def _edit_metadata(edit: Edit | None) -> dict:
+        """An edit's strength and what it started from (the SHA-256 of the picture and mask files)."""
+        if edit is None:
+            return {}
+        return {**{k: v for k, v in edit_settings(edit).items() if k != "edit"}, "init_sha256": edit.image_sha256,
+                **({"mask_sha256": edit.mask_sha256} if edit.mask is not None else {})}
+
+    @staticmethod
+    def _edit_inputs(batch: list[Job]) -> dict:
+        """The pipeline's init_image / mask (one per image) and strength for a batch of edits; {} for text to image."""
+        edit = batch[0].edit
+        if edit is None:
+            return {}
+        inputs = {"init_image": [job.edit.image for job in batch for _ in range(job.n)], "strength": edit.strength}
+        if edit.mask is not None:
+            inputs["mask"] = [job.edit.mask for job in batch for _ in range(job.n)]
+        return inputs
 
     def _run(self) -> None:
         while True:
@@ -284,7 +316,8 @@ class JobQueue:
             pipe = self.models.get(batch[0].model)  # loaded on first use; the least recently used may be dropped
             images = pipe([job.settings.prompt for job in batch for _ in range(job.n)], steps=s.steps,
                                sampler=s.sampler, guidance=s.guidance, negative_prompt=s.negative_prompt,
-                               seed=s.seed, callback=callback, **({"size": s.size} if s.size is not None else {}))
+                               seed=s.seed, callback=callback, **({"size": s.size} if s.size is not None else {}),
+                               **self._edit_inputs(batch))
         except _Stop:
             with self._cond:
                 for job in batch:

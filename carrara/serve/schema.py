@@ -20,6 +20,8 @@ MAX_SIZE = 4096
 # serve.md), so one request cannot hold the only worker for an hour (n = 64 at 1000 steps would be 64,000).
 MAX_WORK = 1280
 MAX_MODEL_NAME = 200
+MAX_IMAGE_BYTES = 2 * 2**20  # one picture to edit; the page sends the model's size, a few KB (serve/uploads.py)
+MAX_DATA_URL = 40 + (MAX_IMAGE_BYTES + 2) // 3 * 4  # its base64 data URL
 
 
 class GenerateRequest(BaseModel):
@@ -38,6 +40,15 @@ class GenerateRequest(BaseModel):
     height: int | None = Field(None, ge=1, le=MAX_SIZE, description="equal to width if both are given")
     model: str | None = Field(None, max_length=MAX_MODEL_NAME,
                               description="a name from GET /api/models; null: the model the server started with")
+    init_image: str | None = Field(None, max_length=MAX_DATA_URL, description=(
+        'img2img: a picture to edit, as a data URL "data:image/png;base64,…" (PNG or JPEG, at most 2 MiB, 4096 '
+        "pixels a side; centre-cropped to a square and resized to the model's side)"))
+    init_image_id: str | None = Field(None, pattern=r"^[0-9a-f]{32}$",
+                                      description="img2img: the id of a gallery image to edit, instead of init_image")
+    mask: str | None = Field(None, max_length=MAX_DATA_URL, description=(
+        "inpainting: a PNG data URL the size of the init image; white = regenerate, black = keep"))
+    strength: float | None = Field(None, gt=0.0, le=1.0, description=(
+        "how much of the sampling plan an edit runs, (0, 1]; null: 0.8 for img2img, 1.0 for inpainting"))
 
     @field_validator("prompt")
     @classmethod
@@ -61,6 +72,12 @@ class GenerateRequest(BaseModel):
             raise ValueError(str(e).replace("--", "")) from None
         if self.seed != "random" and self.seed + self.n - 1 > MAX_SEED:
             raise ValueError(f"seed + n - 1 must be at most {MAX_SEED}")
+        if self.init_image is not None and self.init_image_id is not None:
+            raise ValueError("give init_image or init_image_id, not both")
+        edit = self.init_image is not None or self.init_image_id is not None
+        if not edit and (self.mask is not None or self.strength is not None):
+            raise ValueError(f"{'mask' if self.mask is not None else 'strength'} needs an init image to edit "
+                             "(init_image or init_image_id)")
         if self.steps * self.n > MAX_WORK:
             raise ValueError(f"steps × n must be at most {MAX_WORK} (one request's work), got {self.steps} × {self.n} "
                              f"= {self.steps * self.n}: ask for fewer steps or fewer images")
@@ -93,6 +110,9 @@ class JobSettings(BaseModel):
     size: int | None = Field(None, description="the image side asked for; null: the model's largest")
     model: str | None = Field(None, description="the model it runs on (GET /api/models); null in images made "
                               "before the server offered several")
+    edit: Literal["img2img", "inpaint"] | None = Field(None, description="null: text to image")
+    strength: float | None = Field(None, description="an edit's strength")
+    init_image: str | None = Field(None, description='an edit\'s picture: "upload" or "gallery:<id>"')
 
 
 class ImageItem(BaseModel):
