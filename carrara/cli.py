@@ -78,6 +78,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from carrara.train import distributed
 
     size = {"size": args.size} if args.size else {}  # else the stage's own default (64; upsampler 128)
+    if (args.from_model or args.lora_rank) and args.stage != "diffusion":
+        raise CarraraError(f"--from and --lora-rank fine-tune a diffusion model: not for train {args.stage}")
     if args.stage == "autoencoder":
         from carrara.train.autoencoder import AutoencoderRecipe, train_autoencoder
 
@@ -99,11 +101,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
         recipe = UpsamplerRecipe(data=args.data, **size)
         run = train_upsampler
     else:
-        from carrara.train.diffusion import DiffusionRecipe, train_diffusion
+        from carrara.train.diffusion import DiffusionRecipe, fine_tune_recipe, train_diffusion
 
-        if not args.autoencoder:
-            raise CarraraError("train diffusion needs --autoencoder RUN (a finished `carrara train autoencoder` run)")
-        recipe = DiffusionRecipe(data=args.data, autoencoder=args.autoencoder, **size)
+        if args.from_model and args.autoencoder:
+            raise CarraraError("--from fine-tunes a model with its own autoencoder: drop --autoencoder")
+        if args.lora_rank and not args.from_model:
+            raise CarraraError("--lora-rank needs --from MODEL, the model whose U-Net the adapter adapts")
+        if args.from_model:
+            recipe = fine_tune_recipe(args.data, args.from_model, lora_rank=args.lora_rank or 0, size=args.size)
+        elif not args.autoencoder:
+            raise CarraraError("train diffusion needs --autoencoder RUN (a finished `carrara train autoencoder` run), "
+                               "or --from MODEL to fine-tune a model")
+        else:
+            recipe = DiffusionRecipe(data=args.data, autoencoder=args.autoencoder, **size)
         run = functools.partial(train_diffusion, allow_pickle=args.allow_pickle)
     if args.steps is not None:
         recipe.train.steps = args.steps
@@ -121,6 +131,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(f"{args.stage} run in {args.out}: {result['steps']} steps, last loss {result['last_loss']:.4f}")
     if describe(result):
         print(f"data: {describe(result)} (listed in {Path(args.out) / 'log.txt'})")
+    if "lora" in result:
+        print(f"LoRA adapter {result['lora']}: carrara generate \"…\" --model {args.from_model} --lora {result['lora']}")
     if "held_out" in result:
         h = result["held_out"]
         print(f"held-out retrieval ({h['n_pairs']} pairs, {h['n_captions']} captions): image→text top-1 "
@@ -202,6 +214,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     sock = listen(args.host, args.port)
     try:
         pipe = Pipeline.load(args.model, allow_pickle=args.allow_pickle)
+        if args.lora:  # merged into the starting model's U-Net; pipe.loras is what its PNGs should record
+            from carrara.models.lora import apply_loras
+
+            pipe.loras = apply_loras(pipe.unet, args.lora)
         app = create_app(pipe, args.data_dir, allowed_hosts=LOOPBACK_HOSTS if loopback else None,
                          models_dir=args.models, load=functools.partial(Pipeline.load, allow_pickle=args.allow_pickle))
         host, port = sock.getsockname()[:2]
@@ -267,6 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "or tar shards: 'shards/{000000..000099}.tar'")
     train.add_argument("--out", required=True, help="run folder to create (or continue with --resume)")
     train.add_argument("--autoencoder", help="autoencoder run folder (diffusion stage)")
+    train.add_argument("--from", dest="from_model", help="diffusion: fine-tune this model (default, a run, a diffusers "
+                       "folder) on --data with its own autoencoder and text encoder; fewer steps, lower lr")
+    train.add_argument("--lora-rank", type=_positive_int, help="with --from: train only LoRA adapters of this rank "
+                       "on the attention projections, saved as OUT/lora.safetensors")
     train.add_argument("--kind", default="vae", help="family stage: which generative family of the lectures "
                        "(default vae; carrara/families/ lists them, an unknown name too)")
     train.add_argument("--vqvae", help="family stage, --kind ar: the trained VQ-VAE run whose codes the prior models")
@@ -360,6 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
                      help="U-Net precision (default auto: bf16 where the CPU has native bf16, else fp32)")
     gen.add_argument("--from", dest="from_png", default=None, help="re-create an image from its PNG metadata")
+    gen.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]", help="merge a LoRA adapter into the U-Net "
+                     "at WEIGHT (default 1); repeatable")
     gen.add_argument("--allow-pickle", action="store_true", help="let the model's weights be pickles (.bin), read weights-only; default: safetensors only")
     gen.set_defaults(func=_cmd_generate)
 
@@ -371,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 = any free port)")
     serve.add_argument("--data-dir", default="carrara-gallery", help="where generated images are kept "
                        "(default ./carrara-gallery)")
+    serve.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]", help="merge a LoRA adapter into the "
+                       "model's U-Net at WEIGHT (default 1); repeatable")
     serve.add_argument("--allow-pickle", action="store_true", help="let the model's weights be pickles (.bin), read weights-only; default: safetensors only")
     serve.set_defaults(func=_cmd_serve)
     return parser

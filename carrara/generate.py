@@ -25,6 +25,7 @@ from carrara.diffusion.settings import SAMPLER_NAMES, GenerationSettings
 from carrara.errors import CarraraError
 from carrara.families.pipeline import FamilyPipeline, load_any
 from carrara.images import image_grid
+from carrara.models.lora import apply_loras
 from carrara.pipeline import MAX_BATCH
 from carrara.png import A1111_SAMPLERS, read_png_metadata, save_pngs
 
@@ -113,6 +114,9 @@ def generate_command(args: argparse.Namespace) -> int:
     out = asked if args.overwrite else _next_free(asked, s["n"])
     t0 = time.perf_counter()
     pipe = load_any(model, allow_pickle=args.allow_pickle, precision=s["precision"])  # a diffusion or family model
+    if args.lora and isinstance(pipe, FamilyPipeline):
+        raise CarraraError(f"--lora adapts a diffusion model's U-Net; {model} is a {pipe.kind} model")
+    loras = apply_loras(pipe.unet, args.lora) if args.lora else []  # merged into the weights (models/lora.py)
     t1 = time.perf_counter()
     bars = []  # opened at the first step, so settings the model refuses end in one line, not a bar and a line
 
@@ -137,6 +141,8 @@ def generate_command(args: argparse.Namespace) -> int:
     model_ref = model if model == "default" else str(Path(model).resolve())
     metadata = {**s, "precision": pipe.precision, "model": model_ref, "model_hash": pipe.model_hash,
                 "size": images[0].width}
+    if loras:  # each adapter's file, hash and weight
+        metadata["lora"] = loras
     if isinstance(pipe, FamilyPipeline):  # not diffusion: steps, sampler, size do not apply; say what made it
         metadata["family"] = pipe.kind
     elif images[0].width != pipe.sizes[0]:  # made by the cascade: its second stage's settings, for the record
