@@ -3,7 +3,8 @@
 The choices are the packaged models (each folder under carrara/assets that `modelfolder.resolve` accepts: "default",
 and "shapes" when a checkout has it), the model the server started with, and each sub-folder of `--models DIR` that
 is a model folder (a diffusion run or a diffusers Stable Diffusion folder). A model is loaded when a request first
-names it and kept among the `max_loaded` most recently used (the least recently used is dropped from memory).
+names it; at most `max_loaded` stay in memory: the started one always (it carries the adapters `--lora` merged into
+it), the others by least recent use.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 from carrara.errors import CarraraError
 from carrara.modelfolder import PACKAGED, resolve
 
-MAX_LOADED = 2  # two default-size models are ~0.5 GB; a third request loads again rather than growing memory
+MAX_LOADED = 2  # the started model and one other (~0.5 GB for two of the default's size); a third is loaded again
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,8 @@ def discover(started: str, models_dir: str | Path | None = None) -> list[Choice]
 
 
 class ModelStore:
-    """Name → loaded pipeline, loading on first use and keeping the `max_loaded` most recently used."""
+    """Name → loaded pipeline, loading on first use; the started one stays, the others share max_loaded − 1 places
+    by least recent use (with max_loaded 1, another model is loaded for each batch and dropped after it)."""
 
     def __init__(self, choices: list[Choice], first, load: Callable[[str], object], *, max_loaded: int = MAX_LOADED):
         self.choices = {c.name: c for c in choices}
@@ -82,7 +84,7 @@ class ModelStore:
         return self.choices[name]
 
     def get(self, name: str | None = None):
-        """The loaded pipeline of a choice, loading it (and dropping the least recently used) if need be."""
+        """The loaded pipeline of a choice, loading it (and dropping the least recently used other) if need be."""
         choice = self.choice(name)
         with self._lock:
             if choice.name in self._loaded:
@@ -92,7 +94,7 @@ class ModelStore:
             self.loads += 1
             self._loaded[choice.name] = pipe
             while len(self._loaded) > self.max_loaded:
-                self._loaded.popitem(last=False)
+                del self._loaded[next(name for name in self._loaded if name != self.default)]
             return pipe
 
     def loaded(self) -> list[str]:
