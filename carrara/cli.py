@@ -380,6 +380,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
                      help="U-Net precision (default auto: bf16 where the CPU has native bf16, else fp32)")
     gen.add_argument("--from", dest="from_png", default=None, help="re-create an image from its PNG metadata")
+    gen.add_argument("--init", default=None, metavar="IMAGE", help="img2img: start from this picture (centre-cropped "
+                     "to a square) instead of noise (SDEdit)")
+    gen.add_argument("--strength", type=float, default=None, help="with --init: how much to change it, in (0, 1] "
+                     "(default 0.8; 1.0 with --mask; 1 ignores the picture except where a mask keeps it)")
+    gen.add_argument("--mask", default=None, metavar="IMAGE", help="with --init: inpaint — regenerate where the mask "
+                     "is white, keep the picture where it is black")
     gen.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]", help="merge a LoRA adapter into the U-Net "
                      "at WEIGHT (default 1); repeatable")
     gen.add_argument("--allow-pickle", action="store_true", help="let the model's weights be pickles (.bin), read weights-only; default: safetensors only")

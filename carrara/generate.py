@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -18,15 +19,17 @@ import tempfile
 import time
 from pathlib import Path
 
+from PIL import Image
 from tqdm import tqdm
 
+from carrara.diffusion.editing import check_strength
 from carrara.diffusion.settings import DEFAULTS as SETTINGS
 from carrara.diffusion.settings import SAMPLER_NAMES, GenerationSettings
 from carrara.errors import CarraraError
 from carrara.families.pipeline import FamilyPipeline, load_any
-from carrara.images import image_grid
+from carrara.images import image_grid, open_picture
 from carrara.models.lora import apply_loras
-from carrara.pipeline import MAX_BATCH
+from carrara.pipeline import IMG2IMG_STRENGTH, INPAINT_STRENGTH, MAX_BATCH
 from carrara.png import A1111_SAMPLERS, read_png_metadata, save_pngs
 
 DEFAULTS = {**dataclasses.asdict(SETTINGS), "precision": "auto", "n": 1}
@@ -105,10 +108,54 @@ def _check_writable(out: Path) -> None:
     os.unlink(probe)
 
 
+def _picture_record(path: str, what: str) -> tuple[Image.Image, dict]:
+    """A picture file, and how its PNG metadata names it: the resolved path and the first 16 hex of its SHA-256."""
+    picture = open_picture(path, what)
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    return picture, {"file": str(Path(path).resolve()), "sha256": digest}
+
+
+def _recorded_picture(meta: dict, key: str, what: str, from_png: str) -> str:
+    """The path of the --init / --mask picture a --from PNG records, if it is still there unchanged (else a warning)."""
+    record = meta[key]
+    if not isinstance(record, dict) or not isinstance(record.get("file"), str):
+        raise CarraraError(f"{from_png}: metadata field {key!r} must name a file, got {json.dumps(record)[:60]}")
+    if not Path(record["file"]).is_file():
+        raise CarraraError(f"{from_png} was made from the {what} {record['file']}, which is gone: pass --{key} FILE")
+    return record["file"]
+
+
+def _edit_inputs(args: argparse.Namespace, meta: dict | None) -> tuple[dict, dict]:
+    """(Pipeline keyword arguments, metadata) for img2img / inpainting: --init, --mask, --strength, or a --from PNG's."""
+    meta = meta or {}
+    init = args.init or (_recorded_picture(meta, "init", "init image", args.from_png) if "init" in meta else None)
+    mask = args.mask or (_recorded_picture(meta, "mask", "mask", args.from_png) if "mask" in meta and not args.init
+                         else None)
+    strength = args.strength if args.strength is not None else (meta.get("strength") if init else None)
+    if init is None:
+        for flag, given in (("--mask", args.mask), ("--strength", args.strength)):
+            if given is not None:
+                raise CarraraError(f"{flag} edits an image: give it with --init IMAGE")
+        return {}, {}
+    if strength is not None:
+        check_strength(strength)
+    kwargs, record = {"strength": strength}, {}
+    kwargs["init_image"], record["init"] = _picture_record(init, "--init")
+    if mask is not None:
+        kwargs["mask"], record["mask"] = _picture_record(mask, "--mask")
+    for key in ("init", "mask"):
+        if key in meta and key in record and meta[key].get("sha256") != record[key]["sha256"]:
+            print(f"carrara: warning: {record[key]['file']} has changed since {args.from_png} was made from it",
+                  file=sys.stderr)
+    record["strength"] = strength if strength is not None else (INPAINT_STRENGTH if mask else IMG2IMG_STRENGTH)
+    return kwargs, record
+
+
 def generate_command(args: argparse.Namespace) -> int:
     meta = _read_from(args.from_png) if args.from_png else None
     s, model = _settings(args, meta)
     GenerationSettings(s["prompt"], s["negative_prompt"], s["steps"], s["sampler"], s["guidance"], s["seed"]).validate()
+    edit_kwargs, edit_record = _edit_inputs(args, meta)
     asked = Path(args.out or "carrara.png")
     _check_writable(asked)
     out = asked if args.overwrite else _next_free(asked, s["n"])
@@ -117,6 +164,8 @@ def generate_command(args: argparse.Namespace) -> int:
     if args.lora and isinstance(pipe, FamilyPipeline):
         raise CarraraError(f"--lora adapts a diffusion model's U-Net; {model} is a {pipe.kind} model")
     loras = apply_loras(pipe.unet, args.lora) if args.lora else []  # merged into the weights (models/lora.py)
+    if edit_kwargs and isinstance(pipe, FamilyPipeline):
+        raise CarraraError(f"--init edits with a diffusion model; {model} is a {pipe.kind} model")
     t1 = time.perf_counter()
     bars = []  # opened at the first step, so settings the model refuses end in one line, not a bar and a line
 
@@ -127,7 +176,8 @@ def generate_command(args: argparse.Namespace) -> int:
 
     try:
         images = pipe([s["prompt"]] * s["n"], steps=s["steps"], sampler=s["sampler"], guidance=s["guidance"],
-                      negative_prompt=s["negative_prompt"], seed=s["seed"], callback=progress, size=s.get("size"))
+                      negative_prompt=s["negative_prompt"], seed=s["seed"], callback=progress, size=s.get("size"),
+                      **edit_kwargs)
         if bars:
             bars[0].update(bars[0].total - bars[0].n)
     finally:
@@ -140,7 +190,7 @@ def generate_command(args: argparse.Namespace) -> int:
               file=sys.stderr)
     model_ref = model if model == "default" else str(Path(model).resolve())
     metadata = {**s, "precision": pipe.precision, "model": model_ref, "model_hash": pipe.model_hash,
-                "size": images[0].width}
+                "size": images[0].width, **edit_record}
     if loras:  # each adapter's file, hash and weight
         metadata["lora"] = loras
     if isinstance(pipe, FamilyPipeline):  # not diffusion: steps, sampler, size do not apply; say what made it
