@@ -56,7 +56,12 @@ class TimestepEmbedding(nn.Module):
 
 
 class ResnetBlock2D(nn.Module):
-    """Pre-activation residual block with an additive time embedding, Ho et al. (2020) Appendix B / He et al. (2016)."""
+    """Pre-activation residual block with the time embedding, Ho et al. (2020) Appendix B / He et al. (2016).
+
+    time_scale_shift "default": h + proj(temb) before the second GroupNorm (DDPM); "scale_shift": adaptive group
+    normalization, AdaGN(h, y) = y_s · GroupNorm(h) + y_b with [y_s − 1, y_b] = proj(temb) (Dhariwal & Nichol 2021
+    §3.1; diffusers `time_embedding_norm="scale_shift"`).
+    """
 
     def __init__(
         self,
@@ -67,12 +72,14 @@ class ResnetBlock2D(nn.Module):
         eps: float,
         dropout: float = 0.0,
         output_scale_factor: float = 1.0,
+        time_scale_shift: str = "default",
     ):
         super().__init__()
-        self.output_scale_factor = output_scale_factor
+        self.output_scale_factor, self.scale_shift = output_scale_factor, time_scale_shift == "scale_shift"
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels is not None else None
+        proj_channels = 2 * out_channels if self.scale_shift else out_channels  # [scale, shift] or the additive term
+        self.time_emb_proj = nn.Linear(temb_channels, proj_channels) if temb_channels is not None else None
         self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
@@ -80,9 +87,15 @@ class ResnetBlock2D(nn.Module):
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))  # (B, Cout, H, W)
+        emb = None
         if self.time_emb_proj is not None and temb is not None:
-            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]  # + (B, Cout, 1, 1)
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))  # (B, Cout, H, W)
+            emb = self.time_emb_proj(F.silu(temb))[:, :, None, None]  # (B, Cout or 2·Cout, 1, 1)
+        if self.scale_shift and emb is not None:
+            scale, shift = emb.chunk(2, dim=1)  # (B, Cout, 1, 1) each
+            h = self.norm2(h) * (1 + scale) + shift  # AdaGN
+        else:
+            h = self.norm2(h if emb is None else h + emb)
+        h = self.conv2(self.dropout(F.silu(h)))  # (B, Cout, H, W)
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)  # (B, Cout, H, W)
         return (x + h) / self.output_scale_factor

@@ -35,7 +35,6 @@ _FIXED_UNET: dict[str, tuple] = {
     "addition_embed_type": (None,),
     "addition_time_embed_dim": (None,),
     "num_class_embeds": (None,),
-    "resnet_time_scale_shift": ("default",),
     "resnet_skip_time_act": (False,),
     "resnet_out_scale_factor": (1.0,),
     "time_embedding_type": ("positional",),
@@ -51,6 +50,7 @@ _FIXED_UNET: dict[str, tuple] = {
     "cross_attention_norm": (None,),
     "addition_embed_type_num_heads": (64, _ANY),
 }
+TIME_SCALE_SHIFT = ("default", "scale_shift")  # the `resnet_time_scale_shift` values carrara implements
 _FIXED_VAE: dict[str, tuple] = {"latents_mean": (None,), "latents_std": (None,)}
 _ACTIVATIONS = ("silu", "swish")  # the same function under two names
 
@@ -319,6 +319,9 @@ class UNetConfig(DiffusersConfig):
     # "timestep": a level (B,) embedded like t, then an MLP (a cascade stage's augmentation level).
     class_embed_type: str | None = None
     projection_class_embeddings_input_dim: int | None = None
+    # "scale_shift": AdaGN, the time embedding scales and shifts each ResBlock's normalized features (Dhariwal &
+    # Nichol 2021 §3.1); "default": it is added to them (Ho et al. 2020)
+    resnet_time_scale_shift: str = "default"
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -349,6 +352,9 @@ class UNetConfig(DiffusersConfig):
         if (self.class_embed_type == "projection") != (dim is not None) or not (dim is None or _KINDS["int ≥ 1"](dim)):
             raise CarraraError("UNet2DConditionModel config: class_embed_type='projection' needs "
                                f"projection_class_embeddings_input_dim, a positive int (got {dim!r})")
+        if self.resnet_time_scale_shift not in TIME_SCALE_SHIFT:
+            raise CarraraError(f"UNet2DConditionModel config field resnet_time_scale_shift="
+                               f"{self.resnet_time_scale_shift!r} is not supported (use one of {TIME_SCALE_SHIFT})")
         _check_sample_size(self, MAX_LATENT_SIDE, optional=True)
         _check_parameters(self)
 
@@ -359,18 +365,19 @@ class UNetConfig(DiffusersConfig):
     def estimate_parameters(self) -> int:
         """The convolution and linear weights of the network (biases and norms, < 1 %, left out)."""
         ch, D, temb = self.block_out_channels, self.cross_attention_dim, 4 * self.block_out_channels[0]
+        rt = temb * (1 + (self.resnet_time_scale_shift == "scale_shift"))  # a ResBlock's time projection (AdaGN: 2×)
         L, T = self.per_block("layers_per_block"), self.per_block("transformer_layers_per_block")
         n = 9 * self.in_channels * ch[0] + 9 * ch[0] * self.out_channels + ch[0] * temb + temb * temb
         n += ((self.projection_class_embeddings_input_dim or 0) + temb) * temb * (self.class_embed_type == "projection")
-        n += 2 * _resnet_weights(ch[-1], ch[-1], temb) + _transformer_weights(ch[-1], D, T[-1])  # mid block
+        n += 2 * _resnet_weights(ch[-1], ch[-1], rt) + _transformer_weights(ch[-1], D, T[-1])  # mid block
         for i, (c, down, up) in enumerate(zip(ch, self.down_block_types, reversed(self.up_block_types))):
             c_prev, c_next = ch[max(i - 1, 0)], ch[min(i + 1, len(ch) - 1)]
-            n += _resnet_weights(c_prev, c, temb) + (L[i] - 1) * _resnet_weights(c, c, temb)  # down level
+            n += _resnet_weights(c_prev, c, rt) + (L[i] - 1) * _resnet_weights(c, c, rt)  # down level
             n += L[i] * _transformer_weights(c, D, T[i]) * (down == "CrossAttnDownBlock2D")
             # up level: L + 1 ResBlocks on [x, skip] concatenations: x from the level below first, the last skip
             # from the level above
-            n += _resnet_weights(c_next + c, c, temb) + (L[i] - 1) * _resnet_weights(2 * c, c, temb)
-            n += _resnet_weights(c + c_prev, c, temb)
+            n += _resnet_weights(c_next + c, c, rt) + (L[i] - 1) * _resnet_weights(2 * c, c, rt)
+            n += _resnet_weights(c + c_prev, c, rt)
             n += (L[i] + 1) * _transformer_weights(c, D, T[i]) * (up == "CrossAttnUpBlock2D")
             n += 9 * c * c * ((i < len(ch) - 1) + (i > 0))  # downsampler, upsampler
         return n

@@ -5,7 +5,7 @@ embedding added in every ResBlock, self-attention) and the text cross-attention 
 State-dict compatible with diffusers' `UNet2DConditionModel` for the Stable Diffusion 1.x/2.x family of configs.
 
     x_t (B, 4, h, w) ─ conv_in ─► down blocks ─► mid block ─► up blocks (+ skip connections) ─ conv_out ─► ε̂
-    t ─ sinusoidal ─ MLP ─► temb added in every ResBlock;  text states c (B, L, D) ─► cross-attention
+    t ─ sinusoidal ─ MLP ─► temb added in every ResBlock (or its scale and shift: AdaGN, Dhariwal & Nichol 2021);  text states c (B, L, D) ─► cross-attention
     optional class_labels ─ MLP ─► added to temb: a pooled text embedding (B, P) (class_embed_type="projection",
     Imagen §2.2) or a cascade stage's noise-augmentation level (B,) ("timestep", Ho et al. 2021)
 """
@@ -49,7 +49,7 @@ class DownBlock(nn.Module):
         in_ch, out_ch, n = ch[max(level - 1, 0)], ch[level], cfg.per_block("layers_per_block")[level]
         self.resnets = nn.ModuleList(
             ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, temb_channels, cfg.norm_num_groups, cfg.norm_eps,
-                          cfg.dropout)
+                          cfg.dropout, time_scale_shift=cfg.resnet_time_scale_shift)
             for i in range(n)
         )
         heads, depth = cfg.per_block("attention_head_dim")[level], cfg.per_block("transformer_layers_per_block")[level]
@@ -80,7 +80,7 @@ class MidBlock(nn.Module):
                                         cfg.per_block("transformer_layers_per_block")[-1], 1)
         self.resnets = nn.ModuleList(
             ResnetBlock2D(ch, ch, temb_channels, cfg.norm_num_groups, cfg.norm_eps, cfg.dropout,
-                          output_scale_factor=cfg.mid_block_scale_factor)
+                          output_scale_factor=cfg.mid_block_scale_factor, time_scale_shift=cfg.resnet_time_scale_shift)
             for _ in range(2)
         )
 
@@ -103,7 +103,8 @@ class UpBlock(nn.Module):
         n = tuple(reversed(cfg.per_block("layers_per_block")))[level] + 1
         self.resnets = nn.ModuleList(
             ResnetBlock2D((prev_ch if i == 0 else out_ch) + (skip_in_ch if i == n - 1 else out_ch), out_ch,
-                          temb_channels, cfg.norm_num_groups, cfg.norm_eps, cfg.dropout)
+                          temb_channels, cfg.norm_num_groups, cfg.norm_eps, cfg.dropout,
+                          time_scale_shift=cfg.resnet_time_scale_shift)
             for i in range(n)
         )
         heads = tuple(reversed(cfg.per_block("attention_head_dim")))[level]
@@ -184,7 +185,8 @@ class UNet2DConditionModel(nn.Module):
             skips, block_skips = skips[:-n], skips[-n:]
             size = skips[-1].shape[-2:] if skips else None  # upsample to the next skip's size (odd sizes too)
             h = block(h, block_skips, temb, encoder_hidden_states, bias, size)
-        # 6. Output projection to the predicted noise.
+        # 6. Output projection to the predicted noise (and, with out_channels = 2·in_channels, the learned variance's
+        # interpolation v of Nichol & Dhariwal 2021 eq. 15 in the second half: diffusion/objectives.py).
         return self.conv_out(F.silu(self.conv_norm_out(h)))  # (B, C_out, h, w)
 
     def _class_features(self, class_labels: torch.Tensor | None, B: int, sample: torch.Tensor) -> torch.Tensor:
