@@ -1,5 +1,7 @@
 """The page in headless Chromium (Debian's, driven by Playwright): prompt → live denoising → a gallery that survives
 a reload, with working "copy settings", "download PNG" and "reuse settings"; the model menu switches models."""
+import base64
+import io
 import json
 import math
 import shutil
@@ -8,6 +10,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from PIL import Image
 from test_cli_generate import write_tiny_model
 from test_serve_api import SteppedPipe, pixels
 
@@ -149,3 +152,105 @@ def test_the_model_menu_switches_and_reuse_brings_back_every_setting(tiny_diffus
     assert {k: meta[k] for k in ("prompt", "negative_prompt", "steps", "sampler", "guidance", "seed", "model_hash")} \
         == {"prompt": "a blue square", "negative_prompt": "red", "steps": 3, "sampler": "euler", "guidance": 2.5,
             "seed": 42, "model_hash": other.model_hash}
+
+
+def decoded(data_url: str) -> np.ndarray:
+    with Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1]))) as im:
+        return np.asarray(im.convert("L"))
+
+
+def newest_item(url: str) -> dict:
+    return httpx.get(url + "/api/gallery?limit=1").json()["items"][0]
+
+
+def brush(page, points: list[tuple[float, float]]) -> None:
+    """One stroke of the mouse over the mask canvas, through fractions of its side."""
+    page.locator("#mask-canvas").scroll_into_view_if_needed()
+    box = page.locator("#mask-canvas").bounding_box()  # in the viewport's coordinates, as the mouse moves
+    xy = [(box["x"] + fx * box["width"], box["y"] + fy * box["height"]) for fx, fy in points]
+    page.mouse.move(*xy[0])
+    page.mouse.down()
+    for x, y in xy[1:]:
+        page.mouse.move(x, y, steps=4)
+    page.mouse.up()
+
+
+def test_the_page_does_img2img_and_inpainting(tiny_diffusion_run, tmp_path):
+    """Upload a picture, set the strength, Generate: img2img. "Use this image" on a gallery card, paint with the brush
+    (undo and clear work), Generate: inpainting, whose unpainted pixels are the picture's own. Each result is the
+    `Pipeline` call with the picture and the mask the page sent."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    expect = sync_api.expect
+    pipe = Pipeline.load(tiny_diffusion_run)
+    left_red = np.zeros((16, 16, 3), np.uint8)
+    left_red[:, :8], left_red[:, 8:] = (220, 30, 30), (30, 30, 220)
+    Image.fromarray(left_red).save(tmp_path / "upload.png")
+    app = create_app(pipe, tmp_path / "data")
+    with running(app) as url, sync_api.sync_playwright() as p:
+        browser = launch(p)
+        try:
+            page = browser.new_page()
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(url)
+            expect(page.locator("#model")).to_contain_text(pipe.model_hash)
+            page.fill("#prompt", "a red circle")
+            page.fill("#steps", "4")
+            page.click("#generate")
+            expect(page.locator("#gallery .card")).to_have_count(1, timeout=60_000)
+            first = newest_item(url)
+
+            # img2img: a file, strength 0.5
+            page.set_input_files("#init-file", str(tmp_path / "upload.png"))
+            expect(page.locator("#canvas-stack")).to_be_visible()
+            expect(page.locator("#edit-mode")).to_have_text("(img2img)")
+            page.locator("#strength").evaluate("(s) => { s.value = 0.5; s.dispatchEvent(new Event('input')); }")
+            expect(page.locator("#strength-value")).to_have_text("0.50")
+            page.fill("#prompt", "a blue square")
+            page.uncheck("#random")
+            page.fill("#seed", "5")
+            page.click("#generate")
+            expect(page.locator("#gallery .card")).to_have_count(2, timeout=60_000)
+            img2img = newest_item(url)
+
+            # inpainting: "use this image" on the first card, then the brush
+            page.locator(f"#image-{first['id']} button.use").click()
+            expect(page.locator("#edit-mode")).to_have_text("(img2img)")
+            brush(page, [(0.1, 0.1), (0.2, 0.2)])
+            brush(page, [(0.7, 0.2), (0.75, 0.5), (0.8, 0.8)])
+            expect(page.locator("#edit-mode")).to_have_text("(inpainting)")
+            two = int((decoded(page.evaluate("maskDataURL()")) >= 128).sum())
+            page.click("#mask-undo")
+            one = decoded(page.evaluate("maskDataURL()"))
+            assert 0 < int((one >= 128).sum()) < two and one[1:4, 1:4].min() == 255 and one[:, 8:].max() == 0
+            page.click("#mask-clear")
+            assert decoded(page.evaluate("maskDataURL()")).max() == 0
+            expect(page.locator("#edit-mode")).to_have_text("(img2img)")
+            brush(page, [(0.6, 0.1), (0.7, 0.5), (0.8, 0.9)])
+            mask = decoded(page.evaluate("maskDataURL()"))
+            assert 0 < int((mask >= 128).sum()) < mask.size // 2
+            assert page.input_value("#strength") == "1"  # inpainting's default, the slider untouched since
+            page.fill("#prompt", "a green triangle")
+            page.fill("#seed", "9")
+            page.click("#generate")
+            expect(page.locator("#gallery .card")).to_have_count(3, timeout=60_000)
+            inpainted = newest_item(url)
+            shot = tmp_path / "serve_edit.png"
+            page.screenshot(path=str(shot), full_page=True)
+            print(f"screenshot: {shot}")
+            assert not errors, errors
+        finally:
+            browser.close()
+        got = {item["id"]: pixels(httpx.get(url + item["url"]).content) for item in (first, img2img, inpainted)}
+    assert (img2img["settings"]["edit"], img2img["settings"]["strength"], img2img["settings"]["init_image"]) == (
+        "img2img", 0.5, "upload")
+    expected = pipe(["a blue square"], steps=4, seed=5, init_image=Image.fromarray(left_red), strength=0.5)[0]
+    assert np.array_equal(got[img2img["id"]], np.asarray(expected))
+    s = inpainted["settings"]
+    assert (s["edit"], s["strength"], s["init_image"]) == ("inpaint", 1.0, f"gallery:{first['id']}")
+    init = Image.fromarray(got[first["id"]])
+    expected = pipe(["a green triangle"], steps=4, seed=9, init_image=init, mask=Image.fromarray(mask, "L"))[0]
+    assert np.array_equal(got[inpainted["id"]], np.asarray(expected))
+    keep = mask < 128
+    assert np.array_equal(got[inpainted["id"]][keep], got[first["id"]][keep])  # unpainted: the picture's own pixels
+    assert not np.array_equal(got[inpainted["id"]][~keep], got[first["id"]][~keep])

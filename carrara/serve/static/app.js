@@ -1,5 +1,6 @@
 // carrara serve's page: a model menu and a form → POST /api/generate, progress over server-sent events, a gallery
-// from /api/gallery whose "reuse settings" puts an image's settings (model included) back into the form.
+// from /api/gallery whose "reuse settings" puts an image's settings (model included) back into the form, and an
+// editor: a picture (a file, or "use this image" from the gallery) on a canvas with a brush for the inpainting mask.
 // User text is only ever set with textContent, never parsed as HTML.
 "use strict";
 
@@ -8,6 +9,9 @@ const FINISHED = ["done", "cancelled", "failed"];
 const SETTING_KEYS = ["prompt", "negative_prompt", "steps", "sampler", "guidance", "seed", "n", "size", "model"];
 let galleryTotal = 0;
 let modelList = [];  // GET /api/models: [{name, ref, loaded}]
+// The picture being edited: its <img>, the gallery id it came from (null: a file), the brush strokes (each
+// {radius, points}, in fractions of the side, so they survive a change of size) and whether strength was set.
+const edit = { picture: null, galleryId: null, strokes: [], drawing: null, strengthSet: false };
 
 function el(tag, props = {}, ...children) {
   const node = Object.assign(document.createElement(tag), props);
@@ -38,11 +42,136 @@ function formSettings() {
     width: Number($("size").value),
     height: Number($("size").value),
     model: $("model-choice").value,
+    ...editSettings(),
   };
 }
 
+function editSettings() {
+  // the picture as the canvas shows it (the model's size), or its gallery id when that is the same picture
+  if (!edit.picture) return {};
+  const side = $("init-canvas").width;
+  const same = edit.galleryId && edit.picture.naturalWidth === side && edit.picture.naturalHeight === side;
+  return {
+    ...(same ? { init_image_id: edit.galleryId } : { init_image: $("init-canvas").toDataURL("image/png") }),
+    ...(edit.strokes.length ? { mask: maskDataURL() } : {}),
+    strength: Number($("strength").value),
+  };
+}
+
+function drawStrokes(ctx, side, color) {
+  ctx.strokeStyle = ctx.fillStyle = color;
+  ctx.lineCap = ctx.lineJoin = "round";
+  for (const stroke of edit.strokes) {
+    ctx.lineWidth = 2 * stroke.radius * side;
+    ctx.beginPath();
+    for (const [x, y] of stroke.points) ctx.lineTo(x * side, y * side);
+    ctx.stroke();
+    const [x, y] = stroke.points[0];
+    ctx.beginPath();  // a click without a move is a dot
+    ctx.arc(x * side, y * side, stroke.radius * side, 0, 2 * Math.PI);
+    ctx.fill();
+  }
+}
+
+function maskDataURL() {
+  // the mask the API takes: the canvas's size, white = regenerate, black = keep
+  const side = $("init-canvas").width;
+  const canvas = el("canvas", { width: side, height: side });
+  const ctx = canvas.getContext("2d");
+  ctx.fillStyle = "#000";
+  ctx.fillRect(0, 0, side, side);
+  drawStrokes(ctx, side, "#fff");
+  return canvas.toDataURL("image/png");
+}
+
+function drawMask() {
+  const canvas = $("mask-canvas");
+  const ctx = canvas.getContext("2d");
+  ctx.clearRect(0, 0, canvas.width, canvas.height);
+  drawStrokes(ctx, canvas.width, "#e00");
+  updateEditMode();
+}
+
+function drawPicture() {
+  // centre-cropped to a square at the chosen size, as the server would crop it
+  if (!edit.picture) return;
+  const side = Number($("size").value);
+  const { naturalWidth: w, naturalHeight: h } = edit.picture;
+  const crop = Math.min(w, h);
+  for (const id of ["init-canvas", "mask-canvas"]) Object.assign($(id), { width: side, height: side });
+  const ctx = $("init-canvas").getContext("2d");
+  ctx.imageSmoothingQuality = "high";
+  ctx.drawImage(edit.picture, (w - crop) / 2, (h - crop) / 2, crop, crop, 0, 0, side, side);
+  drawMask();
+}
+
+function updateEditMode() {
+  const mode = !edit.picture ? "none: text to image" : edit.strokes.length ? "inpainting" : "img2img";
+  $("edit-mode").textContent = `(${mode})`;
+  if (edit.picture && !edit.strengthSet) setStrength(edit.strokes.length ? 1.0 : 0.8);  // the API's defaults
+}
+
+function setStrength(value) {
+  $("strength").value = value;
+  $("strength-value").textContent = Number(value).toFixed(2);
+}
+
+async function usePicture(src, galleryId) {
+  const picture = new Image();
+  picture.src = src;
+  await picture.decode();
+  Object.assign(edit, { picture, galleryId, strokes: [], strengthSet: false });
+  if (galleryId) $("init-file").value = "";  // the file chooser no longer names the picture shown
+  $("canvas-stack").hidden = false;
+  $("init-remove").disabled = false;
+  $("edit-panel").open = true;
+  drawPicture();
+}
+
+function removePicture() {
+  Object.assign(edit, { picture: null, galleryId: null, strokes: [] });
+  $("canvas-stack").hidden = true;
+  $("init-remove").disabled = true;
+  $("init-file").value = "";
+  updateEditMode();
+}
+
+function brushPoint(event) {
+  const canvas = $("mask-canvas");
+  return [event.offsetX / canvas.clientWidth, event.offsetY / canvas.clientHeight];
+}
+
+function setUpEditor() {
+  $("init-file").addEventListener("change", () => {
+    const file = $("init-file").files[0];
+    if (!file) return;
+    const reader = new FileReader();  // a data: URL (the page's Content-Security-Policy allows no blob: images)
+    reader.onload = () => usePicture(reader.result, null).catch(() => showError(new Error(`cannot read ${file.name}`)));
+    reader.readAsDataURL(file);
+  });
+  $("init-remove").addEventListener("click", removePicture);
+  $("strength").addEventListener("input", () => { edit.strengthSet = true; setStrength($("strength").value); });
+  $("mask-undo").addEventListener("click", () => { edit.strokes.pop(); drawMask(); });
+  $("mask-clear").addEventListener("click", () => { edit.strokes = []; drawMask(); });
+  $("size").addEventListener("change", drawPicture);
+  const canvas = $("mask-canvas");
+  canvas.addEventListener("pointerdown", (event) => {
+    canvas.setPointerCapture(event.pointerId);
+    edit.drawing = { radius: Number($("brush").value) / canvas.width, points: [brushPoint(event)] };
+    edit.strokes.push(edit.drawing);
+    drawMask();
+  });
+  canvas.addEventListener("pointermove", (event) => {
+    if (!edit.drawing) return;
+    edit.drawing.points.push(brushPoint(event));
+    drawMask();
+  });
+  for (const name of ["pointerup", "pointercancel"]) canvas.addEventListener(name, () => { edit.drawing = null; });
+}
+
 function describe(s) {
-  return (s.model ? `${s.model} · ` : "") + `${s.sampler} · ${s.steps} steps · guidance ${s.guidance} · seed ${s.seed}` +
+  return (s.model ? `${s.model} · ` : "") + (s.edit ? `${s.edit} ${s.strength} · ` : "") +
+    `${s.sampler} · ${s.steps} steps · guidance ${s.guidance} · seed ${s.seed}` +
     (s.negative_prompt ? ` · negative “${s.negative_prompt}”` : "");
 }
 
@@ -71,13 +200,15 @@ function card(item) {
   copy.onclick = async () => { await copyText(JSON.stringify(settings, null, 2)); flash(copy, "copied"); };
   const reuse = el("button", { type: "button", className: "reuse", textContent: "reuse settings" });
   reuse.onclick = () => reuseSettings(item, reuse).catch(showError);
+  const use = el("button", { type: "button", className: "use", textContent: "use this image" });
+  use.onclick = () => usePicture(item.url, item.id).then(() => flash(use, "in the editor")).catch(showError);
   const download = el("a", { href: item.url, download: `carrara-${s.seed}.png`, className: "download",
                               textContent: "download PNG" });
   return el("figure", { className: "card", id: `image-${item.id}` },
     el("img", { src: item.url, alt: s.prompt, loading: "lazy", width: 200, height: 200 }),
     el("figcaption", {}, el("div", { className: "prompt", textContent: s.prompt }),
       el("div", { className: "muted", textContent: describe(s) })),
-    el("div", { className: "actions" }, copy, download, reuse));
+    el("div", { className: "actions" }, copy, download, reuse, use));
 }
 
 async function reuseSettings(item, button) {
@@ -97,6 +228,14 @@ async function reuseSettings(item, button) {
   $("seed").disabled = false;
   $("n").value = 1;
   $("size").value = s.size ?? item.size[0];
+  const source = s.init_image?.startsWith("gallery:") ? s.init_image.slice(8) : null;
+  if (!s.edit) removePicture();  // made from text alone
+  if (source) await usePicture(`/api/images/${source}.png`, source);  // a mask is not kept: paint it again
+  if (s.strength) {
+    edit.strengthSet = true;
+    setStrength(s.strength);
+  }
+  drawPicture();
   $("prompt").focus();
   flash(button, `reused · seed ${s.seed}`);
 }
@@ -116,6 +255,7 @@ function applyModel(model) {
   $("steps").max = model.limits.steps;
   $("n").max = model.limits.n;
   $("seed").max = model.limits.seed;
+  drawPicture();  // an open picture at the new model's size
 }
 
 async function selectModel(name) {
@@ -191,6 +331,7 @@ async function start() {
     if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) $("form").requestSubmit();
   });
   $("random").addEventListener("change", () => { $("seed").disabled = $("random").checked; });
+  setUpEditor();
   $("model-choice").addEventListener("change", () => selectModel($("model-choice").value).catch(showError));
   try {
     const listed = await api("/api/models");
