@@ -125,7 +125,8 @@ def run_recipe(path: str | Path, out: str | Path, *, resume: bool = False, overr
 
     ae_dir = Path(stage["autoencoder"].pop("from", out / "autoencoder"))  # `from`: reuse a finished autoencoder run
     ae = apply_overrides(AutoencoderRecipe(data=str(data_dir), size=data_cfg["size"]), stage["autoencoder"])
-    if ae_dir == out / "autoencoder" and not _stage_done(ae_dir, ae.train.steps):
+    fine_tune = bool(stage["diffusion"].get("from_model"))  # a fine-tune uses its model's own autoencoder
+    if ae_dir == out / "autoencoder" and not fine_tune and not _stage_done(ae_dir, ae.train.steps):
         train_autoencoder(ae, ae_dir, resume=(ae_dir / "checkpoints").is_dir(), progress=progress)
     dm = apply_overrides(DiffusionRecipe(data=str(data_dir), autoencoder=str(ae_dir), size=data_cfg["size"]),
                          stage["diffusion"])
@@ -141,5 +142,6 @@ def run_recipe(path: str | Path, out: str | Path, *, resume: bool = False, overr
         model = out / "model"
         shutil.rmtree(model, ignore_errors=True)  # re-assembled from the finished stages every time
         assemble_cascade(out / "diffusion", out / "upsampler", model)
-    print(f"model ready: {model}  (try: carrara generate \"a red circle\" --model {model})")
+    try_it = f"--model {dm.from_model} --lora {model / 'lora.safetensors'}" if dm.lora_rank else f"--model {model}"
+    print(f"model ready: {model}  (try: carrara generate \"a red circle\" {try_it})")
     return {"data": str(data_dir), "autoencoder": str(ae_dir), "diffusion": str(out / "diffusion"), "model": str(model)}

@@ -1,6 +1,7 @@
 """LoRA (models/lora.py, train/diffusion.py --lora-rank) and fine-tuning from a model (--from): against peft and
 diffusers' `load_lora_adapter` / `load_lora_weights`, bit-exact where nothing may change, and hostile inputs."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +20,8 @@ from carrara.models.lora import TARGETS, apply_loras, merge_lora, parse_lora_arg
 from carrara.models.unet import UNet2DConditionModel
 from carrara.pipeline import Pipeline
 from carrara.png import read_png_metadata
-from carrara.train.diffusion import add_lora, fine_tune_recipe, lora_state, train_diffusion
+from carrara.recipe import load_recipe_file, run_recipe
+from carrara.train.diffusion import LORA, add_lora, fine_tune_recipe, lora_state, train_diffusion
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -225,6 +227,22 @@ def test_full_fine_tune_from_a_model_starts_from_its_unet_and_reuses_its_parts(t
     assert json.loads((got.unet / "config.json").read_text()) == json.loads((src.unet / "config.json").read_text())
     assert {k: got.scheduler_config[k] for k in src.scheduler_config} == src.scheduler_config
     assert Pipeline.load(out, precision="fp32").sizes == (16,)
+
+
+def test_the_lora_recipe_states_the_defaults_and_trains_no_autoencoder(tiny_shapes, tiny_diffusion_run, tmp_path,
+                                                                       capsys):
+    path = Path(__file__).resolve().parent.parent / "recipes" / "lora-example.toml"
+    table = load_recipe_file(path)
+    assert (table["diffusion"]["from_model"], table["diffusion"]["lora_rank"]) == ("default", 4)
+    assert table["diffusion"]["train"] == {k: getattr(LORA, k) for k in table["diffusion"]["train"]}
+    out = tmp_path / "r"
+    run_recipe(path, out, progress=False, overrides=[
+        f"data.dataset={tiny_shapes}", "data.size=16", f"diffusion.from_model={tiny_diffusion_run}",
+        "diffusion.train.steps=2", "diffusion.train.batch_size=4", "diffusion.train.bf16=false",
+        "diffusion.train.sample_every=2"])
+    assert read_lora(out / "diffusion" / "lora.safetensors").rank == 4
+    assert not (out / "autoencoder").exists()  # the model's own autoencoder was used
+    assert f"--model {tiny_diffusion_run} --lora {out / 'diffusion' / 'lora.safetensors'}" in capsys.readouterr().out
 
 
 def run_cli(argv: list[str]) -> int:
