@@ -90,6 +90,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
         recipe = ClipRecipe(data=args.data, **size)
         run = train_clip
+    elif args.stage == "prior":
+        from carrara.train.prior import PriorRecipe, train_prior
+
+        if not args.clip:
+            raise CarraraError("train prior needs --clip CLIP_RUN (a finished `carrara train clip` run)")
+        recipe = PriorRecipe(data=args.data, clip=args.clip)
+        run = train_prior
     elif args.stage == "family":
         from carrara.families.train import FamilyRecipe, train_family
 
@@ -133,6 +140,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"data: {describe(result)} (listed in {Path(args.out) / 'log.txt'})")
     if "lora" in result:
         print(f"LoRA adapter {result['lora']}: carrara generate \"…\" --model {args.from_model} --lora {result['lora']}")
+    if "check" in result:
+        c = result["check"]
+        print(f"held-out captions ({c['n']}): sampled image embeddings have cosine {c['cos_true']:.3f} to their "
+              f"caption's image vs {c['cos_random']:.3f} to a random image (the text embedding itself: "
+              f"{c['cos_text_true']:.3f} vs {c['cos_text_random']:.3f}); retrieval top-1 {c['top1']:.1%} top-5 "
+              f"{c['top5']:.1%} (chance {c['top5_chance']:.1%})")
     if "held_out" in result:
         h = result["held_out"]
         print(f"held-out retrieval ({h['n_pairs']} pairs, {h['n_captions']} captions): image→text top-1 "
@@ -278,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     shard.set_defaults(func=_cmd_data_shard)
     train = commands.add_parser("train", help="train one stage: autoencoder, then diffusion, then (for a cascade) "
                                 "upsampler; clip for evaluation")
-    train.add_argument("stage", choices=["autoencoder", "diffusion", "upsampler", "clip", "family"])
+    train.add_argument("stage", choices=["autoencoder", "diffusion", "upsampler", "clip", "family", "prior"])
     train.add_argument("--data", required=True, help="dataset folder (images + metadata.jsonl), "
                        "or tar shards: 'shards/{000000..000099}.tar'")
     train.add_argument("--out", required=True, help="run folder to create (or continue with --resume)")
@@ -290,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--kind", default="vae", help="family stage: which generative family of the lectures "
                        "(default vae; carrara/families/ lists them, an unknown name too)")
     train.add_argument("--vqvae", help="family stage, --kind ar: the trained VQ-VAE run whose codes the prior models")
+    train.add_argument("--clip", help="prior stage: the `carrara train clip` run whose image embeddings it generates")
     train.add_argument("--size", type=_positive_int, default=None,
                        help="image side in pixels (default 64; upsampler: the high-resolution side, default 128)")
     train.add_argument("--steps", type=_positive_int, help="training steps")

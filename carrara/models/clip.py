@@ -8,6 +8,7 @@ Weights are saved as safetensors + config.json in a folder (`save_pretrained` / 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -159,6 +160,14 @@ class ClipScorer:
         run = Path(run)
         folder = run / "clip" if (run / "clip").is_dir() else run
         return cls(ClipModel.from_pretrained(folder), TextEncoder.load("minilm"), name=f"carrara-clip[{run.name}]")
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the weights (names, shapes, bytes): what an index or a prior built on this CLIP records."""
+        h = hashlib.sha256()
+        for name, tensor in sorted(self.model.state_dict().items()):
+            h.update(f"{name}{tuple(tensor.shape)}".encode() + tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8)
+                     .numpy().tobytes())
+        return h.hexdigest()[:16]
 
     @torch.inference_mode()
     def embed_images(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
