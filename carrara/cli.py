@@ -189,6 +189,41 @@ def _cmd_eval_faithfulness(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_index(args: argparse.Namespace) -> int:
+    from carrara.evaluate.retrieval import DEFAULT_INDEX, ClipIndex
+    from carrara.models.clip import ClipScorer
+
+    index = ClipIndex.build(args.data, ClipScorer.load(args.clip), args.clip, progress=not args.quiet)
+    out = index.save(args.out or DEFAULT_INDEX)
+    print(f"indexed {len(index.files)} images of {index.root} in {out} "
+          f"({'faiss IndexFlatIP' if type(index.index).__name__ != 'ExactIndex' else 'exact torch search'}, "
+          f"{index.embeddings.shape[1]}-d CLIP embeddings): carrara search \"…\" --index {out}")
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    import time
+
+    from carrara.evaluate.retrieval import ClipIndex, contact_sheet, embed_query, search
+    from carrara.fileio import save_image_atomic
+    from carrara.models.clip import ClipScorer
+
+    started = time.perf_counter()
+    index = ClipIndex.load(args.index)
+    scorer = ClipScorer.load(args.clip or index.clip)
+    index.check_clip(scorer)
+    embed_query(scorer, "warm-up")  # first calls of the text tower set up kernels and the tokenizer: part of loading
+    loaded = time.perf_counter()
+    result = search(index, scorer, args.query, args.k)
+    for rank, hit in enumerate(result["hits"], 1):
+        print(f"{rank:3d}. {hit['score']:.4f}  {index.root / hit['file']}  ({hit['text']})")
+    save_image_atomic(args.out, contact_sheet(index, result))
+    print(f"search: {result['ms']:.1f} ms after loading (query embedding {result['ms_embed']:.1f} ms, kNN "
+          f"{result['ms_knn']:.2f} ms over {len(index.files)} images); loading took {loaded - started:.2f} s; "
+          f"contact sheet {args.out}")
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from carrara.export import export_default, export_diffusers
     from carrara.modelfolder import PACKAGED
@@ -322,6 +357,22 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. diffusion.train.steps=100")
     recipe.add_argument("--quiet", action="store_true", help="no progress bars")
     recipe.set_defaults(func=_cmd_recipe)
+
+    index = commands.add_parser("index", help="a k-nearest-neighbour index of a dataset's CLIP image embeddings")
+    index.add_argument("data", help="dataset folder (images + metadata.jsonl or .txt captions)")
+    index.add_argument("--clip", required=True, help="a `carrara train clip` run: the embedding space")
+    index.add_argument("--out", default=None, help="index file to write (default carrara-index.safetensors)")
+    index.add_argument("--quiet", action="store_true", help="no progress bars")
+    index.set_defaults(func=_cmd_index)
+    search = commands.add_parser("search", help="the images of an index nearest to words or to a picture")
+    search.add_argument("query", help="words (\"a happy kitty\") or an image file")
+    search.add_argument("--index", default="carrara-index.safetensors", help="index file (default "
+                        "carrara-index.safetensors, from carrara index)")
+    search.add_argument("--k", type=_positive_int, default=8, help="how many images (default 8)")
+    search.add_argument("--clip", default=None, help="the CLIP run, if it moved since the index was built")
+    search.add_argument("-o", "--out", default="carrara-search.png", help="contact sheet PNG (default "
+                        "carrara-search.png)")
+    search.set_defaults(func=_cmd_search)
 
     ev = commands.add_parser("eval", help="measure a model: FD, KID, CLIP score, faithfulness",
                              description="carrara eval --model RUN --data DIR --clip CLIP_RUN --out REPORT_DIR "
