@@ -178,6 +178,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval_memorisation(args: argparse.Namespace) -> int:
+    from carrara.evaluate.memorisation import MemorisationSettings, format_report, run_memorisation
+
+    settings = MemorisationSettings(model=args.model, data=args.data, clip=args.clip, n=args.n, seed=args.seed,
+                                    quantile=args.quantile, steps=args.steps, sampler=args.sampler,
+                                    guidance=args.guidance, allow_pickle=args.allow_pickle)
+    report = run_memorisation(settings, args.out, progress=not args.quiet)
+    print(format_report(report))
+    print(f"wrote {Path(args.out) / 'memorisation.json'} and {Path(args.out) / 'closest_pairs.png'}")
+    return 0
+
+
 def _cmd_eval_faithfulness(args: argparse.Namespace) -> int:
     from carrara.evaluate.faithfulness import faithfulness_report, format_report
 
@@ -402,6 +414,21 @@ def build_parser() -> argparse.ArgumentParser:
     faith.add_argument("--allow-pickle", action="store_true", help="let the model's weights be pickles (.bin), read weights-only; default: safetensors only")
     faith.add_argument("--quiet", action="store_true", help="no progress bar")
     faith.set_defaults(func=_cmd_eval_faithfulness)
+    memo = ev_cmds.add_parser("memorisation", help="nearest training image of generated ones (CLIP and pixels); "
+                              "share closer than real near-duplicates")
+    memo.add_argument("--model", required=True, help="model or run folder")
+    memo.add_argument("--data", required=True, help="its training dataset folder")
+    memo.add_argument("--clip", required=True, help="a `carrara train clip` run: the CLIP space")
+    memo.add_argument("--n", type=_positive_int, default=200, help="images to generate (default 200)")
+    memo.add_argument("--quantile", type=float, default=0.5, help="which quantile of the near-duplicates' "
+                      "distances is the threshold (default 0.5, the median)")
+    _sampling_flags(memo, defaults=True)
+    memo.add_argument("--seed", type=int, default=0, help="seed for captions and noise (default 0)")
+    memo.add_argument("--out", default="memorisation", help="report folder (default ./memorisation)")
+    memo.add_argument("--allow-pickle", action="store_true", help="let the model's weights be pickles (.bin), "
+                      "read weights-only; default: safetensors only")
+    memo.add_argument("--quiet", action="store_true", help="no progress bar")
+    memo.set_defaults(func=_cmd_eval_memorisation)
 
     export = commands.add_parser("export", help="package a trained model")
     export_cmds = export.add_subparsers(dest="export_command", metavar="FORMAT", required=True)
