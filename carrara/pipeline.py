@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from carrara.diffusion.editing import blend_known, check_strength, latent_mask, noise_to, truncate_plan
-from carrara.diffusion.guidance import cfg_model
+from carrara.diffusion.guidance import ClassifierGuidance, cfg_model
+from carrara.diffusion.objectives import VarianceType
 from carrara.diffusion.samplers import SAMPLERS, SchedulerOptions, alpha_bar_at, sampling_plan
 from carrara.diffusion.schedule import NoiseSchedule
 from carrara.diffusion.settings import DEFAULTS, GenerationSettings
@@ -111,6 +112,7 @@ class Pipeline:
             raise CarraraError(f"text encoder gives {text_encoder.dim}-dim states but the U-Net expects "
                                f"{unet.config.cross_attention_dim}")
         schedule = NoiseSchedule.from_diffusers_config(folder.scheduler_config)
+        VarianceType.of_model(folder.scheduler_config, unet.config.in_channels, unet.config.out_channels)
         upsampler = None  # a cascade folder holds its second stage beside unet/ and vae/
         if (folder.root / "upsampler" / "model_index.json").is_file():
             upsampler = Upsampler.load(folder.root / "upsampler", allow_pickle=allow_pickle)
@@ -137,7 +139,7 @@ class Pipeline:
                  guidance: float = DEFAULTS.guidance, negative_prompt: str = "", seed: int = 0,
                  callback: Callable | None = None, output: str = "pil", size: int | None = None,
                  upsampler: UpsamplerSettings | None = None, init_image=None, strength: float | None = None,
-                 mask=None):
+                 mask=None, classifier: ClassifierGuidance | None = None):
         """Generate one image per prompt; image i uses seed + i, so any image can be made again alone.
 
         output: "pil" images, "tensor" (B, 3, H, W) in [−1, 1], or "latent" (B, c, h, w) before decoding.
@@ -147,6 +149,7 @@ class Pipeline:
             how much of the sampling plan is run (default 0.8; 1.0 with a mask).
         mask: inpaint: regenerate where the mask is white (≥ 128; a tensor (B, 1, H, W): 1), keep the rest of the
             init image. The kept pixels of the result are the init's own (pasted back after decoding).
+        classifier: classifier guidance (Dhariwal & Nichol 2021) on top of the classifier-free one.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not 1 <= len(prompts) <= MAX_BATCH:
@@ -187,6 +190,8 @@ class Pipeline:
         # 3. Denoise with classifier-free guidance: ε̃ = ε(∅) + w·(ε(c) − ε(∅)).
         model = cfg_model(lambda x, t, c: self.unet(x.to(dtype), t, c[0], class_labels=c[1] if len(c) > 1 else None
                                                     ).float(), cond, uncond, guidance)
+        if classifier is not None:
+            model = classifier.wrap(model, self.schedule, sampler, timesteps)
         decode_cb = None
         if callback is not None:
             def decode_cb(i, t, x_t, x0_hat):

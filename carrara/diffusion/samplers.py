@@ -30,7 +30,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-from carrara.diffusion.objectives import ModelFn, to_x0_eps
+from carrara.diffusion.objectives import ModelFn, learned_range_log_variance, split_variance, step_betas, to_x0_eps
 from carrara.diffusion.schedule import NoiseSchedule, PredictionType, last_timestep, spaced_timesteps
 from carrara.diffusion.settings import SAMPLER_NAMES
 from carrara.errors import CarraraError
@@ -64,7 +64,8 @@ def _denoise(model: ModelFn, x: torch.Tensor, t: float, alpha_bar_t: float, pred
     """One network call at timestep t → (x̂0, ε̂), with x̂0 optionally clipped to [−clip_x0, clip_x0]."""
     whole = float(t).is_integer()  # a trained timestep goes in as an integer, a fractional one (Euler's grid) as float
     t_batch = torch.full((x.shape[0],), t, dtype=torch.long if whole else torch.float32, device=x.device)  # (B,)
-    x0, eps = to_x0_eps(model(x, t_batch), x, alpha_bar_t, prediction_type)  # (B, C, H, W) each
+    out, _ = split_variance(model(x, t_batch), x)  # a learned variance's channels are DDPM's alone
+    x0, eps = to_x0_eps(out, x, alpha_bar_t, prediction_type)  # (B, C, H, W) each
     return (x0 if clip_x0 is None else x0.clamp(-clip_x0, clip_x0)), eps
 
 
@@ -85,9 +86,19 @@ def sample_ddpm(model: ModelFn, x_T: torch.Tensor, schedule: NoiseSchedule, time
                 prediction_type: PredictionType | str | None = None, generator: torch.Generator | None = None,
                 callback: Callback | None = None, clip_x0: float | None = None,
                 after_step: StepHook | None = None) -> torch.Tensor:
-    """Ancestral sampling, Algorithm 2 of Ho et al. 2020 with σ_t² = β̃_t; respaced β when steps are skipped."""
+    """Ancestral sampling, Algorithm 2 of Ho et al. 2020 with σ_t² = β̃_t; respaced β when steps are skipped.
+
+    A model with 2·C output channels has learned its variance: σ_t² = Σθ of Nichol & Dhariwal 2021 eq. 15 between
+    the step's β̃_t and β_t (diffusers' DDPMScheduler `variance_type="learned_range"`), respaced steps included.
+    """
     prediction_type = PredictionType.parse(prediction_type or schedule.prediction_type)
     ts = _check_timesteps(schedule, timesteps)
+    learned = []  # the current step's variance output v, when the model has one
+
+    def mean_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out, v = split_variance(model(x, t), x)
+        learned[:] = [v]
+        return out
     x = x_T  # Algorithm 2, line 1: x_T ~ N(0, I), drawn by the caller   (B, C, H, W)
     for i, t in enumerate(ts):  # line 2: for t = T, …, 1
         s = ts[i + 1] if i + 1 < len(ts) else -1
@@ -95,8 +106,8 @@ def sample_ddpm(model: ModelFn, x_T: torch.Tensor, schedule: NoiseSchedule, time
         # α_t, β_t of the chain actually run: 1 − β_t = ᾱ_t / ᾱ_s, which is the trained β_t when s = t − 1 and the
         # respaced β of Improved DDPM (Nichol & Dhariwal 2021, §4, `space_timesteps`) when steps are skipped.
         alpha_t = abar_t / abar_s
-        beta_t = 1.0 - alpha_t
-        x0, eps = _denoise(model, x, t, abar_t, prediction_type, clip_x0)
+        beta_t, beta_tilde = step_betas(abar_t, abar_s)
+        x0, eps = _denoise(mean_model, x, t, abar_t, prediction_type, clip_x0)
         if callback is not None:
             callback(i, t, x, x0)
         z = _randn(x, generator) if s >= 0 else torch.zeros_like(x)  # line 3: z ~ N(0, I) if t > 1, else z = 0
@@ -107,7 +118,9 @@ def sample_ddpm(model: ModelFn, x_T: torch.Tensor, schedule: NoiseSchedule, time
             # the same mean written as the posterior q(x_{t−1} | x_t, x0) of eq. 7, evaluated at the clipped x̂0
             mean = (math.sqrt(abar_s) * beta_t / (1.0 - abar_t)) * x0 + (
                 math.sqrt(alpha_t) * (1.0 - abar_s) / (1.0 - abar_t)) * x
-        sigma_t = math.sqrt((1.0 - abar_s) / (1.0 - abar_t) * beta_t)  # σ_t² = β̃_t, eq. 7 ("fixed_small")
+        sigma_t = math.sqrt(beta_tilde)  # σ_t² = β̃_t, eq. 7 ("fixed_small")
+        if learned[0] is not None and s >= 0:  # σ_t² = Σθ = exp(v' log β + (1 − v') log β̃), eq. 15
+            sigma_t = torch.exp(0.5 * learned_range_log_variance(learned[0], math.log(beta_t), math.log(beta_tilde)))
         x = mean + sigma_t * z
         if after_step is not None:
             x = after_step(i, abar_s, x)

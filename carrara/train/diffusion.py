@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from carrara.diffusion.objectives import diffusion_loss, sample_t_and_noise
+from carrara.diffusion.objectives import VarianceType, diffusion_loss, sample_t_and_noise
 from carrara.diffusion.schedule import NoiseSchedule
 from carrara.errors import CarraraError
 from carrara.fileio import ensure_dir
@@ -43,6 +43,10 @@ class DiffusionRecipe:
     schedule: str = "scaled_linear"
     num_train_timesteps: int = 1000
     prediction_type: str = "epsilon"
+    # "learned_range": the U-Net also outputs Σθ (2·C channels), trained with L_hybrid = L_simple + vlb_weight · L_vlb
+    # (Nichol & Dhariwal 2021 eq. 15–16); "fixed_small": σ² = β̃_t and L_simple alone (Ho et al. 2020)
+    variance: str = "fixed_small"
+    vlb_weight: float = 0.001
     pooled: bool = False  # also condition on the pooled sentence embedding, added to the time embedding (Imagen)
     init_unet: str = ""  # a model folder ("default", a run) whose U-Net weights start training (fine-tuning)
     from_model: str = ""  # fine-tune this model folder: its U-Net (config, weights), autoencoder, text encoder, schedule
@@ -86,6 +90,7 @@ def adopt_model(recipe: DiffusionRecipe) -> dict:
     recipe.text_encoder = str(folder.root) if folder.tokenizer else folder.text_encoder  # a diffusers folder's pair
     recipe.schedule, recipe.num_train_timesteps = schedule.kind.value, schedule.T
     recipe.prediction_type = schedule.prediction_type.value
+    recipe.variance = VarianceType.of_model(folder.scheduler_config, unet.in_channels, unet.out_channels).value
     recipe.init_unet = recipe.from_model
     return folder.scheduler_config
 
@@ -149,6 +154,13 @@ def init_from(unet: UNet, folder: str, *, allow_pickle: bool = False) -> None:
     load_into(unet, state, f"--set init_unet={folder}")
 
 
+def _variance(recipe: DiffusionRecipe) -> VarianceType:
+    try:
+        return VarianceType(recipe.variance)
+    except ValueError:
+        raise CarraraError(f"variance={recipe.variance!r}: use fixed_small or learned_range") from None
+
+
 def train_diffusion(recipe: DiffusionRecipe, out: str | Path, *, resume: bool = False, progress: bool = True,
                     stop_at: int | None = None, allow_pickle: bool = False) -> dict:
     """Encode the dataset once, then train the U-Net; the run folder becomes a model folder."""
@@ -163,6 +175,7 @@ def train_diffusion(recipe: DiffusionRecipe, out: str | Path, *, resume: bool = 
         raise CarraraError(f"--autoencoder {recipe.autoencoder}: no trained autoencoder there (expected vae/config.json)")
     if not 0.0 <= recipe.cond_dropout < 1.0:
         raise CarraraError(f"cond_dropout must be in [0, 1), got {recipe.cond_dropout}")
+    learned = _variance(recipe) is VarianceType.LEARNED_RANGE
     vae = AutoencoderKL.from_pretrained(vae_dir, allow_pickle=allow_pickle)  # frozen (safeload.py: pickles if allowed)
     if recipe.from_model:
         native = UNetConfig.from_diffusers_config(recipe.model).sample_size * vae.config.downsample_factor
@@ -181,7 +194,8 @@ def train_diffusion(recipe: DiffusionRecipe, out: str | Path, *, resume: bool = 
     config = UNetConfig.from_diffusers_config(recipe.model)
     if config.cross_attention_dim != text_encoder.dim:
         config = dataclasses.replace(config, cross_attention_dim=text_encoder.dim)
-    config = dataclasses.replace(config, in_channels=mean.shape[1], out_channels=mean.shape[1], sample_size=mean.shape[-1],
+    config = dataclasses.replace(config, in_channels=mean.shape[1], out_channels=mean.shape[1] * (1 + learned),
+                                 sample_size=mean.shape[-1],
                                  class_embed_type="projection" if recipe.pooled else None,
                                  projection_class_embeddings_input_dim=text_encoder.dim if recipe.pooled else None)
     recipe.model = config.to_diffusers_config()
@@ -196,7 +210,8 @@ def train_diffusion(recipe: DiffusionRecipe, out: str | Path, *, resume: bool = 
     else:
         schedule = NoiseSchedule.from_config(recipe.schedule, T=recipe.num_train_timesteps,
                                              prediction_type=recipe.prediction_type)
-    scheduler_config = source_scheduler or schedule.to_diffusers_config()
+    scheduler_config = source_scheduler or {**schedule.to_diffusers_config(),
+                                            **({"variance_type": recipe.variance} if learned else {})}
     prompts = recipe.sample_prompts or loaded.first_captions()
 
     def loss_fn(model: UNet, idx: torch.Tensor, gen: torch.Generator, rows: slice) -> torch.Tensor:
@@ -207,7 +222,7 @@ def train_diffusion(recipe: DiffusionRecipe, out: str | Path, *, resume: bool = 
         x0, t, noise = z0[rows].to(dev), t[rows].to(dev), noise[rows].to(dev)
         cond, extra = cond[rows].to(dev), pooled_cond[rows].to(dev) if recipe.pooled else None
         return diffusion_loss(lambda x, t: model(x, t, cond, class_labels=extra), x0, t, noise, schedule,
-                              recipe.prediction_type)
+                              recipe.prediction_type, vlb_weight=recipe.vlb_weight)
 
     def sample_fn(ema: UNet, step: int):
         pipe = Pipeline(unet=ema, vae=vae, text_encoder=text_encoder, schedule=schedule)
