@@ -91,9 +91,9 @@ def embed_dataset(scorer: ClipScorer, records, images: torch.Tensor, variants_fi
     states, mask = trim(states, mask)
     ensure_dir(path.parent)
     with atomic_path(path) as tmp:
-        save_file({"image_embed": image_embed.contiguous(), "states": states.to(torch.bfloat16).contiguous(),
+        save_file({"image_embed": image_embed.contiguous(), "states": states.contiguous(),
                    "mask": mask.to(torch.uint8).contiguous(), "text_embed": text_embed.contiguous()}, str(tmp))
-    return Embedded(image_embed, states.to(torch.bfloat16), mask, text_embed, unique, caption_of, n_variants)
+    return Embedded(image_embed, states, mask, text_embed, unique, caption_of, n_variants)
 
 
 def held_out_queries(emb: Embedded, texts: list[str], held_idx: torch.Tensor, limit: int = 256):
