@@ -102,6 +102,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
         recipe = FamilyRecipe(kind=args.kind, data=args.data, vqvae=args.vqvae or "", **size)
         run = train_family
+    elif args.stage == "classifier":
+        from carrara.train.classifier import ClassifierRecipe, train_classifier
+
+        if not args.autoencoder:
+            raise CarraraError("train classifier needs --autoencoder RUN: the autoencoder whose latents it classifies")
+        recipe = ClassifierRecipe(data=args.data, autoencoder=args.autoencoder, **size)
+        run = train_classifier
     elif args.stage == "upsampler":
         from carrara.train.upsampler import UpsamplerRecipe, train_upsampler
 
@@ -146,6 +153,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
               f"caption's image vs {c['cos_random']:.3f} to a random image (the text embedding itself: "
               f"{c['cos_text_true']:.3f} vs {c['cos_text_random']:.3f}); retrieval top-1 {c['top1']:.1%} top-5 "
               f"{c['top5']:.1%} (chance {c['top5_chance']:.1%})")
+    for t, acc in result.get("accuracy", {}).items():
+        print(f"held-out accuracy at t={t} ({result['holdout']} images): "
+              + ", ".join(f"{k} {v:.1%}" for k, v in acc.items()))
     if "held_out" in result:
         h = result["held_out"]
         print(f"held-out retrieval ({h['n_pairs']} pairs, {h['n_captions']} captions): image→text top-1 "
@@ -338,11 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
     shard.set_defaults(func=_cmd_data_shard)
     train = commands.add_parser("train", help="train one stage: autoencoder, then diffusion, then (for a cascade) "
                                 "upsampler; clip for evaluation")
-    train.add_argument("stage", choices=["autoencoder", "diffusion", "upsampler", "clip", "family", "prior"])
+    train.add_argument("stage", choices=["autoencoder", "diffusion", "upsampler", "clip", "family", "prior",
+                                         "classifier"])
     train.add_argument("--data", required=True, help="dataset folder (images + metadata.jsonl), "
                        "or tar shards: 'shards/{000000..000099}.tar'")
     train.add_argument("--out", required=True, help="run folder to create (or continue with --resume)")
-    train.add_argument("--autoencoder", help="autoencoder run folder (diffusion stage)")
+    train.add_argument("--autoencoder", help="autoencoder run folder (diffusion and classifier stages)")
     train.add_argument("--from", dest="from_model", help="diffusion: fine-tune this model (default, a run, a diffusers "
                        "folder) on --data with its own autoencoder and text encoder; fewer steps, lower lr")
     train.add_argument("--lora-rank", type=_positive_int, help="with --from: train only LoRA adapters of this rank "
@@ -393,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", help="dataset folder: real images (FD, KID) and the captions to generate from")
     ev.add_argument("--n", type=_positive_int, default=2000, help="images to generate (default 2000)")
     ev.add_argument("--metrics", default="fd,kid,clipscore",
-                    help="comma list of fd,kid,clipscore,retrieval,faithfulness")
+                    help="comma list of fd,kid,clipscore,retrieval,faithfulness,nll")
     ev.add_argument("--prompts", default=None, help="text file of prompts to generate from (default: the data's captions)")
     ev.add_argument("--clip", help="a `carrara train clip` run: features for FD/KID and the CLIP score")
     ev.add_argument("--inception-weights", help="pytorch-fid's pt_inception-2015-12-05 file: FID on Inception-v3")
@@ -480,6 +491,11 @@ def build_parser() -> argparse.ArgumentParser:
                      "is white, keep the picture where it is black")
     gen.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]", help="merge a LoRA adapter into the U-Net "
                      "at WEIGHT (default 1); repeatable")
+    gen.add_argument("--classifier", default=None, metavar="RUN", help="classifier guidance (Dhariwal & Nichol 2021) "
+                     "with this `carrara train classifier` run, towards --classes")
+    gen.add_argument("--classes", default=None, help='with --classifier: the wanted classes, e.g. "shape=star,color=red"')
+    gen.add_argument("--classifier-scale", type=_nonnegative_float, default=None,
+                     help="with --classifier: the guidance scale s (default 1)")
     gen.add_argument("--allow-pickle", action="store_true", help="let the model's weights be pickles (.bin), read weights-only; default: safetensors only")
     gen.set_defaults(func=_cmd_generate)
 

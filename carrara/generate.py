@@ -19,15 +19,20 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 from PIL import Image
 from tqdm import tqdm
 
 from carrara.diffusion.editing import check_strength
+from carrara.diffusion.guidance import ClassifierGuidance
+from carrara.diffusion.schedule import NoiseSchedule
 from carrara.diffusion.settings import DEFAULTS as SETTINGS
 from carrara.diffusion.settings import SAMPLER_NAMES, GenerationSettings
 from carrara.errors import CarraraError
 from carrara.families.pipeline import FamilyPipeline, load_any
 from carrara.images import image_grid, open_picture
+from carrara.modelfolder import read_json_object
+from carrara.models.classifier import NoiseAwareClassifier
 from carrara.models.lora import apply_loras
 from carrara.pipeline import IMG2IMG_STRENGTH, INPAINT_STRENGTH, MAX_BATCH
 from carrara.png import A1111_SAMPLERS, read_png_metadata, save_pngs
@@ -69,7 +74,7 @@ def _settings(args: argparse.Namespace, meta: dict | None) -> tuple[dict, str]:
                            f"({', '.join(A1111_SAMPLERS.values())}); give --sampler {'|'.join(SAMPLER_NAMES)}")
     if args.model is not None:
         model = args.model
-    if not base.get("prompt", "").strip():
+    if not base.get("prompt", "").strip() and not getattr(args, "classifier", None):
         raise CarraraError('give a prompt, e.g. carrara generate "a red circle" (or --from image.png)')
     if not 1 <= base["n"] <= MAX_BATCH:
         raise CarraraError(f"--n must be between 1 and {MAX_BATCH}, got {base['n']}")
@@ -166,6 +171,7 @@ def generate_command(args: argparse.Namespace) -> int:
     loras = apply_loras(pipe.unet, args.lora) if args.lora else []  # merged into the weights (models/lora.py)
     if edit_kwargs and isinstance(pipe, FamilyPipeline):
         raise CarraraError(f"--init edits with a diffusion model; {model} is a {pipe.kind} model")
+    guide_kwargs, guide_record = _classifier_guidance(args, pipe)
     t1 = time.perf_counter()
     bars = []  # opened at the first step, so settings the model refuses end in one line, not a bar and a line
 
@@ -177,7 +183,7 @@ def generate_command(args: argparse.Namespace) -> int:
     try:
         images = pipe([s["prompt"]] * s["n"], steps=s["steps"], sampler=s["sampler"], guidance=s["guidance"],
                       negative_prompt=s["negative_prompt"], seed=s["seed"], callback=progress, size=s.get("size"),
-                      **edit_kwargs)
+                      **edit_kwargs, **guide_kwargs)
         if bars:
             bars[0].update(bars[0].total - bars[0].n)
     finally:
@@ -190,7 +196,7 @@ def generate_command(args: argparse.Namespace) -> int:
               file=sys.stderr)
     model_ref = model if model == "default" else str(Path(model).resolve())
     metadata = {**s, "precision": pipe.precision, "model": model_ref, "model_hash": pipe.model_hash,
-                "size": images[0].width, **edit_record}
+                "size": images[0].width, **edit_record, **guide_record}
     if loras:  # each adapter's file, hash and weight
         metadata["lora"] = loras
     if isinstance(pipe, FamilyPipeline):  # not diffusion: steps, sampler, size do not apply; say what made it
@@ -211,3 +217,25 @@ def generate_command(args: argparse.Namespace) -> int:
     print(f"wrote {out}{each} ({len(images)} image{'s' if len(images) > 1 else ''}, load {t1 - t0:.2f} s, "
           f"generate {t2 - t1:.2f} s)")
     return 0
+
+def _classifier_guidance(args: argparse.Namespace, pipe) -> tuple[dict, dict]:
+    """(Pipeline keyword arguments, metadata) for classifier guidance: --classifier RUN --classes … --classifier-scale."""
+    if args.classifier is None:
+        for flag, given in (("--classes", args.classes), ("--classifier-scale", args.classifier_scale)):
+            if given is not None:
+                raise CarraraError(f"{flag} steers a classifier's guidance: give it with --classifier RUN")
+        return {}, {}
+    if isinstance(pipe, FamilyPipeline):
+        raise CarraraError(f"--classifier guides a diffusion model; this is a {pipe.kind} model")
+    classifier = NoiseAwareClassifier.from_pretrained(args.classifier)
+    wanted = classifier.parse_classes(args.classes or "")
+    folder = Path(args.classifier) / "classifier" if (Path(args.classifier) / "classifier").is_dir() else Path(
+        args.classifier)
+    trained = NoiseSchedule.from_diffusers_config(read_json_object(folder / "scheduler_config.json"))
+    if trained.T != pipe.schedule.T or not torch.allclose(trained.alphas_cumprod, pipe.schedule.alphas_cumprod):
+        raise CarraraError(f"--classifier {args.classifier} learned the {trained.kind.value} noise schedule, the model "
+                           f"uses {pipe.schedule.kind.value}: train it with --set schedule={pipe.schedule.kind.value}")
+    scale = 1.0 if args.classifier_scale is None else args.classifier_scale
+    guide = ClassifierGuidance(lambda x, t: classifier.log_prob(x, t, wanted), scale)
+    return {"classifier": guide}, {"classifier": {"run": str(Path(args.classifier).resolve()), "classes": args.classes,
+                                                  "scale": scale}}

@@ -1,0 +1,216 @@
+"""Classifier guidance (Dhariwal & Nichol 2021): the noise-aware classifier, its gradient against finite differences,
+Algorithms 1 (DDPM) and 2 (DDIM) written out by hand, `carrara train classifier` and `carrara generate --classifier`."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_cli_generate import gen, one_error_line, write_tiny_model
+from test_learned_variance import LearnedModel
+
+from carrara.cli import main
+from carrara.data.shapes import build_shapes
+from carrara.diffusion.guidance import classifier_gradient, classifier_guided_model
+from carrara.diffusion.objectives import learned_range_log_variance, split_variance, step_betas, to_x0_eps
+from carrara.diffusion.samplers import default_timesteps, sample_ddim, sample_ddpm
+from carrara.diffusion.schedule import NoiseSchedule
+from carrara.errors import CarraraError
+from carrara.models.classifier import ClassifierConfig, NoiseAwareClassifier
+from carrara.png import read_png_metadata
+from carrara.train.classifier import IGNORE, shape_labels
+
+HEADS = {"shape": ["circle", "star", "cross"], "color": ["red", "blue"]}
+RELATIONS = ["left of", "right of", "above", "below"]
+
+
+def tiny_classifier(seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    config = ClassifierConfig(in_channels=3, sample_size=8, block_out_channels=(8, 16), norm_num_groups=4,
+                              head_channels=8, heads=HEADS, relations=RELATIONS)
+    model = NoiseAwareClassifier(config).to(dtype).eval()
+    with torch.no_grad():  # O(1) logits, so the log-probabilities and their gradients are far from flat
+        for p in model.heads.parameters():
+            p.mul_(20)
+    return model
+
+
+def test_gradient_matches_finite_differences():
+    """∇_{x_t} log p_φ(y | x_t) by autograd equals central differences, and gradcheck passes, in float64."""
+    model = tiny_classifier()
+    wanted = model.parse_classes("shape=star,color=blue,relation=above")
+    assert wanted == {"shape": 1, "color": 1, "relation": (1, 2)}
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    t = torch.tensor([10, 700])
+
+    def log_prob(x_, t_):
+        return model.log_prob(x_, t_, wanted)
+
+    grad = classifier_gradient(log_prob, x, t)
+    assert grad.abs().max() > 1e-2
+    h, picks = 1e-6, [(0, 0, 0, 0), (0, 2, 5, 3), (1, 1, 7, 7), (1, 0, 4, 1)]
+    for idx in picks:
+        e = torch.zeros_like(x)
+        e[idx] = h
+        fd = (log_prob(x + e, t) - log_prob(x - e, t))[idx[0]] / (2 * h)
+        assert fd.item() == pytest.approx(grad[idx].item(), rel=1e-6, abs=1e-9)
+    assert torch.autograd.gradcheck(lambda x_: log_prob(x_, t), x[:1].clone().requires_grad_(True))
+
+
+def test_gradient_inside_inference_mode():
+    """The pipeline samples under torch.inference_mode: the classifier's gradient is still taken, and is the same."""
+    model = tiny_classifier(dtype=torch.float32)
+    wanted = model.parse_classes("color=red")
+    x, t = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2)), torch.tensor([5, 5])
+    expected = classifier_gradient(lambda a, b: model.log_prob(a, b, wanted), x, t)
+    with torch.inference_mode():
+        x_inf = x.clone()
+        got = classifier_gradient(lambda a, b: model.log_prob(a, b, wanted), x_inf, t)
+    assert torch.equal(got, expected)
+
+
+def _log_prob(x, t):
+    """A closed-form "classifier": log p(y | x_t) = −‖x_t − m‖² / 2 + const, so ∇ = m − x_t."""
+    return -((x - 0.3) ** 2).flatten(1).sum(1) / 2
+
+
+@pytest.mark.parametrize("pt", ["epsilon", "v_prediction"])
+def test_algorithm_2_ddim_by_hand(pt):
+    """DDIM on the guided model = DDIM written out with ε̂ = ε_θ − √(1 − ᾱ_t) s ∇ log p (Algorithm 2)."""
+    schedule, s = NoiseSchedule.from_config("linear", prediction_type=pt), 2.0
+    model, x_T = LearnedModel(schedule), torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    ts = default_timesteps("ddim", schedule, 8)
+    ours = sample_ddim(classifier_guided_model(model, _log_prob, s, schedule), x_T, schedule, ts)
+    x = x_T
+    for t, nxt in zip(ts, [*ts[1:], -1]):
+        a_t, a_s = schedule.alphas_cumprod[t].item(), (schedule.alphas_cumprod[nxt].item() if nxt >= 0 else 1.0)
+        out, _ = split_variance(model(x, torch.full((2,), t)), x)
+        _, eps = to_x0_eps(out, x, a_t, pt)
+        eps = eps - math.sqrt(1 - a_t) * s * (0.3 - x)
+        x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+        x = math.sqrt(a_s) * x0 + math.sqrt(1 - a_s) * eps
+    assert (ours - x).abs().max() <= 1e-4 * max(1.0, x.abs().max().item())
+    plain = sample_ddim(model, x_T, schedule, ts)
+    assert (plain - ours).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("learned", [False, True])
+def test_algorithm_1_ddpm_by_hand(learned):
+    """DDPM on the guided model = Algorithm 1 written out: x_{t−1} ~ N(μ + s Σ ∇ log p, Σ) on respaced steps, Σ the
+    step's β̃ or the learned Σθ."""
+    schedule, s = NoiseSchedule.from_config("cosine"), 3.0
+    full = LearnedModel(schedule)
+    model = full if learned else (lambda x, t: full(x, t)[:, :3])
+    x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    ts = default_timesteps("ddpm", schedule, 10)
+    guided = classifier_guided_model(model, _log_prob, s, schedule, ddpm_timesteps=ts)
+    ours = sample_ddpm(guided, x_T, schedule, ts, generator=torch.Generator().manual_seed(5))
+    g, x = torch.Generator().manual_seed(5), x_T
+    for t, nxt in zip(ts, [*ts[1:], -1]):
+        a_t, a_s = schedule.alphas_cumprod[t].item(), (schedule.alphas_cumprod[nxt].item() if nxt >= 0 else 1.0)
+        beta, beta_tilde = step_betas(a_t, a_s)
+        out, v = split_variance(model(x, torch.full((2,), t)), x)
+        _, eps = to_x0_eps(out, x, a_t, "epsilon")
+        mu = (x - beta / math.sqrt(1 - a_t) * eps) / math.sqrt(1 - beta)
+        if nxt < 0:  # the last step: no noise, Σ = 0
+            x = mu
+            continue
+        var = beta_tilde if v is None else learned_range_log_variance(v, math.log(beta), math.log(beta_tilde)).exp()
+        x = mu + s * var * (0.3 - x) + var**0.5 * torch.randn(x.shape, generator=g)  # Algorithm 1, lines 4–5
+    assert (ours - x).abs().max() <= 1e-4 * max(1.0, x.abs().max().item())
+    algorithm_2 = sample_ddpm(classifier_guided_model(model, _log_prob, s, schedule), x_T, schedule, ts,
+                              generator=torch.Generator().manual_seed(5))
+    assert (algorithm_2 - ours).abs().max() > 1e-2  # Algorithm 2 moves the mean by s β/√α ∇ log p, not s Σ ∇ log p
+
+
+def test_parse_classes_errors_name_the_valid_ones():
+    model = tiny_classifier()
+    with pytest.raises(CarraraError, match=r"unknown attribute 'colour'; this classifier knows shape, color, relation"):
+        model.parse_classes("colour=red")
+    with pytest.raises(CarraraError, match=r"choose one of circle, star, cross"):
+        model.parse_classes("shape=hexagon")
+    with pytest.raises(CarraraError, match="color="):
+        model.parse_classes("relation=above")
+
+
+def test_shape_labels_from_metadata(tmp_path):
+    build_shapes(tmp_path, n=20, size=16, seed=3, progress=False)
+    from carrara.data.load import load_dataset
+
+    records = load_dataset(str(tmp_path)).records
+    labels = shape_labels(records, relation=True)
+    for i, r in enumerate(records):
+        objects = r.extra["objects"]
+        if len(objects) == 1:
+            assert labels["shape"][i] != IGNORE and labels["relation"][i].eq(IGNORE).all()
+            assert ["circle", "square", "triangle", "diamond", "star", "cross"][labels["shape"][i]] == objects[0]["shape"]
+        else:
+            assert labels["color"][i] == IGNORE
+            rows = labels["relation"][i]
+            assert (rows != IGNORE).sum() == 2  # one row per object's colour, inverse relations
+            assert {int(v) for v in rows[rows != IGNORE]} in ({0, 1}, {2, 3})
+
+
+@pytest.fixture(scope="module")
+def classifier_run(tiny_ae_run, tmp_path_factory):
+    """`carrara train classifier` for 150 steps on 300 tiny shapes (70 % one object); a few seconds."""
+    data = tmp_path_factory.mktemp("shapes300")
+    build_shapes(data, n=300, size=16, seed=1, progress=False, two_object_fraction=0.3)
+    out = tmp_path_factory.mktemp("clf")
+    assert main(["train", "classifier", "--data", str(data), "--autoencoder", str(tiny_ae_run), "--out", str(out),
+                 "--size", "16", "--steps", "150", "--batch-size", "32", "--quiet",
+                 "--set", "model.block_out_channels=[32,64]", "--set", "model.norm_num_groups=8",
+                 "--set", "model.head_channels=16", "--set", "holdout=60", "--set", "train.lr=0.002",
+                 "--set", "train.warmup_steps=10", "--set", "train.ema_decay=0.99", "--set", "train.bf16=false",
+                 "--set", "train.checkpoint_every=1000"]) == 0
+    return out
+
+
+def test_tiny_classifier_beats_chance(classifier_run, capsys):
+    """Held-out accuracy (60 images) at t = 0 after 150 steps: position and size well above chance (20 %, 50 %)."""
+    log = (classifier_run / "log.txt").read_text()
+    line = [s for s in log.splitlines() if s.startswith("held-out accuracy")][-1]
+    accuracy = json.loads(line.split("by t: ", 1)[1])  # {t: {head: share}}
+    assert accuracy["0"]["position"] >= 0.6 and accuracy["0"]["size"] >= 0.75, accuracy
+    assert accuracy["750"]["position"] < accuracy["0"]["position"]  # noise makes it harder: it reads x_t, not x0
+    assert (classifier_run / "classifier" / "config.json").is_file()
+    assert json.loads((classifier_run / "classifier" / "scheduler_config.json").read_text())["beta_schedule"] == \
+        "scaled_linear"
+
+
+def test_generate_with_classifier_guidance(classifier_run, tmp_path, capsys):
+    model = write_tiny_model(tmp_path / "model")
+    out = tmp_path / "guided.png"
+    assert gen(model, "a shape", "--classifier", str(classifier_run), "--classes", "position=left,size=large",
+               "--classifier-scale", "5", "-o", str(out), "--quiet") == 0
+    meta = read_png_metadata(out)
+    assert meta["classifier"]["classes"] == "position=left,size=large" and meta["classifier"]["scale"] == 5
+    plain = tmp_path / "plain.png"
+    assert gen(model, "a shape", "-o", str(plain), "--quiet") == 0
+    a, b = (np.asarray(Image.open(p), dtype=np.int16) for p in (out, plain))
+    assert np.abs(a - b).max() > 0  # the guidance moved the sample
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--classes", "colour=red"], "unknown attribute 'colour'; this classifier knows shape, color, size, position, "
+                                  + "relation"),
+    (["--classes", "color=magenta"], "choose one of red, orange, yellow, green, cyan, blue, purple, pink"),
+    (["--classes", "relation=above"], "say of which object"),
+])
+def test_bad_classes_are_one_line_naming_the_valid_ones(classifier_run, tmp_path, capsys, argv, message):
+    model = write_tiny_model(tmp_path / "model")
+    assert gen(model, "a shape", "--classifier", str(classifier_run), *argv, "-o", str(tmp_path / "x.png")) == 2
+    assert message in one_error_line(capsys)
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_classifier_flags_need_a_classifier_and_the_same_schedule(classifier_run, tmp_path, capsys):
+    model = write_tiny_model(tmp_path / "model")
+    assert gen(model, "a shape", "--classes", "color=red", "-o", str(tmp_path / "x.png")) == 2
+    assert "--classifier RUN" in one_error_line(capsys)
+    scheduler = tmp_path / "model" / "scheduler" / "scheduler_config.json"
+    scheduler.write_text(json.dumps({**json.loads(scheduler.read_text()), "beta_schedule": "linear"}))
+    assert gen(model, "a shape", "--classifier", str(classifier_run), "--classes", "color=red",
+               "-o", str(tmp_path / "x.png")) == 2
+    assert "learned the scaled_linear noise schedule, the model uses linear" in one_error_line(capsys)
