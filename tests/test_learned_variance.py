@@ -3,6 +3,7 @@
 and a tiny training run."""
 import json
 import math
+import random
 
 import pytest
 import torch
@@ -15,12 +16,12 @@ from carrara.diffusion.objectives import (
     diffusion_loss,
     discretized_gaussian_nll,
     log_variance_bounds,
-    prior_bpd,
     vlb_terms,
 )
 from carrara.diffusion.samplers import SAMPLERS, default_timesteps, sample_ddpm
 from carrara.diffusion.schedule import NoiseSchedule
 from carrara.errors import CarraraError
+from carrara.evaluate.nll import bits_per_dim
 
 CASES = [(kind, pt) for kind in ("linear", "cosine") for pt in ("epsilon", "v_prediction")]
 
@@ -186,18 +187,15 @@ def test_bound_of_the_exact_denoiser_is_tight_only_with_its_variance():
         frac = (math.log(sigma2) - log_tilde[t]) / (log_beta[t] - log_tilde[t])
         return 2 * min(max(frac.item(), 0.0), 1.0) - 1
 
-    def bound(learned: bool) -> float:
-        g, total = torch.Generator().manual_seed(1), prior_bpd(x0, schedule)
-        for t in range(schedule.T):
-            tt = torch.full((x0.shape[0],), t)
-            x_t = abar[t].sqrt().item() * x0 + (1 - abar[t]).sqrt().item() * torch.randn(x0.shape, generator=g)
-            v = torch.full_like(x0, exact_v(t)) if learned else None
-            total = total + vlb_terms(exact(x_t, tt), v, x0, x_t, tt, schedule)
-        return total.mean().item()
+    def exact_learned(x, t):  # (B, 2C, …): the mean output, then v
+        return torch.cat([exact(x, t), torch.full_like(x, exact_v(int(t[0])))], dim=1)
+
+    def bound(model) -> float:  # the NLL metric of `carrara eval --metrics nll`
+        return bits_per_dim(model, x0, schedule, generator=torch.Generator().manual_seed(1)).mean().item()
 
     true_nll = (0.5 * math.log(2 * math.pi * s2) + 0.5 * (x0**2).mean().item() / s2) / math.log(2)  # bits/dim
-    assert abs(bound(learned=True) - true_nll) < 0.1  # Monte Carlo noise of one draw per t: ~0.03 bits/dim
-    assert bound(learned=False) > true_nll + 0.5
+    assert abs(bound(exact_learned) - true_nll) < 0.1  # Monte Carlo noise of one draw per t: ~0.03 bits/dim
+    assert bound(exact) > true_nll + 0.5
 
 
 def test_log_variance_bounds_are_improved_diffusions():
@@ -233,3 +231,24 @@ def test_tiny_learned_variance_run_trains_and_samples(tiny_shapes, tiny_ae_run, 
     for sampler in ("ddpm", "dpmpp"):
         latents = pipe(["a red circle"], steps=5, sampler=sampler, output="latent")
         assert latents.shape == (1, 4, 8, 8) and torch.isfinite(latents).all()
+
+
+def test_eval_nll_metric(tiny_diffusion_run, tiny_shapes, tmp_path):
+    """`carrara eval --metrics nll`: one number per run, the mean of latent_nll over a seeded subset of --data."""
+    from carrara.cli import main
+    from carrara.data.folder import load_folder
+    from carrara.data.load import preload_images
+    from carrara.evaluate.nll import latent_nll
+    from carrara.pipeline import Pipeline
+
+    assert main(["eval", "--model", str(tiny_diffusion_run), "--data", str(tiny_shapes), "--metrics", "nll",
+                 "--n", "4", "--out", str(tmp_path), "--quiet", "--bootstrap", "5"]) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
+    (name, value), = metrics.items()
+    assert name == "NLL[bits/dim, latents 4×8×8 | caption, n=4, T=1000]"
+    images, texts = preload_images(load_folder(str(tiny_shapes), size=16), progress=False)
+    pick = sorted(random.Random(0).sample(range(len(images)), 4))
+    direct = latent_nll(Pipeline.load(tiny_diffusion_run), images[pick], [texts[i] for i in pick],  # eval: "auto"
+                        progress=False)
+    assert value["value"] == pytest.approx(direct.mean().item(), rel=1e-5)
+    assert 0 < value["value"] < 10

@@ -25,12 +25,14 @@ from carrara.evaluate.faithfulness import detector_ceiling, evaluate_faithfulnes
 from carrara.evaluate.fid import feature_stats, frechet_distance, kid
 from carrara.evaluate.html import write_report_html
 from carrara.evaluate.inception import InceptionFeatures
+from carrara.evaluate.nll import latent_nll
 from carrara.families.pipeline import load_any
 from carrara.fileio import ensure_dir, save_image_atomic, write_json_atomic
 from carrara.images import image_grid
 from carrara.models.clip import ClipScorer, clip_score, retrieval
 
-METRICS = ("fd", "kid", "clipscore", "retrieval", "faithfulness")
+METRICS = ("fd", "kid", "clipscore", "retrieval", "faithfulness", "nll")
+NLL_MAX_IMAGES = 256  # the bound costs T network calls per batch: 1000 × 8 batches of 32 on CPU
 
 
 @dataclass
@@ -131,6 +133,8 @@ def run_eval(settings: EvalSettings, out_dir: str | Path, progress: bool = True)
     if ({"fd", "kid"} & set(settings.metrics)) and not (settings.clip or settings.inception_weights):
         raise CarraraError("FD and KID need a feature network: --clip RUN (carrara train clip) and/or "
                            "--inception-weights PATH")
+    if "nll" in settings.metrics and not settings.data:
+        raise CarraraError("--metrics nll needs --data DIR: the held-out images (and captions) to score")
     for metric in ("clipscore", "retrieval"):
         if metric in settings.metrics and not settings.clip:
             raise CarraraError(f"{metric} needs --clip RUN (a `carrara train clip` run)")
@@ -186,11 +190,28 @@ def run_eval(settings: EvalSettings, out_dir: str | Path, progress: bool = True)
             ceiling = detector_ceiling(n, objects, settings.seed)
             report["metrics"][f"faithfulness[{key}, n={n}]"] = {"model": model["attributes"],
                                                                  "ceiling": ceiling["attributes"]}
+    if "nll" in settings.metrics:
+        _nll(pipe, settings, report, progress)
     report["seconds"] = round(time.perf_counter() - started, 1)
     write_json_atomic(out_dir / "metrics.json", report)
 
     write_report_html(out_dir / "report.html", report, samples="samples.png" if needs_data else None)
     return report
+
+
+def _nll(pipe, settings: EvalSettings, report: dict, progress: bool) -> None:
+    """NLL in bits per latent dimension of up to NLL_MAX_IMAGES images of --data given their captions
+    (evaluate/nll.py); the images are a seeded random subset."""
+    if not hasattr(pipe, "schedule"):
+        raise CarraraError(f"--metrics nll is the bound of a diffusion model; {settings.model} is not one")
+    images, texts = preload_images(load_folder(settings.data, size=pipe.sizes[0]), progress=progress)
+    n = min(settings.n, NLL_MAX_IMAGES, len(images))
+    pick = sorted(random.Random(settings.seed).sample(range(len(images)), n))
+    bpd = latent_nll(pipe, images[pick], [texts[i] for i in pick], seed=settings.seed, progress=progress).numpy()
+    c, h, w = pipe.latent_shape()
+    mean = lambda a: float(a.mean())
+    report["metrics"][f"NLL[bits/dim, latents {c}×{h}×{w} | caption, n={n}, T={pipe.schedule.T}]"] = {
+        "value": mean(bpd), "ci95": bootstrap_interval(mean, bpd, n=settings.bootstrap), "n": n}
 
 
 def _to_pil(images_uint8: torch.Tensor):
