@@ -124,8 +124,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if args.from_model:
             recipe = fine_tune_recipe(args.data, args.from_model, lora_rank=args.lora_rank or 0, size=args.size)
         elif not args.autoencoder:
-            raise CarraraError("train diffusion needs --autoencoder RUN (a finished `carrara train autoencoder` run), "
-                               "or --from MODEL to fine-tune a model")
+            raise CarraraError("train diffusion needs --autoencoder RUN (a finished `carrara train autoencoder` run) "
+                               "or --autoencoder pixels (pixel space), or --from MODEL to fine-tune a model")
         else:
             recipe = DiffusionRecipe(data=args.data, autoencoder=args.autoencoder, **size)
         run = functools.partial(train_diffusion, allow_pickle=args.allow_pickle)
@@ -353,7 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", required=True, help="dataset folder (images + metadata.jsonl), "
                        "or tar shards: 'shards/{000000..000099}.tar'")
     train.add_argument("--out", required=True, help="run folder to create (or continue with --resume)")
-    train.add_argument("--autoencoder", help="autoencoder run folder (diffusion and classifier stages)")
+    train.add_argument("--autoencoder", help="autoencoder run folder (diffusion and classifier stages); "
+                       "diffusion also takes 'pixels' or 'pixels:F' to generate the image itself (docs/routes.md)")
     train.add_argument("--from", dest="from_model", help="diffusion: fine-tune this model (default, a run, a diffusers "
                        "folder) on --data with its own autoencoder and text encoder; fewer steps, lower lr")
     train.add_argument("--lora-rank", type=_positive_int, help="with --from: train only LoRA adapters of this rank "

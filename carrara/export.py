@@ -23,6 +23,7 @@ import torch
 from carrara.errors import CarraraError
 from carrara.fileio import write_json_atomic
 from carrara.modelfolder import resolve
+from carrara.models.codec import PixelCodecConfig, codec_config
 from carrara.models.config import CONFIG_NAME
 from carrara.models.weights import load_weights, save_folder
 from carrara.text.encoder import TextEncoder, resolve_folders
@@ -51,7 +52,10 @@ def export_default(model: str | Path, out: str | Path, *, autoencoder_run: str |
     tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))
     try:
         _copy_component(folder.unet, tmp / "unet", dtype)
-        _copy_component(folder.vae, tmp / "vae", dtype)
+        if isinstance(codec_config(folder.vae), PixelCodecConfig):  # the pixel codec: a config.json, no weights
+            shutil.copytree(folder.vae, tmp / "vae")
+        else:
+            _copy_component(folder.vae, tmp / "vae", dtype)
         shutil.copytree(folder.root / "scheduler", tmp / "scheduler")
         shutil.copy2(folder.root / "model_index.json", tmp / "model_index.json")
         upsampler = folder.root / "upsampler"
@@ -94,6 +98,9 @@ def export_diffusers(model: str | Path, out: str | Path) -> dict:
     """Write model folder `model` as a diffusers StableDiffusionPipeline folder at `out` (text encoder included)."""
 
     folder = resolve(model)
+    if isinstance(codec_config(folder.vae), PixelCodecConfig):
+        raise CarraraError(f"{model} generates in pixel space (vae/ is the pixel codec); diffusers' "
+                           "StableDiffusionPipeline needs a KL autoencoder, so it cannot be exported to it")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise CarraraError(f"--out {out} exists and is not empty; pick a new folder")

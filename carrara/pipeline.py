@@ -23,7 +23,7 @@ from carrara.errors import CarraraError
 from carrara.hardware import cpu_supports_bf16
 from carrara.images import from_pil, to_pil
 from carrara.modelfolder import resolve
-from carrara.models.autoencoder import AutoencoderKL
+from carrara.models.codec import load_codec
 from carrara.models.unet import UNet2DConditionModel as UNet
 from carrara.text.encoder import TextEncoder, mean_pool
 from carrara.upsampler import Upsampler, UpsamplerSettings, depth_to_space
@@ -106,7 +106,7 @@ class Pipeline:
         precision = resolve_precision(precision)
         folder = resolve(path)
         unet = UNet.from_pretrained(folder.unet, allow_pickle=allow_pickle)
-        vae = AutoencoderKL.from_pretrained(folder.vae, allow_pickle=allow_pickle)
+        vae = load_codec(folder.vae, allow_pickle=allow_pickle)  # a KL autoencoder, or the pixel codec
         text_encoder = TextEncoder.load(folder.text_encoder, tokenizer_path=folder.tokenizer, allow_pickle=allow_pickle)
         if text_encoder.dim != unet.config.cross_attention_dim:
             raise CarraraError(f"text encoder gives {text_encoder.dim}-dim states but the U-Net expects "

@@ -13,6 +13,7 @@ from carrara.data.emoji import build_emoji
 from carrara.data.shapes import build_shapes
 from carrara.errors import CarraraError
 from carrara.fileio import ensure_dir
+from carrara.models.codec import pixel_factor
 from carrara.train.autoencoder import AutoencoderRecipe, train_autoencoder
 from carrara.train.checkpoint import latest_checkpoint
 from carrara.train.diffusion import DiffusionRecipe, train_diffusion
@@ -126,7 +127,8 @@ def run_recipe(path: str | Path, out: str | Path, *, resume: bool = False, overr
     ae_dir = Path(stage["autoencoder"].pop("from", out / "autoencoder"))  # `from`: reuse a finished autoencoder run
     ae = apply_overrides(AutoencoderRecipe(data=str(data_dir), size=data_cfg["size"]), stage["autoencoder"])
     fine_tune = bool(stage["diffusion"].get("from_model"))  # a fine-tune uses its model's own autoencoder
-    if ae_dir == out / "autoencoder" and not fine_tune and not _stage_done(ae_dir, ae.train.steps):
+    pixels = pixel_factor(str(stage["diffusion"].get("autoencoder", ""))) is not None  # pixel space: no autoencoder
+    if ae_dir == out / "autoencoder" and not (fine_tune or pixels) and not _stage_done(ae_dir, ae.train.steps):
         train_autoencoder(ae, ae_dir, resume=(ae_dir / "checkpoints").is_dir(), progress=progress)
     dm = apply_overrides(DiffusionRecipe(data=str(data_dir), autoencoder=str(ae_dir), size=data_cfg["size"]),
                          stage["diffusion"])
@@ -144,4 +146,5 @@ def run_recipe(path: str | Path, out: str | Path, *, resume: bool = False, overr
         assemble_cascade(out / "diffusion", out / "upsampler", model)
     try_it = f"--model {dm.from_model} --lora {model / 'lora.safetensors'}" if dm.lora_rank else f"--model {model}"
     print(f"model ready: {model}  (try: carrara generate \"a red circle\" {try_it})")
-    return {"data": str(data_dir), "autoencoder": str(ae_dir), "diffusion": str(out / "diffusion"), "model": str(model)}
+    return {"data": str(data_dir), "autoencoder": dm.autoencoder if pixels else str(ae_dir),
+            "diffusion": str(out / "diffusion"), "model": str(model)}

@@ -30,6 +30,7 @@ from carrara.diffusion.settings import DEFAULTS
 from carrara.errors import CarraraError
 from carrara.fileio import ensure_dir, write_json_atomic
 from carrara.modelfolder import read_json_object
+from carrara.models.codec import depth_to_space, space_to_depth  # noqa: F401 (space_to_depth: for the stage's users)
 from carrara.models.unet import UNet2DConditionModel as UNet
 
 KIND = "CarraraUpsampler"  # model_index.json _class_name of an upsampler folder
@@ -43,16 +44,6 @@ class UpsamplerSettings:
     sampler: str = DEFAULTS.sampler
     guidance: float = 1.0  # w = 1: one network pass per step (the text is a weak hint here; the image leads)
     aug_level: int = 100  # s: the forward-process step the low-resolution image is noised to (of T)
-
-
-def space_to_depth(x: torch.Tensor, f: int) -> torch.Tensor:
-    """(B, C, f·h, f·w) → (B, C·f², h, w), lossless (torch's pixel_unshuffle)."""
-    return F.pixel_unshuffle(x, f)
-
-
-def depth_to_space(x: torch.Tensor, f: int) -> torch.Tensor:
-    """(B, C·f², h, w) → (B, C, f·h, f·w), the inverse of `space_to_depth`."""
-    return F.pixel_shuffle(x, f)
 
 
 def downsample(images: torch.Tensor, f: int) -> torch.Tensor:

@@ -19,8 +19,8 @@ from carrara.errors import CarraraError
 from carrara.fileio import ensure_dir
 from carrara.images import image_grid
 from carrara.modelfolder import resolve, write_model_folder
-from carrara.models.autoencoder import AutoencoderKL
-from carrara.models.config import AutoencoderConfig, UNetConfig, default_unet_config
+from carrara.models.codec import PIXELS, PixelCodec, PixelCodecConfig, codec_config, load_codec, pixel_factor
+from carrara.models.config import UNetConfig, default_unet_config
 from carrara.models.lora import TARGETS, save_lora
 from carrara.models.unet import UNet2DConditionModel as UNet
 from carrara.models.weights import load_into
@@ -37,7 +37,7 @@ class DiffusionRecipe:
     """What `carrara train diffusion` builds; saved as the run's config.json."""
 
     data: str = ""
-    autoencoder: str = ""
+    autoencoder: str = ""  # a run (or model) folder with vae/, or "pixels[:F]": pixel space (models/codec.py)
     size: int = 64
     text_encoder: str = "minilm"
     schedule: str = "scaled_linear"
@@ -69,7 +69,7 @@ def fine_tune_recipe(data: str, model: str, *, lora_rank: int = 0, size: int | N
     """The recipe of `carrara train diffusion --from MODEL`: the model's size, and a small fine-tune's settings."""
     folder = resolve(model)
     unet = UNetConfig.from_diffusers_config(folder.unet)
-    vae = AutoencoderConfig.from_diffusers_config(folder.vae)
+    vae = codec_config(folder.vae)
     native = unet.sample_size * vae.downsample_factor
     if size is not None and size != native:
         raise CarraraError(f"--size {size}: {model} makes {native}-pixel images and is fine-tuned at that size "
@@ -161,6 +161,21 @@ def _variance(recipe: DiffusionRecipe) -> VarianceType:
         raise CarraraError(f"variance={recipe.variance!r}: use fixed_small or learned_range") from None
 
 
+def first_stage(spec: str, size: int, *, allow_pickle: bool = False) -> tuple[torch.nn.Module, Path | None]:
+    """The frozen first stage and the folder it was read from: "pixels[:F]" is the pixel codec (Imagen's route: the
+    U-Net generates the image itself; no folder), anything else a run or model folder with a trained vae/."""
+    factor = pixel_factor(spec)
+    if factor is not None:
+        if size % factor:
+            raise CarraraError(f"size {size}: the pixel codec of factor {factor} needs a size divisible by {factor}")
+        return PixelCodec(PixelCodecConfig(factor=factor)), None
+    vae_dir = Path(spec) / "vae"
+    if not (vae_dir / "config.json").is_file():
+        raise CarraraError(f"--autoencoder {spec}: no trained autoencoder there (expected vae/config.json; "
+                           f"{PIXELS!r} or '{PIXELS}:F' trains in pixel space)")
+    return load_codec(vae_dir, allow_pickle=allow_pickle), vae_dir  # safeload.py: pickles only if allowed
+
+
 def train_diffusion(recipe: DiffusionRecipe, out: str | Path, *, resume: bool = False, progress: bool = True,
                     stop_at: int | None = None, allow_pickle: bool = False) -> dict:
     """Encode the dataset once, then train the U-Net; the run folder becomes a model folder."""
@@ -170,13 +185,10 @@ def train_diffusion(recipe: DiffusionRecipe, out: str | Path, *, resume: bool = 
     if not isinstance(recipe.lora_rank, int) or recipe.lora_rank < 0:
         raise CarraraError(f"lora_rank must be a whole number ≥ 0, got {recipe.lora_rank!r}")
     source_scheduler = adopt_model(recipe) if recipe.from_model else None
-    vae_dir = Path(recipe.autoencoder) / "vae"
-    if not (vae_dir / "config.json").is_file():
-        raise CarraraError(f"--autoencoder {recipe.autoencoder}: no trained autoencoder there (expected vae/config.json)")
+    vae, vae_dir = first_stage(recipe.autoencoder, recipe.size, allow_pickle=allow_pickle)  # frozen
     if not 0.0 <= recipe.cond_dropout < 1.0:
         raise CarraraError(f"cond_dropout must be in [0, 1), got {recipe.cond_dropout}")
     learned = _variance(recipe) is VarianceType.LEARNED_RANGE
-    vae = AutoencoderKL.from_pretrained(vae_dir, allow_pickle=allow_pickle)  # frozen (safeload.py: pickles if allowed)
     if recipe.from_model:
         native = UNetConfig.from_diffusers_config(recipe.model).sample_size * vae.config.downsample_factor
         if recipe.size != native:
@@ -228,14 +240,14 @@ def train_diffusion(recipe: DiffusionRecipe, out: str | Path, *, resume: bool = 
         pipe = Pipeline(unet=ema, vae=vae, text_encoder=text_encoder, schedule=schedule)
         return image_grid(pipe(prompts, seed=0), rows=1)  # the default sampling settings
 
-    pickled_vae = not (vae_dir / "diffusion_pytorch_model.safetensors").is_file()
+    own_vae = vae_dir is None or not (vae_dir / "diffusion_pytorch_model.safetensors").is_file()
 
-    def export_fn(ema: UNet) -> None:  # a VAE read from a pickle is written back as safetensors, never copied
+    def export_fn(ema: UNet) -> None:  # the pixel codec, or a VAE read from a pickle (as safetensors), is written
         if recipe.lora_rank:  # the adapter alone: apply it with `carrara generate --model MODEL --lora FILE`
             save_lora(out / "lora.safetensors", lora_state(ema), rank=recipe.lora_rank,
                       alpha=recipe.lora_rank if recipe.lora_alpha is None else recipe.lora_alpha)
             return
-        write_model_folder(out, unet=ema, vae=vae if pickled_vae else None, vae_dir=None if pickled_vae else vae_dir,
+        write_model_folder(out, unet=ema, vae=vae if own_vae else None, vae_dir=None if own_vae else vae_dir,
                            scheduler_config=scheduler_config, text_encoder=recipe.text_encoder)
 
     trainer = Trainer.for_stage("diffusion", recipe, out, unet, records=records, report=report,
