@@ -34,7 +34,7 @@ INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "belo
 
 
 def default_classifier_model() -> dict:
-    """~1.3M parameters on 16×16×4 latents: 16² → 8² → 4², attention pooling over the 4² grid."""
+    """~1.5M parameters on 16×16×4 latents: 16² → 8² → 4², attention pooling over the 4² grid."""
     return dataclasses.asdict(ClassifierConfig(block_out_channels=(64, 128, 128), heads=dict(HEADS)))
 
 
