@@ -25,6 +25,7 @@ from carrara.models.config import AutoencoderConfig
 from carrara.pipeline import Pipeline
 from carrara.recipe import run_recipe
 from carrara.train.cache import encode_latents
+from carrara.train.core import TrainConfig
 from carrara.train.diffusion import DiffusionRecipe, fine_tune_recipe, train_diffusion
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -136,11 +137,31 @@ def test_a_pixel_model_exports_as_a_carrara_folder_but_not_to_diffusers(pixel_ru
     assert not (tmp_path / "sd").exists()
 
 
-def test_a_pixel_model_fine_tunes_at_its_own_size(pixel_run, tiny_shapes):
-    run, _ = pixel_run
-    assert fine_tune_recipe(str(tiny_shapes), str(run)).size == 16
+def test_a_pixel_model_fine_tunes_at_its_own_size(pixel_run, tiny_shapes, tmp_path):
+    run, f = pixel_run
     with pytest.raises(CarraraError, match="makes 16-pixel images"):
         fine_tune_recipe(str(tiny_shapes), str(run), size=32)
+    recipe = fine_tune_recipe(str(tiny_shapes), str(run))
+    recipe.train = TrainConfig(**{**TINY_TRAIN, "steps": 2})
+    assert recipe.size == 16
+    train_diffusion(recipe, tmp_path / "tuned", progress=False)
+    tuned = Pipeline.load(tmp_path / "tuned", precision="fp32")
+    assert isinstance(tuned.vae, PixelCodec) and tuned.vae.config.factor == f
+    assert not (tmp_path / "tuned" / "vae" / "diffusion_pytorch_model.safetensors").exists()
+
+
+def test_img2img_without_a_step_and_inpainting_keep_the_pixels_exactly(pixel_run):
+    """The codec is exact, so an edit that runs no step gives the init image back, and inpainting keeps its
+    unmasked pixels (a KL autoencoder would give its reconstruction)."""
+    run, _ = pixel_run
+    pipe = Pipeline.load(run, precision="fp32")
+    init = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    same = pipe(["a red circle"], steps=4, init_image=init, strength=0.01, output="tensor")
+    assert torch.equal(same, init)
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., :8] = 1.0  # regenerate the left half
+    edited = pipe(["a red circle"], steps=2, init_image=init, mask=mask, output="tensor")
+    assert torch.equal(edited[..., 8:], init[..., 8:]) and not torch.equal(edited[..., :8], init[..., :8])
 
 
 def test_a_recipe_in_pixel_space_skips_the_autoencoder_and_builds_the_cascade(tmp_path):
