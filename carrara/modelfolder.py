@@ -100,13 +100,14 @@ def write_model_folder(root: Path, *, unet, vae_dir: Path | None = None, vae=Non
         for f in Path(vae_dir).iterdir():
             if f.is_file():
                 shutil.copy2(f, root / "vae" / f.name)
+    vae_class = read_json_object(root / "vae" / "config.json").get("_class_name", "AutoencoderKL")
     (root / "scheduler").mkdir(parents=True, exist_ok=True)
     write_json_atomic(root / "scheduler" / "scheduler_config.json",
                       {"_class_name": "DDIMScheduler", "clip_sample": False, **scheduler_config})
     write_json_atomic(root / "model_index.json", {
         "_class_name": "StableDiffusionPipeline",
         "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
+        "vae": ["diffusers" if vae_class == "AutoencoderKL" else "carrara", vae_class],  # or the pixel codec
         "scheduler": ["diffusers", "DDIMScheduler"],
         "carrara": {"text_encoder": text_encoder, **(extra or {})},
     })

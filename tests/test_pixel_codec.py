@@ -116,6 +116,7 @@ def pixel_run(request, tiny_shapes, tmp_path_factory):
 def test_a_pixel_run_trains_saves_loads_and_generates(pixel_run):
     run, f = pixel_run
     assert json.loads((run / "vae" / "config.json").read_text())["_class_name"] == "CarraraPixelCodec"
+    assert json.loads((run / "model_index.json").read_text())["vae"] == ["carrara", "CarraraPixelCodec"]
     pipe = Pipeline.load(run, precision="fp32")
     assert isinstance(pipe.vae, PixelCodec) and pipe.vae.config.factor == f
     assert pipe.unet.config.in_channels == 3 * f * f and pipe.unet.config.sample_size == 16 // f
