@@ -23,6 +23,7 @@ from carrara.errors import CarraraError
 from carrara.hardware import cpu_supports_bf16
 from carrara.images import from_pil, to_pil
 from carrara.modelfolder import resolve
+from carrara.models.blocks import text_kv_cache
 from carrara.models.codec import load_codec
 from carrara.models.unet import UNet2DConditionModel as UNet
 from carrara.text.encoder import TextEncoder, mean_pool
@@ -196,8 +197,9 @@ class Pipeline:
         if callback is not None:
             def decode_cb(i, t, x_t, x0_hat):
                 callback(i, total, lambda: self.decode(x0_hat))
-        z0 = SAMPLERS[sampler](model, x_T, self.schedule, timesteps, generator=gens, callback=decode_cb,
-                               **options) if timesteps else x_T
+        with text_kv_cache(self.unet):  # the text's keys and values once, not at every step
+            z0 = SAMPLERS[sampler](model, x_T, self.schedule, timesteps, generator=gens, callback=decode_cb,
+                                   **options) if timesteps else x_T
         _check_finite(z0, "U-Net")
         if output == "latent":
             return z0  # (B, c, h, w), scaled as the U-Net sees it (diffusers' output_type="latent")
@@ -208,8 +210,9 @@ class Pipeline:
             if callback is not None:
                 def up_cb(i, t, x_t, x0_hat):
                     callback(base_steps + i, total, lambda: depth_to_space(x0_hat, self.upsampler.factor).clamp(-1, 1))
-            images = _check_finite(self.upsampler(images, cond[0], uncond[0], seed=seed, settings=upsampler,
-                                                  callback=up_cb), "upsampler")  # (B, 3, fH, fW)
+            with text_kv_cache(self.upsampler.unet):
+                images = _check_finite(self.upsampler(images, cond[0], uncond[0], seed=seed, settings=upsampler,
+                                                      callback=up_cb), "upsampler")  # (B, 3, fH, fW)
         if edit is not None and edit.mask is not None:  # 6. Inpainting: the kept pixels are the init's own
             images = edit.mask * images + (1.0 - edit.mask) * edit.image
         return images if output == "tensor" else to_pil(images)

@@ -157,12 +157,17 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(cross_attention_dim or query_dim, inner_dim, bias=bias)
         self.to_v = nn.Linear(cross_attention_dim or query_dim, inner_dim, bias=bias)
         self.to_out = nn.ModuleList([nn.Linear(inner_dim, query_dim), nn.Dropout(0.0)])
+        self.kv_cache: list | None = None  # [context, K, V] while `text_kv_cache` is on, else None
 
     def forward(
         self, x: torch.Tensor, context: torch.Tensor | None = None, bias: torch.Tensor | None = None
     ) -> torch.Tensor:  # x (B, N, D), context (B, L, Dc) -> (B, N, D)
-        context = x if context is None else context
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)  # (B, N|L, nh·hd)
+        if context is None:
+            context = x
+            k, v = self.to_k(context), self.to_v(context)  # (B, N, nh·hd)
+        else:
+            k, v = self._text_kv(context)  # (B, L, nh·hd)
+        q = self.to_q(x)  # (B, N, nh·hd)
         q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, nh, N|L, hd)
         dtype = q.dtype
         with torch.autocast(q.device.type, enabled=False) if self.upcast else contextlib.nullcontext():
@@ -172,6 +177,33 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # softmax(QKᵀ/√hd)V: (B, nh, N, hd)
         out = out.transpose(1, 2).flatten(2).to(dtype)  # (B, N, nh·hd)
         return self.to_out[1](self.to_out[0](out))
+
+    def _text_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """to_k(context), to_v(context): computed once per context tensor while the cache is on (the text states are
+        the same tensor at every sampling step; the cache holds it, so its identity cannot pass to another one)."""
+        cache = self.kv_cache
+        if cache and cache[0] is context:
+            return cache[1], cache[2]
+        k, v = self.to_k(context), self.to_v(context)
+        if cache is not None:
+            cache[:] = [context, k, v]
+        return k, v
+
+
+@contextlib.contextmanager
+def text_kv_cache(*networks: nn.Module):
+    """Within this block every cross-attention computes the keys and values of a given text context once (exact: the
+    same products, reused), as sampling calls the network on the same text states at each step. Not for training,
+    and the context must not be changed in place inside the block (the pipeline never does)."""
+    layers = [m for net in networks if net is not None for m in net.modules()
+              if isinstance(m, Attention) and not isinstance(m, SpatialSelfAttention)]
+    for m in layers:
+        m.kv_cache = []
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.kv_cache = None
 
 
 class SpatialSelfAttention(Attention):
