@@ -33,7 +33,7 @@ from carrara.families.pipeline import FamilyPipeline, load_any
 from carrara.images import image_grid, open_picture
 from carrara.modelfolder import read_json_object
 from carrara.models.classifier import NoiseAwareClassifier
-from carrara.models.lora import apply_loras
+from carrara.models.lora import apply_loras, file_hash
 from carrara.pipeline import IMG2IMG_STRENGTH, INPAINT_STRENGTH, MAX_BATCH
 from carrara.png import A1111_SAMPLERS, read_png_metadata, save_pngs
 
@@ -156,6 +156,24 @@ def _edit_inputs(args: argparse.Namespace, meta: dict | None) -> tuple[dict, dic
     return kwargs, record
 
 
+def _lora_specs(args: argparse.Namespace, meta: dict | None) -> list[str]:
+    """The --lora flags, or else the adapters a --from PNG records (a gone file is one line, a changed one a warning)."""
+    if args.lora or not meta or "lora" not in meta:
+        return args.lora or []
+    records = meta["lora"]
+    if not isinstance(records, list) or not all(
+            isinstance(r, dict) and isinstance(r.get("file"), str) and isinstance(r.get("weight"), int | float)
+            and not isinstance(r.get("weight"), bool) for r in records):
+        raise CarraraError(f"{args.from_png}: metadata field 'lora' must list {{file, sha256, weight}} records")
+    for r in records:
+        if not Path(r["file"]).is_file():
+            raise CarraraError(f"{args.from_png} was made with the LoRA {r['file']}, which is gone: pass --lora FILE")
+        if file_hash(Path(r["file"])) != r.get("sha256"):
+            print(f"carrara: warning: the LoRA {r['file']} has changed since {args.from_png} was made with it",
+                  file=sys.stderr)
+    return [f"{r['file']}:{r['weight']}" for r in records]
+
+
 def generate_command(args: argparse.Namespace) -> int:
     meta = _read_from(args.from_png) if args.from_png else None
     s, model = _settings(args, meta)
@@ -166,9 +184,10 @@ def generate_command(args: argparse.Namespace) -> int:
     out = asked if args.overwrite else _next_free(asked, s["n"])
     t0 = time.perf_counter()
     pipe = load_any(model, allow_pickle=args.allow_pickle, precision=s["precision"])  # a diffusion or family model
-    if args.lora and isinstance(pipe, FamilyPipeline):
+    lora_specs = _lora_specs(args, meta)
+    if lora_specs and isinstance(pipe, FamilyPipeline):
         raise CarraraError(f"--lora adapts a diffusion model's U-Net; {model} is a {pipe.kind} model")
-    loras = apply_loras(pipe.unet, args.lora) if args.lora else []  # merged into the weights (models/lora.py)
+    loras = apply_loras(pipe.unet, lora_specs) if lora_specs else []  # merged into the weights (models/lora.py)
     if edit_kwargs and isinstance(pipe, FamilyPipeline):
         raise CarraraError(f"--init edits with a diffusion model; {model} is a {pipe.kind} model")
     guide_kwargs, guide_record = _classifier_guidance(args, pipe)
@@ -217,6 +236,7 @@ def generate_command(args: argparse.Namespace) -> int:
     print(f"wrote {out}{each} ({len(images)} image{'s' if len(images) > 1 else ''}, load {t1 - t0:.2f} s, "
           f"generate {t2 - t1:.2f} s)")
     return 0
+
 
 def _classifier_guidance(args: argparse.Namespace, pipe) -> tuple[dict, dict]:
     """(Pipeline keyword arguments, metadata) for classifier guidance: --classifier RUN --classes … --classifier-scale."""

@@ -308,6 +308,23 @@ def test_generate_with_lora_records_it_and_weight_zero_is_the_base(tiny_diffusio
         {"file": str(adapter_file.resolve()), "sha256": sha, "weight": 1.0}]
 
 
+def test_from_reapplies_the_recorded_adapters_and_says_when_one_is_gone(tiny_diffusion_run, adapter_file, tmp_path,
+                                                                        capsys):
+    lora = tmp_path / "mine.safetensors"
+    lora.write_bytes(adapter_file.read_bytes())
+    common = ["generate", "a red circle", "--model", str(tiny_diffusion_run), "--steps", "4", "--precision", "fp32",
+              "--quiet"]
+    assert main([*common, "--lora", f"{lora}:0.5", "-o", str(tmp_path / "lora.png")]) == 0
+    assert main(["generate", "--from", str(tmp_path / "lora.png"), "--quiet", "-o", str(tmp_path / "again.png")]) == 0
+    assert np.array_equal(pixels(tmp_path / "again.png"), pixels(tmp_path / "lora.png"))
+    assert read_png_metadata(tmp_path / "again.png")["lora"][0]["weight"] == 0.5
+    lora.unlink()
+    capsys.readouterr()
+    assert main(["generate", "--from", str(tmp_path / "lora.png"), "--quiet", "-o", str(tmp_path / "x.png")]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "which is gone" in err[0] and not (tmp_path / "x.png").exists()
+
+
 def test_serve_merges_the_lora_into_the_model_it_serves(tiny_diffusion_run, adapter_file, tmp_path, monkeypatch):
     import carrara.serve.app as app_module
 
