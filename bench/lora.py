@@ -44,7 +44,7 @@ from carrara.modelfolder import write_model_folder
 from carrara.models.autoencoder import AutoencoderKL
 from carrara.models.clip import ClipScorer, retrieval
 from carrara.models.config import AutoencoderConfig, UNetConfig
-from carrara.models.lora import apply_loras
+from carrara.models.lora import merge_lora, read_lora, unmerge_lora
 from carrara.models.unet import UNet2DConditionModel
 from carrara.pipeline import Pipeline
 from carrara.train.checkpoint import latest_checkpoint
@@ -94,12 +94,13 @@ def source_images(out: Path, scale: Scale, progress: bool) -> dict[str, Image.Im
     return names
 
 
-def split_names(names: list[str], scale: Scale) -> dict[str, list[str]]:
-    """Disjoint taught / unseen / old names, shuffled with seed 0."""
+def split_names(names: list[str], scale: Scale, regularize: int = 0) -> dict[str, list[str]]:
+    """Disjoint taught / unseen / old names, shuffled with seed 0, and `regularize` more for prior preservation."""
     order = sorted(names)
     random.Random(0).shuffle(order)
     a, b = scale.taught, scale.taught + scale.unseen
-    return {"taught": order[:a], "unseen": order[a:b], "old": order[b:b + scale.old]}
+    c = b + scale.old
+    return {"taught": order[:a], "unseen": order[a:b], "old": order[b:c], "regular": order[c:c + regularize]}
 
 
 def write_folder(folder: Path, items: list[tuple[str, Image.Image]]) -> Path:
@@ -160,7 +161,7 @@ def finished(run: Path, steps: int) -> bool:
 
 def train_lora(out: Path, base: str, concept: Path, args, scale: Scale, progress: bool) -> dict:
     """The LoRA run (`carrara train diffusion --from BASE --lora-rank R`): resumed if interrupted, kept if done."""
-    run = out / "lora"
+    run = out / ("lora" if not args.regularize else f"lora-reg{args.regularize}")
     recipe = fine_tune_recipe(str(concept), base, lora_rank=args.rank)
     recipe.train.steps = args.steps or scale.steps
     if scale.tiny:
@@ -211,8 +212,12 @@ def run(args: argparse.Namespace) -> dict:
     progress = not args.quiet
     out = ensure_dir(args.out or ("runs/lora-bench-tiny" if args.tiny else "runs/lora-bench"))
     names = source_images(out, scale, progress)
-    sets = split_names(list(names), scale)
-    concept = write_folder(out / "concept", [(f"{n}, {STYLE}", cyanotype(names[n])) for n in sets["taught"]])
+    sets = split_names(list(names), scale, args.regularize)
+    # prior preservation (DreamBooth, Ruiz et al. 2023, in its simplest form): plain images under plain captions
+    # beside the styled ones, so the adapter learns the style with its word, not for every prompt
+    concept = write_folder(out / ("concept" if not args.regularize else f"concept-reg{args.regularize}"),
+                           [(f"{n}, {STYLE}", cyanotype(names[n])) for n in sets["taught"]]
+                           + [(n, names[n]) for n in sets["regular"]])
     base = str(tiny_base(out / "base")) if args.tiny else args.model
     clip_run, clip_wall = judge(out, args, scale, names, progress)
     lora = train_lora(out, base, concept, args, scale, progress)
@@ -221,16 +226,23 @@ def run(args: argparse.Namespace) -> dict:
     pipe = Pipeline.load(base, precision=args.precision)
     started = time.perf_counter()
     before = {k: generate(pipe, v) for k, v in prompts.items()}
-    apply_loras(pipe.unet, [lora["file"]])
-    after = {k: generate(pipe, v) for k, v in prompts.items()}
+    by_weight = {}
+    for weight in args.weights:
+        originals = merge_lora(pipe.unet, read_lora(lora["file"]), weight)
+        by_weight[weight] = {k: generate(pipe, v) for k, v in prompts.items()}
+        unmerge_lora(pipe.unet, originals)
+    after = by_weight[args.weights[0]]
     sampling = time.perf_counter() - started
     scorer = ClipScorer.load(clip_run)
     result = {"cpu": cpu_kind(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "tiny": args.tiny,
               "model": base, "style": STYLE, "size": scale.size, "names": sets, "lora": lora,
               "clip": {"run": str(clip_run), "steps": None if args.clip else args.clip_steps or scale.clip_steps,
                        "train_wall_s": None if clip_wall is None else round(clip_wall, 1)},
-              "sampling_s_per_image": round(sampling / (2 * sum(len(v) for v in prompts.values())), 3),
-              "before": score(scorer, before, prompts), "after": score(scorer, after, prompts)}
+              "regularize": args.regularize, "weights": args.weights,
+              "sampling_s_per_image": round(sampling / ((1 + len(args.weights)) * sum(len(v) for v in prompts.values())),
+                                            3),
+              "before": score(scorer, before, prompts), "after": score(scorer, after, prompts),
+              "after_by_weight": {str(w): score(scorer, images, prompts) for w, images in by_weight.items()}}
     result["old_t2i_top5_drop_points"] = round(100 * (result["before"]["old_t2i_top5"]
                                                       - result["after"]["old_t2i_top5"]), 1)
     shown = [("taught_styled", 4), ("unseen_styled", 4), ("old", 8)]  # the grid's columns: the first k of each set
@@ -245,6 +257,14 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
+def _weights(text: str) -> list[float]:
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--weights takes numbers separated by commas, got {text!r}") from None
+    return weights
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="default", help="the model to teach (default: the packaged one)")
@@ -256,6 +276,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", help="runs folder (default runs/lora-bench, tiny runs/lora-bench-tiny)")
     p.add_argument("--json", help="results (default bench/results/lora.json, tiny lora-tiny.json)")
     p.add_argument("--grid", help="the grid (default docs/images/lora-grid.png, tiny OUT/lora-grid.png)")
+    p.add_argument("--regularize", type=int, default=0, metavar="N", help="prior preservation: N plain emoji of "
+                   "other names under plain captions in the LoRA's data (default 0)")
+    p.add_argument("--weights", type=_weights, default=[1.0], help="adapter weights to score, comma-separated; the "
+                   "first is 'after' (default 1)")
     p.add_argument("--tiny", action="store_true", help="seconds on a tiny random model: checks the bench")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)

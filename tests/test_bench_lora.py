@@ -45,3 +45,21 @@ def test_tiny_lora_bench_has_every_number(tmp_path):
     assert grid.shape == (2 + 2 * (16 + 2), 2 + 16 * (16 + 2), 3)  # 2 rows (before, after) of 4 + 4 + 8 images
     before, after = grid[2:18], grid[20:36]
     assert np.abs(before - after).mean() > 0.5  # the after row was drawn with the adapter merged
+
+
+def test_prior_preservation_data_and_a_weight_sweep_where_zero_is_the_base(tmp_path):
+    out, result_path = tmp_path / "runs", tmp_path / "lora.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "lora.py"), "--tiny", "--quiet", "--out", str(out),
+                           "--json", str(result_path), "--regularize", "3", "--weights", "1,0"], check=False,
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(result_path.read_text())
+    names = result["names"]
+    assert len(names["regular"]) == 3 and not set(names["regular"]) & set(
+        names["taught"] + names["unseen"] + names["old"])
+    concept = [json.loads(line)["text"] for line in (out / "concept-reg3" / "metadata.jsonl").read_text().splitlines()]
+    assert concept == [f"{n}, cyanotype" for n in names["taught"]] + names["regular"]  # plain captions, plain images
+    assert result["lora"]["run"].endswith("lora-reg3") and result["weights"] == [1.0, 0.0]
+    assert result["after_by_weight"]["1.0"] == result["after"]
+    assert result["after_by_weight"]["0.0"] == result["before"]  # weight 0 is the base model, image for image
