@@ -439,16 +439,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run(args: argparse.Namespace) -> dict:
-    base = TINY if args.tiny else FULL
+def bench_scale(args: argparse.Namespace, full, tiny):
+    """The bench's size: FULL or TINY with --n, --n-fd, --minutes, --clip-minutes applied, checked."""
     given = {"n": args.n, "n_fd": args.n_fd, "minutes": args.minutes, "clip_minutes": args.clip_minutes}
-    scale = dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
+    scale = dataclasses.replace(tiny if args.tiny else full, **{k: v for k, v in given.items() if v is not None})
     if scale.minutes <= 0 or scale.clip_minutes <= 0 or scale.n < 1 or scale.n_fd < 2:
         raise CarraraError("--minutes and --clip-minutes must be positive, --n at least 1 and --n-fd at least 2")
-    names = args.only.split(",") if args.only else list(ENTRANTS)
-    unknown = [n for n in names if n not in ENTRANTS]
+    return scale
+
+
+def chosen(only: str | None, known, what: str) -> list[str]:
+    """--only's comma list (default every one of `known`), each checked."""
+    names = only.split(",") if only else list(known)
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise CarraraError(f"--only: unknown entrant {unknown[0]!r}; choose from {', '.join(ENTRANTS)}")
+        raise CarraraError(f"--only: unknown {what} {unknown[0]!r}; choose from {', '.join(known)}")
+    return names
+
+
+def run(args: argparse.Namespace) -> dict:
+    scale = bench_scale(args, FULL, TINY)
+    names = chosen(args.only, ENTRANTS, "entrant")
     started, out = time.perf_counter(), ensure_dir(args.out or ("runs/families-tiny" if args.tiny else "runs/families"))
     progress = not args.quiet
     clip = check_clip(Path(args.clip), scale.size) if args.clip else None

@@ -46,7 +46,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent))
 from families import (
     FAITHFULNESS,
+    bench_scale,
     check_clip,
+    chosen,
     cpu_kind,
     families_grid,
     image_row,
@@ -354,15 +356,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> dict:
-    base = TINY if args.tiny else FULL
-    given = {"n": args.n, "n_fd": args.n_fd, "minutes": args.minutes, "clip_minutes": args.clip_minutes}
-    scale = dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
-    if scale.minutes <= 0 or scale.clip_minutes <= 0 or scale.n < 1 or scale.n_fd < 2:
-        raise CarraraError("--minutes and --clip-minutes must be positive, --n at least 1 and --n-fd at least 2")
-    names = args.only.split(",") if args.only else list(ROUTES)
-    unknown = [n for n in names if n not in ROUTES]
-    if unknown:
-        raise CarraraError(f"--only: unknown route {unknown[0]!r}; choose from {', '.join(ROUTES)}")
+    scale = bench_scale(args, FULL, TINY)
+    names = chosen(args.only, ROUTES, "route")
     started, out = time.perf_counter(), ensure_dir(args.out or ("runs/routes-tiny" if args.tiny else "runs/routes"))
     progress = not args.quiet
     clip = check_clip(Path(args.clip), scale.size) if args.clip else None
