@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -30,6 +29,7 @@ from carrara.diffusion.settings import DEFAULTS as SETTINGS
 from carrara.diffusion.settings import SAMPLER_NAMES, GenerationSettings
 from carrara.errors import CarraraError
 from carrara.families.pipeline import FamilyPipeline, load_any
+from carrara.fileio import file_sha256
 from carrara.images import image_grid, open_picture
 from carrara.modelfolder import read_json_object
 from carrara.models.classifier import NoiseAwareClassifier
@@ -116,7 +116,7 @@ def _check_writable(out: Path) -> None:
 def _picture_record(path: str, what: str) -> tuple[Image.Image, dict]:
     """A picture file, and how its PNG metadata names it: the resolved path and the first 16 hex of its SHA-256."""
     picture = open_picture(path, what)
-    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    digest = file_sha256(path)[:16]
     return picture, {"file": str(Path(path).resolve()), "sha256": digest}
 
 

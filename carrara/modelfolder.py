@@ -5,14 +5,13 @@ A diffusion run folder *is* a model folder: the trainer exports its EMA weights 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from carrara.errors import CarraraError
-from carrara.fileio import write_json_atomic
+from carrara.fileio import file_sha256, write_json_atomic
 from carrara.safeload import weights_file
 
 PACKAGED = Path(__file__).parent / "assets"
@@ -32,11 +31,7 @@ class ModelFolder:
     def unet_hash(self, *, allow_pickle: bool = False) -> str:
         """First 12 hex digits of the SHA-256 of the U-Net weights: names the model in PNG metadata."""
         weights = weights_file(self.unet, "diffusion_pytorch_model", allow_pickle=allow_pickle)
-        h = hashlib.sha256()
-        with open(weights, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-        return h.hexdigest()[:12]
+        return file_sha256(weights)[:12]
 
 
 def read_json_object(path: Path) -> dict:

@@ -13,7 +13,6 @@ returns the original weights of the modules it changed, and `unmerge_lora` puts 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from carrara.errors import CarraraError
-from carrara.fileio import atomic_path
+from carrara.fileio import atomic_path, file_sha256
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # diffusers' training scripts adapt the same four projections
 PREFIX = "unet."
@@ -55,11 +54,7 @@ def save_lora(path: str | Path, state: dict[str, torch.Tensor], *, rank: int, al
 
 
 def file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()[:12]
+    return file_sha256(path)[:12]
 
 
 def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:

@@ -9,7 +9,6 @@ a full disk, a copy interrupted) is detected, and `load_latest` falls back to th
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -24,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from carrara.errors import CarraraError
+from carrara.fileio import file_sha256
 
 STATE_FILE = "state.json"  # written last: its presence marks a complete checkpoint
 TENSOR_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "rng.safetensors")
@@ -74,11 +74,7 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
 
 
 def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_sha256(path)
 
 
 def _fsync(path: Path) -> None:
