@@ -179,6 +179,20 @@ def test_tiny_classifier_beats_chance(classifier_run, capsys):
         "scaled_linear"
 
 
+def test_classifier_trains_in_pixel_space(tmp_path):
+    """--autoencoder pixels (Imagen's route): the classifier reads noisy pixels (3 channels) and learns the position."""
+    build_shapes(tmp_path / "d", n=200, size=16, seed=2, progress=False, two_object_fraction=0.0)
+    assert main(["train", "classifier", "--data", str(tmp_path / "d"), "--autoencoder", "pixels", "--out",
+                 str(tmp_path / "c"), "--size", "16", "--steps", "200", "--batch-size", "32", "--quiet",
+                 "--set", "model.block_out_channels=[32,64,64]", "--set", "model.norm_num_groups=8",
+                 "--set", "model.head_channels=16", "--set", "holdout=50", "--set", "train.lr=0.002",
+                 "--set", "train.warmup_steps=10", "--set", "train.ema_decay=0.99", "--set", "train.bf16=false",
+                 "--set", "train.checkpoint_every=1000", "--set", "relation=false"]) == 0
+    assert json.loads((tmp_path / "c" / "classifier" / "config.json").read_text())["in_channels"] == 3
+    line = [s for s in (tmp_path / "c" / "log.txt").read_text().splitlines() if s.startswith("held-out accuracy")][-1]
+    assert json.loads(line.split("by t: ", 1)[1])["0"]["position"] >= 0.6
+
+
 def test_generate_with_classifier_guidance(classifier_run, tmp_path, capsys):
     model = write_tiny_model(tmp_path / "model")
     out = tmp_path / "guided.png"

@@ -22,10 +22,10 @@ from carrara.data.load import load_dataset, preload_images
 from carrara.diffusion.schedule import NoiseSchedule, add_noise
 from carrara.errors import CarraraError
 from carrara.fileio import ensure_dir, write_json_atomic
-from carrara.models.autoencoder import AutoencoderKL
 from carrara.models.classifier import RELATION, RELATION_BY, ClassifierConfig, NoiseAwareClassifier
 from carrara.train.cache import encode_latents
 from carrara.train.core import TrainConfig, Trainer
+from carrara.train.diffusion import first_stage
 
 IGNORE = -100  # a label the example does not have (F.cross_entropy's ignore_index)
 HEADS = {"shape": list(shapes.SHAPES), "color": list(shapes.COLORS), "size": list(shapes.SIZES),
@@ -105,11 +105,8 @@ def train_classifier(recipe: ClassifierRecipe, out: str | Path, *, resume: bool 
                      progress: bool = True, stop_at: int | None = None) -> dict:
     """Encode the images once, then train the classifier on noisy latents; writes out/classifier/."""
     out = ensure_dir(out)
-    vae_dir = Path(recipe.autoencoder) / "vae"
-    if not (vae_dir / "config.json").is_file():
-        raise CarraraError(f"--autoencoder {recipe.autoencoder}: no trained autoencoder there (expected vae/config.json)")
     schedule = NoiseSchedule.from_config(recipe.schedule, T=recipe.num_train_timesteps)
-    vae = AutoencoderKL.from_pretrained(vae_dir)
+    vae, _ = first_stage(recipe.autoencoder, recipe.size)  # a trained autoencoder, or "pixels[:F]" (Imagen's route)
     dataset = load_dataset(recipe.data, size=recipe.size)
     labels = shape_labels(dataset.records, recipe.relation)
     images, _ = preload_images(dataset, progress=progress)  # (N, 3, H, W) uint8
