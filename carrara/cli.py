@@ -276,6 +276,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     """Load the model, then serve the page and API until Ctrl-C."""
     from carrara.pipeline import Pipeline
     from carrara.serve.app import LOOPBACK_HOSTS, create_app, is_loopback, listen, server
+    from carrara.serve.search import Searcher
 
     loopback = is_loopback(args.host)
     if not loopback:
@@ -283,19 +284,23 @@ def _cmd_serve(args: argparse.Namespace) -> int:
               "and read the gallery (there is no authentication)", file=sys.stderr)
     sock = listen(args.host, args.port)
     try:
+        searcher = Searcher.load(args.index) if args.index else None  # before the model: a bad index fails at once
         pipe = Pipeline.load(args.model, allow_pickle=args.allow_pickle)
         if args.lora:  # merged into the starting model's U-Net; pipe.loras is what its PNGs should record
             from carrara.models.lora import apply_loras
 
             pipe.loras = apply_loras(pipe.unet, args.lora)
         app = create_app(pipe, args.data_dir, allowed_hosts=LOOPBACK_HOSTS if loopback else None,
-                         models_dir=args.models, load=functools.partial(Pipeline.load, allow_pickle=args.allow_pickle))
+                         models_dir=args.models, load=functools.partial(Pipeline.load, allow_pickle=args.allow_pickle),
+                         searcher=searcher)
         host, port = sock.getsockname()[:2]
         url_host = f"[{host}]" if ":" in host else host
         print(f"carrara serve: model {app.state.jobs.model_ref} ({pipe.model_hash}) on http://{url_host}:{port}/ "
               f"— gallery in {Path(args.data_dir).resolve()}; Ctrl-C stops", flush=True)
         print(f"carrara serve: {app.state.gallery.summary()}", flush=True)
         print(f"carrara serve: models {', '.join(app.state.models.choices)} (GET /api/models)", flush=True)
+        if searcher is not None:
+            print(f"carrara serve: {searcher.summary()}", flush=True)
         server(app).run(sockets=[sock])
     finally:
         sock.close()
@@ -511,6 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]", help="merge a LoRA adapter into the "
                        "model's U-Net at WEIGHT (default 1); repeatable")
     serve.add_argument("--allow-pickle", action="store_true", help="let the model's weights be pickles (.bin), read weights-only; default: safetensors only")
+    serve.add_argument("--index", default=None, help="a CLIP retrieval index (from carrara index): the page gets a "
+                       "search box over its images")
     serve.set_defaults(func=_cmd_serve)
     return parser
 

@@ -42,8 +42,10 @@ from carrara.serve.schema import (
     GalleryPage,
     GenerateRequest,
     JobInfo,
+    error_response,
     field_range,
 )
+from carrara.serve.search import Searcher, search_router
 from carrara.serve.uploads import UploadError, read_edit
 
 STATIC = Path(__file__).parent / "static"
@@ -189,22 +191,17 @@ def describe(pipe, choice: Choice) -> dict:
             "example_prompt": example_prompt(choice.path)}
 
 
-def _error(status: int, message: str, field: str | None = None) -> JSONResponse:
-    """A 4xx/5xx whose `message` is one line (and, for a field, FastAPI's error list in `detail`)."""
-    detail = message if field is None else [{"loc": ["body", field], "msg": message, "type": "value_error"}]
-    return JSONResponse({"detail": detail, "message": message}, status)
-
-
 def create_app(pipe, data_dir: str | Path, *, max_queued: int = 32, batch_images: int = 16,
                allowed_hosts: tuple[str, ...] | None = LOOPBACK_HOSTS, max_body_bytes: int = MAX_BODY_BYTES,
                preview_every: int | None = None, models_dir: str | Path | None = None, max_loaded: int = MAX_LOADED,
-               load=None) -> FastAPI:
+               load=None, searcher: Searcher | None = None) -> FastAPI:
     """The app over a loaded `Pipeline` (the default model) and the models it can switch to; its worker thread
     starts and stops with the app's lifespan.
 
     allowed_hosts: Host header names answered (None: any, for a server bound beyond loopback).
     models_dir: a folder whose model sub-folders are offered besides the packaged ones (serve/models.py).
     load: folder → pipeline for the other models (default `Pipeline.load`).
+    searcher: a loaded CLIP retrieval index for /api/search (serve/search.py); None: the page has no search box.
     """
     gallery = Gallery(data_dir)
     models = ModelStore(discover(pipe.name, models_dir), pipe, load or Pipeline.load, max_loaded=max_loaded)
@@ -230,6 +227,7 @@ def create_app(pipe, data_dir: str | Path, *, max_queued: int = 32, batch_images
     app.state.jobs, app.state.gallery, app.state.models = jobs, gallery, models
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.include_router(search_router(searcher, gallery))
 
     def job_or_404(job_id: str) -> dict:
         snap = jobs.snapshot(job_id)
@@ -246,20 +244,22 @@ def create_app(pipe, data_dir: str | Path, *, max_queued: int = 32, batch_images
     async def generate(body: GenerateRequest):
         """Queue a job; poll GET /api/jobs/{id} or stream /api/jobs/{id}/events."""
         if body.model is not None and body.model not in models.choices:
-            return _error(422, f"model: no model {body.model!r}; choose one of {', '.join(models.choices)}", "model")
+            return error_response(422, f"model: no model {body.model!r}; choose one of {', '.join(models.choices)}",
+                                  "model")
         try:
             sizes = (await model_info(body.model))["sizes"]
         except CarraraError as e:
-            return _error(503, f"model {body.model!r} cannot be loaded: {e}")
+            return error_response(503, f"model {body.model!r} cannot be loaded: {e}")
         for name in ("width", "height"):
             value, other = getattr(body, name), body.height if name == "width" else body.width
             if value is not None and (value not in sizes or other not in (None, value)):  # square sizes only
                 square = " or ".join(f"{s}×{s}" for s in sizes)
-                return _error(422, f"{name}: this model makes {square} images; give one of them or leave it out", name)
+                return error_response(422, f"{name}: this model makes {square} images; give one of them or leave it "
+                                      "out", name)
         try:
             edit = await run_in_threadpool(read_edit, body, gallery, (IMG2IMG_STRENGTH, INPAINT_STRENGTH))
         except UploadError as e:
-            return _error(422, str(e), str(e).split(":")[0])
+            return error_response(422, str(e), str(e).split(":")[0])
         try:
             job = jobs.submit(body.settings(), n=body.n, random_seed=body.seed == "random", model=body.model,
                               edit=edit)
@@ -349,11 +349,11 @@ def create_app(pipe, data_dir: str | Path, *, max_queued: int = 32, batch_images
         """A model (default: the one the server started with; naming another loads it): its hash, the image sizes
         it makes, the sampling defaults, and the request limits."""
         if name is not None and name not in models.choices:
-            return _error(404, f"no model {name!r}; choose one of {', '.join(models.choices)}")
+            return error_response(404, f"no model {name!r}; choose one of {', '.join(models.choices)}")
         try:
             info = await model_info(name)
         except CarraraError as e:
-            return _error(503, f"model {name!r} cannot be loaded: {e}")
+            return error_response(503, f"model {name!r} cannot be loaded: {e}")
         return {**info, "limits": {"prompt_chars": MAX_PROMPT_CHARS, "steps": MAX_STEPS, "guidance": MAX_GUIDANCE, "n": MAX_BATCH,
                            "steps_x_n": MAX_WORK, "seed": MAX_SEED, "queue": jobs.max_queued,
                            "body_bytes": max_body_bytes}}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from carrara.diffusion.settings import DEFAULTS, MAX_GUIDANCE, MAX_STEPS, SAMPLER_NAMES, GenerationSettings
@@ -22,6 +23,7 @@ MAX_WORK = 1280
 MAX_MODEL_NAME = 200
 MAX_IMAGE_BYTES = 2 * 2**20  # one picture to edit; the page sends the model's size, a few KB (serve/uploads.py)
 MAX_DATA_URL = 40 + (MAX_IMAGE_BYTES + 2) // 3 * 4  # its base64 data URL
+SEARCH_K, MAX_SEARCH_K = 8, 64  # images a search returns: by default (as `carrara search --k`), at most
 
 
 class GenerateRequest(BaseModel):
@@ -90,8 +92,8 @@ class GenerateRequest(BaseModel):
 
 
 def field_range(name: str) -> tuple[float, float] | None:
-    """(lowest, highest) a numeric field of GenerateRequest allows, read from its Field(ge=…, le=…)."""
-    field = GenerateRequest.model_fields.get(name)
+    """(lowest, highest) a numeric field of a request body allows, read from its Field(ge=…, le=…)."""
+    field = GenerateRequest.model_fields.get(name) or SearchRequest.model_fields.get(name)
     if field is None:
         return None
     low = next((m.ge for m in field.metadata if getattr(m, "ge", None) is not None), None)
@@ -150,3 +152,50 @@ class GalleryPage(BaseModel):
     offset: int
     limit: int
     skipped: int = Field(description="files in the gallery folder that could not be read at start-up (not listed)")
+
+
+class SearchRequest(BaseModel):
+    """The body of POST /api/search: one query (words, a picture, or a gallery image) and how many images."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    text: str | None = Field(None, max_length=MAX_PROMPT_CHARS, description="words, embedded by the CLIP text tower")
+    image: str | None = Field(None, max_length=MAX_DATA_URL, description=(
+        'a picture as a data URL "data:image/png;base64,…" (PNG or JPEG, at most 2 MiB), embedded by the image '
+        "tower"))
+    image_id: str | None = Field(None, pattern=r"^[0-9a-f]{32}$", description=(
+        "a gallery image's id: the training images nearest to a generated picture (a memorisation check)"))
+    k: int = Field(SEARCH_K, ge=1, le=MAX_SEARCH_K, description="how many images (fewer if the index holds fewer)")
+
+    @field_validator("text")
+    @classmethod
+    def _not_blank(cls, text: str | None) -> str | None:
+        if text is not None and not text.strip():
+            raise ValueError("the search text is empty")
+        return text
+
+    @model_validator(mode="after")
+    def _one_query(self) -> SearchRequest:
+        given = [name for name in ("text", "image", "image_id") if getattr(self, name) is not None]
+        if len(given) != 1:
+            both = f", not {' and '.join(given)}" if given else ""
+            raise ValueError(f"give one query: text, image or image_id{both}")
+        return self
+
+
+class SearchHit(BaseModel):
+    rank: int = Field(description="1 = nearest")
+    score: float = Field(description="cosine similarity of the CLIP embeddings, in [-1, 1]")
+    file: str = Field(description="the image's path in the indexed folder")
+    text: str = Field(description="its caption")
+    url: str = Field(description="GET it: /api/search/image/{i}, i its place in the index")
+
+
+class SearchResult(BaseModel):
+    results: list[SearchHit]
+    ms: float = Field(description="query time in milliseconds: embedding the query and the kNN search")
+
+
+def error_response(status: int, message: str, field: str | None = None) -> JSONResponse:
+    """A 4xx/5xx whose `message` is one line (and, for a field, FastAPI's error list in `detail`)."""
+    detail = message if field is None else [{"loc": ["body", field], "msg": message, "type": "value_error"}]
+    return JSONResponse({"detail": detail, "message": message}, status)
