@@ -248,7 +248,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from carrara.export import export_default, export_diffusers
-    from carrara.modelfolder import PACKAGED
+    from carrara.modelfolder import PACKAGED, PACKAGED_BUDGET_MB
 
     if args.export_command == "cascade":
         from carrara.upsampler import assemble_cascade
@@ -260,8 +260,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
         result = export_diffusers(args.model, args.out)
         print(f"wrote {result['out']}: load it with diffusers.StableDiffusionPipeline.from_pretrained({result['out']!r})")
         return 0
-    out = PACKAGED / "default" if args.into_package else args.out
-    result = export_default(args.model, out, autoencoder_run=args.autoencoder, upsampler_run=args.upsampler)
+    out = PACKAGED / args.into_package if args.into_package else args.out
+    result = export_default(args.model, out, autoencoder_run=args.autoencoder, upsampler_run=args.upsampler,
+                            max_mb=PACKAGED_BUDGET_MB.get(args.into_package, PACKAGED_BUDGET_MB["default"]))
     print(f"wrote {result['out']} ({result['weights_mb']:.1f} MB of fp16 weights)")
     return 0
 
@@ -455,8 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     default.add_argument("--upsampler", default=None, help="a cascade's upsampler run (its log is copied too)")
     where = default.add_mutually_exclusive_group(required=True)
     where.add_argument("--out", default=None, help="destination folder")
-    where.add_argument("--into-package", action="store_true",
-                       help="replace the installed package's default model (carrara/assets/default)")
+    where.add_argument("--into-package", nargs="?", const="default", choices=("default", "shapes"), default=None,
+                       help="replace a model in the installed package: default (the default) or shapes "
+                       "(carrara/assets/NAME; at most 100 / 20 MB)")
     default.set_defaults(func=_cmd_export)
     cascade = export_cmds.add_parser("cascade", help="a base model and an upsampler run as one cascade model folder")
     cascade.add_argument("--base", required=True, help="diffusion run or model folder (the 64-px base)")

@@ -31,7 +31,7 @@ from carrara.errors import CarraraError
 from carrara.families.pipeline import FamilyPipeline, load_any
 from carrara.fileio import file_sha256
 from carrara.images import image_grid, open_picture
-from carrara.modelfolder import read_json_object
+from carrara.modelfolder import packaged, read_json_object
 from carrara.models.classifier import NoiseAwareClassifier
 from carrara.models.lora import apply_loras, file_hash
 from carrara.pipeline import IMG2IMG_STRENGTH, INPAINT_STRENGTH, MAX_BATCH
@@ -213,7 +213,7 @@ def generate_command(args: argparse.Namespace) -> int:
     if recorded and recorded != pipe.model_hash:
         print(f"carrara: warning: {args.from_png} was made by model {recorded}, this is {pipe.model_hash}",
               file=sys.stderr)
-    model_ref = model if model == "default" else str(Path(model).resolve())
+    model_ref = model if packaged(model) else str(Path(model).resolve())
     metadata = {**s, "precision": pipe.precision, "model": model_ref, "model_hash": pipe.model_hash,
                 "size": images[0].width, **edit_record, **guide_record}
     if loras:  # each adapter's file, hash and weight

@@ -15,6 +15,15 @@ from carrara.fileio import file_sha256, write_json_atomic
 from carrara.safeload import weights_file
 
 PACKAGED = Path(__file__).parent / "assets"
+# Names that mean a model shipped in the package (carrara/assets/NAME), budget in MB of fp16 weights: the default
+# emoji model, and the small `shapes` model whose faithfulness anyone can check in seconds. A local folder of the
+# same name is reached as ./NAME.
+PACKAGED_BUDGET_MB = {"default": 100.0, "shapes": 20.0}
+
+
+def packaged(name: str | Path) -> Path | None:
+    """The package's folder for a packaged model's name ("default", "shapes"), None for any other path."""
+    return PACKAGED / str(name) if str(name) in PACKAGED_BUDGET_MB else None
 
 
 @dataclass
@@ -46,11 +55,11 @@ def read_json_object(path: Path) -> dict:
 
 
 def resolve(path: str | Path) -> ModelFolder:
-    """Find the components of the model at `path` ("default" = the packaged model)."""
-    root = PACKAGED / "default" if str(path) == "default" else Path(path)
-    if str(path) == "default" and not root.is_dir():
-        raise CarraraError("no default model is packaged in this checkout; pass --model RUN_DIR "
-                           "(train one with `carrara train diffusion`)")
+    """Find the components of the model at `path` ("default", "shapes" = the packaged models)."""
+    root = packaged(path) or Path(path)
+    if packaged(path) and not root.is_dir():
+        raise CarraraError(f"no {path} model is packaged in this checkout; pass --model RUN_DIR "
+                           "(train one with `carrara train diffusion`, or `carrara recipe recipes/...`)")
     if not root.is_dir():
         raise CarraraError(f"model folder {root} does not exist")
     index_path = root / "model_index.json"

@@ -5,7 +5,7 @@ from safetensors.torch import load_file
 from test_cli_generate import write_tiny_model
 
 import carrara.modelfolder
-from carrara.cli import main
+from carrara.cli import build_parser, main
 from carrara.errors import CarraraError
 from carrara.export import export_default
 from carrara.pipeline import Pipeline
@@ -83,6 +83,28 @@ def test_export_default_never_writes_into_the_package_unless_asked(tmp_path, mon
     assert main(["export", "default", "--model", str(model), "--into-package"]) == 0
     assert (package / "default" / "model_index.json").is_file()
     assert Pipeline.load(package / "default").model_hash  # a complete model folder
+
+
+def test_export_into_package_shapes_is_loaded_by_name(tmp_path, monkeypatch, capsys):
+    """`--into-package shapes` ships a second model under its name: Pipeline.load("shapes"), within its 20 MB."""
+    model = write_tiny_model(tmp_path / "model")
+    package = tmp_path / "site-packages" / "carrara" / "assets"
+    monkeypatch.setattr(carrara.modelfolder, "PACKAGED", package)
+    with pytest.raises(CarraraError, match="no shapes model is packaged"):
+        Pipeline.load("shapes")
+    monkeypatch.setitem(carrara.modelfolder.PACKAGED_BUDGET_MB, "shapes", 1e-4)
+    assert main(["export", "default", "--model", str(model), "--into-package", "shapes"]) == 2
+    assert "budget" in capsys.readouterr().err and not (package / "shapes").exists()
+    monkeypatch.setitem(carrara.modelfolder.PACKAGED_BUDGET_MB, "shapes", 20.0)
+    assert main(["export", "default", "--model", str(model), "--into-package", "shapes"]) == 0
+    assert not (package / "default").exists()
+    pipe = Pipeline.load("shapes")
+    assert pipe.model_hash == Pipeline.load(package / "shapes").model_hash
+    for name in carrara.modelfolder.PACKAGED_BUDGET_MB:  # the CLI offers every packaged name, and only those
+        assert build_parser().parse_args(["export", "default", "--model", "m", "--into-package", name]).into_package \
+            == name
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["export", "default", "--model", "m", "--into-package", "emoji"])
 
 
 def test_export_default_refuses_a_folder_that_is_not_an_export(tiny_diffusion_run, tmp_path, capsys):

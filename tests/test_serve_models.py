@@ -7,6 +7,8 @@ import pytest
 from test_cli_generate import one_error_line, write_tiny_model
 from test_serve_api import client_for, pixels, wait
 
+import carrara.modelfolder
+import carrara.serve.models
 from carrara.cli import main
 from carrara.errors import CarraraError
 from carrara.modelfolder import PACKAGED
@@ -52,6 +54,18 @@ def test_discover_lists_started_packaged_and_folder_models(tiny_diffusion_run, m
     assert next(c for c in choices if c.name == "default").ref == "default"  # the packaged one, as PNGs record it
     again = discover(str(models_dir / "other"), models_dir)  # the started model is listed once, under its name
     assert [c.name for c in again].count("other") == 1 and again[0].name == "other"
+
+
+def test_packaged_shapes_model_is_listed_and_recorded_by_name(tiny_diffusion_run, tmp_path, monkeypatch):
+    """A second packaged model (carrara/assets/shapes) is offered as "shapes" and recorded so (`--from` reloads it)."""
+    package = tmp_path / "assets"
+    write_tiny_model(package / "shapes")
+    monkeypatch.setattr(carrara.modelfolder, "PACKAGED", package)
+    monkeypatch.setattr(carrara.serve.models, "PACKAGED", package)
+    choices = discover(str(tiny_diffusion_run))
+    assert [(c.name, c.path, c.ref) for c in choices[1:]] == [("shapes", "shapes", "shapes")]
+    started = discover("shapes")
+    assert [(c.name, c.ref) for c in started] == [("shapes", "shapes")]  # started by name: listed once
 
 
 @pytest.mark.parametrize("where, words", [("nope", "no such folder"), ("stray.txt", "is not a folder")])

@@ -30,7 +30,7 @@ from starlette.concurrency import run_in_threadpool
 from carrara import __version__
 from carrara.diffusion.settings import MAX_GUIDANCE, MAX_STEPS, SAMPLER_NAMES
 from carrara.errors import CarraraError
-from carrara.modelfolder import PACKAGED
+from carrara.modelfolder import packaged
 from carrara.pipeline import IMG2IMG_STRENGTH, INPAINT_STRENGTH, MAX_BATCH, Pipeline
 from carrara.serve.gallery import Gallery
 from carrara.serve.jobs import FINISHED, JobQueue, QueueFull
@@ -71,7 +71,7 @@ def rss_mb() -> float:
 def example_prompt(model_name: str) -> str:
     """A placeholder prompt that fits the model: the first sample prompt its training recipe recorded (a run folder's
     config.json, or training/diffusion/config.json in the packaged model), else a neutral one."""
-    root = PACKAGED / "default" if model_name == "default" else Path(model_name)
+    root = packaged(model_name) or Path(model_name)
     for config in (root / "config.json", root / "training" / "diffusion" / "config.json"):
         try:
             if config.stat().st_size > 1 << 20:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from carrara.errors import CarraraError
-from carrara.modelfolder import PACKAGED, resolve
+from carrara.modelfolder import PACKAGED, PACKAGED_BUDGET_MB, packaged, resolve
 
 MAX_LOADED = 2  # the started model and one other (~0.5 GB for two of the default's size); a third is loaded again
 
@@ -38,15 +38,16 @@ def is_model_folder(path: Path) -> bool:
 
 
 def _choice(name: str, path: Path | str) -> Choice:
-    if str(path) == "default" or Path(path).resolve() == (PACKAGED / "default").resolve():
-        return Choice(name, "default", "default")
+    for shipped in PACKAGED_BUDGET_MB:
+        if str(path) == shipped or Path(path).resolve() == (PACKAGED / shipped).resolve():
+            return Choice(name, shipped, shipped)
     return Choice(name, str(path), str(Path(path).resolve()))
 
 
 def discover(started: str, models_dir: str | Path | None = None) -> list[Choice]:
     """The started model first, then the packaged models, then the model folders in `models_dir`, each once, each
     named by its folder (a clash gets its parent's name in front: "runs/default")."""
-    found = [_choice("default" if started == "default" else Path(started).resolve().name, started)]
+    found = [_choice(started if packaged(started) else Path(started).resolve().name, started)]
     if PACKAGED.is_dir():
         found += [_choice(sub.name, sub) for sub in sorted(PACKAGED.iterdir()) if sub.is_dir() and is_model_folder(sub)]
     if models_dir is not None:
