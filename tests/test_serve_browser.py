@@ -1,5 +1,6 @@
 """The page in headless Chromium (Debian's, driven by Playwright): prompt → live denoising → a gallery that survives
-a reload, with working "copy settings", "download PNG" and "reuse settings"; the model menu switches models."""
+a reload, with working "copy settings", "download PNG" and "reuse settings"; the model menu switches models; with an
+index, the search box and "nearest training images" show thumbnails."""
 import base64
 import io
 import json
@@ -12,11 +13,15 @@ import numpy as np
 import pytest
 from PIL import Image
 from test_cli_generate import write_tiny_model
-from test_serve_api import SteppedPipe, pixels
+from test_serve_api import SteppedPipe, metadata, pixels
 
+from carrara.evaluate.retrieval import ClipIndex
+from carrara.models.clip import ClipScorer
 from carrara.pipeline import Pipeline
 from carrara.png import read_png_metadata
 from carrara.serve.app import create_app, running
+from carrara.serve.gallery import Gallery
+from carrara.serve.search import Searcher
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed: `make setup` "
@@ -68,6 +73,7 @@ def test_generate_watch_it_denoise_and_keep_the_gallery(tiny_diffusion_run, tmp_
             expect(page.locator("#gallery .card")).to_have_count(2)
             expect(page.locator("#gallery .card .prompt").first).to_have_text("a red circle")
             expect(page.locator("#count")).to_have_text("(2)")
+            assert page.locator("#search").is_hidden() and page.locator("button.nearest").count() == 0  # no index
             page.wait_for_function("() => [...document.querySelectorAll('#gallery img')]"
                                    ".every((img) => img.naturalWidth === 16)")
             shot = tmp_path / "serve_page.png"
@@ -254,3 +260,60 @@ def test_the_page_does_img2img_and_inpainting(tiny_diffusion_run, tmp_path):
     keep = mask < 128
     assert np.array_equal(got[inpainted["id"]][keep], got[first["id"]][keep])  # unpainted: the picture's own pixels
     assert not np.array_equal(got[inpainted["id"]][~keep], got[first["id"]][~keep])
+
+
+def test_the_search_box_shows_the_nearest_training_images(tiny_diffusion_run, tiny_shapes, tiny_clip_run, tmp_path):
+    """With an index: type words and press Enter, and a row of thumbnails shows the API's answer (file names and
+    scores, every picture loaded); "nearest training images" on a gallery picture that copies a training image shows
+    that image first at score 1.000, with the keyboard focus on the results; a bad query is one line."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    expect = sync_api.expect
+    index = ClipIndex.build(tiny_shapes, ClipScorer.load(tiny_clip_run[0]), tiny_clip_run[0], progress=False)
+    searcher = Searcher.load(index.save(tmp_path / "index.safetensors"))
+    copied = index.files[7]
+    memorised, = Gallery(tmp_path / "data").add_all([Image.open(tiny_shapes / copied)], [metadata(3)], job_id="j")
+    app = create_app(Pipeline.load(tiny_diffusion_run), tmp_path / "data", searcher=searcher)
+    with running(app) as url, sync_api.sync_playwright() as p:
+        browser = launch(p)
+        try:
+            page = browser.new_page()
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(url)
+            expect(page.locator("#search-size")).to_have_text("(48 images)")
+            expect(page.get_by_role("searchbox", name="Words")).to_be_visible()
+            page.get_by_role("searchbox", name="Words").press_sequentially("a red circle")
+            page.keyboard.press("Enter")
+            thumbs = page.locator("#search-results li")
+            expect(thumbs).to_have_count(8)
+            page.wait_for_function("() => [...document.querySelectorAll('#search-results img')]"
+                                   ".every((img) => img.complete && img.naturalWidth === 16)")
+            api = httpx.post(url + "/api/search", json={"text": "a red circle"}).json()["results"]
+            assert page.locator("#search-results .file").all_text_contents() == [h["file"] for h in api]
+            assert page.locator("#search-results .score").all_text_contents() == [f"{h['score']:.3f}" for h in api]
+            assert page.locator("#search-results img").first.get_attribute("alt") == api[0]["text"]
+            expect(page.locator("#search-status")).to_contain_text("8 training images nearest to “a red circle”")
+
+            page.fill("#search-k", "3")
+            page.locator(f"#image-{memorised['id']} button.nearest").click()
+            expect(thumbs).to_have_count(3)
+            expect(page.locator("#search-results .file").first).to_have_text(copied)
+            expect(page.locator("#search-results .score").first).to_have_text("1.000")
+            assert page.evaluate("document.activeElement.id") == "search-results"
+            page.keyboard.press("Tab")  # from the results, the keyboard reaches the first thumbnail's link
+            assert page.evaluate("document.activeElement.getAttribute('href')") == \
+                f"/api/search/image/{index.files.index(copied)}"
+            shot = tmp_path / "serve_search.png"
+            page.screenshot(path=str(shot), full_page=True)
+            print(f"screenshot: {shot}")
+
+            page.set_input_files("#search-file", str(tiny_shapes / index.files[20]))  # search by a picture file
+            expect(page.locator("#search-status")).to_contain_text(f"nearest to {Path(index.files[20]).name}")
+            expect(page.locator("#search-results .score").first).to_have_text("1.000")
+            page.fill("#search-text", "   ")
+            page.click("#search-button")
+            expect(page.locator("#search-status")).to_have_text("text: the search text is empty")
+            expect(thumbs).to_have_count(0)
+            assert not errors, errors
+        finally:
+            browser.close()

@@ -1,6 +1,8 @@
 // carrara serve's page: a model menu and a form → POST /api/generate, progress over server-sent events, a gallery
 // from /api/gallery whose "reuse settings" puts an image's settings (model included) back into the form, and an
-// editor: a picture (a file, or "use this image" from the gallery) on a canvas with a brush for the inpainting mask.
+// editor: a picture (a file, or "use this image" from the gallery) on a canvas with a brush for the inpainting mask;
+// with `serve --index`, a search box over the training images (words or a picture → POST /api/search), also asked
+// by "nearest training images" on a gallery picture.
 // User text is only ever set with textContent, never parsed as HTML.
 "use strict";
 
@@ -9,6 +11,7 @@ const FINISHED = ["done", "cancelled", "failed"];
 const SETTING_KEYS = ["prompt", "negative_prompt", "steps", "sampler", "guidance", "seed", "n", "size", "model"];
 let galleryTotal = 0;
 let modelList = [];  // GET /api/models: [{name, ref, loaded}]
+let searchInfo = { available: false };  // GET /api/search: {available, images, k, max_k}
 // The picture being edited: its <img>, the gallery id it came from (null: a file), the brush strokes (each
 // {radius, points}, in fractions of the side, so they survive a change of size) and whether strength was set.
 const edit = { picture: null, galleryId: null, strokes: [], drawing: null, strengthSet: false };
@@ -204,11 +207,70 @@ function card(item) {
   use.onclick = () => usePicture(item.url, item.id).then(() => flash(use, "in the editor")).catch(showError);
   const download = el("a", { href: item.url, download: `carrara-${s.seed}.png`, className: "download",
                               textContent: "download PNG" });
+  const actions = el("div", { className: "actions" }, copy, download, reuse, use);
+  if (searchInfo.available) {  // a memorisation check: is this picture a copy of a training image?
+    const nearest = el("button", { type: "button", className: "nearest", textContent: "nearest training images" });
+    nearest.onclick = () => runSearch({ image_id: item.id }, `this picture (“${s.prompt}”)`);
+    actions.append(nearest);
+  }
   return el("figure", { className: "card", id: `image-${item.id}` },
     el("img", { src: item.url, alt: s.prompt, loading: "lazy", width: 200, height: 200 }),
     el("figcaption", {}, el("div", { className: "prompt", textContent: s.prompt }),
       el("div", { className: "muted", textContent: describe(s) })),
-    el("div", { className: "actions" }, copy, download, reuse, use));
+    actions);
+}
+
+function thumb(hit) {
+  // one search result: the indexed image (a link to it, full size), its file name and cosine similarity
+  const name = hit.file.split("/").pop();
+  const link = el("a", { href: hit.url, target: "_blank", rel: "noopener", title: `${hit.file}: ${hit.text}` },
+    el("img", { src: hit.url, alt: hit.text, width: 96, height: 96 }));
+  return el("li", { className: "thumb" }, el("figure", {}, link,
+    el("figcaption", {}, el("span", { className: "file", textContent: name }),
+      el("span", { className: "score", textContent: hit.score.toFixed(3) }))));
+}
+
+async function runSearch(query, what) {
+  // POST /api/search; the status line says what was searched for and how long the query took on the server
+  const status = $("search-status");
+  status.classList.remove("error");
+  status.textContent = `searching for ${what}…`;
+  $("search").hidden = false;
+  try {
+    const found = await api("/api/search", {
+      method: "POST", body: JSON.stringify({ ...query, k: Number($("search-k").value) }) });
+    $("search-results").replaceChildren(...found.results.map(thumb));
+    status.textContent = `${found.results.length} training images nearest to ${what} · ${found.ms.toFixed(1)} ms`;
+    if (query.image_id) {  // asked from the gallery: bring the results into view, and the keyboard with them
+      $("search").scrollIntoView({ block: "start" });
+      $("search-results").focus({ preventScroll: true });
+    }
+  } catch (error) {
+    $("search-results").replaceChildren();
+    status.classList.add("error");
+    status.textContent = error.message;
+  }
+}
+
+function setUpSearch(info) {
+  searchInfo = info;
+  if (!info.available) return;  // the server has no index: no search box, no "nearest" buttons
+  $("search").hidden = false;
+  $("search-size").textContent = `(${info.images} images)`;
+  $("search-k").value = info.k;
+  $("search-k").max = info.max_k;
+  $("search-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const text = $("search-text").value;
+    runSearch({ text }, `“${text}”`);
+  });
+  $("search-file").addEventListener("change", () => {
+    const file = $("search-file").files[0];
+    if (!file) return;
+    const reader = new FileReader();
+    reader.onload = () => runSearch({ image: reader.result }, file.name);
+    reader.readAsDataURL(file);
+  });
 }
 
 async function reuseSettings(item, button) {
@@ -339,6 +401,7 @@ async function start() {
     $("model-choice").replaceChildren(...modelList.map((m) => el("option", { value: m.name, textContent: m.name })));
     $("model-choice").value = listed.default;
     applyModel(await api("/api/model"));
+    setUpSearch(await api("/api/search"));
     await loadGallery();
   } catch (error) {
     showError(error);
