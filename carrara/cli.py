@@ -165,6 +165,26 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from carrara.recipe import apply_overrides, flatten, load_recipe_file
+    from carrara.train.distill import DistillRecipe, train_distill
+
+    recipe = DistillRecipe()
+    if args.recipe:
+        apply_overrides(recipe, flatten(load_recipe_file(args.recipe)))
+    for key, value in (("teacher", args.teacher), ("data", args.data)):
+        if value is not None:
+            setattr(recipe, key, value)
+    if args.steps is not None:
+        recipe.train.steps = args.steps
+    apply_overrides(recipe, args.set or [])
+    result = train_distill(recipe, args.out, resume=args.resume, progress=not args.quiet,
+                           allow_pickle=args.allow_pickle)
+    print(f"distilled {result['teacher']} into {args.out}: {result['steps']} steps, last loss "
+          f"{result['last_loss']:.5f} (try: carrara generate \"a red circle\" --model {args.out} --steps 4)")
+    return 0
+
+
 def _cmd_recipe(args: argparse.Namespace) -> int:
     from carrara.recipe import run_recipe
 
@@ -379,6 +399,21 @@ def build_parser() -> argparse.ArgumentParser:
                        "(.bin/.ckpt/.pt), read with torch.load(weights_only=True); default: safetensors only")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.set_defaults(func=_cmd_train)
+
+    distill = commands.add_parser("distill", help="distil a model into a few-step student with guidance built in "
+                                  "(latent consistency distillation, docs/distill.md)")
+    distill.add_argument("--teacher", default=None, help="the model to distil (default: the packaged model)")
+    distill.add_argument("--data", default=None, help="captioned images the teacher's trajectories start from")
+    distill.add_argument("--out", required=True, help="run folder to create (or continue with --resume)")
+    distill.add_argument("--recipe", default=None, help="a distillation recipe TOML, e.g. recipes/distill-shapes.toml")
+    distill.add_argument("--steps", type=_positive_int, help="training steps")
+    distill.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    distill.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe field, e.g. "
+                         "guidance_max=6 or train.lr=1e-5")
+    distill.add_argument("--allow-pickle", action="store_true", help="let the teacher's weights be pickles (.bin), "
+                         "read weights-only; default: safetensors only")
+    distill.add_argument("--quiet", action="store_true", help="no progress bars")
+    distill.set_defaults(func=_cmd_distill)
 
     recipe = commands.add_parser("recipe", help="run a recipe file: build data, train every stage, evaluate")
     recipe.add_argument("recipe", help="recipe TOML, e.g. recipes/shapes.toml")

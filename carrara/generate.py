@@ -191,6 +191,10 @@ def generate_command(args: argparse.Namespace) -> int:
     if edit_kwargs and isinstance(pipe, FamilyPipeline):
         raise CarraraError(f"--init edits with a diffusion model; {model} is a {pipe.kind} model")
     guide_kwargs, guide_record = _classifier_guidance(args, pipe)
+    student = None if isinstance(pipe, FamilyPipeline) else pipe.student
+    for key, value in ({} if student is None else pipe.defaults).items():  # a student's own sampler and steps
+        if getattr(args, key) is None and key not in (meta or {}):
+            s[key] = value
     t1 = time.perf_counter()
     bars = []  # opened at the first step, so settings the model refuses end in one line, not a bar and a line
 
@@ -216,6 +220,8 @@ def generate_command(args: argparse.Namespace) -> int:
     model_ref = model if packaged(model) else str(Path(model).resolve())
     metadata = {**s, "precision": pipe.precision, "model": model_ref, "model_hash": pipe.model_hash,
                 "size": images[0].width, **edit_record, **guide_record}
+    if student:  # a distilled student (guidance built in): say so, with how it was made
+        metadata["student"] = student
     if loras:  # each adapter's file, hash and weight
         metadata["lora"] = loras
     if isinstance(pipe, FamilyPipeline):  # not diffusion: steps, sampler, size do not apply; say what made it

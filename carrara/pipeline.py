@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from carrara.diffusion.consistency import STUDENT_STEPS
 from carrara.diffusion.editing import blend_known, check_strength, latent_mask, noise_to, truncate_plan
 from carrara.diffusion.guidance import ClassifierGuidance, cfg_model
 from carrara.diffusion.objectives import VarianceType
@@ -22,8 +23,8 @@ from carrara.diffusion.settings import DEFAULTS, GenerationSettings
 from carrara.errors import CarraraError
 from carrara.hardware import cpu_supports_bf16
 from carrara.images import from_pil, to_pil
-from carrara.modelfolder import resolve
-from carrara.models.blocks import text_kv_cache
+from carrara.modelfolder import read_json_object, resolve
+from carrara.models.blocks import guidance_embedding, text_kv_cache
 from carrara.models.codec import load_codec
 from carrara.models.unet import UNet2DConditionModel as UNet
 from carrara.text.encoder import TextEncoder, mean_pool
@@ -83,8 +84,11 @@ class Pipeline:
 
     def __init__(self, *, unet, vae, text_encoder, schedule: NoiseSchedule, model_hash: str = "", name: str = "",
                  scheduler_options: SchedulerOptions | None = None, precision: str = "fp32",
-                 upsampler: Upsampler | None = None):
+                 upsampler: Upsampler | None = None, student: dict | None = None):
         self.unet, self.vae, self.text_encoder = unet.eval(), vae.eval(), text_encoder
+        # a distilled student (train/distill.py) has its guidance built in: one U-Net call per step, no CFG pair.
+        # Its record (model_index.json "carrara"."student"); a U-Net with a guidance embedding is one in any case.
+        self.student = student or ({"method": "lcm"} if unet.config.time_cond_proj_dim is not None else None)
         self.upsampler = upsampler  # the cascade's second stage (carrara/upsampler.py), or None
         self.schedule = schedule  # ᾱ_t and what the U-Net predicts (schedule.prediction_type)
         self.scheduler_options = scheduler_options or SchedulerOptions()
@@ -120,10 +124,17 @@ class Pipeline:
             if upsampler.unet.config.cross_attention_dim != text_encoder.dim:
                 raise CarraraError(f"{folder.root / 'upsampler'} expects {upsampler.unet.config.cross_attention_dim}-dim "
                                    f"text states but the text encoder gives {text_encoder.dim}")
+        student = read_json_object(folder.root / "model_index.json").get("carrara", {}).get("student")
         return cls(unet=unet, vae=vae, text_encoder=text_encoder, schedule=schedule,
                    model_hash=folder.unet_hash(allow_pickle=allow_pickle), name=str(path),
                    scheduler_options=SchedulerOptions.from_scheduler_config(folder.scheduler_config),
-                   precision=precision, upsampler=upsampler)
+                   precision=precision, upsampler=upsampler, student=student if isinstance(student, dict) else None)
+
+    @property
+    def defaults(self) -> dict:
+        """The sampling settings this model is made for when the user names none: a student's few consistency steps
+        (Luo et al. 2023), else the defaults of diffusion/settings.py."""
+        return {"steps": STUDENT_STEPS, "sampler": "lcm"} if self.student else {}
 
     def latent_shape(self) -> tuple[int, int, int]:
         c = self.unet.config
@@ -168,8 +179,10 @@ class Pipeline:
             check_strength(strength)
         # 1. Encode the text; the negative prompt ("" = the null condition) is the unconditional branch.
         dtype = self.unet_dtype
+        if self.student and negative_prompt:
+            raise CarraraError("this model is a distilled student with guidance built in: it takes no negative prompt")
         cond = self.condition(prompts)  # states (B, L, D) [, pooled (B, P)]
-        uncond = self.condition([negative_prompt] * len(prompts))
+        uncond = self.condition([negative_prompt] * len(prompts)) if not self.student or cascade else None
         # 2. Initial noise x_T ~ N(0, I) (Algorithm 2, line 1). Image i draws all its randomness — x_T, then the
         # noise of the stochastic samplers — from one generator seeded seed + i: alone or in a batch, same image.
         shape = self.latent_shape()
@@ -188,9 +201,14 @@ class Pipeline:
                 options["after_step"] = blend_known(edit.z0, noise, edit.latent_mask)
         base_steps = len(timesteps)
         total = base_steps + (cascade and (upsampler or self.upsampler.settings).steps)
-        # 3. Denoise with classifier-free guidance: ε̃ = ε(∅) + w·(ε(c) − ε(∅)).
-        model = cfg_model(lambda x, t, c: self.unet(x.to(dtype), t, c[0], class_labels=c[1] if len(c) > 1 else None
-                                                    ).float(), cond, uncond, guidance)
+        # 3. Denoise with classifier-free guidance: ε̃ = ε(∅) + w·(ε(c) − ε(∅)); a student was taught the guided
+        # teacher and is told w instead (its embedding joins t's, LCM §4.2): one U-Net call per step.
+        w_emb = None
+        if self.student:
+            w_emb = guidance_embedding(torch.full((len(prompts),), float(guidance)), self.unet.config.time_cond_proj_dim)
+        model = cfg_model(lambda x, t, c: self.unet(x.to(dtype), t, c[0], class_labels=c[1] if len(c) > 1 else None,
+                                                    timestep_cond=w_emb).float(), cond, uncond, 1.0 if self.student
+                          else guidance)
         if classifier is not None:
             model = classifier.wrap(model, self.schedule, sampler, timesteps)
         decode_cb = None

@@ -23,7 +23,7 @@ PARAMETERS = "parameters"  # AUTOMATIC1111's text key
 # carrara's sampler names → A1111's (k-diffusion's names as its menu shows them). Plain DPM++ 2M reads as "dpmpp"
 # unless the infotext also says "Schedule type: Karras" (A1111 ≥ 1.9 writes the σ spacing apart from the sampler).
 A1111_SAMPLERS = {"ddpm": "DDPM", "ddim": "DDIM", "dpmpp": "DPM++ 2M", "dpmpp_karras": "DPM++ 2M Karras",
-                  "euler": "Euler", "euler_a": "Euler a"}
+                  "euler": "Euler", "euler_a": "Euler a", "lcm": "LCM"}
 _KEY_NAME = re.compile(r"\w[\w \-/]+")  # a key as A1111's re_param reads it
 _SIZE = re.compile(r"(\d{1,6})x(\d{1,6})")
 MIN_PAIRS = 3  # A1111: a last line with fewer "Key: value" pairs is part of the prompt

@@ -328,7 +328,7 @@ def test_default_timesteps():
     for steps in (1, 2, 20, 50, 300, 996):
         ts = default_timesteps("dpmpp", cosine, steps)
         assert len(ts) == steps and all(a > b for a, b in itertools.pairwise(ts)) and ts[0] <= 995
-    assert list(SAMPLERS) == ["ddpm", "ddim", "dpmpp", "euler", "euler_a", "dpmpp_karras"]
+    assert list(SAMPLERS) == ["ddpm", "ddim", "dpmpp", "euler", "euler_a", "dpmpp_karras", "lcm"]
     assert default_timesteps("euler", linear, 4) == [999.0, 666.0, 333.0, 0.0]
     assert default_timesteps("euler", linear, 1) == [999.0]  # one step starts from pure noise, not at t = 0
     assert default_timesteps("euler", cosine, 20)[0] == 995 == default_timesteps("dpmpp", cosine, 20)[0]  # λ ≥ −5.1

@@ -131,7 +131,7 @@ def test_config_round_trip_with_diffusers(tmp_path):
 
 
 @pytest.mark.parametrize("field, value", [
-    ("class_embed_type", "simple_projection"), ("addition_embed_type", "text_time"), ("time_cond_proj_dim", 256),
+    ("class_embed_type", "simple_projection"), ("addition_embed_type", "text_time"), ("time_cond_proj_dim", 0),
     ("only_cross_attention", True), ("num_attention_heads", 8), ("center_input_sample", True),
     ("resnet_time_scale_shift", "ada_group"), ("down_block_types", ["AttnDownBlock2D", "DownBlock2D"]),
     ("act_fn", "gelu"), ("cross_attention_dim", [16, 16]), ("attention_head_dim", [2, 4, 8]),

@@ -30,6 +30,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
+from carrara.diffusion.consistency import TIMESTEP_SCALING, boundary_scalings, lcm_timesteps
 from carrara.diffusion.objectives import ModelFn, learned_range_log_variance, split_variance, step_betas, to_x0_eps
 from carrara.diffusion.schedule import NoiseSchedule, PredictionType, last_timestep, spaced_timesteps
 from carrara.diffusion.settings import SAMPLER_NAMES
@@ -333,6 +334,37 @@ def sample_dpmpp_2m_karras(model: ModelFn, x_T: torch.Tensor, schedule: NoiseSch
     return x
 
 
+@torch.no_grad()
+def sample_lcm(model: ModelFn, x_T: torch.Tensor, schedule: NoiseSchedule, timesteps: Sequence[int], *,
+               prediction_type: PredictionType | str | None = None, generator: torch.Generator | None = None,
+               callback: Callback | None = None, clip_x0: float | None = None,
+               timestep_scaling: float = TIMESTEP_SCALING, after_step: StepHook | None = None) -> torch.Tensor:
+    """Multistep consistency sampling, Algorithm 3 of Luo et al. 2023 (LCM; Song et al. 2023, Algorithm 1), as
+    diffusers' LCMScheduler: at each t the consistency function x̂0 = f_θ(x_t, t) = c_skip x_t + c_out x̂0_θ (LCM eq. 9),
+    then fresh noise back to the next timestep s, x_s = √ᾱ_s x̂0 + √(1 − ᾱ_s) z; the last step returns f_θ itself.
+
+    `model` is a distilled student with its guidance scale built in (one network call per step; pipeline.py).
+    """
+    prediction_type = PredictionType.parse(prediction_type or schedule.prediction_type)
+    ts = _check_timesteps(schedule, timesteps)
+    x = x_T  # Algorithm 3, line 1: x_T ~ N(0, I)   (B, C, H, W)
+    for i, t in enumerate(ts):
+        s = ts[i + 1] if i + 1 < len(ts) else -1
+        x0_theta, _ = _denoise(model, x, t, _alpha_bar(schedule, t), prediction_type, clip_x0)
+        c_skip, c_out = boundary_scalings(t, timestep_scaling)
+        x0 = c_skip * x + c_out * x0_theta  # line 2 / 5: x̂0 = f_θ(x_t, w, c, t)
+        if callback is not None:
+            callback(i, t, x, x0)
+        if s < 0:
+            x = x0  # the last step: the consistency function's answer itself
+        else:  # line 4: x_s = α(s) x̂0 + σ(s) z, z ~ N(0, I)
+            abar_s = _alpha_bar(schedule, s)
+            x = math.sqrt(abar_s) * x0 + math.sqrt(1.0 - abar_s) * _randn(x, generator)
+        if after_step is not None:
+            x = after_step(i, _alpha_bar(schedule, s), x)
+    return x
+
+
 def _check_steps(steps: int) -> None:
     if not isinstance(steps, int) or not 1 <= steps:
         raise CarraraError(f"number of sampling steps must be a positive integer, got {steps!r}")
@@ -370,7 +402,7 @@ def alpha_bar_at(sampler: str, schedule: NoiseSchedule, t: float) -> float:
 # name → sampler, in the order of settings.SAMPLER_NAMES (the names' one source).
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = dict(
     zip(SAMPLER_NAMES, (sample_ddpm, sample_ddim, sample_dpmpp_2m, sample_euler, sample_euler_ancestral,
-                        sample_dpmpp_2m_karras), strict=True))
+                        sample_dpmpp_2m_karras, sample_lcm), strict=True))
 
 
 def get_sampler(name: str) -> Callable[..., torch.Tensor]:
@@ -391,12 +423,20 @@ class SchedulerOptions:
 
     steps_offset: int = 0
     set_alpha_to_one: bool = True
+    # LCMScheduler's keys, read by the lcm sampler alone: the distillation grid's size and the boundary scalings' s
+    original_inference_steps: int = 50
+    timestep_scaling: float = TIMESTEP_SCALING
 
     def __post_init__(self):
         if not isinstance(self.steps_offset, int) or isinstance(self.steps_offset, bool) or self.steps_offset < 0:
             raise CarraraError(f"scheduler config steps_offset={self.steps_offset!r} must be an integer ≥ 0")
         if not isinstance(self.set_alpha_to_one, bool):
             raise CarraraError(f"scheduler config set_alpha_to_one={self.set_alpha_to_one!r} must be true or false")
+        n, s = self.original_inference_steps, self.timestep_scaling
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise CarraraError(f"scheduler config original_inference_steps={n!r} must be an integer ≥ 1")
+        if not isinstance(s, int | float) or isinstance(s, bool) or not s > 0:
+            raise CarraraError(f"scheduler config timestep_scaling={s!r} must be a positive number")
 
     @classmethod
     def from_scheduler_config(cls, config: dict) -> SchedulerOptions:
@@ -406,7 +446,11 @@ class SchedulerOptions:
 def sampling_plan(sampler: str, schedule: NoiseSchedule, steps: int,
                   options: SchedulerOptions = SchedulerOptions()) -> tuple[list[int], dict]:
     """(timesteps, keyword options) for `SAMPLERS[sampler]`: `default_timesteps`, except that DDIM follows the
-    scheduler config's grid offset and end point (ᾱ after the last step: 1, or ᾱ_0 if set_alpha_to_one is false)."""
+    scheduler config's grid offset and end point (ᾱ after the last step: 1, or ᾱ_0 if set_alpha_to_one is false)
+    and LCM its distillation grid and boundary scalings."""
+    if sampler == "lcm":
+        return (lcm_timesteps(schedule.T, steps, options.original_inference_steps),
+                {"timestep_scaling": float(options.timestep_scaling)})
     if sampler != "ddim":
         return default_timesteps(sampler, schedule, steps), {}
     final = 1.0 if options.set_alpha_to_one else float(schedule.alphas_cumprod[0])
@@ -426,8 +470,11 @@ def default_timesteps(sampler: str, schedule: NoiseSchedule, steps: int) -> list
            (tests/test_samplers.py checks the spread of a Gaussian mixture; docs/decisions.md has the numbers).
     euler, euler_a: T−1, …, 0 evenly spaced and fractional (`euler_timesteps`), diffusers' Euler default "linspace".
     dpmpp_karras: Karras et al.'s σ spacing, eq. 5 with ρ = 7 (`karras_timesteps`), as diffusers' `use_karras_sigmas`.
+    lcm:   evenly in index on the 50-point distillation grid 19, 39, …, 999 (diffusers' LCMScheduler defaults).
     """
     get_sampler(sampler)
+    if sampler == "lcm":
+        return lcm_timesteps(schedule.T, steps, SchedulerOptions.original_inference_steps)
     if sampler in ("euler", "euler_a"):
         return euler_timesteps(schedule, steps)
     if sampler == "dpmpp_karras":

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from carrara.errors import CarraraError
 
 # Algorithm 2 of Ho et al. 2020, DDIM (Song et al. 2021), DPM-Solver++(2M) (Lu et al. 2022); then the names users know
-# from k-diffusion / AUTOMATIC1111 / ComfyUI: Euler, Euler ancestral, DPM++ 2M Karras (Karras et al. 2022)
-SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp", "euler", "euler_a", "dpmpp_karras")
+# from k-diffusion / AUTOMATIC1111 / ComfyUI: Euler, Euler ancestral, DPM++ 2M Karras (Karras et al. 2022); then
+# multistep consistency sampling for distilled students (Luo et al. 2023, LCM Algorithm 3)
+SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp", "euler", "euler_a", "dpmpp_karras", "lcm")
 MAX_STEPS = 1000
 MAX_GUIDANCE = 50.0
 

@@ -38,17 +38,34 @@ def timestep_embedding(
     return F.pad(emb, (0, dim % 2))  # (B, dim)
 
 
-class TimestepEmbedding(nn.Module):
-    """Two-layer MLP on the sinusoidal embedding, Ho et al. (2020) Appendix B (diffusers `TimestepEmbedding`)."""
+def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of a guidance scale w (B,): [sin, cos] of (w − 1)·1000 at frequencies 10000^(−i/(dim/2 − 1)),
+    Latent Consistency Models (Luo et al. 2023) §4.2 after VDM; exactly diffusers' `get_guidance_scale_embedding` of
+    w − 1 (LCM's w is the classifier-free scale minus one). Always float32, (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=w.device) * -(torch.log(torch.tensor(10000.0))
+                                                                                    / (half - 1)))  # (dim/2,)
+    args = ((w.float() - 1.0) * 1000.0)[:, None] * freqs[None, :]  # (B, dim/2)
+    return F.pad(torch.cat([torch.sin(args), torch.cos(args)], dim=1), (0, dim % 2))  # (B, dim)
 
-    def __init__(self, in_channels: int, time_embed_dim: int):
+
+class TimestepEmbedding(nn.Module):
+    """Two-layer MLP on the sinusoidal embedding, Ho et al. (2020) Appendix B (diffusers `TimestepEmbedding`).
+
+    With `cond_proj_dim` a second embedding (B, cond_proj_dim) is projected (no bias) and added to the input first:
+    LCM's guidance-scale embedding (diffusers' `time_cond_proj_dim`)."""
+
+    def __init__(self, in_channels: int, time_embed_dim: int, cond_proj_dim: int | None = None):
         super().__init__()
+        self.cond_proj = nn.Linear(cond_proj_dim, in_channels, bias=False) if cond_proj_dim else None
         self.linear_1 = nn.Linear(in_channels, time_embed_dim)
         self.act = nn.SiLU()
         self.linear_2 = nn.Linear(time_embed_dim, time_embed_dim)
 
-    def forward(self, t_emb: torch.Tensor) -> torch.Tensor:  # (B, in) -> (B, time_embed_dim)
-        return self.linear_2(self.act(self.linear_1(t_emb)))
+    def forward(self, t_emb: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        if condition is not None and self.cond_proj is not None:
+            t_emb = t_emb + self.cond_proj(condition)  # (B, in)
+        return self.linear_2(self.act(self.linear_1(t_emb)))  # (B, time_embed_dim)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -41,7 +41,6 @@ _FIXED_UNET: dict[str, tuple] = {
     "time_embedding_dim": (None,),
     "time_embedding_act_fn": (None,),
     "timestep_post_act": (None,),
-    "time_cond_proj_dim": (None,),
     "conv_in_kernel": (3,),
     "conv_out_kernel": (3,),
     "attention_type": ("default",),
@@ -322,6 +321,9 @@ class UNetConfig(DiffusersConfig):
     # "scale_shift": AdaGN, the time embedding scales and shifts each ResBlock's normalized features (Dhariwal &
     # Nichol 2021 §3.1); "default": it is added to them (Ho et al. 2020)
     resnet_time_scale_shift: str = "default"
+    # the width of a second embedding added to the time embedding's input: LCM's guidance-scale embedding of a
+    # distilled student (Luo et al. 2023; models/blocks.guidance_embedding), None for an ordinary U-Net
+    time_cond_proj_dim: int | None = None
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -355,6 +357,9 @@ class UNetConfig(DiffusersConfig):
         if self.resnet_time_scale_shift not in TIME_SCALE_SHIFT:
             raise CarraraError(f"UNet2DConditionModel config field resnet_time_scale_shift="
                                f"{self.resnet_time_scale_shift!r} is not supported (use one of {TIME_SCALE_SHIFT})")
+        if not (self.time_cond_proj_dim is None or _KINDS["int ≥ 1"](self.time_cond_proj_dim)):
+            raise CarraraError(f"UNet2DConditionModel config field time_cond_proj_dim={self.time_cond_proj_dim!r} "
+                               "must be a positive int or null")
         _check_sample_size(self, MAX_LATENT_SIDE, optional=True)
         _check_parameters(self)
 
@@ -368,6 +373,7 @@ class UNetConfig(DiffusersConfig):
         rt = temb * (1 + (self.resnet_time_scale_shift == "scale_shift"))  # a ResBlock's time projection (AdaGN: 2×)
         L, T = self.per_block("layers_per_block"), self.per_block("transformer_layers_per_block")
         n = 9 * self.in_channels * ch[0] + 9 * ch[0] * self.out_channels + ch[0] * temb + temb * temb
+        n += (self.time_cond_proj_dim or 0) * ch[0]
         n += ((self.projection_class_embeddings_input_dim or 0) + temb) * temb * (self.class_embed_type == "projection")
         n += 2 * _resnet_weights(ch[-1], ch[-1], rt) + _transformer_weights(ch[-1], D, T[-1])  # mid block
         for i, (c, down, up) in enumerate(zip(ch, self.down_block_types, reversed(self.up_block_types))):

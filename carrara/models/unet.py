@@ -132,7 +132,7 @@ class UNet2DConditionModel(nn.Module):
         ch = cfg.block_out_channels
         temb_channels = 4 * ch[0]
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
-        self.time_embedding = TimestepEmbedding(ch[0], temb_channels)
+        self.time_embedding = TimestepEmbedding(ch[0], temb_channels, cfg.time_cond_proj_dim)
         self.class_embedding = None
         if cfg.class_embed_type == "projection":
             self.class_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, temb_channels)
@@ -156,15 +156,18 @@ class UNet2DConditionModel(nn.Module):
         encoder_hidden_states: torch.Tensor,
         encoder_attention_mask: torch.Tensor | None = None,
         class_labels: torch.Tensor | None = None,
+        timestep_cond: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """sample x_t (B, C, h, w), timestep (B,) or scalar, text states (B, L, D), mask (B, L) True = keep,
-        class_labels the pooled text embedding (B, P) when the config has class_embed_type="projection"."""
+        class_labels the pooled text embedding (B, P) when the config has class_embed_type="projection",
+        timestep_cond a distilled student's guidance embedding (B, time_cond_proj_dim) (blocks.guidance_embedding)."""
         cfg, B = self.config, sample.shape[0]
         # 1. Time embedding: sinusoidal features of t, then an MLP (Ho et al. 2020, Appendix B).
         t = torch.as_tensor(timestep, device=sample.device)
         t = t.reshape(-1).expand(B) if t.numel() == 1 else t
         t_freq = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)  # (B, C0)
-        temb = self.time_embedding(t_freq.to(sample.dtype))  # (B, 4·C0)
+        cond = None if timestep_cond is None else timestep_cond.to(sample.dtype)  # LCM: w's embedding joins t's
+        temb = self.time_embedding(t_freq.to(sample.dtype), cond)  # (B, 4·C0)
         if self.class_embedding is not None:  # a second condition joins t in every ResBlock
             temb = temb + self.class_embedding(self._class_features(class_labels, B, sample))  # (B, 4·C0)
         # 2. Cross-attention mask as an additive score bias on the text tokens: (B, 1, 1, L).

@@ -1,0 +1,237 @@
+"""Latent consistency distillation: the w-embedding U-Net and the lcm sampler against diffusers, the boundary
+scalings, the distillation run (loss, resume, target network) and the student's pipeline (one U-Net call a step)."""
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+diffusers = pytest.importorskip("diffusers")
+
+from reference import reference_pair
+
+from carrara.cli import main
+from carrara.diffusion.consistency import boundary_scalings, lcm_timesteps, solver_timesteps
+from carrara.diffusion.samplers import SchedulerOptions, sample_lcm, sampling_plan
+from carrara.diffusion.schedule import NoiseSchedule
+from carrara.errors import CarraraError
+from carrara.models import UNet2DConditionModel, UNetConfig
+from carrara.models.blocks import guidance_embedding
+from carrara.pipeline import Pipeline
+from carrara.png import read_png_metadata
+from carrara.train.core import TrainConfig
+from carrara.train.distill import DistillRecipe, TargetNetwork, student_unet, train_distill
+
+TINY = {"sample_size": 8, "block_out_channels": [32, 64], "layers_per_block": 1, "norm_num_groups": 8,
+        "cross_attention_dim": 16, "attention_head_dim": [2, 4], "time_cond_proj_dim": 32,
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"]}
+
+
+def _w_emb(w: float, batch: int, dim: int) -> torch.Tensor:
+    """diffusers' LCM pipeline's embedding of guidance scale w (it embeds w − 1)."""
+    pipe_cls = diffusers.LatentConsistencyModelPipeline
+    return pipe_cls.get_guidance_scale_embedding(None, torch.tensor(w - 1).repeat(batch), embedding_dim=dim)
+
+
+@pytest.mark.parametrize("dim", [32, 256, 33])
+def test_guidance_embedding_is_diffusers_lcm_embedding_of_w_minus_one(dim):
+    for w in (1.0, 2.5, 4.0, 8.0, 15.0):
+        ours = guidance_embedding(torch.full((3,), w), dim)
+        torch.testing.assert_close(ours, _w_emb(w, 3, dim), rtol=0, atol=1e-6)
+    assert not torch.allclose(guidance_embedding(torch.tensor([4.0]), dim), guidance_embedding(torch.tensor([4.5]), dim))
+
+
+def test_time_cond_proj_unet_matches_diffusers_on_the_same_state_dict():
+    theirs, ours = reference_pair(diffusers.UNet2DConditionModel, UNet2DConditionModel, UNetConfig, TINY, 0)
+    assert ours.state_dict()["time_embedding.cond_proj.weight"].shape == (32, 32)  # (C0, time_cond_proj_dim)
+    g = torch.Generator().manual_seed(1)
+    x, text = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 16, generator=g)
+    t = torch.tensor([3, 917])
+    with torch.no_grad():
+        outs = []
+        for w in (2.0, 6.0):
+            emb = guidance_embedding(torch.full((2,), w), 32)
+            expected = theirs(x, t, text, timestep_cond=emb).sample
+            got = ours(x, t, text, timestep_cond=emb)
+            assert (got - expected).abs().max() <= 1e-4
+            outs.append(got)
+        assert (outs[0] - outs[1]).abs().max() > 1e-3  # w changes the output: the embedding is used
+    cfg = UNetConfig.from_diffusers_config(TINY)
+    assert UNetConfig.from_diffusers_config(diffusers.UNet2DConditionModel.from_config(
+        cfg.to_diffusers_config()).config) == cfg  # the field round-trips through diffusers' config
+    with pytest.raises(CarraraError, match="time_cond_proj_dim"):
+        UNetConfig.from_diffusers_config({**TINY, "time_cond_proj_dim": 0})
+
+
+def test_boundary_scalings_by_hand_and_as_diffusers():
+    assert boundary_scalings(0) == (1.0, 0.0)  # the boundary condition f(x, 0) = x
+    c_skip, c_out = boundary_scalings(1)  # s t = 10: 0.25 / 100.25 and 10 / √100.25
+    assert c_skip == pytest.approx(0.0024937655860349127, rel=1e-12)
+    assert c_out == pytest.approx(0.998752338877845, rel=1e-12)
+    c_skip, c_out = boundary_scalings(999)
+    assert c_skip == pytest.approx(0.25 / (9990**2 + 0.25), rel=1e-12) and c_out == pytest.approx(1.0, abs=1e-8)
+    scheduler = diffusers.LCMScheduler()
+    for t in (0, 1, 19, 259, 999):
+        assert boundary_scalings(t) == pytest.approx(scheduler.get_scalings_for_boundary_condition_discrete(t))
+
+
+def test_grids_are_lcms():
+    assert solver_timesteps(1000, 20)[:3] == [19, 39, 59] and solver_timesteps(1000, 20)[-1] == 999
+    assert len(solver_timesteps(1000, 20)) == 50
+    assert lcm_timesteps(1000, 4, 50) == [999, 759, 499, 259]
+    assert lcm_timesteps(1000, 1, 50) == [999]
+    with pytest.raises(CarraraError, match="1 to 50 steps"):
+        lcm_timesteps(1000, 51, 50)
+    plan, options = sampling_plan("lcm", NoiseSchedule.from_config("scaled_linear"), 2,
+                                  SchedulerOptions(original_inference_steps=25, timestep_scaling=5.0))
+    assert plan == [999, 519] and options == {"timestep_scaling": 5.0}  # k = 40: index 12 of 999, 959, …, 39
+    scheduler = diffusers.LCMScheduler(original_inference_steps=25)
+    scheduler.set_timesteps(2)
+    assert scheduler.timesteps.tolist() == plan
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("steps", [1, 4, 8])
+def test_lcm_sampler_equals_diffusers_lcm_scheduler_loop(prediction_type, steps):
+    theirs, ours = reference_pair(diffusers.UNet2DConditionModel, UNet2DConditionModel, UNetConfig, TINY, 2)
+    scheduler = diffusers.LCMScheduler(beta_schedule="scaled_linear", prediction_type=prediction_type)
+    scheduler.set_timesteps(steps)
+    schedule = NoiseSchedule.from_config("scaled_linear", prediction_type=prediction_type)
+    ts = lcm_timesteps(schedule.T, steps, 50)
+    assert ts == scheduler.timesteps.tolist()
+    g = torch.Generator().manual_seed(3)
+    x_T, text = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 16, generator=g)
+    emb = _w_emb(4.0, 2, 32)
+    with torch.no_grad():
+        latents, gen = x_T, torch.Generator().manual_seed(7)
+        for t in scheduler.timesteps:
+            pred = theirs(latents, t, text, timestep_cond=emb).sample
+            latents, denoised = scheduler.step(pred, t, latents, generator=gen, return_dict=False)
+        got = sample_lcm(lambda x, t: ours(x, t, text, timestep_cond=guidance_embedding(torch.full((2,), 4.0), 32)),
+                         x_T, schedule, ts, generator=torch.Generator().manual_seed(7))
+    assert (got - denoised).abs().max() <= 1e-5 * max(1.0, denoised.abs().max().item())
+
+
+@pytest.fixture(scope="module")
+def distilled(tiny_diffusion_run, tiny_shapes, tmp_path_factory):
+    """A 6-step distillation of the tiny diffusion run, checkpointed at every step (the last two kept)."""
+    out = tmp_path_factory.mktemp("lcm")
+    result = train_distill(_recipe(tiny_diffusion_run, tiny_shapes, steps=6), out, progress=False)
+    return out, result
+
+
+def _recipe(teacher, data, steps, **train):
+    return DistillRecipe(teacher=str(teacher), data=str(data), embed_dim=16, sample_prompts=["a red circle"],
+                         train=TrainConfig(steps=steps, batch_size=8, lr=1e-3, warmup_steps=1, log_every=1,
+                                           checkpoint_every=1, sample_every=1000, bf16=False, ema_decay=0.95, **train))
+
+
+def test_student_starts_as_the_teachers_conditional_network(tiny_diffusion_run):
+    teacher = Pipeline.load(tiny_diffusion_run, precision="fp32").unet
+    student = student_unet(teacher, 16)
+    g = torch.Generator().manual_seed(0)
+    x, text = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 7, teacher.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        expected = teacher(x, torch.tensor([10, 700]), text)
+        for w in (1.5, 7.0):
+            got = student(x, torch.tensor([10, 700]), text, timestep_cond=guidance_embedding(torch.full((2,), w), 16))
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def _state(run, step, name):
+    return load_file(run / "checkpoints" / f"step_{step:07d}" / f"{name}.safetensors")
+
+
+def test_target_network_is_the_ema_of_the_online_one(distilled):
+    run, _ = distilled
+    mu = 0.95
+    before, online, after = _state(run, 5, "ema"), _state(run, 6, "model"), _state(run, 6, "ema")
+    moved = 0
+    for k in after:  # θ⁻_6 = μ θ⁻_5 + (1 − μ) θ_6
+        torch.testing.assert_close(after[k], mu * before[k] + (1 - mu) * online[k], rtol=1e-5, atol=1e-7)
+        moved += not torch.equal(after[k], before[k])
+    assert moved > 10  # the online network trained, so the target moved
+    online = torch.nn.Linear(2, 2)
+    ema = TargetNetwork(online, 0.9)
+    start = ema.model.weight.detach().clone()
+    with torch.no_grad():
+        online.weight.add_(1.0)
+    ema.update(online, step=0)  # constant μ = 0.9 from the first step (a sampling EMA's warm-up would take 0.1)
+    torch.testing.assert_close(ema.model.weight, 0.9 * start + 0.1 * online.weight)
+
+
+def test_resume_equals_an_uninterrupted_run(distilled, tiny_diffusion_run, tiny_shapes, tmp_path):
+    full, _ = distilled
+    part = tmp_path / "part"
+    train_distill(_recipe(tiny_diffusion_run, tiny_shapes, steps=6), part, progress=False, stop_at=3)
+    train_distill(_recipe(tiny_diffusion_run, tiny_shapes, steps=6), part, progress=False, resume=True)
+    for name in ("model", "ema"):
+        a, b = _state(full, 6, name), _state(part, 6, name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_distillation_loss_falls(tiny_diffusion_run, tiny_shapes, tmp_path):
+    train_distill(_recipe(tiny_diffusion_run, tiny_shapes, steps=40), tmp_path, progress=False)
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 40 and all(math.isfinite(v) for v in losses)
+    first, last = sum(losses[:8]) / 8, sum(losses[-8:]) / 8
+    assert last < 0.7 * first, (first, last)
+
+
+def _count_unet_calls(pipe):
+    calls = []
+    pipe.unet.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    return calls
+
+
+def test_student_pipeline_makes_one_unet_call_per_step(distilled, tiny_diffusion_run):
+    run, _ = distilled
+    student, teacher = Pipeline.load(run, precision="fp32"), Pipeline.load(tiny_diffusion_run, precision="fp32")
+    assert student.student["method"] == "lcm" and teacher.student is None
+    assert student.defaults == {"steps": 4, "sampler": "lcm"} and teacher.defaults == {}
+    prompts = ["a red circle", "a blue square", "a star"]
+    for steps in (1, 2, 4):
+        calls = _count_unet_calls(student)
+        student(prompts, steps=steps, sampler="lcm", guidance=4.0, output="latent")
+        assert calls == [3] * steps  # one pass of the batch per step: no unconditional pair
+    calls = _count_unet_calls(teacher)
+    teacher(prompts, steps=4, sampler="lcm", guidance=4.0, output="latent")
+    assert calls == [6] * 4  # the teacher's classifier-free guidance: the batch twice per step
+    with pytest.raises(CarraraError, match="negative prompt"):
+        student(prompts, steps=2, sampler="lcm", negative_prompt="blurry")
+
+
+def test_student_is_deterministic_per_seed_and_its_guidance_matters(distilled):
+    pipe = Pipeline.load(distilled[0], precision="fp32")
+    a = pipe("a red circle", steps=4, sampler="lcm", seed=5, output="latent")
+    assert torch.equal(a, pipe("a red circle", steps=4, sampler="lcm", seed=5, output="latent"))
+    assert not torch.equal(a, pipe("a red circle", steps=4, sampler="lcm", seed=6, output="latent"))
+    assert not torch.equal(a, pipe("a red circle", steps=4, sampler="lcm", seed=5, guidance=7.0, output="latent"))
+
+
+def test_generate_defaults_to_four_lcm_steps_and_records_the_student(distilled, tmp_path, capsys):
+    run, _ = distilled
+    out = tmp_path / "s.png"
+    assert main(["generate", "a red circle", "--model", str(run), "-o", str(out), "--quiet"]) == 0
+    meta = read_png_metadata(out)
+    assert (meta["steps"], meta["sampler"]) == (4, "lcm")
+    assert meta["student"]["method"] == "lcm" and meta["student"]["skip"] == 20
+    out2 = tmp_path / "s2.png"
+    assert main(["generate", "--from", str(out), "-o", str(out2), "--quiet"]) == 0
+    assert read_png_metadata(out2)["steps"] == 4
+    assert main(["generate", "a red circle", "--model", str(run), "-o", str(tmp_path / "s3.png"), "--steps", "2",
+                 "--quiet"]) == 0
+    assert read_png_metadata(tmp_path / "s3.png")["steps"] == 2
+    index = json.loads((run / "model_index.json").read_text())
+    assert index["scheduler"] == ["diffusers", "LCMScheduler"] and index["carrara"]["student"]["method"] == "lcm"
+
+
+def test_distill_cli_errors_are_one_line(tiny_diffusion_run, tmp_path, capsys):
+    assert main(["distill", "--teacher", str(tiny_diffusion_run), "--out", str(tmp_path / "x"), "--quiet"]) == 2
+    assert "give --data" in capsys.readouterr().err
+    assert main(["distill", "--teacher", str(tmp_path / "nope"), "--data", "d", "--out", str(tmp_path / "y")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["distill", "--teacher", str(tiny_diffusion_run), "--data", "d", "--out", str(tmp_path / "z"),
+                 "--set", "loss=l1"]) == 2
+    assert "loss='l1'" in capsys.readouterr().err
