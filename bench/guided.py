@@ -129,6 +129,7 @@ class Scale:
     classifier_minutes: float
     checkpoints: int
     steps: tuple[int, ...] = (25, 50, 100, 250)  # the variance experiment's DDPM steps
+    sample_steps: int = DEFAULTS.steps  # the other experiments' steps of the default sampler
     diversity: tuple[int, int] = (DIVERSITY_PROMPTS, DIVERSITY_SEEDS)
     models: dict = field(default_factory=dict)  # stage → model overrides
     batch: dict = field(default_factory=dict)  # stage → batch size override
@@ -141,7 +142,8 @@ TINY_UNET = {"block_out_channels": [32, 64], "layers_per_block": 1, "norm_num_gr
              "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
              "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"]}
 TINY = Scale(size=32, n_train=24, n_heldout=12, n=4, n_fd=6, n_nll=2, probe_steps=3, minutes=0.01, clip_minutes=0.01,
-             ae_minutes=0.01, classifier_minutes=0.01, checkpoints=1, steps=(2, 3), diversity=(2, 3), models={
+             ae_minutes=0.01, classifier_minutes=0.01, checkpoints=1, steps=(2, 3), sample_steps=2, diversity=(2, 3),
+             models={
                  "autoencoder": {"block_out_channels": [8, 16], "layers_per_block": 1, "norm_num_groups": 8,
                                  "down_block_types": ["DownEncoderBlock2D"] * 2,
                                  "up_block_types": ["UpDecoderBlock2D"] * 2, "latent_channels": 4},
@@ -235,9 +237,16 @@ class Point:
 
     @property
     def key(self) -> str:
+        if self.kind == "nll":
+            return f"nll-{self.model}-{self.variance}"
         parts = [self.kind, self.model, self.variance, self.sampler, str(self.steps), f"w{self.guidance:g}"]
         parts += [f"cg{self.cg_scale:g}"] if self.cg_scale is not None else []
         return "-".join(parts + (["div"] if self.diversity else []))
+
+
+def default_point(scale: Scale, kind: str, model: str, **settings) -> Point:
+    """A point at the default sampler and guidance, with the bench's steps of it (20; fewer when tiny)."""
+    return Point(kind, model, steps=scale.sample_steps, **settings)
 
 
 def experiment_points(name: str, scale: Scale, models: list[str], cg_scales, cfg_scales) -> list[Point]:
@@ -247,13 +256,13 @@ def experiment_points(name: str, scale: Scale, models: list[str], cg_scales, cfg
                    for m, v in VARIANCES.values()]
         return quality + [Point("nll", m, v) for m, v in VARIANCES.values()]
     if name == "schedule":
-        return [Point(kind, m) for m in ("base", "cosine") for kind in ("quality", "nll")]
+        return [default_point(scale, kind, m) for m in ("base", "cosine") for kind in ("quality", "nll")]
     if name == "adagn":
-        return [Point("quality", m) for m in ("base", "adagn")]
+        return [default_point(scale, "quality", m) for m in ("base", "adagn")]
     if name == "guidance":
-        return ([Point("quality", "base", guidance=1.0, cg_scale=s, diversity=True) for s in cg_scales]
-                + [Point("quality", "base", guidance=w, diversity=True) for w in cfg_scales])
-    return [Point("two-object", m) for m in models]
+        return ([default_point(scale, "quality", "base", guidance=1.0, cg_scale=s, diversity=True) for s in cg_scales]
+                + [default_point(scale, "quality", "base", guidance=w, diversity=True) for w in cfg_scales])
+    return [default_point(scale, "two-object", m) for m in models]
 
 
 def point_calls(p: Point, scale: Scale, T: int) -> dict[str, int]:
@@ -479,18 +488,19 @@ def experiment_result(name: str, rows: dict[str, dict], ctx: dict) -> dict:
         return {"sampler": "ddpm", "guidance": VARIANCE_GUIDANCE, "steps": list(scale.steps), "runs": runs,
                 "nll_bits_per_dim": {label: rows[Point("nll", m, v).key]["nll_bits_per_dim"]
                                      for label, (m, v) in VARIANCES.items()}}
+    row = lambda kind, model, **settings: rows[default_point(scale, kind, model, **settings).key]
     if name == "schedule":
-        return {label: {**quality(rows[Point("quality", m).key]), "nll_bits_per_dim":
-                        rows[Point("nll", m).key]["nll_bits_per_dim"]}
+        return {label: {**quality(row("quality", m)), "nll_bits_per_dim": row("nll", m)["nll_bits_per_dim"]}
                 for label, m in (("scaled_linear", "base"), ("cosine", "cosine"))}
     if name == "adagn":
-        return {"off": quality(rows[Point("quality", "base").key]), "on": quality(rows[Point("quality", "adagn").key])}
+        return {"off": quality(row("quality", "base")), "on": quality(row("quality", "adagn"))}
     if name == "guidance":
-        return {"on": ctx["cg_on"], "classifier": [{"scale": s, **quality(rows[Point(
-                    "quality", "base", guidance=1.0, cg_scale=s, diversity=True).key])} for s in ctx["cg_scales"]],
-                "classifier_free": [{"w": w, **quality(rows[Point("quality", "base", guidance=w, diversity=True).key])}
+        return {"on": ctx["cg_on"], "steps": scale.sample_steps,
+                "classifier": [{"scale": s, **quality(row("quality", "base", guidance=1.0, cg_scale=s, diversity=True))}
+                               for s in ctx["cg_scales"]],
+                "classifier_free": [{"w": w, **quality(row("quality", "base", guidance=w, diversity=True))}
                                     for w in ctx["cfg_scales"]]}
-    return {m: {k: rows[Point("two-object", m).key][k] for k in ("faithfulness", "faithfulness_ci95", "seconds")}
+    return {m: {k: row("two-object", m)[k] for k in ("faithfulness", "faithfulness_ci95", "seconds")}
             for m in ctx["models"]}
 
 
@@ -549,7 +559,7 @@ def markdown_tables(result: dict) -> str:
     for name, title, rows in (("schedule", "Schedule", ("scaled_linear", "cosine")), ("adagn", "AdaGN", ("off", "on"))):
         if name in ex:
             nll = name == "schedule"
-            head = f"| {title.lower()} | FD | " + " | ".join(one) + (" | NLL bits/dim |" if nll else " |")
+            head = f"| {title} | FD | " + " | ".join(one) + (" | NLL bits/dim |" if nll else " |")
             lines = [head, "|" + "---|" * (head.count("|") - 1)]
             for label in rows:
                 r = ex[name][label]
@@ -572,7 +582,7 @@ def markdown_tables(result: dict) -> str:
             lines.append(f"| {model} | " + " | ".join(pct(r["faithfulness"][a]) for a in TWO_OBJECT) + " |")
         ceiling = result["reference"]["detector_ceiling_two_objects"]
         lines.append("| *renderer (ceiling)* | " + " | ".join(pct(ceiling[a]) for a in TWO_OBJECT) + " |")
-        parts.append(f"Two objects ({DEFAULTS.steps} {DEFAULTS.sampler} steps, w = {DEFAULTS.guidance:g}):\n\n"
+        parts.append(f"Two objects ({result['sample_steps']} {DEFAULTS.sampler} steps, w = {DEFAULTS.guidance:g}):\n\n"
                      + "\n".join(lines))
     cpu = result["cpu"]
     parts.append(f"`shapes` at {result['size']} px; every model {result['trained_steps']} training steps (the base's "
@@ -643,16 +653,21 @@ def bench_settings(args: argparse.Namespace) -> Scale:
     return scale
 
 
-def use_autoencoder(run: str, out: Path) -> None:
-    """A given autoencoder run becomes out/autoencoder (a link), where the recipes look for it."""
+def check_autoencoder(run: str, out: Path) -> Path:
+    """A given autoencoder run, checked before anything starts: it must hold vae/, and out/ no other one."""
     source, link = Path(run).resolve(), out / "autoencoder"
     if not (source / "vae" / "config.json").is_file():
         raise CarraraError(f"--autoencoder {run}: no trained autoencoder there (expected vae/config.json)")
-    if link.is_symlink() and link.resolve() == source:
-        return
-    if link.exists() or link.is_symlink():
+    if (link.exists() or link.is_symlink()) and link.resolve() != source:
         raise CarraraError(f"{link} already holds another autoencoder: use another --out")
-    link.symlink_to(source, target_is_directory=True)
+    return source
+
+
+def use_autoencoder(source: Path, out: Path) -> None:
+    """The given autoencoder run becomes out/autoencoder (a link), where the recipes look for it."""
+    link = out / "autoencoder"
+    if not link.is_symlink():
+        link.symlink_to(source, target_is_directory=True)
 
 
 def prepare_eval(ctx: dict) -> None:
@@ -678,7 +693,7 @@ def run(args: argparse.Namespace) -> dict | None:
     scale = bench_settings(args)
     experiments = chosen(args.only, EXPERIMENTS, "experiment")
     models = [m for m in VARIANTS if any(m in EXPERIMENTS[e] for e in experiments)]
-    out = ensure_dir(args.out or ("runs/guided-tiny" if args.tiny else "runs/guided"))
+    out = Path(args.out or ("runs/guided-tiny" if args.tiny else "runs/guided"))
     shapes_recipe = load_recipe_file(SHAPES_RECIPE)
     shapes_recipe["diffusion"].update(scale.overrides.get("diffusion", {}))  # tiny: a shorter chain
     ctx = {"scale": scale, "out": out, "progress": not args.quiet, "shapes_recipe": shapes_recipe, "pipes": {},
@@ -689,6 +704,8 @@ def run(args: argparse.Namespace) -> dict | None:
     ctx["base_recipe"] = diffusion_recipe(1, ctx, {})[0]
     T = ctx["base_recipe"].num_train_timesteps
     points = {e: experiment_points(e, scale, models, ctx["cg_scales"], ctx["cfg_scales"]) for e in experiments}
+    clip = check_clip(Path(args.clip), scale.size) if args.clip else None
+    autoencoder = check_autoencoder(args.autoencoder, out) if args.autoencoder else None
     cpu = cpu_kind()
     text, _ = plan_text(training_runs(args, scale, models, experiments), points, scale, measure_costs(ctx), T, cpu)
     print(text, flush=True)
@@ -696,11 +713,10 @@ def run(args: argparse.Namespace) -> dict | None:
         return None
 
     started = time.perf_counter()
-    clip = check_clip(Path(args.clip), scale.size) if args.clip else None
-    build_data(out, scale, ctx["progress"])
+    build_data(ensure_dir(out), scale, ctx["progress"])
     budgets = {}
-    if args.autoencoder:
-        use_autoencoder(args.autoencoder, out)
+    if autoencoder is not None:
+        use_autoencoder(autoencoder, out)
     else:
         budgets["autoencoder"] = train_in_budget("autoencoder", scale.ae_minutes * 60, ctx)
     if clip is None:
@@ -722,7 +738,8 @@ def run(args: argparse.Namespace) -> dict | None:
         "cpu": cpu, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "tiny": args.tiny,
         "size": scale.size, "minutes": scale.minutes, "trained_steps": ctx["base"]["steps"], "n": scale.n,
         "n_fd": scale.n_fd, "n_nll": scale.n_nll, "n_train": scale.n_train, "n_heldout": scale.n_heldout,
-        "num_train_timesteps": T, "feature_network": ctx["scorer"].name, "clip": str(ctx["clip"]),
+        "num_train_timesteps": T, "sampler": DEFAULTS.sampler, "sample_steps": scale.sample_steps,
+        "guidance": DEFAULTS.guidance, "feature_network": ctx["scorer"].name, "clip": str(ctx["clip"]),
         "autoencoder": str((out / "autoencoder").resolve()), "training": budgets,
         "reference": {"detector_ceiling_one_object": {a: ceiling[1][a]["accuracy"] for a in FAITHFULNESS},
                       "detector_ceiling_two_objects": {a: v["accuracy"] for a, v in ceiling[2].items()}},
