@@ -2,6 +2,7 @@
 scalings, the distillation run (loss, resume, target network) and the student's pipeline (one U-Net call a step)."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from carrara.models import UNet2DConditionModel, UNetConfig
 from carrara.models.blocks import guidance_embedding
 from carrara.pipeline import Pipeline
 from carrara.png import read_png_metadata
+from carrara.recipe import apply_overrides, flatten, load_recipe_file
 from carrara.train.core import TrainConfig
 from carrara.train.distill import DistillRecipe, TargetNetwork, student_unet, train_distill
 
@@ -122,9 +124,10 @@ def distilled(tiny_diffusion_run, tiny_shapes, tmp_path_factory):
 
 
 def _recipe(teacher, data, steps, **train):
+    train = {"batch_size": 8, "lr": 1e-3, "warmup_steps": 1, "log_every": 1, "checkpoint_every": 1,
+             "sample_every": 1000, "bf16": False, "ema_decay": 0.95, **train}
     return DistillRecipe(teacher=str(teacher), data=str(data), embed_dim=16, sample_prompts=["a red circle"],
-                         train=TrainConfig(steps=steps, batch_size=8, lr=1e-3, warmup_steps=1, log_every=1,
-                                           checkpoint_every=1, sample_every=1000, bf16=False, ema_decay=0.95, **train))
+                         train=TrainConfig(steps=steps, **train))
 
 
 def test_student_starts_as_the_teachers_conditional_network(tiny_diffusion_run):
@@ -172,7 +175,7 @@ def test_resume_equals_an_uninterrupted_run(distilled, tiny_diffusion_run, tiny_
 
 
 def test_distillation_loss_falls(tiny_diffusion_run, tiny_shapes, tmp_path):
-    train_distill(_recipe(tiny_diffusion_run, tiny_shapes, steps=40), tmp_path, progress=False)
+    train_distill(_recipe(tiny_diffusion_run, tiny_shapes, steps=40, checkpoint_every=40), tmp_path, progress=False)
     losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 40 and all(math.isfinite(v) for v in losses)
     first, last = sum(losses[:8]) / 8, sum(losses[-8:]) / 8
@@ -235,3 +238,13 @@ def test_distill_cli_errors_are_one_line(tiny_diffusion_run, tmp_path, capsys):
     assert main(["distill", "--teacher", str(tiny_diffusion_run), "--data", "d", "--out", str(tmp_path / "z"),
                  "--set", "loss=l1"]) == 2
     assert "loss='l1'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["distill-shapes", "distill-default"])
+def test_recipe_files_fill_the_distill_recipe(name):
+    path = Path(__file__).resolve().parent.parent / "recipes" / f"{name}.toml"
+    recipe = apply_overrides(DistillRecipe(), flatten(load_recipe_file(path)))
+    assert recipe.data and recipe.teacher and len(recipe.sample_prompts) == 8
+    assert (recipe.skip, recipe.loss, recipe.train.ema_decay) == (20, "huber", 0.95)
+    assert recipe.guidance_min <= 4.0 <= recipe.guidance_max  # the default guidance is inside the trained range
+    assert "UNMEASURED" in path.read_text()
