@@ -20,7 +20,7 @@ from carrara.diffusion.schedule import NoiseSchedule
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-import guided  # noqa: E402  (bench/ is not a package)
+import guided  # bench/ is not a package: on sys.path above
 
 MODELS = ["base", "learned", "cosine", "adagn"]
 VARIANCES = ["learned Σθ", "fixed β_t", "fixed β̃_t"]
