@@ -78,7 +78,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from carrara.train import distributed
 
     size = {"size": args.size} if args.size else {}  # else the stage's own default (64; upsampler 128)
-    if (args.from_model or args.lora_rank) and args.stage != "diffusion":
+    if (args.from_model and args.stage not in ("diffusion", "decoder")) or (args.lora_rank and args.stage != "diffusion"):
         raise CarraraError(f"--from and --lora-rank fine-tune a diffusion model: not for train {args.stage}")
     if args.stage == "autoencoder":
         from carrara.train.autoencoder import AutoencoderRecipe, train_autoencoder
@@ -97,6 +97,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise CarraraError("train prior needs --clip CLIP_RUN (a finished `carrara train clip` run)")
         recipe = PriorRecipe(data=args.data, clip=args.clip)
         run = train_prior
+    elif args.stage == "decoder":
+        from carrara.train.decoder import DecoderRecipe, train_decoder
+
+        if not args.clip:
+            raise CarraraError("train decoder needs --clip CLIP_RUN (a finished `carrara train clip` run)")
+        recipe = DecoderRecipe(data=args.data, clip=args.clip, **({"from_model": args.from_model} if args.from_model
+                                                                  else {}))
+        run = functools.partial(train_decoder, allow_pickle=args.allow_pickle)
     elif args.stage == "family":
         from carrara.families.train import FamilyRecipe, train_family
 
@@ -153,6 +161,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
               f"caption's image vs {c['cos_random']:.3f} to a random image (the text embedding itself: "
               f"{c['cos_text_true']:.3f} vs {c['cos_text_random']:.3f}); retrieval top-1 {c['top1']:.1%} top-5 "
               f"{c['top5']:.1%} (chance {c['top5_chance']:.1%})")
+    if "variations" in result:
+        v = result["variations"]
+        print(f"{v['n']} variations of data images: CLIP cosine {v['cos_own']:.3f} to their image vs "
+              f"{v['cos_random']:.3f} to a random data image")
     for t, acc in result.get("accuracy", {}).items():
         print(f"held-out accuracy at t={t} ({result['holdout']} images): "
               + ", ".join(f"{k} {v:.1%}" for k, v in acc.items()))
@@ -270,6 +282,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from carrara.export import export_default, export_diffusers
     from carrara.modelfolder import PACKAGED, PACKAGED_BUDGET_MB
 
+    if args.export_command == "unclip":
+        from carrara.unclip import assemble_unclip
+
+        out = assemble_unclip(args.decoder, args.prior, args.out)
+        print(f"wrote {out}: try carrara generate \"a happy kitty\" --model {out}, or --variations picture.png")
+        return 0
     if args.export_command == "cascade":
         from carrara.upsampler import assemble_cascade
 
@@ -375,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train one stage: autoencoder, then diffusion, then (for a cascade) "
                                 "upsampler; clip for evaluation")
     train.add_argument("stage", choices=["autoencoder", "diffusion", "upsampler", "clip", "family", "prior",
-                                         "classifier"])
+                                         "classifier", "decoder"])
     train.add_argument("--data", required=True, help="dataset folder (images + metadata.jsonl), "
                        "or tar shards: 'shards/{000000..000099}.tar'")
     train.add_argument("--out", required=True, help="run folder to create (or continue with --resume)")
@@ -388,7 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--kind", default="vae", help="family stage: which generative family of the lectures "
                        "(default vae; carrara/families/ lists them, an unknown name too)")
     train.add_argument("--vqvae", help="family stage, --kind ar: the trained VQ-VAE run whose codes the prior models")
-    train.add_argument("--clip", help="prior stage: the `carrara train clip` run whose image embeddings it generates")
+    train.add_argument("--clip", help="prior and decoder stages: the `carrara train clip` run whose image embeddings "
+                       "the prior generates and the unCLIP decoder is conditioned on")
     train.add_argument("--size", type=_positive_int, default=None,
                        help="image side in pixels (default 64; upsampler: the high-resolution side, default 128)")
     train.add_argument("--steps", type=_positive_int, help="training steps")
@@ -500,6 +519,11 @@ def build_parser() -> argparse.ArgumentParser:
     cascade.add_argument("--upsampler", required=True, help="`carrara train upsampler` run folder")
     cascade.add_argument("--out", required=True, help="new folder to write")
     cascade.set_defaults(func=_cmd_export)
+    unclip = export_cmds.add_parser("unclip", help="an unCLIP model folder: a decoder run and a prior run (same CLIP)")
+    unclip.add_argument("--decoder", required=True, help="`carrara train decoder` run folder")
+    unclip.add_argument("--prior", required=True, help="`carrara train prior` run folder")
+    unclip.add_argument("--out", required=True, help="new folder to write")
+    unclip.set_defaults(func=_cmd_export)
     to_diffusers = export_cmds.add_parser("diffusers", help="a Stable Diffusion folder that diffusers loads offline")
     to_diffusers.add_argument("--model", required=True, help="diffusion run or model folder")
     to_diffusers.add_argument("--out", required=True, help="new folder to write")
@@ -539,6 +563,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--classes", default=None, help='with --classifier: the wanted classes, e.g. "shape=star,color=red"')
     gen.add_argument("--classifier-scale", type=_nonnegative_float, default=None,
                      help="with --classifier: the guidance scale s (default 1)")
+    gen.add_argument("--variations", default=None, metavar="IMAGE", help="unCLIP model: images like this picture "
+                     "(its CLIP embedding decoded from new noise; the prompt, if any, is the decoder's text)")
+    gen.add_argument("--interpolate", nargs=2, default=None, metavar=("A", "B"), help="unCLIP model: a strip of "
+                     "--n images (default 5) from picture A to B (slerp of their CLIP embeddings, one noise)")
+    gen.add_argument("--text-diff", default=None, metavar="CAPTION", help="unCLIP model, with --variations IMAGE: "
+                     "move its embedding toward CAPTION away from the prompt (its old caption, default empty)")
+    gen.add_argument("--amount", type=float, default=None, help="with --text-diff: how far, θ in [0, 1] (default "
+                     "0.5); with --n K a strip from 0 to θ")
+    gen.add_argument("--prior-guidance", type=_nonnegative_float, default=None, help="unCLIP model: the prior's "
+                     "classifier-free guidance scale (default: the prior's recorded one)")
     gen.add_argument("--allow-pickle", action="store_true", help="let the model's weights be pickles (.bin), read weights-only; default: safetensors only")
     gen.set_defaults(func=_cmd_generate)
 

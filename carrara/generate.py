@@ -74,7 +74,7 @@ def _settings(args: argparse.Namespace, meta: dict | None) -> tuple[dict, str]:
                            f"({', '.join(A1111_SAMPLERS.values())}); give --sampler {'|'.join(SAMPLER_NAMES)}")
     if args.model is not None:
         model = args.model
-    if not base.get("prompt", "").strip() and not getattr(args, "classifier", None):
+    if not base.get("prompt", "").strip() and not getattr(args, "classifier", None) and not _unclip_mode(args):
         raise CarraraError('give a prompt, e.g. carrara generate "a red circle" (or --from image.png)')
     if not 1 <= base["n"] <= MAX_BATCH:
         raise CarraraError(f"--n must be between 1 and {MAX_BATCH}, got {base['n']}")
@@ -179,6 +179,7 @@ def generate_command(args: argparse.Namespace) -> int:
     s, model = _settings(args, meta)
     GenerationSettings(s["prompt"], s["negative_prompt"], s["steps"], s["sampler"], s["guidance"], s["seed"]).validate()
     edit_kwargs, edit_record = _edit_inputs(args, meta)
+    request = _unclip_request(args, s, meta)  # --variations / --interpolate / --text-diff: pictures read now
     asked = Path(args.out or "carrara.png")
     _check_writable(asked)
     out = asked if args.overwrite else _next_free(asked, s["n"])
@@ -191,6 +192,7 @@ def generate_command(args: argparse.Namespace) -> int:
     if edit_kwargs and isinstance(pipe, FamilyPipeline):
         raise CarraraError(f"--init edits with a diffusion model; {model} is a {pipe.kind} model")
     guide_kwargs, guide_record = _classifier_guidance(args, pipe)
+    unclip_kwargs, unclip_record, per_image = _unclip_inputs(args, request, pipe, s, model, meta)
     student = None if isinstance(pipe, FamilyPipeline) else pipe.student
     for key, value in ({} if student is None else pipe.defaults).items():  # a student's own sampler and steps
         if getattr(args, key) is None and key not in (meta or {}):
@@ -206,7 +208,7 @@ def generate_command(args: argparse.Namespace) -> int:
     try:
         images = pipe([s["prompt"]] * s["n"], steps=s["steps"], sampler=s["sampler"], guidance=s["guidance"],
                       negative_prompt=s["negative_prompt"], seed=s["seed"], callback=progress, size=s.get("size"),
-                      **edit_kwargs, **guide_kwargs)
+                      **edit_kwargs, **guide_kwargs, **unclip_kwargs)
         if bars:
             bars[0].update(bars[0].total - bars[0].n)
     finally:
@@ -219,7 +221,7 @@ def generate_command(args: argparse.Namespace) -> int:
               file=sys.stderr)
     model_ref = model if packaged(model) else str(Path(model).resolve())
     metadata = {**s, "precision": pipe.precision, "model": model_ref, "model_hash": pipe.model_hash,
-                "size": images[0].width, **edit_record, **guide_record}
+                "size": images[0].width, **edit_record, **guide_record, **unclip_record}
     if student:  # a distilled student (guidance built in): say so, with how it was made
         metadata["student"] = student
     if loras:  # each adapter's file, hash and weight
@@ -229,8 +231,9 @@ def generate_command(args: argparse.Namespace) -> int:
     elif images[0].width != pipe.sizes[0]:  # made by the cascade: its second stage's settings, for the record
         metadata["upsampler"] = dataclasses.asdict(pipe.upsampler.settings)
     names = _output_names(out, len(images))
-    files = [(names[0], images[0] if len(images) == 1 else image_grid(images), metadata)]
-    files += [(name, image, {**metadata, "seed": s["seed"] + i, "n": 1})
+    strip = unclip_kwargs.get("same_noise", False)  # an interpolation or text-diff strip: one row
+    files = [(names[0], images[0] if len(images) == 1 else image_grid(images, rows=1 if strip else None), metadata)]
+    files += [(name, image, {**metadata, "seed": s["seed"] + i, "n": 1, **per_image[i]})
               for i, (name, image) in enumerate(zip(names[1:], images))]
     try:
         save_pngs(files)
@@ -242,6 +245,76 @@ def generate_command(args: argparse.Namespace) -> int:
     print(f"wrote {out}{each} ({len(images)} image{'s' if len(images) > 1 else ''}, load {t1 - t0:.2f} s, "
           f"generate {t2 - t1:.2f} s)")
     return 0
+
+
+def _unclip_mode(args: argparse.Namespace) -> str | None:
+    """Which DALL-E 2 §3 manipulation the flags ask for (carrara/unclip.py), or None."""
+    if args.interpolate:
+        if args.variations or args.text_diff is not None:
+            raise CarraraError("--interpolate A B stands alone: drop --variations and --text-diff")
+        return "interpolate"
+    if args.text_diff is not None:
+        if not args.variations:
+            raise CarraraError("--text-diff moves a picture's embedding: give the picture with --variations IMAGE")
+        return "text_diff"
+    if args.amount is not None:
+        raise CarraraError("--amount is how far --text-diff moves: give it with --text-diff CAPTION")
+    return "variations" if args.variations else None
+
+
+def _unclip_request(args: argparse.Namespace, s: dict, meta: dict | None) -> tuple[str, list, dict] | None:
+    """(mode, pictures, record) of an unCLIP manipulation, its pictures read (and refused) before the model loads.
+
+    --text-diff: the positional prompt is the picture's old caption t0 (default ""); the decoder's text is empty."""
+    mode = _unclip_mode(args)
+    if mode is None:
+        if meta and "unclip" in meta:
+            raise CarraraError(f"{args.from_png} is an unCLIP {meta['unclip'].get('mode', 'manipulation')} strip: "
+                               "--from does not re-make those; run --variations / --interpolate / --text-diff again")
+        return None
+    if mode == "interpolate" and args.n is None:
+        s["n"] = 5
+    if mode == "interpolate" and s["n"] < 2:
+        raise CarraraError("--interpolate draws a strip from A to B: give --n 2 or more")
+    flag = "--interpolate" if mode == "interpolate" else "--variations"
+    read = [_picture_record(p, flag) for p in (args.interpolate if mode == "interpolate" else [args.variations])]
+    record = {"mode": mode, "images": [r for _, r in read]}
+    if mode == "text_diff":
+        amount = 0.5 if args.amount is None else args.amount
+        if not args.text_diff.strip():
+            raise CarraraError("--text-diff needs the new caption, e.g. --text-diff \"a cat wearing a hat\"")
+        if not 0.0 <= amount <= 1.0:
+            raise CarraraError(f"--amount must be between 0 and 1 (θ of the slerp), got {amount}")
+        record.update(new_caption=args.text_diff, old_caption=s["prompt"], amount=amount)
+        s["prompt"] = ""
+    return mode, [picture for picture, _ in read], record
+
+
+def _unclip_inputs(args: argparse.Namespace, request, pipe, s: dict, model: str,
+                   meta: dict | None) -> tuple[dict, dict, list[dict]]:
+    """(Pipeline keyword arguments, metadata, each image's metadata) of the unCLIP route: the prior's guidance, or
+    the image embeddings of a manipulation (variations from new noise; strips from the noise of one seed)."""
+    unclip = getattr(pipe, "unclip", None)
+    if request is None:
+        if unclip is None:
+            if args.prior_guidance is not None:
+                raise CarraraError(f"--prior-guidance steers an unCLIP model's prior; {model} is not an unCLIP model")
+            return {}, {}, [{}] * s["n"]
+        recorded = (meta or {}).get("prior", {})
+        w = args.prior_guidance if args.prior_guidance is not None else (
+            recorded.get("guidance") if isinstance(recorded, dict) else None)
+        return ({"prior_guidance": w}, {"prior": {**unclip.prior_settings, **({} if w is None else {"guidance": w})}},
+                [{}] * s["n"])
+    mode, pictures, record = request
+    if unclip is None:
+        raise CarraraError(f"--{mode.replace('_', '-')} needs an unCLIP model (carrara train decoder, carrara export "
+                           f"unclip); {model} is not one")
+    embeds, thetas = unclip.manipulate(mode, pictures, s["n"], new_caption=record.get("new_caption", ""),
+                                       old_caption=record.get("old_caption", ""), amount=record.get("amount", 0.5))
+    strip = mode != "variations"
+    per_image = [{"seed": s["seed"] + (0 if strip else i), **({"theta": round(t, 6)} if strip else {})}
+                 for i, t in enumerate(thetas)]
+    return {"image_embeds": embeds, "same_noise": strip}, {"unclip": record}, per_image
 
 
 def _classifier_guidance(args: argparse.Namespace, pipe) -> tuple[dict, dict]:

@@ -28,6 +28,7 @@ from carrara.models.blocks import guidance_embedding, text_kv_cache
 from carrara.models.codec import load_codec
 from carrara.models.unet import UNet2DConditionModel as UNet
 from carrara.text.encoder import TextEncoder, mean_pool
+from carrara.unclip import Unclip, is_unclip
 from carrara.upsampler import Upsampler, UpsamplerSettings, depth_to_space
 
 MAX_BATCH = 64
@@ -84,8 +85,9 @@ class Pipeline:
 
     def __init__(self, *, unet, vae, text_encoder, schedule: NoiseSchedule, model_hash: str = "", name: str = "",
                  scheduler_options: SchedulerOptions | None = None, precision: str = "fp32",
-                 upsampler: Upsampler | None = None, student: dict | None = None):
+                 upsampler: Upsampler | None = None, student: dict | None = None, unclip: Unclip | None = None):
         self.unet, self.vae, self.text_encoder = unet.eval(), vae.eval(), text_encoder
+        self.unclip = unclip  # unCLIP: the U-Net is a decoder conditioned on CLIP image embeddings (carrara/unclip.py)
         # a distilled student (train/distill.py) has its guidance built in: one U-Net call per step, no CFG pair.
         # Its record (model_index.json "carrara"."student"); a U-Net with a guidance embedding is one in any case.
         self.student = student or ({"method": "lcm"} if unet.config.time_cond_proj_dim is not None else None)
@@ -109,8 +111,11 @@ class Pipeline:
         Weights are read from safetensors only, unless allow_pickle lets `.bin` files be read weights-only.
         precision: "fp32", "bf16" (U-Net weights in bf16) or "auto" (bf16 where the CPU has native bf16)."""
         precision = resolve_precision(precision)
-        folder = resolve(path)
+        unclip = Unclip.load(path) if is_unclip(path) else None  # an unCLIP folder: its decoder/ is the model
+        folder = resolve(unclip.decoder if unclip else path)
         unet = UNet.from_pretrained(folder.unet, allow_pickle=allow_pickle)
+        if unclip is not None:
+            unclip.check(unet)
         vae = load_codec(folder.vae, allow_pickle=allow_pickle)  # a KL autoencoder, or the pixel codec
         text_encoder = TextEncoder.load(folder.text_encoder, tokenizer_path=folder.tokenizer, allow_pickle=allow_pickle)
         if text_encoder.dim != unet.config.cross_attention_dim:
@@ -128,7 +133,8 @@ class Pipeline:
         return cls(unet=unet, vae=vae, text_encoder=text_encoder, schedule=schedule,
                    model_hash=folder.unet_hash(allow_pickle=allow_pickle), name=str(path),
                    scheduler_options=SchedulerOptions.from_scheduler_config(folder.scheduler_config),
-                   precision=precision, upsampler=upsampler, student=student if isinstance(student, dict) else None)
+                   precision=precision, upsampler=upsampler, student=student if isinstance(student, dict) else None,
+                   unclip=unclip)
 
     @property
     def defaults(self) -> dict:
@@ -151,7 +157,8 @@ class Pipeline:
                  guidance: float = DEFAULTS.guidance, negative_prompt: str = "", seed: int = 0,
                  callback: Callable | None = None, output: str = "pil", size: int | None = None,
                  upsampler: UpsamplerSettings | None = None, init_image=None, strength: float | None = None,
-                 mask=None, classifier: ClassifierGuidance | None = None):
+                 mask=None, classifier: ClassifierGuidance | None = None, image_embeds: torch.Tensor | None = None,
+                 prior_guidance: float | None = None, same_noise: bool = False):
         """Generate one image per prompt; image i uses seed + i, so any image can be made again alone.
 
         output: "pil" images, "tensor" (B, 3, H, W) in [−1, 1], or "latent" (B, c, h, w) before decoding.
@@ -162,6 +169,9 @@ class Pipeline:
         mask: inpaint: regenerate where the mask is white (≥ 128; a tensor (B, 1, H, W): 1), keep the rest of the
             init image. The kept pixels of the result are the init's own (pasted back after decoding).
         classifier: classifier guidance (Dhariwal & Nichol 2021) on top of the classifier-free one.
+        image_embeds: unCLIP only: decode these CLIP image embeddings (B, E) instead of the prior's samples of the
+            prompts (variations, interpolation, text diffs); prior_guidance: the prior's own guidance scale.
+        same_noise: every image starts from the noise of `seed` (an interpolation strip), not seed + i.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not 1 <= len(prompts) <= MAX_BATCH:
@@ -183,10 +193,15 @@ class Pipeline:
             raise CarraraError("this model is a distilled student with guidance built in: it takes no negative prompt")
         cond = self.condition(prompts)  # states (B, L, D) [, pooled (B, P)]
         uncond = self.condition([negative_prompt] * len(prompts)) if not self.student or cascade else None
+        if self.unclip is not None:  # DALL-E 2: z_i (given, or the prior's from the text) joins the text, or is 0
+            cond, uncond = self.unclip.conditions(prompts, cond[0], uncond[0], image_embeds, seed=seed,
+                                                  prior_guidance=prior_guidance)
+        elif image_embeds is not None or prior_guidance is not None:
+            raise CarraraError("image embeddings and prior guidance need an unCLIP model (carrara train decoder)")
         # 2. Initial noise x_T ~ N(0, I) (Algorithm 2, line 1). Image i draws all its randomness — x_T, then the
         # noise of the stochastic samplers — from one generator seeded seed + i: alone or in a batch, same image.
         shape = self.latent_shape()
-        gens = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
+        gens = [torch.Generator().manual_seed(seed + (0 if same_noise else i)) for i in range(len(prompts))]
         x_T = torch.cat([torch.randn(1, *shape, generator=g) for g in gens])  # (B, c, h, w)
         timesteps, options = sampling_plan(sampler, self.schedule, steps, self.scheduler_options)
         edit = None
