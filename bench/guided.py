@@ -593,6 +593,16 @@ def markdown_tables(result: dict) -> str:
     return "\n\n".join(parts)
 
 
+def table_of(path: str) -> str:
+    """The markdown tables of a result JSON written by this bench (--table)."""
+    try:
+        return markdown_tables(json.loads(Path(path).read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CarraraError(f"--table {path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    except (KeyError, TypeError, AttributeError):
+        raise CarraraError(f"--table {path}: not a result of bench/guided.py (or of an older version of it)") from None
+
+
 # ---- the run ----
 
 
@@ -688,7 +698,7 @@ def prepare_eval(ctx: dict) -> None:
 
 def run(args: argparse.Namespace) -> dict | None:
     if args.table:
-        print(markdown_tables(json.loads(Path(args.table).read_text())))
+        print(table_of(args.table))
         return None
     scale = bench_settings(args)
     experiments = chosen(args.only, EXPERIMENTS, "experiment")

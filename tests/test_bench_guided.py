@@ -119,6 +119,8 @@ def test_plan_point_counts():
 
 
 @pytest.mark.parametrize(("args", "message"), [(("--only", "colour"), "unknown experiment 'colour'"),
+                                               (("--table", "/nonexistent.json"), "--table /nonexistent.json: cannot"),
+                                               (("--table", __file__), "--table"),
                                                (("--steps", "0,25"), "--steps"),
                                                (("--cfg-scales", "0.5"), "w is at least 1")])
 def test_bad_settings_are_one_line(tmp_path, capsys, args, message):
@@ -177,6 +179,7 @@ def test_tiny_bench_has_every_experiment_and_every_number(tmp_path):
     assert all(s.count("|") == h.count("|") for h in heads for s in table[table.index(h):][:2])
     two_rows = table[table.index(heads[-1]) + 1:]  # (the separator row starts "|---")
     assert [s.split("|")[1].strip() for s in two_rows] == [*MODELS, "*renderer (ceiling)*"]
+    assert guided.table_of(str(result_path)) in done.stdout  # --table prints the same tables from the JSON
 
     marks = {p: p.stat().st_mtime_ns for p in out.glob("*/budget.json")}
     again = bench(*args[:4], "--only", "two-object,adagn")  # resumed: nothing trained or measured again
