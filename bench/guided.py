@@ -717,7 +717,8 @@ def run(args: argparse.Namespace) -> dict | None:
     clip = check_clip(Path(args.clip), scale.size) if args.clip else None
     autoencoder = check_autoencoder(args.autoencoder, out) if args.autoencoder else None
     cpu = cpu_kind()
-    text, _ = plan_text(training_runs(args, scale, models, experiments), points, scale, measure_costs(ctx), T, cpu)
+    costs = measure_costs(ctx)
+    text, estimate = plan_text(training_runs(args, scale, models, experiments), points, scale, costs, T, cpu)
     print(text, flush=True)
     if args.plan:
         return None
@@ -753,7 +754,7 @@ def run(args: argparse.Namespace) -> dict | None:
         "autoencoder": str((out / "autoencoder").resolve()), "training": budgets,
         "reference": {"detector_ceiling_one_object": {a: ceiling[1][a]["accuracy"] for a in FAITHFULNESS},
                       "detector_ceiling_two_objects": {a: v["accuracy"] for a, v in ceiling[2].items()}},
-        "experiments": {},
+        "plan": {"estimate_s": round(estimate, 1), "seconds_per_image": costs}, "experiments": {},
     }
     for e in experiments:
         rows = {p.key: evaluate_point(p, ctx) for p in points[e]}

@@ -143,6 +143,7 @@ def test_tiny_bench_has_every_experiment_and_every_number(tmp_path):
     steps = r["trained_steps"]
     assert steps >= 2 and all(r["training"][m]["steps"] == steps for m in MODELS)  # equal steps
     assert r["training"]["classifier"]["steps"] >= 2
+    assert r["plan"]["estimate_s"] > 0 and set(r["plan"]["seconds_per_image"]) == {"unet", "decode", "classifier"}
 
     def check_quality(q):
         assert finite(q["fd"]) and q["fd"] >= 0, q
