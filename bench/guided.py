@@ -368,17 +368,16 @@ def train_variant(name: str, steps: int, ctx: dict) -> dict:
 
 
 def diffusion_recipe(steps: int, ctx: dict, changes: dict):
+    """families.py's diffusion stage (the shapes recipe at the bench's scale) with one variant's changes."""
     recipe, train = stage_recipe("diffusion", steps, ctx, probe=False)
-    apply_overrides(recipe, {**ctx["scale"].overrides.get("diffusion", {}), **changes})
-    return recipe, train
+    return apply_overrides(recipe, changes), train
 
 
 def train_guide(ctx: dict) -> dict:
     """The noise-aware classifier on the autoencoder's latents, with the base's schedule, for as many steps as a
-    probe says fit in --classifier-minutes (once; an interrupted run resumes)."""
+    probe says fit in --classifier-minutes (once: budget.json marks it done; an interrupted run resumes)."""
     scale, run = ctx["scale"], ctx["out"] / "classifier"
-    if (run / "budget.json").is_file():
-        return json.loads((run / "budget.json").read_text())
+    budget = round(scale.classifier_minutes * 60, 2)
 
     def recipe(steps: int, data: Path) -> ClassifierRecipe:
         r = ClassifierRecipe(data=str(data), autoencoder=str(ctx["out"] / "autoencoder"), size=scale.size,
@@ -390,16 +389,21 @@ def train_guide(ctx: dict) -> dict:
                                       checkpoint_every=max(1, steps // scale.checkpoints), log_every=1)
         return r
 
-    plan_path = run / "plan.json"
-    if not plan_path.is_file():
+    if (run / "plan.json").is_file():
+        plan = json.loads((run / "plan.json").read_text())
+        if plan["budget_s"] != budget:
+            raise CarraraError(f"{run} was planned for {plan['budget_s'] / 60:g} min, not {budget / 60:g}: give the "
+                               "same --classifier-minutes, or another --out")
+        if (run / "budget.json").is_file():
+            return json.loads((run / "budget.json").read_text())
+    else:
         probe = ctx["out"] / "probes" / "classifier"
+        shutil.rmtree(probe, ignore_errors=True)
         train_classifier(recipe(scale.probe_steps, ctx["probe_data"]), probe, progress=False)
         per_step = seconds_per_step(probe)
         shutil.rmtree(probe)
-        steps = max(2, int(scale.classifier_minutes * 60 / per_step))
-        write_json_atomic(ensure_dir(run) / "plan.json", {"budget_s": round(scale.classifier_minutes * 60, 2),
-                                                          "seconds_per_step": round(per_step, 5), "steps": steps})
-    plan = json.loads(plan_path.read_text())
+        plan = {"budget_s": budget, "seconds_per_step": round(per_step, 5), "steps": max(2, int(budget / per_step))}
+        write_json_atomic(ensure_dir(run) / "plan.json", plan)
     if ctx["progress"]:
         print(f"classifier: {plan['steps']} steps", file=sys.stderr)
     started = time.perf_counter()
@@ -454,7 +458,8 @@ def evaluate_point(p: Point, ctx: dict) -> dict:
     settings = json.loads(json.dumps({**dataclasses.asdict(p), "n": scale.n, "n_fd": scale.n_fd,
                                       "n_nll": scale.n_nll, "diversity_grid": scale.diversity,
                                       "clip": str(ctx["clip"]), "trained_steps": ctx["base"]["steps"],
-                                      "cg_on": ctx["cg_on"]}))
+                                      **({"cg_on": ctx["cg_on"], "classifier_steps": ctx["classifier_steps"]}
+                                         if p.cg_scale is not None else {})}))
     cache = ctx["out"] / "eval" / f"{p.key}.json"
     if cache.is_file() and json.loads(cache.read_text()).get("settings") == settings:
         return json.loads(cache.read_text())
@@ -738,6 +743,7 @@ def run(args: argparse.Namespace) -> dict | None:
         budgets[m] = train_variant(m, ctx["base"]["steps"], ctx)
     if "guidance" in experiments:
         budgets["classifier"] = train_guide(ctx)
+        ctx["classifier_steps"] = budgets["classifier"]["steps"]
         ctx["classifier"] = NoiseAwareClassifier.from_pretrained(out / "classifier")
     prepare_eval(ctx)
 
