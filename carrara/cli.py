@@ -311,6 +311,30 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return generate_command(args)
 
 
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    """Calibrate the int8 U-Net over sampling runs, store it beside the weights, and check its images against fp32."""
+    from carrara.evaluate.suite import read_prompts
+    from carrara.modelfolder import resolve
+    from carrara.models import int8
+    from carrara.pipeline import Pipeline
+
+    prompts = (read_prompts(args.prompts) if args.prompts else int8.calibration_prompts(args.n))[:args.n]
+    pipe = Pipeline.load(args.model, precision="fp32")
+    int8.check_cpu()
+    settings = {**pipe.defaults, "output": "latent"}  # the model's own sampling: every step, both guidance halves
+    print(f"carrara quantize: calibrating on {len(prompts)} prompts …", flush=True)
+    record = int8.calibrate(pipe.unet, lambda ps, seed: pipe(ps, seed=seed, **settings), prompts, pipe.model_hash,
+                            {k: v for k, v in settings.items() if k != "output"})
+    path = int8.write_calibration(resolve(args.model).unet, record)
+    print(f"wrote {path}: {len(record['layers'])} layers in int8, {len(record['kept_fp32'])} kept fp32")
+    fast, check = Pipeline.load(args.model, precision="int8"), list(int8.QUALITY_PROMPTS)
+    diff = int8.pixel_diff_255(pipe(check, **pipe.defaults, output="tensor"),
+                               fast(check, **pipe.defaults, output="tensor"))
+    print(f"quality: mean |Δpixel| int8 vs fp32 = {diff:.2f}/255 over {len(check)} prompts, same seeds "
+          f"(target ≤ 2/255){'' if diff <= 2 else ': ABOVE the target, keep fp32'}")
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     """Load the model, then serve the page and API until Ctrl-C."""
     from carrara.pipeline import Pipeline
@@ -324,7 +348,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     sock = listen(args.host, args.port)
     try:
         searcher = Searcher.load(args.index) if args.index else None  # before the model: a bad index fails at once
-        pipe = Pipeline.load(args.model, allow_pickle=args.allow_pickle)
+        pipe = Pipeline.load(args.model, allow_pickle=args.allow_pickle, precision=args.precision)
+        if args.lora and pipe.precision == "int8":
+            raise CarraraError("--lora merges into fp32 weights and the int8 calibration is for the model's own: "
+                               "use --precision fp32 with --lora")
         if args.lora:  # merged into the starting model's U-Net; pipe.loras is what its PNGs should record
             from carrara.models.lora import apply_loras
 
@@ -547,8 +574,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-o", "--out", default=None, help="output PNG (default carrara.png; numbered if it exists)")
     gen.add_argument("--overwrite", action="store_true", help="replace existing output files instead of numbering")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
-    gen.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
-                     help="U-Net precision (default auto: bf16 where the CPU has native bf16, else fp32)")
+    gen.add_argument("--precision", choices=["auto", "fp32", "bf16", "int8"], default=None,
+                     help="U-Net precision (default auto: bf16 where the CPU has native bf16, else fp32; int8 needs "
+                     "`carrara quantize` first)")
     gen.add_argument("--from", dest="from_png", default=None, help="re-create an image from its PNG metadata")
     gen.add_argument("--init", default=None, metavar="IMAGE", help="img2img: start from this picture (centre-cropped "
                      "to a square) instead of noise (SDEdit)")
@@ -589,7 +617,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--allow-pickle", action="store_true", help="let the model's weights be pickles (.bin), read weights-only; default: safetensors only")
     serve.add_argument("--index", default=None, help="a CLIP retrieval index (from carrara index): the page gets a "
                        "search box over its images")
+    serve.add_argument("--precision", choices=["auto", "fp32", "bf16", "int8"], default="auto",
+                       help="the model's U-Net precision (default auto; int8 needs `carrara quantize` first)")
     serve.set_defaults(func=_cmd_serve)
+
+    quantize = commands.add_parser("quantize", help="calibrate a model's int8 U-Net (for --precision int8) and "
+                                   "check it against fp32")
+    quantize.add_argument("--model", default="default", help="model or run folder (default: the packaged model)")
+    quantize.add_argument("--prompts", default=None, metavar="FILE", help="calibration prompts, one per line "
+                          "(default: emoji names)")
+    quantize.add_argument("--n", type=_positive_int, default=64, help="how many prompts to calibrate on (default 64)")
+    quantize.set_defaults(func=_cmd_quantize)
     return parser
 
 

@@ -186,6 +186,9 @@ def generate_command(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     pipe = load_any(model, allow_pickle=args.allow_pickle, precision=s["precision"])  # a diffusion or family model
     lora_specs = _lora_specs(args, meta)
+    if lora_specs and pipe.precision == "int8":
+        raise CarraraError("--lora merges into fp32 weights and the int8 calibration is for the model's own: use "
+                           "--precision fp32 with --lora")
     if lora_specs and isinstance(pipe, FamilyPipeline):
         raise CarraraError(f"--lora adapts a diffusion model's U-Net; {model} is a {pipe.kind} model")
     loras = apply_loras(pipe.unet, lora_specs) if lora_specs else []  # merged into the weights (models/lora.py)

@@ -24,6 +24,7 @@ from carrara.errors import CarraraError
 from carrara.hardware import cpu_supports_bf16
 from carrara.images import from_pil, to_pil
 from carrara.modelfolder import read_json_object, resolve
+from carrara.models import int8
 from carrara.models.blocks import guidance_embedding, text_kv_cache
 from carrara.models.codec import load_codec
 from carrara.models.unet import UNet2DConditionModel as UNet
@@ -34,7 +35,7 @@ from carrara.upsampler import Upsampler, UpsamplerSettings, depth_to_space
 MAX_BATCH = 64
 # diffusers' defaults: StableDiffusionImg2ImgPipeline strength=0.8, StableDiffusionInpaintPipeline strength=1.0
 IMG2IMG_STRENGTH, INPAINT_STRENGTH = 0.8, 1.0
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "int8")
 
 
 def resolve_precision(precision: str) -> str:
@@ -96,6 +97,8 @@ class Pipeline:
         self.scheduler_options = scheduler_options or SchedulerOptions()
         self.model_hash, self.name = model_hash, name
         self.precision = resolve_precision(precision)
+        if self.precision == "int8" and not int8.is_int8(self.unet):
+            raise CarraraError("precision int8 needs a U-Net quantized by models/int8.py (Pipeline.load does it)")
         # bf16 weights (not autocast: no per-step casts of the weights) for the U-Net, which does ~all the work;
         # the sampler's state, the guidance sum, the text encoder and the decoder stay fp32.
         self.unet_dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
@@ -109,7 +112,8 @@ class Pipeline:
         """Load a carrara run folder, the packaged "default" model, or a diffusers SD folder.
 
         Weights are read from safetensors only, unless allow_pickle lets `.bin` files be read weights-only.
-        precision: "fp32", "bf16" (U-Net weights in bf16) or "auto" (bf16 where the CPU has native bf16)."""
+        precision: "fp32", "bf16" (U-Net weights in bf16), "auto" (bf16 where the CPU has native bf16) or "int8" (W8A8
+        U-Net with the calibration `carrara quantize` stored beside its weights, models/int8.py)."""
         precision = resolve_precision(precision)
         unclip = Unclip.load(path) if is_unclip(path) else None  # an unCLIP folder: its decoder/ is the model
         folder = resolve(unclip.decoder if unclip else path)
@@ -130,8 +134,11 @@ class Pipeline:
                 raise CarraraError(f"{folder.root / 'upsampler'} expects {upsampler.unet.config.cross_attention_dim}-dim "
                                    f"text states but the text encoder gives {text_encoder.dim}")
         student = read_json_object(folder.root / "model_index.json").get("carrara", {}).get("student")
-        return cls(unet=unet, vae=vae, text_encoder=text_encoder, schedule=schedule,
-                   model_hash=folder.unet_hash(allow_pickle=allow_pickle), name=str(path),
+        model_hash = folder.unet_hash(allow_pickle=allow_pickle)
+        if precision == "int8":
+            unet = int8.quantize_unet(unet, int8.read_calibration(folder.unet, model_hash, str(path)))
+        return cls(unet=unet, vae=vae, text_encoder=text_encoder, schedule=schedule, model_hash=model_hash,
+                   name=str(path),
                    scheduler_options=SchedulerOptions.from_scheduler_config(folder.scheduler_config),
                    precision=precision, upsampler=upsampler, student=student if isinstance(student, dict) else None,
                    unclip=unclip)
