@@ -14,8 +14,9 @@ from reference import reference_pair
 
 from carrara.cli import main
 from carrara.diffusion.consistency import boundary_scalings, lcm_timesteps, solver_timesteps
+from carrara.diffusion.objectives import from_x0_eps, to_x0_eps
 from carrara.diffusion.samplers import SchedulerOptions, sample_lcm, sampling_plan
-from carrara.diffusion.schedule import NoiseSchedule
+from carrara.diffusion.schedule import NoiseSchedule, add_noise
 from carrara.errors import CarraraError
 from carrara.models import UNet2DConditionModel, UNetConfig
 from carrara.models.blocks import guidance_embedding
@@ -23,7 +24,14 @@ from carrara.pipeline import Pipeline
 from carrara.png import read_png_metadata
 from carrara.recipe import apply_overrides, flatten, load_recipe_file
 from carrara.train.core import TrainConfig
-from carrara.train.distill import DistillRecipe, TargetNetwork, student_unet, train_distill
+from carrara.train.distill import (
+    DistillRecipe,
+    TargetNetwork,
+    consistency_fn,
+    guided_ddim_step,
+    student_unet,
+    train_distill,
+)
 
 TINY = {"sample_size": 8, "block_out_channels": [32, 64], "layers_per_block": 1, "norm_num_groups": 8,
         "cross_attention_dim": 16, "attention_head_dim": [2, 4], "time_cond_proj_dim": 32,
@@ -115,6 +123,44 @@ def test_lcm_sampler_equals_diffusers_lcm_scheduler_loop(prediction_type, steps)
     assert (got - denoised).abs().max() <= 1e-5 * max(1.0, denoised.abs().max().item())
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_the_guided_teacher_step_follows_the_true_trajectory_in_either_prediction_type(prediction_type):
+    schedule = NoiseSchedule.from_config("scaled_linear", prediction_type=prediction_type)
+    g = torch.Generator().manual_seed(0)
+    z0, eps = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    t, s = torch.tensor([999, 259, 19]), torch.tensor([979, 239, 0])
+    x = add_noise(schedule, z0, eps, t)
+    abar_t = schedule.alphas_cumprod[t]
+
+    def exact(x2, t2, states, class_labels=None):  # a perfect teacher: the true ε / v of (z0, ε), for ∅ and c alike
+        n = x2.shape[0] // 3
+        return from_x0_eps(z0.repeat(n, 1, 1, 1), eps.repeat(n, 1, 1, 1), schedule.alphas_cumprod[t2], prediction_type)
+
+    w = torch.tensor([2.0, 5.0, 8.0])
+    null, cond = (torch.zeros(3, 2, 4), None), (torch.ones(3, 2, 4), None)
+    x_s = guided_ddim_step(exact, x, t, s, w, cond, null, schedule)  # DDIM along the exact trajectory: q(x_s | z0, ε)
+    torch.testing.assert_close(x_s, add_noise(schedule, z0, eps, s), rtol=1e-5, atol=1e-5)
+
+    def split(x2, t2, states, class_labels=None):  # ∅ answers 0, c answers its true output: guided = w · true
+        out = exact(x2, t2, states)
+        return torch.cat([torch.zeros_like(out[:3]), out[3:]])
+
+    guided = w.view(-1, 1, 1, 1) * from_x0_eps(z0, eps, abar_t, prediction_type)
+    x0, e = to_x0_eps(guided, x, abar_t, prediction_type)
+    a_s = schedule.alphas_cumprod[s].view(-1, 1, 1, 1).float()
+    torch.testing.assert_close(guided_ddim_step(split, x, t, s, w, cond, null, schedule),
+                               a_s.sqrt() * x0 + (1 - a_s).sqrt() * e, rtol=1e-5, atol=1e-5)
+    # the consistency function of a perfect network is c_skip x + c_out z0, and x itself at t = 0
+    net = lambda x2, t2, c, class_labels=None, timestep_cond=None: exact(x2, t2, c)
+    f = consistency_fn(net, x, t, (None, None), None, schedule, 10.0)
+    c_skip, c_out = boundary_scalings(t.double())
+    torch.testing.assert_close(f, c_skip.view(-1, 1, 1, 1).float() * x + c_out.view(-1, 1, 1, 1).float() * z0,
+                               rtol=1e-5, atol=1e-5)
+    x_0 = add_noise(schedule, z0, eps, torch.zeros(3, dtype=torch.long))
+    at_zero = consistency_fn(net, x_0, torch.zeros(3, dtype=torch.long), (None, None), None, schedule, 10.0)
+    torch.testing.assert_close(at_zero, x_0)
+
+
 @pytest.fixture(scope="module")
 def distilled(tiny_diffusion_run, tiny_shapes, tmp_path_factory):
     """A 6-step distillation of the tiny diffusion run, checkpointed at every step (the last two kept)."""
@@ -203,6 +249,19 @@ def test_student_pipeline_makes_one_unet_call_per_step(distilled, tiny_diffusion
     assert calls == [6] * 4  # the teacher's classifier-free guidance: the batch twice per step
     with pytest.raises(CarraraError, match="negative prompt"):
         student(prompts, steps=2, sampler="lcm", negative_prompt="blurry")
+
+
+def test_the_exported_student_unet_loads_in_diffusers(distilled):
+    run, _ = distilled
+    ours = UNet2DConditionModel.from_pretrained(run / "unet")
+    theirs = diffusers.UNet2DConditionModel.from_pretrained(run / "unet").eval()
+    assert theirs.config.time_cond_proj_dim == ours.config.time_cond_proj_dim == 16
+    g = torch.Generator().manual_seed(0)
+    x, text = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 7, ours.config.cross_attention_dim, generator=g)
+    emb = _w_emb(4.0, 2, 16)
+    with torch.no_grad():
+        expected = theirs(x, torch.tensor([259, 999]), text, timestep_cond=emb).sample
+        assert (ours(x, torch.tensor([259, 999]), text, timestep_cond=emb) - expected).abs().max() <= 1e-4
 
 
 def test_student_is_deterministic_per_seed_and_its_guidance_matters(distilled):
