@@ -3,6 +3,7 @@ are closer to it than to another in CLIP space), dropping z_i and the text is th
 its ends and the sphere, strips share their noise (a strip's ends are the pictures' variations, pixel for pixel), the
 route text → prior → decoder loads from one folder, and bad input is one line."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -248,6 +249,16 @@ def test_cli_errors_are_one_line(decoder_run, colours, tiny_diffusion_run, tmp_p
         ((run, "--variations", red, "--text-diff", "a cat", "--amount", "2", "-o", out), "between 0 and 1"),
         ((tiny_diffusion_run, "a red circle", "--prior-guidance", "2", "-o", out), "not an unCLIP model"),
     ]
+    no_tokens, no_clip = tmp_path / "no-tokens", tmp_path / "no-clip"
+    for broken in (no_tokens, no_clip):
+        shutil.copytree(run / "decoder", broken / "decoder")
+        shutil.copy2(run / "model_index.json", broken / "model_index.json")
+    (no_tokens / "decoder" / "image_tokens" / "model.safetensors").write_bytes(b"not safetensors")
+    index = json.loads((no_clip / "model_index.json").read_text())
+    index["carrara"]["clip"] = str(tmp_path / "gone-clip")
+    (no_clip / "model_index.json").write_text(json.dumps(index))
+    cases += [((no_tokens, "--variations", red, "-o", out), "image tokens"),
+              ((no_clip, "--variations", red, "-o", out), "gone-clip")]
     for argv, message in cases:
         assert gen(*argv) == 2, argv
         assert message in one_error_line(capsys), argv
