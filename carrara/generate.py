@@ -74,7 +74,8 @@ def _settings(args: argparse.Namespace, meta: dict | None) -> tuple[dict, str]:
                            f"({', '.join(A1111_SAMPLERS.values())}); give --sampler {'|'.join(SAMPLER_NAMES)}")
     if args.model is not None:
         model = args.model
-    if not base.get("prompt", "").strip() and not getattr(args, "classifier", None) and not _unclip_mode(args):
+    if not base.get("prompt", "").strip() and not getattr(args, "classifier", None) and not _unclip_mode(args) and (
+            "unclip" not in (meta or {})):  # an unCLIP strip's PNG: _unclip_request says why it is not re-made
         raise CarraraError('give a prompt, e.g. carrara generate "a red circle" (or --from image.png)')
     if not 1 <= base["n"] <= MAX_BATCH:
         raise CarraraError(f"--n must be between 1 and {MAX_BATCH}, got {base['n']}")

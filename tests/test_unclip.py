@@ -181,7 +181,7 @@ def test_slerp_ends_and_midpoint():
         text_diff(z_i, new, new, torch.tensor([0.5]))
 
 
-def test_cli_variations_interpolation_and_text_diff(decoder_run, colours, tmp_path):
+def test_cli_variations_interpolation_and_text_diff(decoder_run, colours, tmp_path, capsys):
     run = decoder_run[0]
     red, blue = str(colours / "red.png"), str(colours / "blue.png")
     assert gen(run, "--variations", red, "--n", "2", "--seed", "3", "-o", str(tmp_path / "v.png")) == 0
@@ -207,6 +207,10 @@ def test_cli_variations_interpolation_and_text_diff(decoder_run, colours, tmp_pa
     assert meta["unclip"]["new_caption"] == "a blue square" and meta["unclip"]["amount"] == 0.6
     assert meta["theta"] == 0.6 and meta["prompt"] == ""
     assert read_png_metadata(tmp_path / "v-1.png")["seed"] == 4
+    capsys.readouterr()
+    assert gen(run, "--from", str(tmp_path / "v-1.png"), "-o", str(tmp_path / "f.png")) == 2  # not re-made: said so
+    assert "does not re-make" in one_error_line(capsys)
+    assert not (tmp_path / "f.png").exists()
 
 
 def test_the_route_from_text_loads_from_one_folder(unclip_model, decoder_run, tmp_path, capsys):
