@@ -527,7 +527,7 @@ def plot_tradeoff(result: dict, path: Path) -> None:
             for x, y, q in zip(xs, faith, points):
                 ax.annotate(f"{q[scale_key]:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     axes[0].set_xlabel("FD (lower is better)")
-    axes[1].set_xlabel("diversity: mean distance between images of one prompt (recall-like)")
+    axes[1].set_xlabel("diversity (recall-like): distance between images of one prompt")
     for ax in axes:
         ax.set_ylabel("faithfulness, all attributes right (%)")
         ax.grid(alpha=0.3)
