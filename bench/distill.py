@@ -23,16 +23,12 @@ from pathlib import Path
 
 import torch
 from families import cpu_kind
+from lora import tiny_base
 
 from carrara.data.shapes import build_shapes
-from carrara.diffusion.schedule import NoiseSchedule
 from carrara.evaluate.faithfulness import evaluate_faithfulness
 from carrara.evaluate.suite import EvalSettings, run_eval
 from carrara.fileio import ensure_dir, write_json_atomic
-from carrara.modelfolder import write_model_folder
-from carrara.models.autoencoder import AutoencoderKL
-from carrara.models.config import AutoencoderConfig, UNetConfig
-from carrara.models.unet import UNet2DConditionModel
 from carrara.pipeline import Pipeline
 from carrara.train.clip import ClipRecipe, train_clip
 from carrara.train.core import TrainConfig
@@ -91,18 +87,7 @@ def tiny_setup(out: Path, progress: bool) -> dict:
     data = out / "shapes"
     if not (data / "metadata.jsonl").is_file():
         build_shapes(data, n=32, size=16, seed=0, progress=False)
-    teacher = out / "teacher"
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(UNetConfig(sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
-                                           norm_num_groups=8, cross_attention_dim=384, attention_head_dim=(2, 4),
-                                           down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                           up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")))
-    vae = AutoencoderKL(AutoencoderConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8,
-                                          latent_channels=4, sample_size=16, down_block_types=("DownEncoderBlock2D",) * 2,
-                                          up_block_types=("UpDecoderBlock2D",) * 2))
-    write_model_folder(teacher, unet=unet, vae=vae, text_encoder="minilm",
-                       scheduler_config=NoiseSchedule.from_config("scaled_linear",
-                                                                  prediction_type="v_prediction").to_diffusers_config())
+    teacher = tiny_base(out / "teacher", prediction_type="v_prediction")
     tiny = TrainConfig(steps=3, batch_size=8, lr=1e-4, warmup_steps=1, log_every=1, checkpoint_every=3,
                        sample_every=3, bf16=False, ema_decay=0.95)
     train_distill(DistillRecipe(teacher=str(teacher), data=str(data), embed_dim=16, train=tiny), out / "student",

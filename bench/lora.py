@@ -116,8 +116,9 @@ def write_folder(folder: Path, items: list[tuple[str, Image.Image]]) -> Path:
     return folder
 
 
-def tiny_base(folder: Path) -> Path:
-    """A tiny random model folder (16-px images) standing in for the default model in --tiny."""
+def tiny_base(folder: Path, prediction_type: str = "epsilon") -> Path:
+    """A tiny random model folder (16-px images) standing in for the default model in --tiny (bench/distill.py's
+    teacher too)."""
     if (folder / "model_index.json").is_file():
         return folder
     torch.manual_seed(0)
@@ -129,7 +130,8 @@ def tiny_base(folder: Path) -> Path:
                                           latent_channels=4, sample_size=16, down_block_types=("DownEncoderBlock2D",) * 2,
                                           up_block_types=("UpDecoderBlock2D",) * 2))
     write_model_folder(folder, unet=unet, vae=vae, text_encoder="minilm",
-                       scheduler_config=NoiseSchedule.from_config("scaled_linear").to_diffusers_config())
+                       scheduler_config=NoiseSchedule.from_config(
+                           "scaled_linear", prediction_type=prediction_type).to_diffusers_config())
     return folder
 
 
