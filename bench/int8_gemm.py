@@ -1,6 +1,7 @@
 """int8 against fp32 on the default U-Net's own convolution and linear shapes, on this CPU (issue 18, Part A).
 
-The layers an int8 U-Net would quantize are read from one real sampling run (20-step schedule cut to `--steps`,
+The int8 calls are carrara's own (models/int8.py's Int8Conv2d / Int8Linear, forced on one kernel). The layers an
+int8 U-Net would quantize are read from one real sampling run (20-step schedule cut to `--steps`,
 guidance 4; hooks keep every layer's input at the U-Net call `--at-call`, mid-trajectory): the 3×3 convolutions
 but conv_in/conv_out, and the linear layers but the time embedding's, each ResBlock's time_emb_proj (M = batch) and
 the text's keys and values (computed once per run, models/blocks.text_kv_cache). The 1×1 shortcut convolutions stay
@@ -51,10 +52,11 @@ from families import cpu_kind
 from sample import PROMPTS
 
 from carrara.fileio import write_json_atomic
+from carrara.models import int8
 from carrara.models.blocks import text_kv_cache
+from carrara.models.int8 import ACT_QMAX, fake_quant, plain_view, weight_qparams
 from carrara.pipeline import Pipeline
 
-ACT_QMAX = 127  # 7-bit activations: vpmaddubsw's u8·s8 pair sums stay below 2^15 (2·127·127), no VNNI here
 KEEP_FP32 = ("conv_in", "conv_out", "time_embedding.", "class_embedding.", "time_emb_proj", "attn2.to_k", "attn2.to_v")
 STOP_KERNEL, STOP_NET = 1.4, 1.32  # the research note's stop rule for 1.5× over diffusers
 MIN_SECONDS = 0.01  # each timed loop runs at least this long
@@ -142,80 +144,58 @@ def group_shapes(seen: dict) -> list[Shape]:
     return list(groups.values())
 
 
-def act_qparams(x: torch.Tensor, qmin: int = 0, qmax: int = ACT_QMAX) -> tuple[float, int]:
-    """Per-tensor scale and zero point mapping [min(x, 0), max(x, 0)] onto [qmin, qmax] (0 exactly representable)."""
-    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
-    scale = max(hi - lo, 1e-8) / (qmax - qmin)
-    return scale, int(min(max(round(qmin - lo / scale), qmin), qmax))
+def own_range(x: torch.Tensor) -> list[float]:
+    return [float(x.min()), float(x.max())]
 
 
-def weight_qparams(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric s8 per output channel: the integers (O, …) and the float32 scales (O,)."""
-    scales = w.flatten(1).abs().amax(1).clamp_min(1e-12) / 127
-    w8 = torch.round(w / scales.view(-1, *[1] * (w.dim() - 1))).clamp(-127, 127).to(torch.int8)
-    return w8, scales
-
-
-def fake_quant(x: torch.Tensor, scale: float, zp: int, qmin: int, qmax: int) -> torch.Tensor:
-    """x rounded to the grid scale·(q − zp), q in [qmin, qmax], in fp32."""
-    return (torch.clamp(torch.round(x / scale) + zp, qmin, qmax) - zp) * scale
-
-
-def plain_view(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The integers of a quantized tensor as a plain u8/s8 tensor, no copy (`int_repr()` copies: a second pass)."""
-    return torch.empty(0, dtype=dtype).set_(q.untyped_storage(), q.storage_offset(), q.size(), q.stride())
+def act_qparams(x: torch.Tensor, qmax: int = ACT_QMAX) -> tuple[float, int]:
+    """The per-tensor grid the int8 U-Net would calibrate from this tensor alone (its own range: the best case)."""
+    return int8.act_qparams(*own_range(x), qmax=qmax)
 
 
 def dequantized_weight(shape: Shape, w8: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
     return w8.float() * ws.view(-1, *[1] * (w8.dim() - 1))
 
 
+def int8_module(shape: Shape, kernel: str) -> int8.Int8Layer:
+    """carrara's int8 layer (models/int8.py) for this shape, calibrated on the shape's own input, forced on `kernel`."""
+    if shape.kind == "conv":
+        O, C = shape.weight.shape[:2]
+        layer = nn.Conv2d(C, O, 3, shape.stride, shape.padding, bias=shape.bias is not None)
+    else:
+        layer = nn.Linear(shape.weight.shape[1], shape.weight.shape[0], bias=shape.bias is not None)
+    with torch.no_grad():
+        layer.weight.copy_(shape.weight)
+        if shape.bias is not None:
+            layer.bias.copy_(shape.bias)
+    calibration = {"input": own_range(shape.x), "output": own_range(shape.fp32(shape.x))}
+    return (int8.Int8Conv2d if shape.kind == "conv" else int8.Int8Linear)(layer, calibration, kernel)
+
+
 def fbgemm(shape: Shape) -> Variant:
     """quantized::conv2d / quantized::linear: u8 in, u8 out with a calibrated output scale, then dequantize."""
-    x, (w8, ws) = shape.x, weight_qparams(shape.weight)
-    s, zp = act_qparams(x)
-    wq = torch._make_per_channel_quantized_tensor(w8, ws.double(), torch.zeros(len(ws), dtype=torch.long), 0)
-    out_s, out_zp = act_qparams(shape.fp32(x), 0, 255)
+    x, m = shape.x, int8_module(shape, "fbgemm")
+    ready = int8.quantize_input(x, m.scale, m.zero_point)
     if shape.kind == "conv":
-        packed = torch.ops.quantized.conv2d_prepack(wq, shape.bias, list(shape.stride), list(shape.padding), [1, 1], 1)
-        op = lambda q: torch.ops.quantized.conv2d.new(q, packed, out_s, out_zp)
-        ready = torch.quantize_per_tensor(x, s, zp, torch.quint8).contiguous(memory_format=torch.channels_last)
-    else:
-        packed = torch.ops.quantized.linear_prepack(wq, shape.bias)
-        op = lambda q: torch.ops.quantized.linear(q, packed, out_s, out_zp)
-        ready = torch.quantize_per_tensor(x, s, zp, torch.quint8)
-    reference = shape.fp32(fake_quant(x, s, zp, 0, ACT_QMAX), dequantized_weight(shape, w8, ws))
-    return Variant(net=lambda: op(torch.quantize_per_tensor(x, s, zp, torch.quint8)).dequantize(),
-                   kernel=lambda: op(ready), reference=fake_quant(reference, out_s, out_zp, 0, 255))
+        ready = ready.contiguous(memory_format=torch.channels_last)
+    reference = shape.fp32(fake_quant(x, m.scale, m.zero_point, 0, ACT_QMAX), m.dequantized_weight())
+    return Variant(net=lambda: m(x), kernel=lambda: m.fbgemm(ready),
+                   reference=fake_quant(reference, m.out_scale, m.out_zero_point, 0, 255))
 
 
 def onednn(shape: Shape) -> Variant:
     """onednn::qconv_pointwise / qlinear_pointwise, the ops inductor's x86 int8 lowering emits: u8 in, fp32 out."""
-    x, (w8, ws) = shape.x, weight_qparams(shape.weight)
-    s, zp = act_qparams(x)
-    wzp = torch.zeros(len(ws), dtype=torch.long)
-    if shape.kind == "conv":
-        st, pad = list(shape.stride), list(shape.padding)
-        packed = torch.ops.onednn.qconv_prepack(w8, ws, s, zp, st, pad, [1, 1], 1, list(x.shape))
-        op = lambda u8: torch.ops.onednn.qconv_pointwise(
-            u8, s, zp, packed, ws, wzp, shape.bias, st, pad, [1, 1], 1, 1.0, 0, torch.float32, "none", [], None)
-        memory_format = torch.channels_last
-    else:
-        packed = torch.ops.onednn.qlinear_prepack(w8, list(x.shape))
-        op = lambda u8: torch.ops.onednn.qlinear_pointwise(
-            u8, s, zp, packed, ws, wzp, shape.bias, 1.0, 0, torch.float32, "none", [], "")
-        memory_format = torch.contiguous_format
-    ready = torch.quantize_per_tensor(x, s, zp, torch.quint8).int_repr().contiguous(memory_format=memory_format)
-    return Variant(net=lambda: op(plain_view(torch.quantize_per_tensor(x, s, zp, torch.quint8), torch.uint8)),
-                   kernel=lambda: op(ready),
-                   reference=shape.fp32(fake_quant(x, s, zp, 0, ACT_QMAX), dequantized_weight(shape, w8, ws)))
+    x, m = shape.x, int8_module(shape, "onednn")
+    memory_format = torch.channels_last if shape.kind == "conv" else torch.contiguous_format
+    ready = int8.quantize_input(x, m.scale, m.zero_point).int_repr().contiguous(memory_format=memory_format)
+    return Variant(net=lambda: m(x), kernel=lambda: m.onednn(ready),
+                   reference=shape.fp32(fake_quant(x, m.scale, m.zero_point, 0, ACT_QMAX), m.dequantized_weight()))
 
 
 def dynamic(shape: Shape) -> Variant:
     """quantized::linear_dynamic (torch's quantize_dynamic): the input's range is found and quantized in the op."""
     x, (w8, ws) = shape.x, weight_qparams(shape.weight)
-    wq = torch._make_per_channel_quantized_tensor(w8, ws.double(), torch.zeros(len(ws), dtype=torch.long), 0)
-    packed = torch.ops.quantized.linear_prepack(wq, shape.bias)
+    packed = torch.ops.quantized.linear_prepack(int8.per_channel_weight(w8, ws), shape.bias)
     s, zp = torch._choose_qparams_per_tensor(x, True)  # the op's own choice, reduce_range = 7 bits
     return Variant(net=lambda: torch.ops.quantized.linear_dynamic(x, packed, True), kernel=None,
                    reference=shape.fp32(fake_quant(x, s, zp, 0, ACT_QMAX), dequantized_weight(shape, w8, ws)))

@@ -98,16 +98,27 @@ def per_channel_weight(w8: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 
 
 class Int8Layer(nn.Module):
-    """What the int8 conv and linear share: s8 weights, the calibrated input and output grids, the kernel choice."""
+    """What the int8 conv and linear share: s8 weights, the calibrated input and output grids, the kernel choice.
 
-    def __init__(self, layer: nn.Conv2d | nn.Linear, calibration: dict):
+    `kernel` None picks by the GEMM's rows (and runs small linears in fp32); "fbgemm" or "onednn" forces one
+    (bench/int8_gemm.py times each)."""
+
+    def __init__(self, layer: nn.Conv2d | nn.Linear, calibration: dict, kernel: str | None = None):
         super().__init__()
+        self.kernel = kernel
         self.w8, self.w_scales = weight_qparams(layer.weight.detach().float())
         self.bias = None if layer.bias is None else layer.bias.detach().float().clone()
         self.scale, self.zero_point = act_qparams(*calibration["input"])
         self.out_scale, self.out_zero_point = act_qparams(*calibration["output"], qmax=255)  # FBGEMM's u8 output
         self.w_zero_points = torch.zeros(len(self.w_scales), dtype=torch.long)
         self._onednn: dict[tuple, object] = {}  # oneDNN's weights, packed for each input shape seen
+
+    def run_int8(self, x: torch.Tensor, rows: int) -> torch.Tensor:
+        """Quantize x onto the calibrated grid, then FBGEMM (u8 out, dequantized) or oneDNN (fp32 out)."""
+        q = quantize_input(x, self.scale, self.zero_point)
+        if self.kernel == "fbgemm" or (self.kernel is None and rows <= FBGEMM_MAX_ROWS):
+            return self.fbgemm(q).dequantize()
+        return self.onednn(plain_view(q, torch.uint8))
 
     def dequantized_weight(self) -> torch.Tensor:
         """The s8 weights times their scales, in fp32: the weights every kernel here multiplies by."""
@@ -120,56 +131,62 @@ class Int8Layer(nn.Module):
 class Int8Conv2d(Int8Layer):
     """A 3×3 convolution on s8 weights and 7-bit u8 activations; fp32 in and out."""
 
-    def __init__(self, conv: nn.Conv2d, calibration: dict):
-        super().__init__(conv, calibration)
+    def __init__(self, conv: nn.Conv2d, calibration: dict, kernel: str | None = None):
+        super().__init__(conv, calibration, kernel)
         self.stride, self.padding = list(conv.stride), list(conv.padding)
         self._fbgemm = torch.ops.quantized.conv2d_prepack(per_channel_weight(self.w8, self.w_scales), self.bias,
                                                           self.stride, self.padding, [1, 1], 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, O, H', W')
-        q = quantize_input(x, self.scale, self.zero_point)
-        B, _, H, W = x.shape
-        rows = B * math.ceil(H / self.stride[0]) * math.ceil(W / self.stride[1])  # M of the conv's GEMM
-        if rows <= FBGEMM_MAX_ROWS:
-            return torch.ops.quantized.conv2d.new(q, self._fbgemm, self.out_scale, self.out_zero_point).dequantize()
-        packed = self._onednn.get(tuple(x.shape))
+    def fbgemm(self, q: torch.Tensor) -> torch.Tensor:
+        """quantized::conv2d: quint8 (B, C, H, W) in, quint8 out on the calibrated output grid."""
+        return torch.ops.quantized.conv2d.new(q, self._fbgemm, self.out_scale, self.out_zero_point)
+
+    def onednn(self, u8: torch.Tensor) -> torch.Tensor:
+        """onednn::qconv_pointwise (what inductor's x86 int8 lowering emits): u8 (B, C, H, W) in, fp32 out."""
+        packed = self._onednn.get(tuple(u8.shape))
         if packed is None:
-            packed = self._onednn[tuple(x.shape)] = torch.ops.onednn.qconv_prepack(
+            packed = self._onednn[tuple(u8.shape)] = torch.ops.onednn.qconv_prepack(
                 self.w8, self.w_scales, self.scale, self.zero_point, self.stride, self.padding, [1, 1], 1,
-                list(x.shape))
+                list(u8.shape))
         return torch.ops.onednn.qconv_pointwise(
-            plain_view(q, torch.uint8), self.scale, self.zero_point, packed, self.w_scales, self.w_zero_points,
-            self.bias, self.stride, self.padding, [1, 1], 1, 1.0, 0, torch.float32, "none", [], None)
+            u8, self.scale, self.zero_point, packed, self.w_scales, self.w_zero_points, self.bias, self.stride,
+            self.padding, [1, 1], 1, 1.0, 0, torch.float32, "none", [], None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, O, H', W')
+        B, _, H, W = x.shape
+        return self.run_int8(x, B * math.ceil(H / self.stride[0]) * math.ceil(W / self.stride[1]))  # rows M
 
 
 class Int8Linear(Int8Layer):
     """A linear layer on s8 weights and 7-bit u8 activations; small GEMMs run the fp32 weights instead."""
 
-    def __init__(self, linear: nn.Linear, calibration: dict):
-        super().__init__(linear, calibration)
+    def __init__(self, linear: nn.Linear, calibration: dict, kernel: str | None = None):
+        super().__init__(linear, calibration, kernel)
         self.weight = linear.weight.detach().float()  # (N, K) the fp32 weights, for GEMMs too small for int8
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self._fbgemm = torch.ops.quantized.linear_prepack(per_channel_weight(self.w8, self.w_scales), self.bias)
 
     def runs_int8(self, rows: int) -> bool:
-        return rows * self.in_features * self.out_features >= SMALL_LINEAR_MACS
+        return self.kernel is not None or rows * self.in_features * self.out_features >= SMALL_LINEAR_MACS
+
+    def fbgemm(self, q: torch.Tensor) -> torch.Tensor:
+        """quantized::linear: quint8 (M, K) in, quint8 (M, N) out on the calibrated output grid."""
+        return torch.ops.quantized.linear(q, self._fbgemm, self.out_scale, self.out_zero_point)
+
+    def onednn(self, u8: torch.Tensor) -> torch.Tensor:
+        """onednn::qlinear_pointwise: u8 (M, K) in, fp32 (M, N) out."""
+        packed = self._onednn.get(tuple(u8.shape))
+        if packed is None:
+            packed = self._onednn[tuple(u8.shape)] = torch.ops.onednn.qlinear_prepack(self.w8, list(u8.shape))
+        return torch.ops.onednn.qlinear_pointwise(
+            u8, self.scale, self.zero_point, packed, self.w_scales, self.w_zero_points, self.bias, 1.0, 0,
+            torch.float32, "none", [], "")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., N)
         x2 = x.reshape(-1, self.in_features)  # (M, K)
-        M = x2.shape[0]
-        if not self.runs_int8(M):
+        if not self.runs_int8(x2.shape[0]):
             return F.linear(x, self.weight, self.bias)
-        q = quantize_input(x2, self.scale, self.zero_point)
-        if M <= FBGEMM_MAX_ROWS:
-            y = torch.ops.quantized.linear(q, self._fbgemm, self.out_scale, self.out_zero_point).dequantize()
-        else:
-            packed = self._onednn.get(M)
-            if packed is None:
-                packed = self._onednn[M] = torch.ops.onednn.qlinear_prepack(self.w8, [M, self.in_features])
-            y = torch.ops.onednn.qlinear_pointwise(
-                plain_view(q, torch.uint8), self.scale, self.zero_point, packed, self.w_scales, self.w_zero_points,
-                self.bias, 1.0, 0, torch.float32, "none", [], "")
-        return y.view(*x.shape[:-1], self.out_features)
+        return self.run_int8(x2, x2.shape[0]).view(*x.shape[:-1], self.out_features)
 
 
 def quantizable_layers(unet: nn.Module) -> dict[str, nn.Module]:
