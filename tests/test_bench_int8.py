@@ -145,3 +145,32 @@ def test_tiny_bench_writes_every_number(tiny_diffusion_run, tmp_path):
     stop = r["stop_rule"]
     assert stop["kernel_speedup"] == pytest.approx(all_["best_mixed"]["speedup_kernel"])
     assert stop["met"] == (stop["kernel_speedup"] < 1.4 or stop["net_speedup"] < 1.32)
+
+
+def test_end_to_end_bench_writes_ratios_quality_and_peak(tiny_diffusion_run, tmp_path):
+    """bench/int8.py on a tiny model calibrated by `carrara quantize`: every ratio follows from its own medians."""
+    import shutil
+
+    from carrara.cli import main
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_diffusion_run, model)
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    assert main(["quantize", "--model", str(model), "--prompts", str(tmp_path / "p.txt"), "--n", "1"]) == 0
+    out = tmp_path / "int8.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "int8.py"), "--model", str(model), "--batches", "2",
+                           "--runs", "1", "--steps", "2", "--threads", "1", "--out", str(out)],
+                          check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["cpu"]["kind"] in ("avx512_bf16", "avx2-only", "other") and result["peak_fp32_gflops_per_s"] > 0
+    r = result["results"]["batch_2"]
+    med = r["median_s"]
+    assert set(med) == {"carrara-int8", "carrara-fp32", "diffusers"}
+    assert r["int8_vs_fp32"] == pytest.approx(med["carrara-fp32"] / med["carrara-int8"])
+    assert r["speedup_vs_diffusers"]["carrara-int8"] == pytest.approx(med["diffusers"] / med["carrara-int8"])
+    for name, share in r["fraction_of_fp32_peak"].items():
+        assert share == pytest.approx(r["gflop"] / med[name] / result["peak_fp32_gflops_per_s"])
+    diff = r["mean_abs_pixel_diff_255"]
+    assert 0 < diff["carrara-int8_vs_fp32"] < 20 and diff["diffusers_vs_fp32"] < 1  # int8 differs, diffusers ≈ fp32
