@@ -46,6 +46,7 @@ from carrara.serve.schema import (
     field_range,
 )
 from carrara.serve.search import Searcher, search_router
+from carrara.serve.unclip import RequestError, prior_job, unclip_info, unclip_router
 from carrara.serve.uploads import UploadError, read_edit
 
 STATIC = Path(__file__).parent / "static"
@@ -184,11 +185,11 @@ def describe(pipe, choice: Choice) -> dict:
     latent = pipe.latent_shape()  # (c, h, w)
     sizes = list(getattr(pipe, "sizes", (latent[1] * pipe.vae.config.downsample_factor,)))  # a cascade has two
     defaults = GenerateRequest.model_construct(prompt="").model_dump(exclude={
-        "prompt", "width", "height", "model", "init_image", "init_image_id", "mask"})
+        "prompt", "width", "height", "model", "init_image", "init_image_id", "mask", "prior_guidance"})
     return {"name": choice.name, "ref": choice.ref, "model_hash": pipe.model_hash,
             "precision": getattr(pipe, "precision", "fp32"), "image_size": [sizes[-1], sizes[-1]], "sizes": sizes,
             "latent_shape": list(latent), "samplers": list(SAMPLER_NAMES), "defaults": defaults,
-            "example_prompt": example_prompt(choice.path)}
+            "example_prompt": example_prompt(choice.path), "unclip": unclip_info(pipe)}
 
 
 def create_app(pipe, data_dir: str | Path, *, max_queued: int = 32, batch_images: int = 16,
@@ -235,6 +236,18 @@ def create_app(pipe, data_dir: str | Path, *, max_queued: int = 32, batch_images
             raise HTTPException(404, f"no job {job_id}")
         return snap[0]
 
+    def enqueue(settings, **options):
+        """Queue a job: its JobInfo, or 429 when the queue is full (503 when the server is stopping)."""
+        try:
+            job = jobs.submit(settings, **options)
+        except QueueFull as e:
+            return JSONResponse({"detail": str(e)}, 429, headers={"Retry-After": str(e.retry_after)})
+        except CarraraError as e:
+            raise HTTPException(503, str(e)) from None
+        return job_or_404(job.id)
+
+    app.include_router(unclip_router(models, gallery, model_info, enqueue))
+
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
@@ -247,9 +260,10 @@ def create_app(pipe, data_dir: str | Path, *, max_queued: int = 32, batch_images
             return error_response(422, f"model: no model {body.model!r}; choose one of {', '.join(models.choices)}",
                                   "model")
         try:
-            sizes = (await model_info(body.model))["sizes"]
+            info = await model_info(body.model)
         except CarraraError as e:
             return error_response(503, f"model {body.model!r} cannot be loaded: {e}")
+        sizes = info["sizes"]
         for name in ("width", "height"):
             value, other = getattr(body, name), body.height if name == "width" else body.width
             if value is not None and (value not in sizes or other not in (None, value)):  # square sizes only
@@ -258,16 +272,11 @@ def create_app(pipe, data_dir: str | Path, *, max_queued: int = 32, batch_images
                                       "out", name)
         try:
             edit = await run_in_threadpool(read_edit, body, gallery, (IMG2IMG_STRENGTH, INPAINT_STRENGTH))
-        except UploadError as e:
+            unclip = prior_job(body, info)  # an unCLIP model's prior guidance
+        except (UploadError, RequestError) as e:
             return error_response(422, str(e), str(e).split(":")[0])
-        try:
-            job = jobs.submit(body.settings(), n=body.n, random_seed=body.seed == "random", model=body.model,
-                              edit=edit)
-        except QueueFull as e:
-            return JSONResponse({"detail": str(e)}, 429, headers={"Retry-After": str(e.retry_after)})
-        except CarraraError as e:
-            raise HTTPException(503, str(e)) from None
-        return job_or_404(job.id)
+        return enqueue(body.settings(), n=body.n, random_seed=body.seed == "random", model=body.model, edit=edit,
+                       unclip=unclip)
 
     @app.get("/api/jobs/{job_id}", response_model=JobInfo, responses={404: {"description": "unknown job"}})
     async def job_status(job_id: str):

@@ -36,7 +36,8 @@ def make_item(image_id: str, metadata: dict, *, created: float, job_id: str, siz
                          "edit": None if "strength" not in metadata else "inpaint" if "mask_sha256" in metadata
                          else "img2img", "strength": metadata.get("strength"), "init_image": metadata.get("init_image")},
             "model": metadata["model"],
-            "model_hash": metadata["model_hash"], "size": list(size)}
+            "model_hash": metadata["model_hash"], "size": list(size),
+            "unclip": {**metadata["unclip"], "theta": metadata.get("theta", 0.0)} if "unclip" in metadata else None}
 
 
 def valid_item(item, image_id: str) -> dict:

@@ -5,10 +5,12 @@ A job is one POST /api/generate: a model, a prompt, its settings and n images, i
 `carrara generate`. The worker takes the oldest queued job and adds later queued jobs with the same model, steps,
 sampler, guidance, negative prompt and size whose seeds continue the batch's, so that one `Pipeline` call (image k
 of a batch uses seed + k) gives every job its own seeds. An edit (img2img or inpainting) joins only edits of the
-same strength, all with a mask or none: the pipeline takes one init image and one mask per image. A "random" seed is picked when the job runs, as the next
-free one, so random-seed jobs always join (the stochastic samplers too: image k draws its noise from its own
-seed's generator). Batching changes float sums by ~1e-6, so a batched image can differ from the same seed
-made alone by one level in an occasional pixel; a job that ran alone (`batch_jobs == 1`) matches exactly.
+same strength, all with a mask or none: the pipeline takes one init image and one mask per image. An unCLIP
+manipulation (serve/unclip.py) runs alone; text jobs on an unCLIP model join jobs of the same prior guidance.
+A "random" seed is picked when the job runs, as the next free one, so random-seed jobs always join (the stochastic
+samplers too: image k draws its noise from its own seed's generator). Batching changes float sums by ~1e-6, so a
+batched image can differ from the same seed made alone by one level in an occasional pixel; a job that ran alone
+(`batch_jobs == 1`) matches exactly.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from carrara.errors import CarraraError
 from carrara.images import image_grid, to_pil
 from carrara.serve.gallery import Gallery
 from carrara.serve.models import ModelStore
+from carrara.serve.unclip import UnclipJob, unclip_inputs
 from carrara.serve.uploads import Edit
 
 QUEUED, RUNNING, DONE, CANCELLED, FAILED = "queued", "running", "done", "cancelled", "failed"
@@ -56,6 +59,7 @@ class Job:
     random_seed: bool = False
     model: str = ""  # the ModelStore choice it runs on
     edit: Edit | None = None  # img2img / inpainting input; None: text to image
+    unclip: UnclipJob | None = None  # an unCLIP manipulation or prior guidance (serve/unclip.py)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     status: str = QUEUED
     step: int = 0  # the sampling step in progress (1-based); == total when done
@@ -75,7 +79,8 @@ class Job:
     def batch_key(self) -> tuple:
         s = self.settings
         edit = None if self.edit is None else (self.edit.strength, self.edit.mask is not None)
-        return (self.model, s.steps, s.sampler, s.guidance, s.negative_prompt, s.size, edit)
+        unclip = None if self.unclip is None else self.unclip.batch_key(self.id)
+        return (self.model, s.steps, s.sampler, s.guidance, s.negative_prompt, s.size, edit, unclip)
 
     def to_dict(self, position: int | None = None) -> dict:
         s = self.settings
@@ -85,7 +90,8 @@ class Job:
                              "seed": None if self.random_seed and self.status == QUEUED else s.seed, "n": self.n,
                              "size": s.size, "model": self.model, **edit_settings(self.edit)},
                 "images": self.images, "error": self.error, "created": self.created, "started": self.started,
-                "finished": self.finished, "batch_jobs": self.batch_jobs, "events_url": f"/api/jobs/{self.id}/events"}
+                "finished": self.finished, "batch_jobs": self.batch_jobs, "events_url": f"/api/jobs/{self.id}/events",
+                "unclip": None if self.unclip is None else self.unclip.describe()}
 
 
 def edit_settings(edit: Edit | None) -> dict:
@@ -161,11 +167,11 @@ class JobQueue:
         return self.models.choice(None).ref
 
     def submit(self, settings: GenerationSettings, n: int = 1, random_seed: bool = False,
-               model: str | None = None, edit: Edit | None = None) -> Job:
-        """Queue a job on a model (None: the one the server started with), editing `edit`'s picture if given, or
-        raise QueueFull."""
+               model: str | None = None, edit: Edit | None = None, unclip: UnclipJob | None = None) -> Job:
+        """Queue a job on a model (None: the one the server started with), editing `edit`'s picture if given, with
+        an unCLIP model's inputs if given, or raise QueueFull."""
         job = Job(settings, n=n, random_seed=random_seed, model=self.models.choice(model).name, edit=edit,
-                  total=settings.steps)
+                  unclip=unclip, total=settings.steps)
         with self._cond:
             if self._closed:
                 raise CarraraError("the server is stopping")
@@ -315,10 +321,11 @@ class JobQueue:
         start = time.perf_counter()
         try:
             pipe = self.models.get(batch[0].model)  # loaded on first use; the least recently used may be dropped
+            unclip, per_image = unclip_inputs(pipe, batch[0].unclip, offsets[-1], s.seed)  # one key: one unclip
             images = pipe([job.settings.prompt for job in batch for _ in range(job.n)], steps=s.steps,
                                sampler=s.sampler, guidance=s.guidance, negative_prompt=s.negative_prompt,
                                seed=s.seed, callback=callback, **({"size": s.size} if s.size is not None else {}),
-                               **self._edit_inputs(batch))
+                               **self._edit_inputs(batch), **unclip)
         except _Stop:
             with self._cond:
                 for job in batch:
@@ -337,7 +344,8 @@ class JobQueue:
             try:
                 if status == DONE:
                     items = self.gallery.add_all(images[offsets[k]:offsets[k + 1]],
-                                                 [self._metadata(job, i, pipe, images[0].width) for i in range(job.n)],
+                                                 [{**self._metadata(job, i, pipe, images[0].width),
+                                                   **per_image[offsets[k] + i]} for i in range(job.n)],
                                                  job_id=job.id)
             except (OSError, CarraraError) as e:
                 status, error = FAILED, f"cannot save the images, none was kept: {e}"

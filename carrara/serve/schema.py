@@ -4,7 +4,7 @@ pipeline's batch limit.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -24,6 +24,15 @@ MAX_MODEL_NAME = 200
 MAX_IMAGE_BYTES = 2 * 2**20  # one picture to edit; the page sends the model's size, a few KB (serve/uploads.py)
 MAX_DATA_URL = 40 + (MAX_IMAGE_BYTES + 2) // 3 * 4  # its base64 data URL
 SEARCH_K, MAX_SEARCH_K = 8, 64  # images a search returns: by default (as `carrara search --k`), at most
+MAX_PRIOR_GUIDANCE = 100.0  # carrara/unclip.py's bound on the prior's guidance scale
+INTERPOLATE_N = 5  # images of an interpolation strip when n is not given (as `carrara generate --interpolate`)
+
+
+def seed_in_range(seed):
+    """A request's seed: a whole number from 0 to MAX_SEED, or "random"."""
+    if seed != "random" and (type(seed) is not int or not 0 <= seed <= MAX_SEED):
+        raise ValueError(f'the seed must be a whole number from 0 to {MAX_SEED}, or "random"')
+    return seed
 
 
 class GenerateRequest(BaseModel):
@@ -51,6 +60,8 @@ class GenerateRequest(BaseModel):
         "inpainting: a PNG data URL the size of the init image; white = regenerate, black = keep"))
     strength: float | None = Field(None, gt=0.0, le=1.0, description=(
         "how much of the sampling plan an edit runs, (0, 1]; null: 0.8 for img2img, 1.0 for inpainting"))
+    prior_guidance: float | None = Field(None, ge=0.0, le=MAX_PRIOR_GUIDANCE, description=(
+        "an unCLIP model's prior (text → CLIP image embedding): its guidance scale; null: the one it recorded"))
 
     @field_validator("prompt")
     @classmethod
@@ -62,9 +73,7 @@ class GenerateRequest(BaseModel):
     @field_validator("seed", mode="before")
     @classmethod
     def _seed_in_range(cls, seed):
-        if seed != "random" and (type(seed) is not int or not 0 <= seed <= MAX_SEED):
-            raise ValueError(f'the seed must be a whole number from 0 to {MAX_SEED}, or "random"')
-        return seed
+        return seed_in_range(seed)
 
     @model_validator(mode="after")
     def _valid_settings(self) -> GenerateRequest:
@@ -93,7 +102,8 @@ class GenerateRequest(BaseModel):
 
 def field_range(name: str) -> tuple[float, float] | None:
     """(lowest, highest) a numeric field of a request body allows, read from its Field(ge=…, le=…)."""
-    field = GenerateRequest.model_fields.get(name) or SearchRequest.model_fields.get(name)
+    field = GenerateRequest.model_fields.get(name) or SearchRequest.model_fields.get(name) or \
+        UnclipRequest.model_fields.get(name)
     if field is None:
         return None
     low = next((m.ge for m in field.metadata if getattr(m, "ge", None) is not None), None)
@@ -128,6 +138,8 @@ class ImageItem(BaseModel):
     model: str
     model_hash: str
     size: list[int]
+    unclip: dict | None = Field(None, description=(
+        "made by POST /api/unclip: the mode, each picture's source and SHA-256, the captions, amount and its theta"))
 
 
 class JobInfo(BaseModel):
@@ -144,6 +156,8 @@ class JobInfo(BaseModel):
     finished: float | None
     batch_jobs: int = Field(description="how many jobs shared its pipeline call (0 until it runs)")
     events_url: str
+    unclip: dict | None = Field(None, description=(
+        "an unCLIP job: its manipulation (mode, pictures, captions, amount) or the prior's guidance; null: none"))
 
 
 class GalleryPage(BaseModel):
@@ -193,6 +207,78 @@ class SearchHit(BaseModel):
 class SearchResult(BaseModel):
     results: list[SearchHit]
     ms: float = Field(description="query time in milliseconds: embedding the query and the kNN search")
+
+
+Picture = Annotated[str, Field(max_length=MAX_DATA_URL)]
+
+
+class UnclipRequest(BaseModel):
+    """The body of POST /api/unclip (serve/unclip.py): one of DALL-E 2 §3's manipulations, as `carrara generate
+    --variations / --interpolate / --text-diff` makes them; every other field defaults as there."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    variations: Picture | None = Field(None, description=(
+        'variations of a picture: a gallery image id, or a data URL "data:image/png;base64,…" (PNG or JPEG, at most '
+        "2 MiB); with text_diff, the picture to move"))
+    interpolate: list[Picture] | None = Field(None, min_length=2, max_length=2, description=(
+        "a strip from the first picture to the second (slerp of their CLIP embeddings, one noise): two pictures"))
+    text_diff: str | None = Field(None, max_length=MAX_PROMPT_CHARS, description=(
+        "with variations: the new caption t; the picture's embedding moves toward norm(z_t − z_t0)"))
+    amount: float | None = Field(None, ge=0.0, le=1.0, description="with text_diff: how far, θ in [0, 1] (0.5)")
+    prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description=(
+        "the decoder's text (variations, interpolate); with text_diff, the picture's old caption t0"))
+    negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
+    steps: int = Field(DEFAULTS.steps, ge=1, le=MAX_STEPS)
+    sampler: Literal[SAMPLER_NAMES] = DEFAULTS.sampler
+    guidance: float = Field(DEFAULTS.guidance, ge=0.0, le=MAX_GUIDANCE, description="the decoder's guidance w")
+    seed: int | Literal["random"] = Field(0, description=(
+        'variations: image i uses seed + i; a strip: every image the noise of seed; "random" picks one'))
+    n: int | None = Field(None, ge=1, le=MAX_BATCH, description=f"images (null: {INTERPOLATE_N} for interpolate, else 1)")
+    model: str | None = Field(None, max_length=MAX_MODEL_NAME, description="an unCLIP model from GET /api/models")
+
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _seed_in_range(cls, seed):
+        return seed_in_range(seed)
+
+    @model_validator(mode="after")
+    def _one_manipulation(self) -> UnclipRequest:
+        if (self.variations is None) == (self.interpolate is None):
+            raise ValueError("give variations (one picture) or interpolate (two pictures)" +
+                             (", not both" if self.variations is not None else ""))
+        if self.text_diff is not None and self.variations is None:
+            raise ValueError("text_diff moves a picture's embedding: give the picture as variations")
+        if self.text_diff is not None and not self.text_diff.strip():
+            raise ValueError('text_diff needs the new caption, e.g. "a cat wearing a hat"')
+        if self.amount is not None and self.text_diff is None:
+            raise ValueError("amount is how far text_diff moves: give it with text_diff")
+        if self.mode == "interpolate" and self.images < 2:
+            raise ValueError("interpolate draws a strip from one picture to the other: give n 2 or more")
+        if self.seed != "random" and self.seed + self.images - 1 > MAX_SEED:
+            raise ValueError(f"seed + n - 1 must be at most {MAX_SEED}")
+        if self.steps * self.images > MAX_WORK:
+            raise ValueError(f"steps × n must be at most {MAX_WORK} (one request's work), got {self.steps} × "
+                             f"{self.images} = {self.steps * self.images}: ask for fewer steps or fewer images")
+        return self
+
+    @property
+    def mode(self) -> str:
+        """carrara/unclip.py's name of the manipulation."""
+        return "interpolate" if self.interpolate is not None else "text_diff" if self.text_diff else "variations"
+
+    @property
+    def images(self) -> int:
+        return self.n if self.n is not None else INTERPOLATE_N if self.mode == "interpolate" else 1
+
+    @property
+    def strip_amount(self) -> float:
+        """A text diff's θ at the strip's end."""
+        return 0.5 if self.amount is None else self.amount
+
+    @property
+    def decoder_prompt(self) -> str:
+        """The decoder's text: the prompt, except in a text diff, where the prompt is the old caption."""
+        return "" if self.mode == "text_diff" else self.prompt
 
 
 def error_response(status: int, message: str, field: str | None = None) -> JSONResponse:
