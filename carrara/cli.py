@@ -1,12 +1,12 @@
-"""The `carrara` command line. Each subcommand imports its module lazily, so `--help` is instant."""
+"""The `carrara` command line: the argument parser; the handlers are in commands.py (each imports its module
+lazily, so `--help` is instant)."""
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
-from pathlib import Path
 
 import carrara
+from carrara import commands as handlers
 from carrara.diffusion.settings import DEFAULTS, SAMPLER_NAMES
 from carrara.errors import CarraraError
 
@@ -21,47 +21,6 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _cmd_data_build(args: argparse.Namespace) -> int:
-    if args.dataset == "shapes":
-        from carrara.data.shapes import build_shapes
-
-        stats = build_shapes(args.out, n=args.n or 2000, size=args.size, seed=args.seed, overwrite=args.overwrite)
-    elif args.dataset == "emoji":
-        from carrara.data.emoji import build_emoji
-
-        if args.n is not None:
-            raise CarraraError("--n does not apply to emoji: every fully-qualified emoji is rendered")
-        stats = build_emoji(args.out, size=args.size, font=args.font, overwrite=args.overwrite)
-    else:  # argparse's choices make this unreachable
-        raise CarraraError(f"unknown dataset {args.dataset!r}")
-    print(f"wrote {stats['written']} images to {args.out}" + (f" (skipped {stats['skipped']})" if stats.get("skipped") else ""))
-    return 0
-
-
-def _cmd_data_info(args: argparse.Namespace) -> int:
-    from carrara.data.load import load_dataset
-
-    ds = load_dataset(args.path)
-    print(f"{args.path}: {len(ds)} images")
-    for reason, count in sorted(ds.skipped.items()):
-        print(f"  skipped {count}: {reason}")
-    for mode, count in sorted(ds.converted.items()):
-        print(f"  converted {count} from {mode} to RGB")
-    for i in range(min(args.show, len(ds))):
-        print(f"  {ds.records[i].file_name}: {ds.records[i].text}")
-    return 0
-
-
-def _cmd_data_shard(args: argparse.Namespace) -> int:
-    from carrara.data.shards import write_shards
-
-    stats = write_shards(args.folder, args.out, per_shard=args.size, progress=not args.quiet)
-    skipped = sum(stats["skipped"].values())
-    print(f"wrote {stats['samples']} samples in {stats['shards']} shards: --data '{stats['pattern']}'"
-          + (f" (skipped {skipped} unusable)" if skipped else ""))
-    return 0
-
-
 def _nonnegative_float(text: str) -> float:
     try:
         value = float(text)
@@ -70,307 +29,6 @@ def _nonnegative_float(text: str) -> float:
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be ≥ 0, got {text}")
     return value
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    from carrara.data.folder import describe
-    from carrara.recipe import apply_overrides
-    from carrara.train import distributed
-
-    size = {"size": args.size} if args.size else {}  # else the stage's own default (64; upsampler 128)
-    if (args.from_model and args.stage not in ("diffusion", "decoder")) or (args.lora_rank and args.stage != "diffusion"):
-        raise CarraraError(f"--from and --lora-rank fine-tune a diffusion model: not for train {args.stage}")
-    if args.stage == "autoencoder":
-        from carrara.train.autoencoder import AutoencoderRecipe, train_autoencoder
-
-        recipe = AutoencoderRecipe(data=args.data, **size)
-        run = train_autoencoder
-    elif args.stage == "clip":
-        from carrara.train.clip import ClipRecipe, train_clip
-
-        recipe = ClipRecipe(data=args.data, **size)
-        run = train_clip
-    elif args.stage == "prior":
-        from carrara.train.prior import PriorRecipe, train_prior
-
-        if not args.clip:
-            raise CarraraError("train prior needs --clip CLIP_RUN (a finished `carrara train clip` run)")
-        recipe = PriorRecipe(data=args.data, clip=args.clip)
-        run = train_prior
-    elif args.stage == "decoder":
-        from carrara.train.decoder import DecoderRecipe, train_decoder
-
-        if not args.clip:
-            raise CarraraError("train decoder needs --clip CLIP_RUN (a finished `carrara train clip` run)")
-        recipe = DecoderRecipe(data=args.data, clip=args.clip, **({"from_model": args.from_model} if args.from_model
-                                                                  else {}))
-        run = functools.partial(train_decoder, allow_pickle=args.allow_pickle)
-    elif args.stage == "family":
-        from carrara.families.train import FamilyRecipe, train_family
-
-        recipe = FamilyRecipe(kind=args.kind, data=args.data, vqvae=args.vqvae or "", **size)
-        run = train_family
-    elif args.stage == "classifier":
-        from carrara.train.classifier import ClassifierRecipe, train_classifier
-
-        if not args.autoencoder:
-            raise CarraraError("train classifier needs --autoencoder RUN: the autoencoder whose latents it classifies")
-        recipe = ClassifierRecipe(data=args.data, autoencoder=args.autoencoder, **size)
-        run = train_classifier
-    elif args.stage == "upsampler":
-        from carrara.train.upsampler import UpsamplerRecipe, train_upsampler
-
-        recipe = UpsamplerRecipe(data=args.data, **size)
-        run = train_upsampler
-    else:
-        from carrara.train.diffusion import DiffusionRecipe, fine_tune_recipe, train_diffusion
-
-        if args.from_model and args.autoencoder:
-            raise CarraraError("--from fine-tunes a model with its own autoencoder: drop --autoencoder")
-        if args.lora_rank and not args.from_model:
-            raise CarraraError("--lora-rank needs --from MODEL, the model whose U-Net the adapter adapts")
-        if args.from_model:
-            recipe = fine_tune_recipe(args.data, args.from_model, lora_rank=args.lora_rank or 0, size=args.size)
-        elif not args.autoencoder:
-            raise CarraraError("train diffusion needs --autoencoder RUN (a finished `carrara train autoencoder` run) "
-                               "or --autoencoder pixels (pixel space), or --from MODEL to fine-tune a model")
-        else:
-            recipe = DiffusionRecipe(data=args.data, autoencoder=args.autoencoder, **size)
-        run = functools.partial(train_diffusion, allow_pickle=args.allow_pickle)
-    if args.steps is not None:
-        recipe.train.steps = args.steps
-    if args.batch_size is not None:
-        recipe.train.batch_size = args.batch_size
-    apply_overrides(recipe, args.set or [])
-    try:
-        result = run(recipe, args.out, resume=args.resume, progress=not args.quiet)
-    except BaseException:
-        distributed.shutdown(wait=False)
-        raise
-    distributed.shutdown()
-    if not distributed.is_main_process():
-        return 0
-    print(f"{args.stage} run in {args.out}: {result['steps']} steps, last loss {result['last_loss']:.4f}")
-    if describe(result):
-        print(f"data: {describe(result)} (listed in {Path(args.out) / 'log.txt'})")
-    if "lora" in result:
-        print(f"LoRA adapter {result['lora']}: carrara generate \"…\" --model {args.from_model} --lora {result['lora']}")
-    if "check" in result:
-        c = result["check"]
-        print(f"held-out captions ({c['n']}): sampled image embeddings have cosine {c['cos_true']:.3f} to their "
-              f"caption's image vs {c['cos_random']:.3f} to a random image (the text embedding itself: "
-              f"{c['cos_text_true']:.3f} vs {c['cos_text_random']:.3f}); retrieval top-1 {c['top1']:.1%} top-5 "
-              f"{c['top5']:.1%} (chance {c['top5_chance']:.1%})")
-    if "variations" in result:
-        v = result["variations"]
-        print(f"{v['n']} variations of data images: CLIP cosine {v['cos_own']:.3f} to their image vs "
-              f"{v['cos_random']:.3f} to a random data image")
-    for t, acc in result.get("accuracy", {}).items():
-        print(f"held-out accuracy at t={t} ({result['holdout']} images): "
-              + ", ".join(f"{k} {v:.1%}" for k, v in acc.items()))
-    if "held_out" in result:
-        h = result["held_out"]
-        print(f"held-out retrieval ({h['n_pairs']} pairs, {h['n_captions']} captions): image→text top-1 "
-              f"{h['i2t_top1']:.1%} top-5 {h['i2t_top5']:.1%}, text→image top-1 {h['t2i_top1']:.1%} "
-              f"top-5 {h['t2i_top5']:.1%}; CLIP score {h['clip_score_matched']:.1f} (shuffled pairs "
-              f"{h['clip_score_shuffled']:.1f})")
-    return 0
-
-
-def _cmd_distill(args: argparse.Namespace) -> int:
-    from carrara.recipe import apply_overrides, flatten, load_recipe_file
-    from carrara.train.distill import DistillRecipe, train_distill
-
-    recipe = DistillRecipe()
-    if args.recipe:
-        apply_overrides(recipe, flatten(load_recipe_file(args.recipe)))
-    for key, value in (("teacher", args.teacher), ("data", args.data)):
-        if value is not None:
-            setattr(recipe, key, value)
-    if args.steps is not None:
-        recipe.train.steps = args.steps
-    apply_overrides(recipe, args.set or [])
-    result = train_distill(recipe, args.out, resume=args.resume, progress=not args.quiet,
-                           allow_pickle=args.allow_pickle)
-    print(f"distilled {result['teacher']} into {args.out}: {result['steps']} steps, last loss "
-          f"{result['last_loss']:.5f} (try: carrara generate \"a red circle\" --model {args.out} --steps 4)")
-    return 0
-
-
-def _cmd_recipe(args: argparse.Namespace) -> int:
-    from carrara.recipe import run_recipe
-
-    run_recipe(args.recipe, args.out, resume=args.resume, overrides=args.set or [], progress=not args.quiet)
-    return 0
-
-
-def _cmd_eval(args: argparse.Namespace) -> int:
-    from carrara.evaluate.suite import EvalSettings, format_metrics, run_eval
-
-    if not args.model or not args.out:
-        raise CarraraError("carrara eval needs --model RUN and --out REPORT_DIR (see carrara eval --help)")
-    settings = EvalSettings(model=args.model, data=args.data, n=args.n, clip=args.clip, prompts=args.prompts,
-                            metrics=tuple(m.strip() for m in args.metrics.split(",") if m.strip()),
-                            inception_weights=args.inception_weights, guidance=args.guidance, steps=args.steps,
-                            sampler=args.sampler, seed=args.seed, bootstrap=args.bootstrap,
-                            allow_pickle=args.allow_pickle)
-    report = run_eval(settings, args.out, progress=not args.quiet)
-    print(format_metrics(report))
-    print(f"wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'report.html'}")
-    return 0
-
-
-def _cmd_eval_memorisation(args: argparse.Namespace) -> int:
-    from carrara.evaluate.memorisation import MemorisationSettings, format_report, run_memorisation
-
-    settings = MemorisationSettings(model=args.model, data=args.data, clip=args.clip, n=args.n, seed=args.seed,
-                                    quantile=args.quantile, steps=args.steps, sampler=args.sampler,
-                                    guidance=args.guidance, allow_pickle=args.allow_pickle)
-    report = run_memorisation(settings, args.out, progress=not args.quiet)
-    print(format_report(report))
-    print(f"wrote {Path(args.out) / 'memorisation.json'} and {Path(args.out) / 'closest_pairs.png'}")
-    return 0
-
-
-def _cmd_eval_faithfulness(args: argparse.Namespace) -> int:
-    from carrara.evaluate.faithfulness import faithfulness_report, format_report
-
-    report = faithfulness_report(args.model, args.n, args.guidance, steps=args.steps, sampler=args.sampler,
-                                 seed=args.seed, out=args.out, progress=not args.quiet, allow_pickle=args.allow_pickle)
-    print(format_report(report))
-    if args.out:
-        print(f"wrote {args.out}")
-    return 0
-
-
-def _cmd_index(args: argparse.Namespace) -> int:
-    from carrara.evaluate.retrieval import DEFAULT_INDEX, ClipIndex
-    from carrara.models.clip import ClipScorer
-
-    index = ClipIndex.build(args.data, ClipScorer.load(args.clip), args.clip, progress=not args.quiet)
-    out = index.save(args.out or DEFAULT_INDEX)
-    print(f"indexed {len(index.files)} images of {index.root} in {out} "
-          f"({'faiss IndexFlatIP' if type(index.index).__name__ != 'ExactIndex' else 'exact torch search'}, "
-          f"{index.embeddings.shape[1]}-d CLIP embeddings): carrara search \"…\" --index {out}")
-    return 0
-
-
-def _cmd_search(args: argparse.Namespace) -> int:
-    import time
-
-    from carrara.evaluate.retrieval import ClipIndex, contact_sheet, embed_query, search
-    from carrara.fileio import save_image_atomic
-    from carrara.models.clip import ClipScorer
-
-    started = time.perf_counter()
-    index = ClipIndex.load(args.index)
-    scorer = ClipScorer.load(args.clip or index.clip)
-    index.check_clip(scorer)
-    embed_query(scorer, "warm-up")  # first calls of the text tower set up kernels and the tokenizer: part of loading
-    loaded = time.perf_counter()
-    result = search(index, scorer, args.query, args.k)
-    for rank, hit in enumerate(result["hits"], 1):
-        print(f"{rank:3d}. {hit['score']:.4f}  {index.root / hit['file']}  ({hit['text']})")
-    save_image_atomic(args.out, contact_sheet(index, result))
-    print(f"search: {result['ms']:.1f} ms after loading (query embedding {result['ms_embed']:.1f} ms, kNN "
-          f"{result['ms_knn']:.2f} ms over {len(index.files)} images); loading took {loaded - started:.2f} s; "
-          f"contact sheet {args.out}")
-    return 0
-
-
-def _cmd_export(args: argparse.Namespace) -> int:
-    from carrara.export import export_default, export_diffusers
-    from carrara.modelfolder import PACKAGED, PACKAGED_BUDGET_MB
-
-    if args.export_command == "unclip":
-        from carrara.unclip import assemble_unclip
-
-        out = assemble_unclip(args.decoder, args.prior, args.out)
-        print(f"wrote {out}: try carrara generate \"a happy kitty\" --model {out}, or --variations picture.png")
-        return 0
-    if args.export_command == "cascade":
-        from carrara.upsampler import assemble_cascade
-
-        out = assemble_cascade(args.base, args.upsampler, args.out)
-        print(f"wrote {out}: try carrara generate \"a cat face\" --model {out} (--size 64 for the base alone)")
-        return 0
-    if args.export_command == "diffusers":
-        result = export_diffusers(args.model, args.out)
-        print(f"wrote {result['out']}: load it with diffusers.StableDiffusionPipeline.from_pretrained({result['out']!r})")
-        return 0
-    out = PACKAGED / args.into_package if args.into_package else args.out
-    result = export_default(args.model, out, autoencoder_run=args.autoencoder, upsampler_run=args.upsampler,
-                            max_mb=PACKAGED_BUDGET_MB.get(args.into_package, PACKAGED_BUDGET_MB["default"]))
-    print(f"wrote {result['out']} ({result['weights_mb']:.1f} MB of fp16 weights)")
-    return 0
-
-
-def _cmd_generate(args: argparse.Namespace) -> int:
-    from carrara.generate import generate_command
-
-    return generate_command(args)
-
-
-def _cmd_quantize(args: argparse.Namespace) -> int:
-    """Calibrate the int8 U-Net over sampling runs, store it beside the weights, and check its images against fp32."""
-    from carrara.evaluate.suite import read_prompts
-    from carrara.modelfolder import resolve
-    from carrara.models import int8
-    from carrara.pipeline import Pipeline
-
-    prompts = (read_prompts(args.prompts) if args.prompts else int8.calibration_prompts(args.n))[:args.n]
-    pipe = Pipeline.load(args.model, precision="fp32")
-    int8.check_cpu()
-    settings = {**pipe.defaults, "output": "latent"}  # the model's own sampling: every step, both guidance halves
-    print(f"carrara quantize: calibrating on {len(prompts)} prompts …", flush=True)
-    record = int8.calibrate(pipe.unet, lambda ps, seed: pipe(ps, seed=seed, **settings), prompts, pipe.model_hash,
-                            {k: v for k, v in settings.items() if k != "output"})
-    path = int8.write_calibration(resolve(args.model).unet, record)
-    print(f"wrote {path}: {len(record['layers'])} layers in int8, {len(record['kept_fp32'])} kept fp32")
-    fast, check = Pipeline.load(args.model, precision="int8"), list(int8.QUALITY_PROMPTS)
-    diff = int8.pixel_diff_255(pipe(check, **pipe.defaults, output="tensor"),
-                               fast(check, **pipe.defaults, output="tensor"))
-    print(f"quality: mean |Δpixel| int8 vs fp32 = {diff:.2f}/255 over {len(check)} prompts, same seeds "
-          f"(target ≤ 2/255){'' if diff <= 2 else ': ABOVE the target, keep fp32'}")
-    return 0
-
-
-def _cmd_serve(args: argparse.Namespace) -> int:
-    """Load the model, then serve the page and API until Ctrl-C."""
-    from carrara.pipeline import Pipeline
-    from carrara.serve.app import LOOPBACK_HOSTS, create_app, is_loopback, listen, server
-    from carrara.serve.search import Searcher
-
-    loopback = is_loopback(args.host)
-    if not loopback:
-        print(f"carrara: warning: serving on {args.host}: anyone who can reach port {args.port} can generate images "
-              "and read the gallery (there is no authentication)", file=sys.stderr)
-    sock = listen(args.host, args.port)
-    try:
-        searcher = Searcher.load(args.index) if args.index else None  # before the model: a bad index fails at once
-        pipe = Pipeline.load(args.model, allow_pickle=args.allow_pickle, precision=args.precision)
-        if args.lora and pipe.precision == "int8":
-            raise CarraraError("--lora merges into fp32 weights and the int8 calibration is for the model's own: "
-                               "use --precision fp32 with --lora")
-        if args.lora:  # merged into the starting model's U-Net; pipe.loras is what its PNGs should record
-            from carrara.models.lora import apply_loras
-
-            pipe.loras = apply_loras(pipe.unet, args.lora)
-        app = create_app(pipe, args.data_dir, allowed_hosts=LOOPBACK_HOSTS if loopback else None,
-                         models_dir=args.models, load=functools.partial(Pipeline.load, allow_pickle=args.allow_pickle),
-                         searcher=searcher)
-        host, port = sock.getsockname()[:2]
-        url_host = f"[{host}]" if ":" in host else host
-        print(f"carrara serve: model {app.state.jobs.model_ref} ({pipe.model_hash}) on http://{url_host}:{port}/ "
-              f"— gallery in {Path(args.data_dir).resolve()}; Ctrl-C stops", flush=True)
-        print(f"carrara serve: {app.state.gallery.summary()}", flush=True)
-        print(f"carrara serve: models {', '.join(app.state.models.choices)} (GET /api/models)", flush=True)
-        if searcher is not None:
-            print(f"carrara serve: {searcher.summary()}", flush=True)
-        server(app).run(sockets=[sock])
-    finally:
-        sock.close()
-    return 0
 
 
 def _sampling_flags(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
@@ -406,17 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--seed", type=int, default=0, help="random seed (shapes)")
     build.add_argument("--font", default=None, help="color emoji font (emoji; default Debian's NotoColorEmoji.ttf)")
     build.add_argument("--overwrite", action="store_true", help="replace the dataset in a non-empty --out folder")
-    build.set_defaults(func=_cmd_data_build)
+    build.set_defaults(func=handlers.cmd_data_build)
     info = data_cmds.add_parser("info", help="load a dataset folder and report what it holds")
     info.add_argument("path", help="dataset folder, or shards like 'shards/{000000..000009}.tar'")
     info.add_argument("--show", type=int, default=3, help="captions to print")
-    info.set_defaults(func=_cmd_data_info)
+    info.set_defaults(func=handlers.cmd_data_info)
     shard = data_cmds.add_parser("shard", help="pack a dataset folder into WebDataset tar shards")
     shard.add_argument("folder", help="dataset folder (images + metadata.jsonl or .txt captions)")
     shard.add_argument("--out", required=True, help="new folder for 000000.tar, 000001.tar, …")
     shard.add_argument("--size", type=_positive_int, default=1000, help="samples per shard (default 1000)")
     shard.add_argument("--quiet", action="store_true", help="no progress bar")
-    shard.set_defaults(func=_cmd_data_shard)
+    shard.set_defaults(func=handlers.cmd_data_shard)
     train = commands.add_parser("train", help="train one stage: autoencoder, then diffusion, then (for a cascade) "
                                 "upsampler; clip for evaluation")
     train.add_argument("stage", choices=["autoencoder", "diffusion", "upsampler", "clip", "family", "prior",
@@ -444,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--allow-pickle", action="store_true", help="let --autoencoder weights be a pickle "
                        "(.bin/.ckpt/.pt), read with torch.load(weights_only=True); default: safetensors only")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
-    train.set_defaults(func=_cmd_train)
+    train.set_defaults(func=handlers.cmd_train)
 
     distill = commands.add_parser("distill", help="distil a model into a few-step student with guidance built in "
                                   "(latent consistency distillation, docs/distill.md)")
@@ -459,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--allow-pickle", action="store_true", help="let the teacher's weights be pickles (.bin), "
                          "read weights-only; default: safetensors only")
     distill.add_argument("--quiet", action="store_true", help="no progress bars")
-    distill.set_defaults(func=_cmd_distill)
+    distill.set_defaults(func=handlers.cmd_distill)
 
     recipe = commands.add_parser("recipe", help="run a recipe file: build data, train every stage, evaluate")
     recipe.add_argument("recipe", help="recipe TOML, e.g. recipes/shapes.toml")
@@ -467,14 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--resume", action="store_true", help="skip finished stages, resume the unfinished one")
     recipe.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. diffusion.train.steps=100")
     recipe.add_argument("--quiet", action="store_true", help="no progress bars")
-    recipe.set_defaults(func=_cmd_recipe)
+    recipe.set_defaults(func=handlers.cmd_recipe)
 
     index = commands.add_parser("index", help="a k-nearest-neighbour index of a dataset's CLIP image embeddings")
     index.add_argument("data", help="dataset folder (images + metadata.jsonl or .txt captions)")
     index.add_argument("--clip", required=True, help="a `carrara train clip` run: the embedding space")
     index.add_argument("--out", default=None, help="index file to write (default carrara-index.safetensors)")
     index.add_argument("--quiet", action="store_true", help="no progress bars")
-    index.set_defaults(func=_cmd_index)
+    index.set_defaults(func=handlers.cmd_index)
     search = commands.add_parser("search", help="the images of an index nearest to words or to a picture")
     search.add_argument("query", help="words (\"a happy kitty\") or an image file")
     search.add_argument("--index", default="carrara-index.safetensors", help="index file (default "
@@ -483,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--clip", default=None, help="the CLIP run, if it moved since the index was built")
     search.add_argument("-o", "--out", default="carrara-search.png", help="contact sheet PNG (default "
                         "carrara-search.png)")
-    search.set_defaults(func=_cmd_search)
+    search.set_defaults(func=handlers.cmd_search)
 
     ev = commands.add_parser("eval", help="measure a model: FD, KID, CLIP score, faithfulness",
                              description="carrara eval --model RUN --data DIR --clip CLIP_RUN --out REPORT_DIR "
@@ -502,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", help="report folder: metrics.json, report.html, samples.png")
     ev.add_argument("--allow-pickle", action="store_true", help="let model or Inception weights be pickles (.bin/.pth), read weights-only; default: safetensors only")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
-    ev.set_defaults(func=_cmd_eval)
+    ev.set_defaults(func=handlers.cmd_eval)
     ev_cmds = ev.add_subparsers(dest="eval_command", metavar="METRIC", required=False, parser_class=_Parser)
     faith = ev_cmds.add_parser("faithfulness", help="share of generated shapes with the right color/position/size/shape")
     faith.add_argument("--model", required=True, help="model or run folder trained on shapes")
@@ -512,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     faith.add_argument("--out", default=None, help="write the report JSON here")
     faith.add_argument("--allow-pickle", action="store_true", help="let the model's weights be pickles (.bin), read weights-only; default: safetensors only")
     faith.add_argument("--quiet", action="store_true", help="no progress bar")
-    faith.set_defaults(func=_cmd_eval_faithfulness)
+    faith.set_defaults(func=handlers.cmd_eval_faithfulness)
     memo = ev_cmds.add_parser("memorisation", help="nearest training image of generated ones (CLIP and pixels); "
                               "share closer than real near-duplicates")
     memo.add_argument("--model", required=True, help="model or run folder")
@@ -527,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     memo.add_argument("--allow-pickle", action="store_true", help="let the model's weights be pickles (.bin), "
                       "read weights-only; default: safetensors only")
     memo.add_argument("--quiet", action="store_true", help="no progress bar")
-    memo.set_defaults(func=_cmd_eval_memorisation)
+    memo.set_defaults(func=handlers.cmd_eval_memorisation)
 
     export = commands.add_parser("export", help="package a trained model")
     export_cmds = export.add_subparsers(dest="export_command", metavar="FORMAT", required=True)
@@ -540,21 +198,21 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--into-package", nargs="?", const="default", choices=("default", "shapes"), default=None,
                        help="replace a model in the installed package: default (the default) or shapes "
                        "(carrara/assets/NAME; at most 100 / 20 MB)")
-    default.set_defaults(func=_cmd_export)
+    default.set_defaults(func=handlers.cmd_export)
     cascade = export_cmds.add_parser("cascade", help="a base model and an upsampler run as one cascade model folder")
     cascade.add_argument("--base", required=True, help="diffusion run or model folder (the 64-px base)")
     cascade.add_argument("--upsampler", required=True, help="`carrara train upsampler` run folder")
     cascade.add_argument("--out", required=True, help="new folder to write")
-    cascade.set_defaults(func=_cmd_export)
+    cascade.set_defaults(func=handlers.cmd_export)
     unclip = export_cmds.add_parser("unclip", help="an unCLIP model folder: a decoder run and a prior run (same CLIP)")
     unclip.add_argument("--decoder", required=True, help="`carrara train decoder` run folder")
     unclip.add_argument("--prior", required=True, help="`carrara train prior` run folder")
     unclip.add_argument("--out", required=True, help="new folder to write")
-    unclip.set_defaults(func=_cmd_export)
+    unclip.set_defaults(func=handlers.cmd_export)
     to_diffusers = export_cmds.add_parser("diffusers", help="a Stable Diffusion folder that diffusers loads offline")
     to_diffusers.add_argument("--model", required=True, help="diffusion run or model folder")
     to_diffusers.add_argument("--out", required=True, help="new folder to write")
-    to_diffusers.set_defaults(func=_cmd_export)
+    to_diffusers.set_defaults(func=handlers.cmd_export)
 
     gen = commands.add_parser(
         "generate", help="make images from a prompt",
@@ -602,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prior-guidance", type=_nonnegative_float, default=None, help="unCLIP model: the prior's "
                      "classifier-free guidance scale (default: the prior's recorded one)")
     gen.add_argument("--allow-pickle", action="store_true", help="let the model's weights be pickles (.bin), read weights-only; default: safetensors only")
-    gen.set_defaults(func=_cmd_generate)
+    gen.set_defaults(func=handlers.cmd_generate)
 
     serve = commands.add_parser("serve", help="a local web page and HTTP API for generating images")
     serve.add_argument("--model", default="default", help="model or run folder (default: the packaged model)")
@@ -619,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "search box over its images")
     serve.add_argument("--precision", choices=["auto", "fp32", "bf16", "int8"], default="auto",
                        help="the model's U-Net precision (default auto; int8 needs `carrara quantize` first)")
-    serve.set_defaults(func=_cmd_serve)
+    serve.set_defaults(func=handlers.cmd_serve)
 
     quantize = commands.add_parser("quantize", help="calibrate a model's int8 U-Net (for --precision int8) and "
                                    "check it against fp32")
@@ -627,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--prompts", default=None, metavar="FILE", help="calibration prompts, one per line "
                           "(default: emoji names)")
     quantize.add_argument("--n", type=_positive_int, default=64, help="how many prompts to calibrate on (default 64)")
-    quantize.set_defaults(func=_cmd_quantize)
+    quantize.set_defaults(func=handlers.cmd_quantize)
     return parser
 
 

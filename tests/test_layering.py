@@ -28,7 +28,7 @@ LAYERS = [  # (rank, groups): a group is a module or a subpackage of carrara
     (5, ["pipeline"]),
     (6, ["train", "evaluate", "export", "families"]),
     (7, ["recipe"]),
-    (8, ["cli", "serve", "generate", "demo", "__main__", "__init__"]),
+    (8, ["cli", "commands", "serve", "generate", "demo", "__main__", "__init__"]),
 ]
 RANK = {group: rank for rank, groups in LAYERS for group in groups}
 APART = {("train", "evaluate"), ("evaluate", "train"), ("models", "diffusion"), ("diffusion", "models")}

@@ -1,0 +1,352 @@
+"""The handlers of the `carrara` subcommands (cli.py builds the parser): each imports its module lazily, so
+`carrara --help` and a usage error stay instant. Each takes the parsed arguments and returns the exit code."""
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from pathlib import Path
+
+from carrara.errors import CarraraError
+
+
+def cmd_data_build(args: argparse.Namespace) -> int:
+    if args.dataset == "shapes":
+        from carrara.data.shapes import build_shapes
+
+        stats = build_shapes(args.out, n=args.n or 2000, size=args.size, seed=args.seed, overwrite=args.overwrite)
+    elif args.dataset == "emoji":
+        from carrara.data.emoji import build_emoji
+
+        if args.n is not None:
+            raise CarraraError("--n does not apply to emoji: every fully-qualified emoji is rendered")
+        stats = build_emoji(args.out, size=args.size, font=args.font, overwrite=args.overwrite)
+    else:  # argparse's choices make this unreachable
+        raise CarraraError(f"unknown dataset {args.dataset!r}")
+    print(f"wrote {stats['written']} images to {args.out}" + (f" (skipped {stats['skipped']})" if stats.get("skipped") else ""))
+    return 0
+
+
+def cmd_data_info(args: argparse.Namespace) -> int:
+    from carrara.data.load import load_dataset
+
+    ds = load_dataset(args.path)
+    print(f"{args.path}: {len(ds)} images")
+    for reason, count in sorted(ds.skipped.items()):
+        print(f"  skipped {count}: {reason}")
+    for mode, count in sorted(ds.converted.items()):
+        print(f"  converted {count} from {mode} to RGB")
+    for i in range(min(args.show, len(ds))):
+        print(f"  {ds.records[i].file_name}: {ds.records[i].text}")
+    return 0
+
+
+def cmd_data_shard(args: argparse.Namespace) -> int:
+    from carrara.data.shards import write_shards
+
+    stats = write_shards(args.folder, args.out, per_shard=args.size, progress=not args.quiet)
+    skipped = sum(stats["skipped"].values())
+    print(f"wrote {stats['samples']} samples in {stats['shards']} shards: --data '{stats['pattern']}'"
+          + (f" (skipped {skipped} unusable)" if skipped else ""))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from carrara.data.folder import describe
+    from carrara.recipe import apply_overrides
+    from carrara.train import distributed
+
+    size = {"size": args.size} if args.size else {}  # else the stage's own default (64; upsampler 128)
+    if (args.from_model and args.stage not in ("diffusion", "decoder")) or (args.lora_rank and args.stage != "diffusion"):
+        raise CarraraError(f"--from and --lora-rank fine-tune a diffusion model: not for train {args.stage}")
+    if args.stage == "autoencoder":
+        from carrara.train.autoencoder import AutoencoderRecipe, train_autoencoder
+
+        recipe = AutoencoderRecipe(data=args.data, **size)
+        run = train_autoencoder
+    elif args.stage == "clip":
+        from carrara.train.clip import ClipRecipe, train_clip
+
+        recipe = ClipRecipe(data=args.data, **size)
+        run = train_clip
+    elif args.stage == "prior":
+        from carrara.train.prior import PriorRecipe, train_prior
+
+        if not args.clip:
+            raise CarraraError("train prior needs --clip CLIP_RUN (a finished `carrara train clip` run)")
+        recipe = PriorRecipe(data=args.data, clip=args.clip)
+        run = train_prior
+    elif args.stage == "decoder":
+        from carrara.train.decoder import DecoderRecipe, train_decoder
+
+        if not args.clip:
+            raise CarraraError("train decoder needs --clip CLIP_RUN (a finished `carrara train clip` run)")
+        recipe = DecoderRecipe(data=args.data, clip=args.clip, **({"from_model": args.from_model} if args.from_model
+                                                                  else {}))
+        run = functools.partial(train_decoder, allow_pickle=args.allow_pickle)
+    elif args.stage == "family":
+        from carrara.families.train import FamilyRecipe, train_family
+
+        recipe = FamilyRecipe(kind=args.kind, data=args.data, vqvae=args.vqvae or "", **size)
+        run = train_family
+    elif args.stage == "classifier":
+        from carrara.train.classifier import ClassifierRecipe, train_classifier
+
+        if not args.autoencoder:
+            raise CarraraError("train classifier needs --autoencoder RUN: the autoencoder whose latents it classifies")
+        recipe = ClassifierRecipe(data=args.data, autoencoder=args.autoencoder, **size)
+        run = train_classifier
+    elif args.stage == "upsampler":
+        from carrara.train.upsampler import UpsamplerRecipe, train_upsampler
+
+        recipe = UpsamplerRecipe(data=args.data, **size)
+        run = train_upsampler
+    else:
+        from carrara.train.diffusion import DiffusionRecipe, fine_tune_recipe, train_diffusion
+
+        if args.from_model and args.autoencoder:
+            raise CarraraError("--from fine-tunes a model with its own autoencoder: drop --autoencoder")
+        if args.lora_rank and not args.from_model:
+            raise CarraraError("--lora-rank needs --from MODEL, the model whose U-Net the adapter adapts")
+        if args.from_model:
+            recipe = fine_tune_recipe(args.data, args.from_model, lora_rank=args.lora_rank or 0, size=args.size)
+        elif not args.autoencoder:
+            raise CarraraError("train diffusion needs --autoencoder RUN (a finished `carrara train autoencoder` run) "
+                               "or --autoencoder pixels (pixel space), or --from MODEL to fine-tune a model")
+        else:
+            recipe = DiffusionRecipe(data=args.data, autoencoder=args.autoencoder, **size)
+        run = functools.partial(train_diffusion, allow_pickle=args.allow_pickle)
+    if args.steps is not None:
+        recipe.train.steps = args.steps
+    if args.batch_size is not None:
+        recipe.train.batch_size = args.batch_size
+    apply_overrides(recipe, args.set or [])
+    try:
+        result = run(recipe, args.out, resume=args.resume, progress=not args.quiet)
+    except BaseException:
+        distributed.shutdown(wait=False)
+        raise
+    distributed.shutdown()
+    if not distributed.is_main_process():
+        return 0
+    print(f"{args.stage} run in {args.out}: {result['steps']} steps, last loss {result['last_loss']:.4f}")
+    if describe(result):
+        print(f"data: {describe(result)} (listed in {Path(args.out) / 'log.txt'})")
+    if "lora" in result:
+        print(f"LoRA adapter {result['lora']}: carrara generate \"…\" --model {args.from_model} --lora {result['lora']}")
+    if "check" in result:
+        c = result["check"]
+        print(f"held-out captions ({c['n']}): sampled image embeddings have cosine {c['cos_true']:.3f} to their "
+              f"caption's image vs {c['cos_random']:.3f} to a random image (the text embedding itself: "
+              f"{c['cos_text_true']:.3f} vs {c['cos_text_random']:.3f}); retrieval top-1 {c['top1']:.1%} top-5 "
+              f"{c['top5']:.1%} (chance {c['top5_chance']:.1%})")
+    if "variations" in result:
+        v = result["variations"]
+        print(f"{v['n']} variations of data images: CLIP cosine {v['cos_own']:.3f} to their image vs "
+              f"{v['cos_random']:.3f} to a random data image")
+    for t, acc in result.get("accuracy", {}).items():
+        print(f"held-out accuracy at t={t} ({result['holdout']} images): "
+              + ", ".join(f"{k} {v:.1%}" for k, v in acc.items()))
+    if "held_out" in result:
+        h = result["held_out"]
+        print(f"held-out retrieval ({h['n_pairs']} pairs, {h['n_captions']} captions): image→text top-1 "
+              f"{h['i2t_top1']:.1%} top-5 {h['i2t_top5']:.1%}, text→image top-1 {h['t2i_top1']:.1%} "
+              f"top-5 {h['t2i_top5']:.1%}; CLIP score {h['clip_score_matched']:.1f} (shuffled pairs "
+              f"{h['clip_score_shuffled']:.1f})")
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from carrara.recipe import apply_overrides, flatten, load_recipe_file
+    from carrara.train.distill import DistillRecipe, train_distill
+
+    recipe = DistillRecipe()
+    if args.recipe:
+        apply_overrides(recipe, flatten(load_recipe_file(args.recipe)))
+    for key, value in (("teacher", args.teacher), ("data", args.data)):
+        if value is not None:
+            setattr(recipe, key, value)
+    if args.steps is not None:
+        recipe.train.steps = args.steps
+    apply_overrides(recipe, args.set or [])
+    result = train_distill(recipe, args.out, resume=args.resume, progress=not args.quiet,
+                           allow_pickle=args.allow_pickle)
+    print(f"distilled {result['teacher']} into {args.out}: {result['steps']} steps, last loss "
+          f"{result['last_loss']:.5f} (try: carrara generate \"a red circle\" --model {args.out} --steps 4)")
+    return 0
+
+
+def cmd_recipe(args: argparse.Namespace) -> int:
+    from carrara.recipe import run_recipe
+
+    run_recipe(args.recipe, args.out, resume=args.resume, overrides=args.set or [], progress=not args.quiet)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from carrara.evaluate.suite import EvalSettings, format_metrics, run_eval
+
+    if not args.model or not args.out:
+        raise CarraraError("carrara eval needs --model RUN and --out REPORT_DIR (see carrara eval --help)")
+    settings = EvalSettings(model=args.model, data=args.data, n=args.n, clip=args.clip, prompts=args.prompts,
+                            metrics=tuple(m.strip() for m in args.metrics.split(",") if m.strip()),
+                            inception_weights=args.inception_weights, guidance=args.guidance, steps=args.steps,
+                            sampler=args.sampler, seed=args.seed, bootstrap=args.bootstrap,
+                            allow_pickle=args.allow_pickle)
+    report = run_eval(settings, args.out, progress=not args.quiet)
+    print(format_metrics(report))
+    print(f"wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'report.html'}")
+    return 0
+
+
+def cmd_eval_memorisation(args: argparse.Namespace) -> int:
+    from carrara.evaluate.memorisation import MemorisationSettings, format_report, run_memorisation
+
+    settings = MemorisationSettings(model=args.model, data=args.data, clip=args.clip, n=args.n, seed=args.seed,
+                                    quantile=args.quantile, steps=args.steps, sampler=args.sampler,
+                                    guidance=args.guidance, allow_pickle=args.allow_pickle)
+    report = run_memorisation(settings, args.out, progress=not args.quiet)
+    print(format_report(report))
+    print(f"wrote {Path(args.out) / 'memorisation.json'} and {Path(args.out) / 'closest_pairs.png'}")
+    return 0
+
+
+def cmd_eval_faithfulness(args: argparse.Namespace) -> int:
+    from carrara.evaluate.faithfulness import faithfulness_report, format_report
+
+    report = faithfulness_report(args.model, args.n, args.guidance, steps=args.steps, sampler=args.sampler,
+                                 seed=args.seed, out=args.out, progress=not args.quiet, allow_pickle=args.allow_pickle)
+    print(format_report(report))
+    if args.out:
+        print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from carrara.evaluate.retrieval import DEFAULT_INDEX, ClipIndex
+    from carrara.models.clip import ClipScorer
+
+    index = ClipIndex.build(args.data, ClipScorer.load(args.clip), args.clip, progress=not args.quiet)
+    out = index.save(args.out or DEFAULT_INDEX)
+    print(f"indexed {len(index.files)} images of {index.root} in {out} "
+          f"({'faiss IndexFlatIP' if type(index.index).__name__ != 'ExactIndex' else 'exact torch search'}, "
+          f"{index.embeddings.shape[1]}-d CLIP embeddings): carrara search \"…\" --index {out}")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    import time
+
+    from carrara.evaluate.retrieval import ClipIndex, contact_sheet, embed_query, search
+    from carrara.fileio import save_image_atomic
+    from carrara.models.clip import ClipScorer
+
+    started = time.perf_counter()
+    index = ClipIndex.load(args.index)
+    scorer = ClipScorer.load(args.clip or index.clip)
+    index.check_clip(scorer)
+    embed_query(scorer, "warm-up")  # first calls of the text tower set up kernels and the tokenizer: part of loading
+    loaded = time.perf_counter()
+    result = search(index, scorer, args.query, args.k)
+    for rank, hit in enumerate(result["hits"], 1):
+        print(f"{rank:3d}. {hit['score']:.4f}  {index.root / hit['file']}  ({hit['text']})")
+    save_image_atomic(args.out, contact_sheet(index, result))
+    print(f"search: {result['ms']:.1f} ms after loading (query embedding {result['ms_embed']:.1f} ms, kNN "
+          f"{result['ms_knn']:.2f} ms over {len(index.files)} images); loading took {loaded - started:.2f} s; "
+          f"contact sheet {args.out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from carrara.export import export_default, export_diffusers
+    from carrara.modelfolder import PACKAGED, PACKAGED_BUDGET_MB
+
+    if args.export_command == "unclip":
+        from carrara.unclip import assemble_unclip
+
+        out = assemble_unclip(args.decoder, args.prior, args.out)
+        print(f"wrote {out}: try carrara generate \"a happy kitty\" --model {out}, or --variations picture.png")
+        return 0
+    if args.export_command == "cascade":
+        from carrara.upsampler import assemble_cascade
+
+        out = assemble_cascade(args.base, args.upsampler, args.out)
+        print(f"wrote {out}: try carrara generate \"a cat face\" --model {out} (--size 64 for the base alone)")
+        return 0
+    if args.export_command == "diffusers":
+        result = export_diffusers(args.model, args.out)
+        print(f"wrote {result['out']}: load it with diffusers.StableDiffusionPipeline.from_pretrained({result['out']!r})")
+        return 0
+    out = PACKAGED / args.into_package if args.into_package else args.out
+    result = export_default(args.model, out, autoencoder_run=args.autoencoder, upsampler_run=args.upsampler,
+                            max_mb=PACKAGED_BUDGET_MB.get(args.into_package, PACKAGED_BUDGET_MB["default"]))
+    print(f"wrote {result['out']} ({result['weights_mb']:.1f} MB of fp16 weights)")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from carrara.generate import generate_command
+
+    return generate_command(args)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """Calibrate the int8 U-Net over sampling runs, store it beside the weights, and check its images against fp32."""
+    from carrara.evaluate.suite import read_prompts
+    from carrara.modelfolder import resolve
+    from carrara.models import int8
+    from carrara.pipeline import Pipeline
+
+    prompts = (read_prompts(args.prompts) if args.prompts else int8.calibration_prompts(args.n))[:args.n]
+    pipe = Pipeline.load(args.model, precision="fp32")
+    int8.check_cpu()
+    settings = {**pipe.defaults, "output": "latent"}  # the model's own sampling: every step, both guidance halves
+    print(f"carrara quantize: calibrating on {len(prompts)} prompts …", flush=True)
+    record = int8.calibrate(pipe.unet, lambda ps, seed: pipe(ps, seed=seed, **settings), prompts, pipe.model_hash,
+                            {k: v for k, v in settings.items() if k != "output"})
+    path = int8.write_calibration(resolve(args.model).unet, record)
+    print(f"wrote {path}: {len(record['layers'])} layers in int8, {len(record['kept_fp32'])} kept fp32")
+    fast, check = Pipeline.load(args.model, precision="int8"), list(int8.QUALITY_PROMPTS)
+    diff = int8.pixel_diff_255(pipe(check, **pipe.defaults, output="tensor"),
+                               fast(check, **pipe.defaults, output="tensor"))
+    print(f"quality: mean |Δpixel| int8 vs fp32 = {diff:.2f}/255 over {len(check)} prompts, same seeds "
+          f"(target ≤ 2/255){'' if diff <= 2 else ': ABOVE the target, keep fp32'}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Load the model, then serve the page and API until Ctrl-C."""
+    from carrara.pipeline import Pipeline
+    from carrara.serve.app import LOOPBACK_HOSTS, create_app, is_loopback, listen, server
+    from carrara.serve.search import Searcher
+
+    loopback = is_loopback(args.host)
+    if not loopback:
+        print(f"carrara: warning: serving on {args.host}: anyone who can reach port {args.port} can generate images "
+              "and read the gallery (there is no authentication)", file=sys.stderr)
+    sock = listen(args.host, args.port)
+    try:
+        searcher = Searcher.load(args.index) if args.index else None  # before the model: a bad index fails at once
+        pipe = Pipeline.load(args.model, allow_pickle=args.allow_pickle, precision=args.precision)
+        if args.lora and pipe.precision == "int8":
+            raise CarraraError("--lora merges into fp32 weights and the int8 calibration is for the model's own: "
+                               "use --precision fp32 with --lora")
+        if args.lora:  # merged into the starting model's U-Net; pipe.loras is what its PNGs should record
+            from carrara.models.lora import apply_loras
+
+            pipe.loras = apply_loras(pipe.unet, args.lora)
+        app = create_app(pipe, args.data_dir, allowed_hosts=LOOPBACK_HOSTS if loopback else None,
+                         models_dir=args.models, load=functools.partial(Pipeline.load, allow_pickle=args.allow_pickle),
+                         searcher=searcher)
+        host, port = sock.getsockname()[:2]
+        url_host = f"[{host}]" if ":" in host else host
+        print(f"carrara serve: model {app.state.jobs.model_ref} ({pipe.model_hash}) on http://{url_host}:{port}/ "
+              f"— gallery in {Path(args.data_dir).resolve()}; Ctrl-C stops", flush=True)
+        print(f"carrara serve: {app.state.gallery.summary()}", flush=True)
+        print(f"carrara serve: models {', '.join(app.state.models.choices)} (GET /api/models)", flush=True)
+        if searcher is not None:
+            print(f"carrara serve: {searcher.summary()}", flush=True)
+        server(app).run(sockets=[sock])
+    finally:
+        sock.close()
+    return 0
