@@ -74,6 +74,8 @@ def test_generate_watch_it_denoise_and_keep_the_gallery(tiny_diffusion_run, tmp_
             expect(page.locator("#gallery .card .prompt").first).to_have_text("a red circle")
             expect(page.locator("#count")).to_have_text("(2)")
             assert page.locator("#search").is_hidden() and page.locator("button.nearest").count() == 0  # no index
+            assert page.locator("#unclip").is_hidden() and page.locator("button.variations").first.is_hidden()
+            assert page.get_by_label("Prior guidance").is_hidden()  # not an unCLIP model: no unCLIP controls
             page.wait_for_function("() => [...document.querySelectorAll('#gallery img')]"
                                    ".every((img) => img.naturalWidth === 16)")
             shot = tmp_path / "serve_page.png"

@@ -4,17 +4,23 @@ gallery image; a strip's ends are each picture's first variation; /api/generate'
 --prior-guidance; a model that is not unCLIP, a bad picture or a bad combination is a 422 with one line."""
 import base64
 import io
+from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import test_unclip
 from PIL import Image
 from test_serve_api import client_for, wait
+from test_serve_api import metadata as served_metadata
+from test_serve_browser import CHROMIUM, launch
 from test_unclip import gen
 
 from carrara.fileio import file_sha256
 from carrara.pipeline import Pipeline
 from carrara.png import read_png_metadata
+from carrara.serve.app import create_app, running
+from carrara.serve.gallery import Gallery
 
 STEPS = 4
 # tests/test_unclip.py's tiny unCLIP fixtures: a 40-step decoder on two solid colours, and it joined to a prior
@@ -179,3 +185,69 @@ def test_bad_requests_are_422_with_one_line(client, colours):
     r = client.post("/api/generate", json={"prompt": "a red circle", "steps": 1})  # a decoder alone has no prior
     assert r.status_code == 422 and "has no prior" in r.json()["message"]
     assert client.get("/api/health").json()["jobs"]["queued"] == 0
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed")
+def test_the_page_makes_variations_strips_and_text_diffs(pipe, colours, tmp_path):
+    """With an unCLIP model the page shows its section and the gallery's "variations" and "pick": Enter on a
+    picture's "variations" makes the images the pipeline makes from its z_i; an upload as A and a picked picture as
+    B make a strip from A to B; a caption and the amount slider make a text diff of A."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    expect = sync_api.expect
+    made, = Gallery(tmp_path / "data").add_all([Image.open(colours / "red.png").convert("RGB")],
+                                               [served_metadata(3)], job_id="j")
+    app = create_app(pipe, tmp_path / "data")
+    with running(app) as url, sync_api.sync_playwright() as p:
+        browser = launch(p)
+        try:
+            page = browser.new_page()
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(url)
+            expect(page.locator("#unclip")).to_be_visible()
+            expect(page.get_by_label("Prior guidance")).to_be_hidden()  # a decoder alone: no prior
+            page.fill("#steps", str(STEPS))
+            page.uncheck("#random")
+            page.fill("#seed", "3")
+            page.fill("#n", "2")
+            card = page.locator(f"#image-{made['id']}")
+            card.locator("button.variations").focus()
+            page.keyboard.press("Enter")
+            expect(page.locator("#gallery .card")).to_have_count(3, timeout=60_000)
+            expect(page.locator("#slot-a")).to_have_attribute("alt", "picture A: “a red circle” (seed 3)")
+
+            page.set_input_files("#file-a", str(colours / "blue.png"))
+            expect(page.locator("#slot-a")).to_have_attribute("alt", "picture A: blue.png")
+            card.locator("button.pick").click()
+            expect(page.locator("#slot-b")).to_have_attribute("alt", "picture B: “a red circle” (seed 3)")
+            page.fill("#strip-n", "3")
+            page.get_by_role("button", name="interpolate A → B").click()
+            expect(page.locator("#gallery .card")).to_have_count(6, timeout=60_000)
+
+            page.get_by_label("Text diff: new caption").fill("a red square")
+            page.get_by_role("slider", name="Amount").focus()
+            for _ in range(2):
+                page.keyboard.press("ArrowRight")  # 0.5 → 0.6 in steps of 0.05
+            expect(page.locator("#amount-value")).to_have_text("0.60")
+            page.get_by_role("button", name="text diff of A").click()
+            expect(page.locator("#gallery .card")).to_have_count(9, timeout=60_000)
+            expect(page.locator("#gallery .card .muted").first).to_contain_text("text diff → “a red square” θ 0.6")
+            shot = tmp_path / "serve_unclip.png"
+            page.screenshot(path=str(shot), full_page=True)
+            print(f"screenshot: {shot}")
+            assert not errors, errors
+        finally:
+            browser.close()
+        items = httpx.get(url + "/api/gallery").json()["items"][::-1][1:]  # oldest first, without the picture
+        got = [pixels(httpx.get(url + item["url"]).content) for item in items]
+        source = pixels(httpx.get(url + made["url"]).content)
+    assert [i["unclip"]["mode"] for i in items] == ["variations"] * 2 + ["interpolate"] * 3 + ["text_diff"] * 3
+    assert items[0]["unclip"]["images"] == [{"source": f"gallery:{made['id']}",
+                                             "sha256": file_sha256(Gallery(tmp_path / "data").path(made["id"]))[:16]}]
+    z = pipe.unclip.embed_pictures([Image.fromarray(source), Image.open(colours / "blue.png")])  # (2, E)
+    expected = pipe(["", ""], image_embeds=z[:1].expand(2, -1), steps=STEPS, seed=3)
+    assert all(np.array_equal(g, np.asarray(e)) for g, e in zip(got[:2], expected))  # the pipeline's variations
+    ends = pipe(["", ""], image_embeds=z[[1, 0]], steps=STEPS, seed=3, same_noise=True)
+    assert np.array_equal(got[2], np.asarray(ends[0])) and np.array_equal(got[4], np.asarray(ends[1]))
+    assert [i["unclip"]["theta"] for i in items[5:]] == [0.0, 0.3, 0.6]
+    assert items[5]["unclip"]["new_caption"] == "a red square" and np.array_equal(got[5], got[2])  # θ = 0: A itself

@@ -2,7 +2,8 @@
 // from /api/gallery whose "reuse settings" puts an image's settings (model included) back into the form, and an
 // editor: a picture (a file, or "use this image" from the gallery) on a canvas with a brush for the inpainting mask;
 // with `serve --index`, a search box over the training images (words or a picture → POST /api/search), also asked
-// by "nearest training images" on a gallery picture.
+// by "nearest training images" on a gallery picture; with an unCLIP model, variations, interpolation strips and text
+// diffs of pictures (POST /api/unclip): "variations" and "pick" on gallery pictures, or uploads, fill slots A and B.
 // User text is only ever set with textContent, never parsed as HTML.
 "use strict";
 
@@ -15,6 +16,8 @@ let searchInfo = { available: false };  // GET /api/search: {available, images, 
 // The picture being edited: its <img>, the gallery id it came from (null: a file), the brush strokes (each
 // {radius, points}, in fractions of the side, so they survive a change of size) and whether strength was set.
 const edit = { picture: null, galleryId: null, strokes: [], drawing: null, strengthSet: false };
+// unCLIP's two pictures: each {ref (a gallery id or the file's data URL, sent as is), src, name}, or null.
+const slots = { a: null, b: null };
 
 function el(tag, props = {}, ...children) {
   const node = Object.assign(document.createElement(tag), props);
@@ -46,7 +49,73 @@ function formSettings() {
     height: Number($("size").value),
     model: $("model-choice").value,
     ...editSettings(),
+    ...(document.body.classList.contains("prior") && $("prior_guidance").value !== ""
+      ? { prior_guidance: Number($("prior_guidance").value) } : {}),
   };
+}
+
+function unclipLabel(u) {
+  // how a job or an image of POST /api/unclip is described (u: its `unclip` record)
+  const theta = u.theta !== undefined && u.mode !== "variations" ? ` θ ${u.theta}` : "";
+  if (u.mode === "text_diff") return `text diff → “${u.new_caption}”${theta}`;
+  return u.mode === "interpolate" ? `interpolation${theta}` : "variations";
+}
+
+function setSlot(name, picture) {
+  slots[name] = picture;
+  const img = $(`slot-${name}`);
+  if (picture) img.src = picture.src; else img.removeAttribute("src");
+  img.alt = `picture ${name.toUpperCase()}: ${picture ? picture.name : "none"}`;
+  $("run-variations").disabled = $("run-text-diff").disabled = !slots.a;
+  $("run-interpolate").disabled = !(slots.a && slots.b);
+}
+
+function pick(picture) {
+  // A first, then B; with both full, B moves to A and the new picture is B (the last two picked, in order)
+  if (!slots.a) setSlot("a", picture);
+  else if (!slots.b) setSlot("b", picture);
+  else { setSlot("a", slots.b); setSlot("b", picture); }
+}
+
+async function runUnclip(body, what) {
+  // the form's settings (the prompt is the decoder's text, or a text diff's old caption) and one manipulation
+  const status = $("unclip-status");
+  status.classList.remove("error");
+  const seed = $("random").checked ? "random" : Number($("seed").value);
+  try {
+    const job = await api("/api/unclip", { method: "POST", body: JSON.stringify({
+      prompt: $("prompt").value, negative_prompt: $("negative_prompt").value, sampler: $("sampler").value,
+      steps: Number($("steps").value), guidance: Number($("guidance").value), seed, model: $("model-choice").value,
+      ...body }) });
+    status.textContent = `queued: ${what}`;
+    watch(job);
+  } catch (error) {
+    status.classList.add("error");
+    status.textContent = error.message;
+  }
+}
+
+function setUpUnclip() {
+  for (const name of ["a", "b"]) {
+    const input = $(`file-${name}`);
+    input.addEventListener("change", () => {
+      const file = input.files[0];
+      if (!file) return;
+      const reader = new FileReader();  // the file's own bytes: the PNG records their SHA-256, as the CLI does
+      reader.onload = () => setSlot(name, { ref: reader.result, src: reader.result, name: file.name });
+      reader.readAsDataURL(file);
+    });
+  }
+  $("slots-swap").addEventListener("click", () => { const a = slots.a; setSlot("a", slots.b); setSlot("b", a); });
+  $("amount").addEventListener("input", () => { $("amount-value").textContent = Number($("amount").value).toFixed(2); });
+  $("run-variations").addEventListener("click", () =>
+    runUnclip({ variations: slots.a.ref, n: Number($("n").value) }, `variations of ${slots.a.name}`));
+  $("run-interpolate").addEventListener("click", () =>
+    runUnclip({ interpolate: [slots.a.ref, slots.b.ref], n: Number($("strip-n").value) },
+      `${slots.a.name} → ${slots.b.name}`));
+  $("run-text-diff").addEventListener("click", () =>
+    runUnclip({ variations: slots.a.ref, text_diff: $("text-diff").value, amount: Number($("amount").value),
+      n: Number($("strip-n").value) }, `${slots.a.name} → “${$("text-diff").value}”`));
 }
 
 function editSettings() {
@@ -172,8 +241,8 @@ function setUpEditor() {
   for (const name of ["pointerup", "pointercancel"]) canvas.addEventListener(name, () => { edit.drawing = null; });
 }
 
-function describe(s) {
-  return (s.model ? `${s.model} · ` : "") + (s.edit ? `${s.edit} ${s.strength} · ` : "") +
+function describe(s, u) {
+  return (s.model ? `${s.model} · ` : "") + (u ? `${unclipLabel(u)} · ` : "") + (s.edit ? `${s.edit} ${s.strength} · ` : "") +
     `${s.sampler} · ${s.steps} steps · guidance ${s.guidance} · seed ${s.seed}` +
     (s.negative_prompt ? ` · negative “${s.negative_prompt}”` : "");
 }
@@ -208,6 +277,15 @@ function card(item) {
   const download = el("a", { href: item.url, download: `carrara-${s.seed}.png`, className: "download",
                               textContent: "download PNG" });
   const actions = el("div", { className: "actions" }, copy, download, reuse, use);
+  const picture = { ref: item.id, src: item.url, name: s.prompt ? `“${s.prompt}” (seed ${s.seed})` : `seed ${s.seed}` };
+  const variations = el("button", { type: "button", className: "variations unclip-only", textContent: "variations",
+                                    title: "unCLIP: images like this one (it becomes picture A)" });
+  variations.onclick = () => { setSlot("a", picture); runUnclip({ variations: item.id, n: Number($("n").value) },
+                                                                `variations of ${picture.name}`); };
+  const chosen = el("button", { type: "button", className: "pick unclip-only", textContent: "pick",
+                                title: "unCLIP: make this picture A, or B, for an interpolation or a text diff" });
+  chosen.onclick = () => { pick(picture); flash(chosen, slots.b === picture ? "picked as B" : "picked as A"); };
+  actions.append(variations, chosen);
   if (searchInfo.available) {  // a memorisation check: is this picture a copy of a training image?
     const nearest = el("button", { type: "button", className: "nearest", textContent: "nearest training images" });
     nearest.onclick = () => runSearch({ image_id: item.id }, `this picture (“${s.prompt}”)`);
@@ -216,7 +294,7 @@ function card(item) {
   return el("figure", { className: "card", id: `image-${item.id}` },
     el("img", { src: item.url, alt: s.prompt, loading: "lazy", width: 200, height: 200 }),
     el("figcaption", {}, el("div", { className: "prompt", textContent: s.prompt }),
-      el("div", { className: "muted", textContent: describe(s) })),
+      el("div", { className: "muted", textContent: describe(s, item.unclip) })),
     actions);
 }
 
@@ -314,6 +392,10 @@ function applyModel(model) {
   $("steps").value = model.defaults.steps;
   $("guidance").value = model.defaults.guidance;
   $("prompt").placeholder = model.example_prompt;  // a prompt the chosen model was trained to draw
+  document.body.classList.toggle("unclip", Boolean(model.unclip));  // shows the unCLIP actions on gallery pictures
+  document.body.classList.toggle("prior", Boolean(model.unclip?.prior));
+  $("unclip").hidden = !model.unclip;
+  $("prompt").required = !model.unclip || model.unclip.prior;  // a decoder alone draws only from pictures
   $("steps").max = model.limits.steps;
   $("n").max = model.limits.n;
   $("seed").max = model.limits.seed;
@@ -354,7 +436,8 @@ function watch(job) {
   const preview = el("img", { className: "preview", alt: "denoising preview", width: 200, height: 200 });
   const cancel = el("button", { type: "button", textContent: "cancel" });
   const panel = el("div", { className: "job", id: `job-${job.id}` }, el("div", { className: "frame" }, preview),
-    counter, el("span", { className: "muted", textContent: job.settings.prompt }), cancel);
+    counter, el("span", { className: "muted",
+                          textContent: job.unclip?.mode ? unclipLabel(job.unclip) : job.settings.prompt }), cancel);
   cancel.onclick = () => api(`/api/jobs/${job.id}/cancel`, { method: "POST" }).catch(showError);
   $("jobs").prepend(panel);
   const events = new EventSource(job.events_url);
@@ -394,6 +477,7 @@ async function start() {
   });
   $("random").addEventListener("change", () => { $("seed").disabled = $("random").checked; });
   setUpEditor();
+  setUpUnclip();
   $("model-choice").addEventListener("change", () => selectModel($("model-choice").value).catch(showError));
   try {
     const listed = await api("/api/models");
