@@ -116,6 +116,17 @@ def test_the_decoder_loss_falls(tiny_shapes, tiny_clip_run, tiny_diffusion_run, 
     assert list((run / "cache").glob("prior-*.safetensors"))  # the prior stage's CLIP-embedding cache, shared
 
 
+@pytest.mark.parametrize("config", ['[]', '"tokens"', '{"embed_dim": "8"}', '{"embed_dim": -3}',
+                                    '{"num_tokens": 0}', '{"cross_attention_dim": 12.5}', '{"embed_dim": 1e12}'])
+def test_a_damaged_image_token_config_is_one_error(config, tmp_path):
+    ImageTokens(ImageTokensConfig(embed_dim=8, cross_attention_dim=12)).save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(config)
+    with pytest.raises(CarraraError, match="image tokens config"):
+        ImageTokens.from_pretrained(tmp_path)
+    with pytest.raises(CarraraError, match="num_tokens=-1"):  # also a recipe's image_tokens (train decoder)
+        ImageTokensConfig(num_tokens=-1)
+
+
 def test_the_conditioning_path_shapes_and_dtypes():
     tokens = ImageTokens(ImageTokensConfig(embed_dim=8, cross_attention_dim=12, num_tokens=4))
     states = torch.randn(3, 5, 12)

@@ -31,6 +31,7 @@ from carrara.models.unet import UNet2DConditionModel as UNet
 from carrara.models.weights import load_into, save_folder
 
 IMAGE_TOKENS = "image_tokens"  # the folder beside unet/ in a decoder folder
+MAX_WIDTH = 1 << 16  # a sanity bound on E, D and K: a damaged config must not ask for terabytes
 
 
 @dataclass
@@ -41,8 +42,16 @@ class ImageTokensConfig:
     cross_attention_dim: int = 384  # D: the width of the text token states the U-Net attends to
     num_tokens: int = 4  # K: DALL-E 2's four extra context tokens
 
+    def __post_init__(self):
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if type(value) is not int or not 1 <= value <= MAX_WIDTH:
+                raise CarraraError(f"image tokens config {name}={value!r} must be a whole number from 1 to {MAX_WIDTH}")
+
     @classmethod
     def from_dict(cls, d: dict) -> ImageTokensConfig:
+        if not isinstance(d, dict):
+            raise CarraraError(f"image tokens config must be a JSON object, got {type(d).__name__}")
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
@@ -78,6 +87,8 @@ class ImageTokens(nn.Module):
                                "model.safetensors); train a decoder with: carrara train decoder") from None
         except (ValueError, TypeError, OSError, SafetensorError) as e:
             raise CarraraError(f"cannot read the image tokens in {folder}: {str(e).splitlines()[0]}") from None
+        except CarraraError as e:
+            raise CarraraError(f"{folder / 'config.json'}: {e}") from None
         model = cls(config)
         load_into(model, state, str(folder))
         return model.eval()
