@@ -299,12 +299,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     prompts = (read_prompts(args.prompts) if args.prompts else int8.calibration_prompts(args.n))[:args.n]
     pipe = Pipeline.load(args.model, precision="fp32")
+    unet_dir = resolve(pipe.unclip.decoder if pipe.unclip else args.model).unet  # unCLIP: its decoder's U-Net
     int8.check_cpu()
     settings = {**pipe.defaults, "output": "latent"}  # the model's own sampling: every step, both guidance halves
     print(f"carrara quantize: calibrating on {len(prompts)} prompts …", flush=True)
     record = int8.calibrate(pipe.unet, lambda ps, seed: pipe(ps, seed=seed, **settings), prompts, pipe.model_hash,
                             {k: v for k, v in settings.items() if k != "output"})
-    path = int8.write_calibration(resolve(args.model).unet, record)
+    path = int8.write_calibration(unet_dir, record)
     print(f"wrote {path}: {len(record['layers'])} layers in int8, {len(record['kept_fp32'])} kept fp32")
     fast, check = Pipeline.load(args.model, precision="int8"), list(int8.QUALITY_PROMPTS)
     diff = int8.pixel_diff_255(pipe(check, **pipe.defaults, output="tensor"),

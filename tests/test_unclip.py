@@ -291,3 +291,15 @@ def test_train_decoder_cli_resumes_and_needs_a_clip(colours, tiny_clip_run, tiny
     assert "variations of data images" in capsys.readouterr().out
     assert main(["train", "decoder", "--data", str(colours), "--out", str(tmp_path / "q"), "--quiet"]) == 2
     assert "--clip" in one_error_line(capsys)
+
+
+def test_quantize_calibrates_an_unclip_models_decoder(unclip_model, tmp_path, capsys):
+    """The int8 calibration goes where Pipeline.load(…, precision="int8") reads it: the decoder's unet/."""
+    model = tmp_path / "model"
+    shutil.copytree(unclip_model[0], model)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    assert main(["quantize", "--model", str(model), "--prompts", str(prompts), "--n", "1"]) == 0
+    assert "mean |Δpixel| int8 vs fp32" in capsys.readouterr().out
+    assert (model / "decoder" / "unet" / "int8_calibration.json").is_file()
+    assert Pipeline.load(model, precision="int8").precision == "int8"
