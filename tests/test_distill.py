@@ -297,6 +297,12 @@ def test_distill_cli_errors_are_one_line(tiny_diffusion_run, tmp_path, capsys):
     assert main(["distill", "--teacher", str(tiny_diffusion_run), "--data", "d", "--out", str(tmp_path / "z"),
                  "--set", "loss=l1"]) == 2
     assert "loss='l1'" in capsys.readouterr().err
+    for setting, message in (("timestep_scaling=0", "timestep_scaling"), ("huber_c=-1", "huber_c"),
+                             ("sample_steps=51", "sample_steps"), ("sample_guidance=-2", "sample_guidance")):
+        # refused before the data is read and encoded, not when the first sample grid is drawn
+        assert main(["distill", "--teacher", str(tiny_diffusion_run), "--data", "d", "--out", str(tmp_path / "w"),
+                     "--set", setting]) == 2
+        assert message in capsys.readouterr().err, setting
 
 
 @pytest.mark.parametrize("name", ["distill-shapes", "distill-default"])

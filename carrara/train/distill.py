@@ -29,7 +29,7 @@ from carrara.diffusion.consistency import SKIP, STUDENT_STEPS, TIMESTEP_SCALING,
 from carrara.diffusion.objectives import split_variance, to_x0_eps
 from carrara.diffusion.samplers import SchedulerOptions
 from carrara.diffusion.schedule import NoiseSchedule, add_noise
-from carrara.diffusion.settings import DEFAULTS
+from carrara.diffusion.settings import DEFAULTS, MAX_GUIDANCE
 from carrara.errors import CarraraError
 from carrara.fileio import ensure_dir, write_json_atomic
 from carrara.images import image_grid
@@ -148,6 +148,13 @@ def _check(recipe: DistillRecipe, schedule: NoiseSchedule) -> None:
         raise CarraraError(f"skip k={recipe.skip} must divide the {schedule.T} training timesteps")
     if not 0.0 <= recipe.cond_dropout < 1.0:
         raise CarraraError(f"cond_dropout must be in [0, 1), got {recipe.cond_dropout}")
+    if not recipe.timestep_scaling > 0 or not recipe.huber_c > 0:
+        raise CarraraError(f"timestep_scaling and huber_c must be > 0, got {recipe.timestep_scaling}, {recipe.huber_c}")
+    if not 1 <= recipe.sample_steps <= schedule.T // recipe.skip:
+        raise CarraraError(f"sample_steps={recipe.sample_steps} must be between 1 and {schedule.T // recipe.skip} "
+                           "(the student's sampling grid)")
+    if not 0.0 <= recipe.sample_guidance <= MAX_GUIDANCE:
+        raise CarraraError(f"sample_guidance must be between 0 and {MAX_GUIDANCE:g}, got {recipe.sample_guidance}")
 
 
 def train_distill(recipe: DistillRecipe, out: str | Path, *, resume: bool = False, progress: bool = True,
