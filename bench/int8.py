@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,10 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from families import cpu_kind
 from roofline import flops_of, matmul_peak
-from sample import initial_latents
+from sample import diffusers_pipeline, image_runner, interleaved_seconds
 
-from carrara.diffusion.samplers import default_timesteps
-from carrara.export import export_diffusers
 from carrara.fileio import write_json_atomic
 from carrara.models.int8 import QUALITY_PROMPTS
 from carrara.pipeline import Pipeline
@@ -50,28 +47,8 @@ def main() -> None:
     ours = {"carrara-int8": Pipeline.load(args.model, precision="int8"),
             "carrara-fp32": Pipeline.load(args.model, precision="fp32")}
     ref = ours["carrara-fp32"]
-    sd = None
-    if not args.quality_only:
-        import diffusers
-
-        diffusers.utils.logging.set_verbosity_error()
-        with tempfile.TemporaryDirectory() as tmp:
-            export_diffusers(args.model, f"{tmp}/sd")
-            sd = diffusers.StableDiffusionPipeline.from_pretrained(f"{tmp}/sd", local_files_only=True)
-        sd.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(sd.scheduler.config)
-        sd.set_progress_bar_config(disable=True)
-    timesteps = default_timesteps("dpmpp", ref.schedule, args.steps)
-
-    def run(name: str, n: int) -> np.ndarray:
-        prompts = (list(QUALITY_PROMPTS) * n)[:n]
-        if name == "diffusers":
-            with torch.inference_mode():
-                return sd(prompts, timesteps=timesteps, guidance_scale=args.guidance,
-                          latents=initial_latents(ref, n, 0), output_type="np").images  # (n, H, W, 3) in [0, 1]
-        images = ours[name](prompts, steps=args.steps, sampler="dpmpp", guidance=args.guidance, seed=0,
-                            output="tensor")  # (n, 3, H, W) in [-1, 1]
-        return ((images + 1) / 2).permute(0, 2, 3, 1).numpy()
-
+    sd = None if args.quality_only else diffusers_pipeline(args.model)
+    run = image_runner(ours, sd, list(QUALITY_PROMPTS), args.steps, args.guidance)
     names = [*ours] + ([] if args.quality_only else ["diffusers"])
     peak = None if args.quality_only else matmul_peak(torch.float32)
     results = {}
@@ -82,12 +59,7 @@ def main() -> None:
             for name in names if name != "carrara-fp32"}}
         if not args.quality_only:
             gflop = flops_of(lambda n=n: run("carrara-fp32", n)) / 1e9
-            times = {name: [] for name in names}
-            for _ in range(args.runs):
-                for name in names:
-                    t0 = time.perf_counter()
-                    run(name, n)
-                    times[name].append(time.perf_counter() - t0)
+            times = interleaved_seconds(run, names, n, args.runs)
             med = {name: statistics.median(ts) for name, ts in times.items()}
             r.update({"seconds": times, "median_s": med, "images_per_s": {k: n / s for k, s in med.items()},
                       "speedup_vs_diffusers": {k: med["diffusers"] / med[k] for k in ours},

@@ -17,6 +17,7 @@ import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -37,6 +38,51 @@ def initial_latents(pipe: Pipeline, n: int, seed: int) -> torch.Tensor:
                       for i in range(n)])  # (n, c, h, w)
 
 
+def diffusers_pipeline(model: str):
+    """diffusers' StableDiffusionPipeline with DPMSolverMultistepScheduler on `model`'s exported weights."""
+    import diffusers
+
+    diffusers.utils.logging.set_verbosity_error()
+    with tempfile.TemporaryDirectory() as tmp:
+        export_diffusers(model, f"{tmp}/sd")
+        sd = diffusers.StableDiffusionPipeline.from_pretrained(f"{tmp}/sd", local_files_only=True)
+    sd.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(sd.scheduler.config)
+    sd.set_progress_bar_config(disable=True)
+    return sd
+
+
+def image_runner(ours: dict[str, Pipeline], sd, prompts: list[str], steps: int,
+                 guidance: float) -> Callable[[str, int], np.ndarray]:
+    """run(name, n): n images of the prompts by carrara pipeline `name` or by "diffusers" `sd`, the same arithmetic
+    (carrara fp32's x_T and DPM-Solver++ timesteps for both), as (n, H, W, 3) in [0, 1]."""
+    ref = ours["carrara-fp32"]
+    timesteps = default_timesteps("dpmpp", ref.schedule, steps)
+
+    def run(name: str, n: int) -> np.ndarray:
+        batch = (prompts * n)[:n]
+        if name == "diffusers":
+            with torch.inference_mode():
+                return sd(batch, timesteps=timesteps, guidance_scale=guidance,
+                          latents=initial_latents(ref, n, 0), output_type="np").images  # (n, H, W, 3) in [0, 1]
+        images = ours[name](batch, steps=steps, sampler="dpmpp", guidance=guidance, seed=0,
+                            output="tensor")  # (n, 3, H, W) in [-1, 1]
+        return ((images + 1) / 2).permute(0, 2, 3, 1).numpy()
+
+    return run
+
+
+def interleaved_seconds(run: Callable[[str, int], object], names: list[str], n: int,
+                        runs: int) -> dict[str, list[float]]:
+    """Seconds of `runs` rounds of run(name, n), the names interleaved in each round."""
+    times = {name: [] for name in names}
+    for _ in range(runs):
+        for name in names:
+            t0 = time.perf_counter()
+            run(name, n)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="default")
@@ -48,36 +94,14 @@ def main() -> None:
     args = p.parse_args()
     import diffusers
 
-    diffusers.utils.logging.set_verbosity_error()
     ours = {"carrara": Pipeline.load(args.model), "carrara-fp32": Pipeline.load(args.model, precision="fp32")}
-    with tempfile.TemporaryDirectory() as tmp:
-        export_diffusers(args.model, f"{tmp}/sd")
-        sd = diffusers.StableDiffusionPipeline.from_pretrained(f"{tmp}/sd", local_files_only=True)
-    sd.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(sd.scheduler.config)
-    sd.set_progress_bar_config(disable=True)
     ref = ours["carrara-fp32"]
-    timesteps = default_timesteps("dpmpp", ref.schedule, args.steps)
-
-    def run(name: str, n: int) -> np.ndarray:
-        prompts = (PROMPTS * n)[:n]
-        if name == "diffusers":
-            with torch.inference_mode():
-                return sd(prompts, timesteps=timesteps, guidance_scale=args.guidance,
-                          latents=initial_latents(ref, n, 0), output_type="np").images  # (n, H, W, 3) in [0, 1]
-        images = ours[name](prompts, steps=args.steps, sampler="dpmpp", guidance=args.guidance, seed=0,
-                            output="tensor")  # (n, 3, H, W) in [-1, 1]
-        return ((images + 1) / 2).permute(0, 2, 3, 1).numpy()
-
+    run = image_runner(ours, diffusers_pipeline(args.model), PROMPTS, args.steps, args.guidance)
     names = [*ours, "diffusers"]
     results = {}
     for n in (int(b) for b in args.batches.split(",")):
         outputs = {name: run(name, n) for name in names}  # warm-up, and the images to compare
-        times = {name: [] for name in names}
-        for _ in range(args.runs):
-            for name in names:
-                t0 = time.perf_counter()
-                run(name, n)
-                times[name].append(time.perf_counter() - t0)
+        times = interleaved_seconds(run, names, n, args.runs)
         med = {name: statistics.median(ts) for name, ts in times.items()}
         results[f"batch_{n}"] = {
             "seconds": times, "median_s": med,
