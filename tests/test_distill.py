@@ -23,6 +23,7 @@ from carrara.models.blocks import guidance_embedding
 from carrara.pipeline import Pipeline
 from carrara.png import read_png_metadata
 from carrara.recipe import apply_overrides, flatten, load_recipe_file
+from carrara.train import distill
 from carrara.train.core import TrainConfig
 from carrara.train.distill import (
     DistillRecipe,
@@ -174,6 +175,41 @@ def _recipe(teacher, data, steps, **train):
              "sample_every": 1000, "bf16": False, "ema_decay": 0.95, **train}
     return DistillRecipe(teacher=str(teacher), data=str(data), embed_dim=16, sample_prompts=["a red circle"],
                          train=TrainConfig(steps=steps, **train))
+
+
+def test_one_training_step_wires_algorithm_1(tiny_diffusion_run, tiny_shapes, tmp_path, monkeypatch):
+    """Lines 4–7 as train_distill joins them: f_θ online at t_{n+k} on the grid; the guided teacher's step from that
+    same x_t to t_n = t_{n+k} − k (0 at the bottom) at the w the student is told; f_θ⁻ of the target network (not the
+    online one, not the teacher) at t_n on exactly that step's output, with the same w embedding."""
+    calls = {"f": [], "ddim": []}
+    real_f, real_ddim = distill.consistency_fn, distill.guided_ddim_step
+
+    def spy_f(net, x, t, cond, w_emb, schedule, scaling):
+        calls["f"].append((net, x.detach().clone(), t.clone(), w_emb.clone(), scaling))
+        return real_f(net, x, t, cond, w_emb, schedule, scaling)
+
+    def spy_ddim(teacher, x, t, s, w, cond, null, schedule):
+        out = real_ddim(teacher, x, t, s, w, cond, null, schedule)
+        calls["ddim"].append((teacher, x.clone(), t.clone(), s.clone(), w.clone(), out.clone()))
+        return out
+
+    monkeypatch.setattr(distill, "consistency_fn", spy_f)
+    monkeypatch.setattr(distill, "guided_ddim_step", spy_ddim)
+    recipe = _recipe(tiny_diffusion_run, tiny_shapes, steps=1, batch_size=32)
+    recipe.skip, recipe.timestep_scaling = 100, 7.0  # k = 100: a 10-point grid, so the bottom (t_n = 0) is drawn
+    train_distill(recipe, tmp_path, progress=False)
+    assert len(calls["ddim"]) == 1 and len(calls["f"]) == 2
+    (online, x_t, t, w_emb, s_on), (target, x_s, t_n, w_emb_target, s_tg) = calls["f"]
+    teacher, x_teacher, t_teacher, s, w, stepped = calls["ddim"][0]
+    assert set(t.tolist()) <= set(range(99, 1000, 100)) and 99 in t.tolist()
+    assert torch.equal(t_teacher, t) and torch.equal(x_teacher, x_t)
+    assert torch.equal(s, (t - 100).clamp(min=0)) and torch.equal(t_n, s) and 0 in s.tolist()
+    assert torch.equal(x_s, stepped)
+    assert ((2.0 <= w) & (w <= 8.0)).all() and len(set(w.tolist())) > 1
+    assert torch.equal(w_emb_target, w_emb) and torch.equal(w_emb, guidance_embedding(w, 16))
+    assert s_on == s_tg == 7.0
+    assert len({id(online), id(target), id(teacher)}) == 3
+    assert any(p.requires_grad for p in online.parameters()) and not any(p.requires_grad for p in target.parameters())
 
 
 def test_student_starts_as_the_teachers_conditional_network(tiny_diffusion_run):
