@@ -210,3 +210,18 @@ def test_quantize_then_generate_int8(model_copy, tmp_path, capsys):
     with pytest.raises(CarraraError, match="quantized"):
         Pipeline(unet=fp32.unet, vae=fp32.vae, text_encoder=fp32.text_encoder, schedule=fp32.schedule,
                  precision="int8")
+
+
+def test_quantization_parameters_by_hand():
+    """The simulation above shares these two functions with the int8 layers, so they are checked on their own: 7-bit
+    u8 activations with 0 on the grid, symmetric s8 weights per output channel."""
+    scale, zp = int8.act_qparams(-1.0, 3.0)  # [−1, 3] onto 0…127: s = 4/127, zp = round(31.75)
+    assert scale == pytest.approx(4 / 127) and zp == 32
+    assert int8.act_qparams(0.5, 2.0) == (pytest.approx(2 / 127), 0)  # the range widens to hold 0
+    assert int8.act_qparams(-2.0, -1.0) == (pytest.approx(2 / 127), 127)
+    assert int8.act_qparams(-1.0, 3.0, qmax=255) == (pytest.approx(4 / 255), 64)  # FBGEMM's 8-bit output grid
+    x = torch.tensor([-1.0, 0.0, 3.0, 5.0])
+    assert torch.allclose(int8.fake_quant(x, scale, zp, 0, 127), torch.tensor([-32, 0, 95, 95]) * scale)  # saturates
+    w8, scales = int8.weight_qparams(torch.tensor([[0.5, -1.27], [2.54, 0.0]]))
+    assert torch.equal(w8, torch.tensor([[50, -127], [127, 0]], dtype=torch.int8))
+    assert torch.allclose(scales, torch.tensor([0.01, 0.02]))
