@@ -313,12 +313,8 @@ def _unclip_inputs(args: argparse.Namespace, request, pipe, s: dict, model: str,
     if unclip is None:
         raise CarraraError(f"--{mode.replace('_', '-')} needs an unCLIP model (carrara train decoder, carrara export "
                            f"unclip); {model} is not one")
-    embeds, thetas = unclip.manipulate(mode, pictures, s["n"], new_caption=record.get("new_caption", ""),
-                                       old_caption=record.get("old_caption", ""), amount=record.get("amount", 0.5))
-    strip = mode != "variations"
-    per_image = [{"seed": s["seed"] + (0 if strip else i), **({"theta": round(t, 6)} if strip else {})}
-                 for i, t in enumerate(thetas)]
-    return {"image_embeds": embeds, "same_noise": strip}, {"unclip": record}, per_image
+    kwargs, per_image = unclip.manipulation_inputs(mode, pictures, s["n"], record, s["seed"])
+    return kwargs, {"unclip": record}, per_image
 
 
 def _classifier_guidance(args: argparse.Namespace, pipe) -> tuple[dict, dict]:

@@ -124,6 +124,18 @@ class Unclip:
         new, old = self.scorer.embed_texts([new_caption, old_caption])  # (2, E)
         return text_diff(z[0], new, old, thetas), thetas.tolist()
 
+    def manipulation_inputs(self, mode: str, pictures: list, n: int, record: dict,
+                            seed: int) -> tuple[dict, list[dict]]:
+        """(Pipeline keyword arguments, each image's record) of n images of a manipulation from `seed`, for the CLI
+        and the server alike: variations from new noise (image i from seed + i), strips (interpolation, text diff)
+        from the one seed's noise, each image with its θ. record: the manipulation's captions and amount."""
+        embeds, thetas = self.manipulate(mode, pictures, n, new_caption=record.get("new_caption", ""),
+                                         old_caption=record.get("old_caption", ""), amount=record.get("amount", 0.5))
+        strip = mode != "variations"
+        per_image = [{"seed": seed + (0 if strip else i), **({"theta": round(t, 6)} if strip else {})}
+                     for i, t in enumerate(thetas)]
+        return {"image_embeds": embeds, "same_noise": strip}, per_image
+
     def conditions(self, prompts: list[str], states: torch.Tensor, null_states: torch.Tensor,
                    image_embeds: torch.Tensor | None = None, *, seed: int = 0,
                    prior_guidance: float | None = None) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:

@@ -100,8 +100,7 @@ def read_manipulation(body: UnclipRequest, gallery: Gallery) -> UnclipJob:
 
 def unclip_inputs(pipe, unclip: UnclipJob | None, n: int, seed: int) -> tuple[dict, list[dict]]:
     """(pipeline keyword arguments, each image's extra PNG metadata) of a batch of n images from `seed`, as `carrara generate`
-    makes them (generate.py's `_unclip_inputs`): the z_i of a manipulation (variations from new noise, strips from
-    one seed's), or on an unCLIP model the prior's settings."""
+    makes them (both through `Unclip.manipulation_inputs`), or on an unCLIP model the prior's settings."""
     model = getattr(pipe, "unclip", None)
     if model is None:
         if unclip is not None:
@@ -111,12 +110,8 @@ def unclip_inputs(pipe, unclip: UnclipJob | None, n: int, seed: int) -> tuple[di
         w = None if unclip is None else unclip.prior_guidance
         record = {"prior": {**model.prior_settings, **({} if w is None else {"guidance": w})}}
         return ({} if w is None else {"prior_guidance": w}), [record] * n
-    r = unclip.record
-    embeds, thetas = model.manipulate(unclip.mode, unclip.pictures, n, new_caption=r.get("new_caption", ""),
-                                      old_caption=r.get("old_caption", ""), amount=r.get("amount", 0.5))
-    strip = unclip.mode != "variations"
-    per_image = [{"unclip": r, **({"theta": round(t, 6), "seed": seed} if strip else {})} for t in thetas]
-    return {"image_embeds": embeds, "same_noise": strip}, per_image
+    kwargs, per_image = model.manipulation_inputs(unclip.mode, unclip.pictures, n, unclip.record, seed)
+    return kwargs, [{"unclip": unclip.record, **record} for record in per_image]
 
 
 def unclip_router(models, gallery: Gallery, model_info: Callable[[str | None], Awaitable[dict]],
