@@ -233,7 +233,19 @@ def test_tiny_learned_variance_run_trains_and_samples(tiny_shapes, tiny_ae_run, 
         assert latents.shape == (1, 4, 8, 8) and torch.isfinite(latents).all()
 
 
-def test_eval_nll_metric(tiny_diffusion_run, tiny_shapes, tmp_path):
+@pytest.fixture(scope="module")
+def short_chain_run(tiny_shapes, tiny_ae_run, tmp_path_factory):
+    """tiny_diffusion_run's recipe with T = 100: the bound costs T U-Net calls per batch, 10× fewer than T = 1000."""
+    from carrara.train.diffusion import train_diffusion
+
+    run = tmp_path_factory.mktemp("dm100")
+    recipe = tiny_diffusion_recipe(tiny_shapes, tiny_ae_run, steps=45)
+    recipe.num_train_timesteps = 100
+    train_diffusion(recipe, run, progress=False)
+    return run
+
+
+def test_eval_nll_metric(short_chain_run, tiny_shapes, tmp_path):
     """`carrara eval --metrics nll`: one number per run, the mean of latent_nll over a seeded subset of --data."""
     from carrara.cli import main
     from carrara.data.folder import load_folder
@@ -241,14 +253,14 @@ def test_eval_nll_metric(tiny_diffusion_run, tiny_shapes, tmp_path):
     from carrara.evaluate.nll import latent_nll
     from carrara.pipeline import Pipeline
 
-    assert main(["eval", "--model", str(tiny_diffusion_run), "--data", str(tiny_shapes), "--metrics", "nll",
+    assert main(["eval", "--model", str(short_chain_run), "--data", str(tiny_shapes), "--metrics", "nll",
                  "--n", "4", "--out", str(tmp_path), "--quiet", "--bootstrap", "5"]) == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
     (name, value), = metrics.items()
-    assert name == "NLL[bits/dim, latents 4×8×8 | caption, n=4, T=1000]"
+    assert name == "NLL[bits/dim, latents 4×8×8 | caption, n=4, T=100]"
     images, texts = preload_images(load_folder(str(tiny_shapes), size=16), progress=False)
     pick = sorted(random.Random(0).sample(range(len(images)), 4))
-    direct = latent_nll(Pipeline.load(tiny_diffusion_run), images[pick], [texts[i] for i in pick],  # eval: "auto"
+    direct = latent_nll(Pipeline.load(short_chain_run), images[pick], [texts[i] for i in pick],  # eval: "auto"
                         progress=False)
     assert value["value"] == pytest.approx(direct.mean().item(), rel=1e-5)
     assert 0 < value["value"] < 10
