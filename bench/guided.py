@@ -151,7 +151,7 @@ TINY = Scale(size=32, n_train=24, n_heldout=12, n=4, n_fd=6, n_nll=2, probe_step
                  "classifier": {"block_out_channels": [16, 32], "norm_num_groups": 8, "head_channels": 8},
                  "clip": {"channels": [8, 16], "embed_dim": 16, "groups": 4},
              }, batch=dict.fromkeys(("autoencoder", "diffusion", "classifier", "clip"), 4),
-             overrides={"diffusion": {"num_train_timesteps": 50}})
+             overrides={"diffusion": {"num_train_timesteps": 50, "sample_prompts": ["a large red circle on the left"]}})
 
 
 # ---- the classifier's classes of a caption, and guidance toward each image's own ----
@@ -710,7 +710,7 @@ def run(args: argparse.Namespace) -> dict | None:
     models = [m for m in VARIANTS if any(m in EXPERIMENTS[e] for e in experiments)]
     out = Path(args.out or ("runs/guided-tiny" if args.tiny else "runs/guided"))
     shapes_recipe = load_recipe_file(SHAPES_RECIPE)
-    shapes_recipe["diffusion"].update(scale.overrides.get("diffusion", {}))  # tiny: a shorter chain
+    shapes_recipe["diffusion"].update(scale.overrides.get("diffusion", {}))  # tiny: a shorter chain, one-prompt grids
     ctx = {"scale": scale, "out": out, "progress": not args.quiet, "shapes_recipe": shapes_recipe, "pipes": {},
            "data": out / "data", "probe_data": out / "probe-data", "heldout": out / "heldout", "models": models,
            "cg_on": args.cg_on, "cg_scales": numbers(args.cg_scales), "cfg_scales": numbers(args.cfg_scales)}
