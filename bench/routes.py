@@ -110,6 +110,7 @@ FULL = Scale(size=64, n_train=5000, n_heldout=1000, n=200, n_fd=1000, bootstrap=
 TINY_UNET = {"block_out_channels": [32, 64], "layers_per_block": 1, "norm_num_groups": 8, "attention_head_dim": [2, 4],
              "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
              "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"]}
+TINY_GRID = {"sample_prompts": ["a large red circle on the left"]}  # one-prompt training grids
 TINY = Scale(size=32, n_train=24, n_heldout=12, n=4, n_fd=8, bootstrap=5, probe_steps=3, minutes=0.01,
              clip_minutes=0.01, checkpoints=1, sampling_batch=4, steps=2, timing_rounds=1, models={
                  "autoencoder": {"block_out_channels": [8, 16], "layers_per_block": 1, "norm_num_groups": 8,
@@ -119,7 +120,7 @@ TINY = Scale(size=32, n_train=24, n_heldout=12, n=4, n_fd=8, bootstrap=5, probe_
                  "upsampler": {**TINY_UNET, "class_embed_type": "timestep"},
                  "clip": {"channels": [8, 16], "embed_dim": 16, "groups": 4},
              }, batch=dict.fromkeys(("autoencoder", "diffusion", "base", "upsampler", "clip"), 4),
-             overrides={"upsampler": {"crop": 16, "sampling.steps": 2}})
+             overrides={"upsampler": {"crop": 16, "sampling.steps": 2}, "diffusion": TINY_GRID, "base": TINY_GRID})
 
 
 def sample_prompts() -> list[str]:
