@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -15,8 +16,14 @@ SCORES = ("taught_concept_i2t_top1", "taught_style_rate", "unseen_concept_i2t_to
           "old_t2i_top1", "old_t2i_top5")
 
 
-def test_tiny_lora_bench_has_every_number(tmp_path):
-    out, result_path = tmp_path / "runs", tmp_path / "lora.json"
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One runs folder for both benches: the second reuses the first's data, base model and CLIP judge."""
+    return tmp_path_factory.mktemp("lora-bench")
+
+
+def test_tiny_lora_bench_has_every_number(runs, tmp_path):
+    out, result_path = runs, tmp_path / "lora.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "lora.py"), "--tiny", "--quiet", "--out", str(out),
                            "--json", str(result_path)], check=False, cwd=ROOT, env=env, capture_output=True,
@@ -47,8 +54,8 @@ def test_tiny_lora_bench_has_every_number(tmp_path):
     assert np.abs(before - after).mean() > 0.5  # the after row was drawn with the adapter merged
 
 
-def test_prior_preservation_data_and_a_weight_sweep_where_zero_is_the_base(tmp_path):
-    out, result_path = tmp_path / "runs", tmp_path / "lora.json"
+def test_prior_preservation_data_and_a_weight_sweep_where_zero_is_the_base(runs, tmp_path):
+    out, result_path = runs, tmp_path / "lora.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "lora.py"), "--tiny", "--quiet", "--out", str(out),
                            "--json", str(result_path), "--regularize", "3", "--weights", "1,0"], check=False,
