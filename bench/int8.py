@@ -39,6 +39,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--peak-sizes", default="1024,2048,4096", help="square matmul sizes timed for the fp32 peak "
+                   "(the fastest counts)")
     p.add_argument("--quality-only", action="store_true", help="only the int8-vs-fp32 Δpixel")
     p.add_argument("--out", default="bench/results/int8-avx2.json")
     args = p.parse_args()
@@ -50,7 +52,7 @@ def main() -> None:
     sd = None if args.quality_only else diffusers_pipeline(args.model)
     run = image_runner(ours, sd, list(QUALITY_PROMPTS), args.steps, args.guidance)
     names = [*ours] + ([] if args.quality_only else ["diffusers"])
-    peak = None if args.quality_only else matmul_peak(torch.float32)
+    peak = None if args.quality_only else matmul_peak(torch.float32, tuple(int(n) for n in args.peak_sizes.split(",")))
     results = {}
     for n in (int(b) for b in args.batches.split(",")):
         outputs = {name: run(name, n) for name in names}  # warm-up, and the images to compare

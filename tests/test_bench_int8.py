@@ -160,7 +160,7 @@ def test_end_to_end_bench_writes_ratios_quality_and_peak(tiny_diffusion_run, tmp
     out = tmp_path / "int8.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "int8.py"), "--model", str(model), "--batches", "2",
-                           "--runs", "1", "--steps", "2", "--threads", "1", "--out", str(out)],
+                           "--runs", "1", "--steps", "2", "--threads", "1", "--peak-sizes", "512", "--out", str(out)],
                           check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
