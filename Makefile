@@ -42,8 +42,9 @@ test: setup
 # carrara's fp32 path (CARRARA_BF16=0; an AVX-512 BF16 CPU would otherwise pick bf16). See docs/performance.md.
 AVX2 := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 CARRARA_BF16=0
 
+# The bench scripts' --tiny runs (tests/test_bench_*.py) check orchestration, not kernels: make test runs them.
 test-avx2: setup
-	$(AVX2) HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2
+	$(AVX2) HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --ignore-glob='tests/test_bench_*.py'
 
 test-slow: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m slow

@@ -3,10 +3,17 @@
 The suite runs on small tensors, where thread start-up costs more than it saves, and on shared 2-core
 machines, where two busy processes each asking for 2 threads run 10× slower (measured 2026-11-23).
 """
+import signal
+
 import pytest
 import torch
 
 torch.set_num_threads(1)  # at import, so module-level tensors built during collection use one thread too
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    # A suite started in the background of a non-interactive shell (`make test &`, nohup) inherits SIGINT ignored,
+    # and so would the CLI processes the Ctrl-C tests start: give this process (and, through exec, its children)
+    # Python's own KeyboardInterrupt back, so those tests test carrara, not how the suite was launched.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 TINY_VAE = {"block_out_channels": [8, 16], "layers_per_block": 1, "norm_num_groups": 8,
             "down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2,
