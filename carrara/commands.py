@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from carrara.errors import CarraraError
+from carrara.fileio import no_empty_folder_left
 
 
 def cmd_data_build(args: argparse.Namespace) -> int:
@@ -122,7 +123,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         recipe.train.batch_size = args.batch_size
     apply_overrides(recipe, args.set or [])
     try:
-        result = run(recipe, args.out, resume=args.resume, progress=not args.quiet)
+        with no_empty_folder_left(args.out):
+            result = run(recipe, args.out, resume=args.resume, progress=not args.quiet)
     except BaseException:
         distributed.shutdown(wait=False)
         raise
@@ -169,8 +171,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
     if args.steps is not None:
         recipe.train.steps = args.steps
     apply_overrides(recipe, args.set or [])
-    result = train_distill(recipe, args.out, resume=args.resume, progress=not args.quiet,
-                           allow_pickle=args.allow_pickle)
+    with no_empty_folder_left(args.out):
+        result = train_distill(recipe, args.out, resume=args.resume, progress=not args.quiet,
+                               allow_pickle=args.allow_pickle)
     print(f"distilled {result['teacher']} into {args.out}: {result['steps']} steps, last loss "
           f"{result['last_loss']:.5f} (try: carrara generate \"a red circle\" --model {args.out} --steps 4)")
     return 0

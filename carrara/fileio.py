@@ -5,6 +5,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +35,20 @@ def ensure_dir(path: str | os.PathLike) -> Path:
     if not os.access(path, os.W_OK):
         raise CarraraError(f"folder {path} is not writable")
     return path
+
+
+@contextlib.contextmanager
+def no_empty_folder_left(path: str | os.PathLike) -> Iterator[None]:
+    """If `path` did not exist and the body fails (a refused input), remove what the body left there as long as it
+    holds no file: a refused run leaves no empty run folder behind (a real one, with files, stays for --resume)."""
+    path = Path(path)
+    existed = path.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed and path.is_dir() and not any(p.is_file() for p in path.rglob("*")):
+            shutil.rmtree(path, ignore_errors=True)
+        raise
 
 
 def _read_umask() -> int:

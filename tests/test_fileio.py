@@ -6,6 +6,9 @@ import pytest
 from PIL import Image
 
 from carrara import fileio
+from carrara.cli import main
+from carrara.errors import CarraraError
+from carrara.fileio import no_empty_folder_left
 from carrara.png import read_png_metadata, save_pngs
 
 
@@ -43,3 +46,29 @@ def test_a_set_of_pngs_is_written_all_or_none(tmp_path):
     save_pngs([(tmp_path / "a.png", good, {"seed": 1}), (tmp_path / "b.png", good, {"seed": 2})])
     assert read_png_metadata(tmp_path / "b.png") == {"seed": 2}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png"]
+
+
+def test_no_empty_folder_left_removes_only_a_new_folder_without_files(tmp_path):
+    new = tmp_path / "run"
+    with pytest.raises(CarraraError), no_empty_folder_left(new):
+        (new / "cache").mkdir(parents=True)  # what a stage makes before it refuses its input
+        raise CarraraError("bad data")
+    assert not new.exists()
+    with pytest.raises(KeyboardInterrupt), no_empty_folder_left(new):
+        (new / "checkpoints").mkdir(parents=True)
+        (new / "log.txt").write_text("step 1")  # a run with something in it stays, for --resume
+        raise KeyboardInterrupt
+    assert (new / "log.txt").is_file()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    with pytest.raises(CarraraError), no_empty_folder_left(mine):
+        raise CarraraError("bad data")
+    assert mine.is_dir()  # a folder the user had is never removed
+
+
+@pytest.mark.parametrize("argv", [["train", "diffusion", "--autoencoder", "pixels"],
+                                  ["train", "autoencoder"], ["distill", "--teacher", "default"]])
+def test_a_refused_training_run_leaves_no_folder(tmp_path, capsys, argv):
+    out = tmp_path / "run"
+    assert main([*argv, "--data", str(tmp_path / "no-such-data"), "--out", str(out), "--quiet"]) == 2
+    assert "no-such-data" in capsys.readouterr().err and not out.exists()
