@@ -217,6 +217,15 @@ def create_app(pipe, data_dir: str | Path, *, max_queued: int = 32, batch_images
             described[choice.name] = describe(await run_in_threadpool(models.get, choice.name), choice)
         return described[choice.name]
 
+    async def requested_model(name: str | None) -> dict | JSONResponse:
+        """model_info of a job's model, or the answer to give: 422 for a name not in the menu, 503 unloadable."""
+        if name is not None and name not in models.choices:
+            return error_response(422, f"model: no model {name!r}; choose one of {', '.join(models.choices)}", "model")
+        try:
+            return await model_info(name)
+        except CarraraError as e:
+            return error_response(503, f"model {name!r} cannot be loaded: {e}")
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         jobs.start()
@@ -246,7 +255,7 @@ def create_app(pipe, data_dir: str | Path, *, max_queued: int = 32, batch_images
             raise HTTPException(503, str(e)) from None
         return job_or_404(job.id)
 
-    app.include_router(unclip_router(models, gallery, model_info, enqueue))
+    app.include_router(unclip_router(gallery, requested_model, enqueue))
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
@@ -256,13 +265,9 @@ def create_app(pipe, data_dir: str | Path, *, max_queued: int = 32, batch_images
               responses={413: {"description": "body too large"}, 429: {"description": "queue full; see Retry-After"}})
     async def generate(body: GenerateRequest):
         """Queue a job; poll GET /api/jobs/{id} or stream /api/jobs/{id}/events."""
-        if body.model is not None and body.model not in models.choices:
-            return error_response(422, f"model: no model {body.model!r}; choose one of {', '.join(models.choices)}",
-                                  "model")
-        try:
-            info = await model_info(body.model)
-        except CarraraError as e:
-            return error_response(503, f"model {body.model!r} cannot be loaded: {e}")
+        info = await requested_model(body.model)
+        if isinstance(info, JSONResponse):
+            return info
         sizes = info["sizes"]
         for name in ("width", "height"):
             value, other = getattr(body, name), body.height if name == "width" else body.width

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from fastapi import APIRouter
+from fastapi.responses import JSONResponse
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
@@ -114,10 +115,10 @@ def unclip_inputs(pipe, unclip: UnclipJob | None, n: int, seed: int) -> tuple[di
     return kwargs, [{"unclip": unclip.record, **record} for record in per_image]
 
 
-def unclip_router(models, gallery: Gallery, model_info: Callable[[str | None], Awaitable[dict]],
+def unclip_router(gallery: Gallery, requested_model: Callable[[str | None], Awaitable[dict | JSONResponse]],
                   enqueue: Callable[..., object]) -> APIRouter:
-    """POST /api/unclip. model_info: GET /api/model's answer for a model name (loading it); enqueue: settings and
-    the job's options → the queued job's JobInfo (or the 429 / 503 answer)."""
+    """POST /api/unclip. requested_model: GET /api/model's answer for a job's model name (loading it), or the
+    422 / 503 answer; enqueue: settings and the job's options → the queued job's JobInfo (or the 429 / 503 answer)."""
     router = APIRouter()
 
     @router.post("/api/unclip", status_code=202, response_model=JobInfo,
@@ -126,13 +127,9 @@ def unclip_router(models, gallery: Gallery, model_info: Callable[[str | None], A
     async def manipulate(body: UnclipRequest):
         """Queue variations of a picture, an interpolation strip between two, or a text diff of one (DALL-E 2 §3);
         poll GET /api/jobs/{id} or stream its events, as for /api/generate."""
-        if body.model is not None and body.model not in models.choices:
-            return error_response(422, f"model: no model {body.model!r}; choose one of {', '.join(models.choices)}",
-                                  "model")
-        try:
-            info = await model_info(body.model)
-        except CarraraError as e:
-            return error_response(503, f"model {body.model!r} cannot be loaded: {e}")
+        info = await requested_model(body.model)
+        if isinstance(info, JSONResponse):
+            return info
         if info.get("unclip") is None:
             return error_response(422, f"model: {info['name']} {NOT_UNCLIP}", "model")
         try:
