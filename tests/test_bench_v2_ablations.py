@@ -1,0 +1,51 @@
+"""bench/v2_ablations.py --tiny end to end: v1, every arm and a snapshot judged on captions and paraphrases."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ARMS = ["eps", "eps+pooled", "v", "v+pooled"]
+METRICS = ("t2i_top1", "t2i_top5", "clip_score", "fd_clip")
+
+
+def test_tiny_bench_judges_every_arm_and_the_snapshot(tmp_path):
+    out, result_path = tmp_path / "runs", tmp_path / "ablations.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "v2_ablations.py"), "--tiny", "--quiet", "--out",
+                           str(out), "--json", str(result_path)], check=False, cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(result_path.read_text())
+    assert result["cpu"]["kind"] in ("avx512_bf16", "avx2-only", "other")
+    assert list(result["arms"]) == ["v1 (start)", *ARMS]
+    for arm in ARMS:  # each arm trained its steps with its own objective and conditioning
+        config = json.loads((out / arm / "config.json").read_text())
+        assert (config["prediction_type"], config["pooled"]) == (
+            "v_prediction" if arm.startswith("v") else "epsilon", arm.endswith("pooled")), arm
+        assert result["arms"][arm]["steps"] == 2
+    rows = {**result["arms"], **result["curve"]}
+    for name, row in rows.items():
+        for what, n in (("captions", 8), ("paraphrases", 4)):
+            judged = row["judged"][what]
+            assert judged["n"] == n
+            for metric in METRICS:
+                m = judged[metric]
+                assert math.isfinite(m["value"]) and all(math.isfinite(x) for x in m["ci95"]), (name, what, metric)
+                assert m["ci95"][0] <= m["ci95"][1]
+    # the snapshot is the last arm's final EMA inside that arm's model folder: the same weights, the same numbers
+    (snapshot,) = result["curve"].values()
+    assert snapshot["steps"] == 2
+    assert snapshot["judged"] == result["arms"]["v+pooled"]["judged"]
+    assert "| v+pooled | 2 |" in result["table"]
+
+
+def test_bad_arguments_are_one_line(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    for args, message in ((["--arms", "x0"], "unknown arm 'x0'"), (["--curve", str(tmp_path)], "go together"),
+                          ([], "--data DIR and --clip RUN are needed")):
+        done = subprocess.run([sys.executable, str(ROOT / "bench" / "v2_ablations.py"), "--out", str(tmp_path / "o"),
+                               *args], check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode != 0 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
