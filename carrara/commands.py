@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 
 from carrara.errors import CarraraError
-from carrara.fileio import no_empty_folder_left
+from carrara.fileio import check_writable, no_empty_folder_left
+
+SHEET_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # the formats fileio.save_image_atomic writes
 
 
 def cmd_data_build(args: argparse.Namespace) -> int:
@@ -244,6 +246,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     from carrara.fileio import save_image_atomic
     from carrara.models.clip import ClipScorer
 
+    if Path(args.out).suffix.lower() not in SHEET_SUFFIXES:
+        raise CarraraError(f"-o {args.out}: the contact sheet is an image: end the name in {', '.join(SHEET_SUFFIXES)}")
+    check_writable(args.out, "-o")
     started = time.perf_counter()
     index = ClipIndex.load(args.index)
     scorer = ClipScorer.load(args.clip or index.clip)
@@ -304,6 +309,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     pipe = Pipeline.load(args.model, precision="fp32")
     unet_dir = resolve(pipe.unclip.decoder if pipe.unclip else args.model).unet  # unCLIP: its decoder's U-Net
     int8.check_cpu()
+    check_writable(unet_dir / int8.CALIBRATION_FILE, "the calibration")  # before the calibration run, not after
     settings = {**pipe.defaults, "output": "latent"}  # the model's own sampling: every step, both guidance halves
     print(f"carrara quantize: calibrating on {len(prompts)} prompts …", flush=True)
     record = int8.calibrate(pipe.unet, lambda ps, seed: pipe(ps, seed=seed, **settings), prompts, pipe.model_hash,

@@ -37,6 +37,23 @@ def ensure_dir(path: str | os.PathLike) -> Path:
     return path
 
 
+def check_writable(path: str | os.PathLike, flag: str) -> None:
+    """Fail before the work if the file `path` cannot be written: not a folder, its folder there and taking a file."""
+    path = Path(path)
+    if path.is_dir():
+        raise CarraraError(f"{flag} {path} is a folder; give a file name")
+    folder = path.parent
+    if not folder.is_dir():
+        raise CarraraError(f"{flag} {path}: folder {folder} does not exist" if not folder.exists()
+                           else f"{flag} {path}: {folder} is not a folder")
+    try:  # the honest test (os.access says yes to root on a read-only mount, and to /sys)
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    except OSError as e:
+        raise CarraraError(f"{flag} {path}: cannot write in folder {folder} ({e.strerror})") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
 @contextlib.contextmanager
 def no_empty_folder_left(path: str | os.PathLike) -> Iterator[None]:
     """If `path` did not exist and the body fails (a refused input), remove what the body left there as long as it

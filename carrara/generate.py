@@ -11,10 +11,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,7 +27,7 @@ from carrara.diffusion.settings import DEFAULTS as SETTINGS
 from carrara.diffusion.settings import SAMPLER_NAMES, GenerationSettings
 from carrara.errors import CarraraError
 from carrara.families.pipeline import FamilyPipeline, load_any
-from carrara.fileio import file_sha256
+from carrara.fileio import check_writable, file_sha256
 from carrara.images import image_grid, open_picture
 from carrara.modelfolder import packaged, read_json_object
 from carrara.models.classifier import NoiseAwareClassifier
@@ -102,16 +100,7 @@ def _check_writable(out: Path) -> None:
         raise CarraraError(f"-o {out}: the output must be a .png file (metadata lives in PNG text chunks)")
     if out.is_dir():
         raise CarraraError(f"-o {out} is a folder; give a file name like {out / 'carrara.png'}")
-    folder = out.parent
-    if not folder.is_dir():
-        raise CarraraError(f"-o {out}: folder {folder} does not exist" if not folder.exists()
-                           else f"-o {out}: {folder} is not a folder")
-    try:  # the honest test (os.access says yes to root on a read-only mount, and to /sys)
-        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder)
-    except OSError as e:
-        raise CarraraError(f"-o {out}: cannot write in folder {folder} ({e.strerror})") from None
-    os.close(fd)
-    os.unlink(probe)
+    check_writable(out, "-o")
 
 
 def _picture_record(path: str, what: str) -> tuple[Image.Image, dict]:

@@ -1,0 +1,43 @@
+"""Hostile input on session 8's commands (quantize, distill, the unCLIP manipulations, export unclip, train decoder,
+search): each case ended in a traceback, a run that trained nonsense, or a folder left behind, and is now one
+`carrara: error:` line before any work, with nothing written."""
+import pytest
+from test_int8 import model_copy  # noqa: F401 (a fixture: a copy of the tiny diffusion run)
+
+from carrara.cli import main
+
+
+def one_error_line(argv, capsys) -> str:
+    assert main([str(a) for a in argv]) == 2, argv
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("carrara: error: "), err
+    return err[0] + captured.out
+
+
+def test_quantize_refuses_a_calibration_it_cannot_write_before_calibrating(model_copy, tmp_path, capsys):  # noqa: F811
+    """Was: the whole calibration run, then IsADirectoryError."""
+    (model_copy / "unet" / "int8_calibration.json").mkdir()
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    out = one_error_line(["quantize", "--model", model_copy, "--prompts", prompts, "--n", "1"], capsys)
+    assert "int8_calibration.json is a folder" in out and "calibrating" not in out
+
+
+@pytest.fixture(scope="module")
+def index_file(tiny_shapes, tiny_clip_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("index") / "shapes.safetensors"
+    assert main(["index", str(tiny_shapes), "--clip", str(tiny_clip_run[0]), "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("target, words", [(".", "the contact sheet is an image"),
+                                           ("sheet.txt", "the contact sheet is an image"),
+                                           ("missing/sheet.png", "folder"),
+                                           ("a-file/sheet.png", "is not a folder")])
+def test_search_refuses_an_unwritable_sheet_before_searching(index_file, tmp_path, capsys, target, words):
+    """Was: the search, then a FileNotFoundError / IsADirectoryError traceback (and .txt got PNG bytes)."""
+    (tmp_path / "a-file").write_text("x")
+    out = one_error_line(["search", "a red circle", "--index", index_file, "-o", tmp_path / target], capsys)
+    assert words in out and "search:" not in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
