@@ -265,6 +265,9 @@ def _unclip_request(args: argparse.Namespace, s: dict, meta: dict | None) -> tup
             raise CarraraError(f"{args.from_png} is an unCLIP {meta['unclip'].get('mode', 'manipulation')} strip: "
                                "--from does not re-make those; run --variations / --interpolate / --text-diff again")
         return None
+    if args.prior_guidance is not None:
+        raise CarraraError(f"--prior-guidance steers the prior, which --{mode.replace('_', '-')} does not use (it "
+                           "embeds the pictures): drop --prior-guidance")
     if mode == "interpolate" and args.n is None:
         s["n"] = 5
     if mode == "interpolate" and s["n"] < 2:

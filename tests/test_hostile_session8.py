@@ -2,9 +2,13 @@
 search): each case ended in a traceback, a run that trained nonsense, or a folder left behind, and is now one
 `carrara: error:` line before any work, with nothing written."""
 import pytest
+import test_unclip
 from test_int8 import model_copy  # noqa: F401 (a fixture: a copy of the tiny diffusion run)
 
 from carrara.cli import main
+
+colours, pixel_model, decoder_run, unclip_model = (test_unclip.colours, test_unclip.pixel_model,
+                                                   test_unclip.decoder_run, test_unclip.unclip_model)
 
 
 def one_error_line(argv, capsys) -> str:
@@ -22,6 +26,16 @@ def test_quantize_refuses_a_calibration_it_cannot_write_before_calibrating(model
     prompts.write_text("a red circle\n")
     out = one_error_line(["quantize", "--model", model_copy, "--prompts", prompts, "--n", "1"], capsys)
     assert "int8_calibration.json is a folder" in out and "calibrating" not in out
+
+
+@pytest.mark.parametrize("flags", [["--variations", "red.png"], ["--interpolate", "red.png", "blue.png"],
+                                   ["--variations", "red.png", "--text-diff", "a cat"]])
+def test_prior_guidance_with_a_manipulation_is_refused(decoder_run, colours, flags, tmp_path, capsys):
+    """Was: ignored in silence (even 1e9), as the manipulations embed pictures and never run the prior."""
+    argv = ["generate", "--model", decoder_run[0], "--steps", "2", "--quiet", "-o", tmp_path / "x.png",
+            "--prior-guidance", "1e9", *[str(colours / f) if f.endswith(".png") else f for f in flags]]
+    assert "drop --prior-guidance" in one_error_line(argv, capsys)
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.fixture(scope="module")
