@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from carrara.errors import CarraraError
-from carrara.fileio import write_json_atomic
+from carrara.fileio import ensure_dir, write_json_atomic
 from carrara.images import from_pil
 from carrara.modelfolder import read_json_object
 from carrara.models.clip import ClipScorer
@@ -80,9 +80,7 @@ class Unclip:
         index = read_json_object(root / "model_index.json")
         if index.get("_class_name") != KIND:
             raise CarraraError(f"{root} is not an unCLIP model folder (model_index.json _class_name is not {KIND})")
-        own = index.get("carrara", {})
-        if not isinstance(own, dict) or not isinstance(own.get("clip", ""), str):
-            raise CarraraError(f"{root / 'model_index.json'}: \"carrara\" must name the CLIP run as {{\"clip\": …}}")
+        own = _carrara_record(index, root)
         if (root / "clip").is_dir():
             clip = root / "clip"
         elif own.get("clip"):
@@ -175,6 +173,14 @@ class Unclip:
         return dict(self.prior.meta.get("sample", {})) if self.prior is not None else {}
 
 
+def _carrara_record(index: dict, root: Path) -> dict:
+    """The "carrara" object of an unCLIP folder's model_index.json (the CLIP run it names), checked for its shape."""
+    own = index.get("carrara", {})
+    if not isinstance(own, dict) or not isinstance(own.get("clip", ""), str):
+        raise CarraraError(f"{root / 'model_index.json'}: \"carrara\" must name the CLIP run as {{\"clip\": …}}")
+    return own
+
+
 def write_index(root: Path, *, clip: str, clip_fingerprint: str, extra: dict | None = None) -> None:
     """model_index.json of an unCLIP folder."""
     write_json_atomic(Path(root) / "model_index.json", {
@@ -194,7 +200,7 @@ def assemble_unclip(decoder: str | Path, prior: str | Path, out: str | Path) -> 
         raise CarraraError(f"{prior} is not a prior run (train one with `carrara train prior`)")
     if out.exists():
         raise CarraraError(f"{out} already exists; remove it or pick another --out")
-    own = read_json_object(decoder / "model_index.json").get("carrara", {})
+    own = _carrara_record(read_json_object(decoder / "model_index.json"), decoder)
     prior_meta = read_json_object(prior_dir / "config.json")
     if prior_meta.get("clip_fingerprint") != own.get("clip_fingerprint"):
         raise CarraraError(f"the prior {prior} and the decoder {decoder} were trained on different CLIPs "
@@ -203,15 +209,22 @@ def assemble_unclip(decoder: str | Path, prior: str | Path, out: str | Path) -> 
     clip_dir = clip / "clip" if (clip / "clip").is_dir() else clip
     if not (clip_dir / "config.json").is_file():
         raise CarraraError(f"the decoder's CLIP {clip} is gone: the unCLIP folder needs it")
-    tmp = out.with_name(f".{out.name}.tmp")
+    tmp = ensure_dir(out.parent) / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    shutil.copytree(decoder / "decoder", tmp / "decoder")
-    shutil.copytree(prior_dir, tmp / "prior")
-    (tmp / "clip").mkdir()
-    for name in ("config.json", "model.safetensors"):
-        shutil.copy2(clip_dir / name, tmp / "clip" / name)
-    write_index(tmp, clip="clip", clip_fingerprint=own.get("clip_fingerprint", ""),
-                extra={"decoder_run": str(decoder.resolve()), "prior_run": str(prior.resolve())})
-    tmp.rename(out)
+    try:
+        tmp.mkdir()
+        shutil.copytree(decoder / "decoder", tmp / "decoder")
+        shutil.copytree(prior_dir, tmp / "prior")
+        (tmp / "clip").mkdir()
+        for name in ("config.json", "model.safetensors"):
+            shutil.copy2(clip_dir / name, tmp / "clip" / name)
+        write_index(tmp, clip="clip", clip_fingerprint=own.get("clip_fingerprint", ""),
+                    extra={"decoder_run": str(decoder.resolve()), "prior_run": str(prior.resolve())})
+        tmp.rename(out)
+    except OSError as e:  # a full disk, a file that cannot be read: no half-copied folder stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CarraraError(f"cannot write {out}: {e.strerror or e}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out

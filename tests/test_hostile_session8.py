@@ -1,6 +1,9 @@
 """Hostile input on session 8's commands (quantize, distill, the unCLIP manipulations, export unclip, train decoder,
 search): each case ended in a traceback, a run that trained nonsense, or a folder left behind, and is now one
 `carrara: error:` line before any work, with nothing written."""
+import json
+import shutil
+
 import pytest
 import test_unclip
 from test_int8 import model_copy  # noqa: F401 (a fixture: a copy of the tiny diffusion run)
@@ -36,6 +39,25 @@ def test_prior_guidance_with_a_manipulation_is_refused(decoder_run, colours, fla
             "--prior-guidance", "1e9", *[str(colours / f) if f.endswith(".png") else f for f in flags]]
     assert "drop --prior-guidance" in one_error_line(argv, capsys)
     assert not list(tmp_path.iterdir())
+
+
+def test_export_unclip_bad_out_and_index_are_one_line_and_leave_nothing(decoder_run, unclip_model, tmp_path, capsys):
+    """Was: NotADirectoryError / AttributeError tracebacks, and a half-copied .OUT.tmp folder after a failed copy."""
+    run, prior = decoder_run[0], unclip_model[1]
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    export = ["export", "unclip", "--prior", prior, "--decoder"]
+    assert "is not a folder" in one_error_line(export + [run, "--out", a_file / "model"], capsys)
+    bad_index = tmp_path / "bad-index"
+    shutil.copytree(run, bad_index)
+    index = json.loads((bad_index / "model_index.json").read_text())
+    (bad_index / "model_index.json").write_text(json.dumps({**index, "carrara": "oops"}))
+    assert '"carrara" must name the CLIP run' in one_error_line(export + [bad_index, "--out", tmp_path / "m1"], capsys)
+    dangling = tmp_path / "dangling"
+    shutil.copytree(run, dangling)
+    (dangling / "decoder" / "gone.json").symlink_to(tmp_path / "nowhere.json")
+    assert "cannot write" in one_error_line(export + [dangling, "--out", tmp_path / "m2"], capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "bad-index", "dangling"]
 
 
 @pytest.fixture(scope="module")
