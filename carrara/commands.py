@@ -124,6 +124,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.batch_size is not None:
         recipe.train.batch_size = args.batch_size
     apply_overrides(recipe, args.set or [])
+    _check_resume(args.out, args.resume)
     try:
         with no_empty_folder_left(args.out):
             result = run(recipe, args.out, resume=args.resume, progress=not args.quiet)
@@ -173,12 +174,22 @@ def cmd_distill(args: argparse.Namespace) -> int:
     if args.steps is not None:
         recipe.train.steps = args.steps
     apply_overrides(recipe, args.set or [])
+    _check_resume(args.out, args.resume)
     with no_empty_folder_left(args.out):
         result = train_distill(recipe, args.out, resume=args.resume, progress=not args.quiet,
                                allow_pickle=args.allow_pickle)
     print(f"distilled {result['teacher']} into {args.out}: {result['steps']} steps, last loss "
           f"{result['last_loss']:.5f} (try: carrara generate \"a red circle\" --model {args.out} --steps 4)")
     return 0
+
+
+def _check_resume(out: str, resume: bool) -> None:
+    """--resume needs a run to continue: refused before any data is read or any file is written in --out."""
+    from carrara.train.checkpoint import latest_checkpoint
+
+    if resume and latest_checkpoint(Path(out)) is None:
+        raise CarraraError(f"--resume: no complete checkpoint in {Path(out) / 'checkpoints'} to continue from; "
+                           "drop --resume to start a new run")
 
 
 def cmd_recipe(args: argparse.Namespace) -> int:

@@ -9,6 +9,8 @@ import test_unclip
 from test_int8 import model_copy  # noqa: F401 (a fixture: a copy of the tiny diffusion run)
 
 from carrara.cli import main
+from carrara.errors import CarraraError
+from carrara.train.core import AT_LEAST_ONE, MAX_BATCH_SIZE, TrainConfig
 
 colours, pixel_model, decoder_run, unclip_model = (test_unclip.colours, test_unclip.pixel_model,
                                                    test_unclip.decoder_run, test_unclip.unclip_model)
@@ -60,6 +62,53 @@ def test_export_unclip_bad_out_and_index_are_one_line_and_leave_nothing(decoder_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "bad-index", "dangling"]
 
 
+def distill(teacher, data, out, *flags) -> list:
+    return ["distill", "--teacher", teacher, "--data", data, "--out", out, "--steps", "2", "--quiet",
+            "--set", "train.batch_size=4", *flags]
+
+
+@pytest.mark.parametrize("setting, words", [
+    ("train.lr=-1", "train.lr must be a finite number ≥ 0, got -1.0"),  # was: torch's ValueError traceback
+    ("train.ema_decay=2", "train.ema_decay must be between 0 and 1, got 2.0"),  # was: θ⁻ extrapolated, run "done"
+    ("train.checkpoint_every=0", "train.checkpoint_every must be at least 1"),  # was: ZeroDivisionError
+    ("embed_dim=4098", "embed_dim=4098 must be an even whole number from 4 to 4096"),  # 10⁸ asked for tens of GB
+])
+def test_distill_refuses_absurd_settings_before_any_work(tiny_diffusion_run, tiny_shapes, tmp_path, capsys,
+                                                         setting, words):
+    out = tmp_path / "run"
+    assert words in one_error_line(distill(tiny_diffusion_run, tiny_shapes, out, "--set", setting), capsys)
+    assert not out.exists()
+
+
+def test_resume_without_a_run_is_refused_before_reading_data(tiny_diffusion_run, tiny_shapes, tiny_clip_run,
+                                                             colours, tmp_path, capsys):
+    """Was: the data encoded, then the error, and a run folder with config.json and cache/ left behind."""
+    out = tmp_path / "run"
+    assert "no complete checkpoint" in one_error_line(distill(tiny_diffusion_run, tiny_shapes, out, "--resume"),
+                                                      capsys)
+    decoder = ["train", "decoder", "--clip", tiny_clip_run[0], "--data", colours, "--from", tiny_diffusion_run,
+               "--out", out, "--quiet", "--resume"]
+    assert "drop --resume" in one_error_line(decoder, capsys)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("setting, words", [
+    ("sample_images=-3", "sample_images must be at least 1, got -3"),  # was: torch's RuntimeError after the data
+    ("sample_images=0", "sample_images must be at least 1, got 0"),  # was: refused at the first sample grid
+    ("sample.stpes=3", "sample.stpes=3: the decoder's sample settings are"),  # was: a TypeError at the first grid
+    ("sample.steps=0", "--steps must be between 1 and 1000, got 0"),
+    ("image_tokens=0", "num_tokens=0 must be a whole number"),  # refused, but after the data was cached
+    ("train.lr=-1", "train.lr must be a finite number ≥ 0"),
+])
+def test_train_decoder_refuses_bad_settings_before_reading_data(colours, tiny_clip_run, tiny_diffusion_run, tmp_path,
+                                                                capsys, setting, words):
+    out = tmp_path / "run"
+    argv = ["train", "decoder", "--clip", tiny_clip_run[0], "--data", colours, "--from", tiny_diffusion_run,
+            "--out", out, "--steps", "2", "--quiet", "--set", setting]
+    assert words in one_error_line(argv, capsys)
+    assert not out.exists()
+
+
 @pytest.fixture(scope="module")
 def index_file(tiny_shapes, tiny_clip_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("index") / "shapes.safetensors"
@@ -77,3 +126,26 @@ def test_search_refuses_an_unwritable_sheet_before_searching(index_file, tmp_pat
     out = one_error_line(["search", "a red circle", "--index", index_file, "-o", tmp_path / target], capsys)
     assert words in out and "search:" not in out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+@pytest.mark.parametrize("field", AT_LEAST_ONE)
+def test_train_config_counts_must_be_at_least_one(field):
+    with pytest.raises(CarraraError, match=f"train.{field} must be at least 1, got 0"):
+        TrainConfig(**{field: 0}).check()
+
+
+@pytest.mark.parametrize("settings, words", [
+    ({"batch_size": MAX_BATCH_SIZE + 1}, f"is too large (at most {MAX_BATCH_SIZE})"),
+    ({"lr": float("inf")}, "train.lr must be a finite number"), ({"weight_decay": -0.1}, "train.weight_decay"),
+    ({"grad_clip": 0.0}, "train.grad_clip > 0"), ({"warmup_steps": -1}, "train.warmup_steps ≥ 0"),
+    ({"ema_decay": -0.5}, "between 0 and 1"), ({"ema_decay": float("nan")}, "between 0 and 1"),
+])
+def test_train_config_refuses_absurd_values(settings, words):
+    with pytest.raises(CarraraError) as info:
+        TrainConfig(**settings).check()
+    assert words in str(info.value)
+
+
+def test_train_config_accepts_the_edges_runs_use():
+    TrainConfig(lr=0.0, ema_decay=0.0, warmup_steps=0, weight_decay=0.0, batch_size=MAX_BATCH_SIZE).check()
+    TrainConfig(ema_decay=1.0, grad_clip=float("inf")).check()

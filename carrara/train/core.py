@@ -39,6 +39,10 @@ from carrara.train import distributed
 from carrara.train.checkpoint import load_latest, save_checkpoint
 from carrara.train.plots import plot_loss
 
+MAX_BATCH_SIZE = 65536  # examples a step: far above a CPU run's, far below an allocation that stops the machine
+AT_LEAST_ONE = ("steps", "batch_size", "grad_accum", "log_every", "sample_every", "checkpoint_every", "keep_checkpoints",
+                "max_bad_steps")
+
 
 @dataclass
 class TrainConfig:
@@ -60,6 +64,23 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per step: batch_size / (processes × grad_accum) examples each
     fp16: bool = False  # CUDA only: fp16 autocast with a GradScaler, for GPUs without bf16
     keep_checkpoints: int = 2
+
+    def check(self) -> None:
+        """One line for a setting the optimiser or the loop would crash on (lr < 0, a step count of 0) or that trains
+        nonsense (an EMA decay above 1), before any data is read."""
+        for name in AT_LEAST_ONE:
+            if not getattr(self, name) >= 1:
+                raise CarraraError(f"train.{name} must be at least 1, got {getattr(self, name)}")
+        if self.batch_size > MAX_BATCH_SIZE:
+            raise CarraraError(f"train.batch_size={self.batch_size} is too large (at most {MAX_BATCH_SIZE})")
+        for name in ("lr", "weight_decay"):
+            if not 0.0 <= getattr(self, name) < math.inf:
+                raise CarraraError(f"train.{name} must be a finite number ≥ 0, got {getattr(self, name)}")
+        if not self.warmup_steps >= 0 or not self.grad_clip > 0:
+            raise CarraraError(f"need train.warmup_steps ≥ 0 and train.grad_clip > 0, got {self.warmup_steps} and "
+                               f"{self.grad_clip}")
+        if not 0.0 <= self.ema_decay <= 1.0:
+            raise CarraraError(f"train.ema_decay must be between 0 and 1, got {self.ema_decay}")
 
     def use_bf16(self) -> bool:
         return cpu_supports_bf16() if self.bf16 is None else self.bf16
@@ -146,6 +167,7 @@ class Trainer:
                  loss_fn: Callable, sample_fn: Callable | None = None, export_fn: Callable | None = None,
                  run_config: dict | None = None, name: str = "train", batch_fn: Callable | None = None,
                  data_report: dict | None = None, data_fingerprint: str = ""):
+        cfg.check()
         self.run_dir, self.cfg, self.name = Path(run_dir), cfg, name
         self.ctx = distributed.setup()
         self.model = model.to(self.ctx.device)

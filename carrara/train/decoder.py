@@ -24,7 +24,7 @@ import torch
 from carrara.diffusion.objectives import diffusion_loss, sample_t_and_noise
 from carrara.diffusion.samplers import SchedulerOptions
 from carrara.diffusion.schedule import NoiseSchedule
-from carrara.diffusion.settings import DEFAULTS
+from carrara.diffusion.settings import DEFAULTS, GenerationSettings
 from carrara.errors import CarraraError
 from carrara.fileio import ensure_dir, write_json_atomic
 from carrara.images import image_grid, to_model_range, to_pil
@@ -45,6 +45,7 @@ from carrara.train.prior import embed_dataset
 from carrara.unclip import Unclip, write_index
 
 VARIATIONS = 3  # variations per data image in the picture and the check
+SAMPLE_KINDS = {"steps": int, "sampler": str, "guidance": (int, float)}  # recipe.sample's keys and types
 
 
 @dataclass
@@ -85,6 +86,19 @@ def variation_check(variations: torch.Tensor, own: torch.Tensor, pool: torch.Ten
             "cos_random": float((variations @ pool.T).mean())}
 
 
+def _check_settings(recipe: DecoderRecipe) -> None:
+    """The sample grid's and the trainer's settings, refused before any data is read (not at the first grid)."""
+    if not recipe.sample_images >= 1:
+        raise CarraraError(f"sample_images must be at least 1, got {recipe.sample_images}")
+    for key, value in recipe.sample.items():
+        kind = SAMPLE_KINDS.get(key)
+        if kind is None or not isinstance(value, kind) or isinstance(value, bool):
+            raise CarraraError(f"sample.{key}={value!r}: the decoder's sample settings are steps (a whole number), "
+                               "sampler (a name) and guidance (a number)")
+    GenerationSettings(**recipe.sample).validate()
+    recipe.train.check()
+
+
 def train_decoder(recipe: DecoderRecipe, out: str | Path, *, resume: bool = False, progress: bool = True,
                   stop_at: int | None = None, allow_pickle: bool = False) -> dict:
     """Train the decoder; the run folder becomes an unCLIP folder (no prior), check.json the variations' check."""
@@ -93,6 +107,7 @@ def train_decoder(recipe: DecoderRecipe, out: str | Path, *, resume: bool = Fals
     for name in ("image_dropout", "text_dropout"):
         if not 0.0 <= getattr(recipe, name) < 1.0:
             raise CarraraError(f"{name} must be in [0, 1), got {getattr(recipe, name)}")
+    _check_settings(recipe)
     out = ensure_dir(out)
     folder = resolve(recipe.from_model)
     if folder.tokenizer:
@@ -106,6 +121,7 @@ def train_decoder(recipe: DecoderRecipe, out: str | Path, *, resume: bool = Fals
     embed_dim = scorer.model.config.embed_dim
     config = dataclasses.replace(source, class_embed_type="projection", projection_class_embeddings_input_dim=embed_dim)
     recipe.model = config.to_diffusers_config()
+    token_config = ImageTokensConfig(embed_dim, config.cross_attention_dim, recipe.image_tokens)  # checked now
     size = config.sample_size * vae.config.downsample_factor
 
     loaded = load_captioned(recipe.data, size, text_encoder, recipe.caption_variants, progress=progress,
@@ -123,7 +139,7 @@ def train_decoder(recipe: DecoderRecipe, out: str | Path, *, resume: bool = Fals
     unet = UNet(config)
     if recipe.init_weights and not resume:
         start_from(unet, folder.unet, allow_pickle=allow_pickle)
-    tokens = ImageTokens(ImageTokensConfig(embed_dim, config.cross_attention_dim, recipe.image_tokens))
+    tokens = ImageTokens(token_config)
     decoder = UnclipDecoder(unet, tokens)
 
     def loss_fn(m: UnclipDecoder, idx: torch.Tensor, gen: torch.Generator, rows: slice) -> torch.Tensor:

@@ -43,6 +43,7 @@ from carrara.train.core import EMA, TrainConfig, Trainer
 from carrara.train.diffusion import EncodedData, make_batch
 
 LOSSES = ("huber", "l2")
+MAX_EMBED_DIM = 4096  # w's embedding width: LCM's is 256; a width of 10⁸ asks for tens of GB
 
 
 @dataclass
@@ -141,8 +142,9 @@ def _check(recipe: DistillRecipe, schedule: NoiseSchedule) -> None:
         raise CarraraError(f"need 1 ≤ guidance_min ≤ guidance_max, got {recipe.guidance_min}, {recipe.guidance_max}")
     if recipe.loss not in LOSSES:
         raise CarraraError(f"loss={recipe.loss!r}: use one of {', '.join(LOSSES)}")
-    if not isinstance(recipe.embed_dim, int) or recipe.embed_dim < 4 or recipe.embed_dim % 2:
-        raise CarraraError(f"embed_dim={recipe.embed_dim!r} must be an even whole number ≥ 4")
+    if not isinstance(recipe.embed_dim, int) or not 4 <= recipe.embed_dim <= MAX_EMBED_DIM or recipe.embed_dim % 2:
+        raise CarraraError(f"embed_dim={recipe.embed_dim!r} must be an even whole number from 4 to {MAX_EMBED_DIM}")
+    recipe.train.check()  # before the data is encoded, not when the trainer starts
     solver_timesteps(schedule.T, recipe.skip)  # checks k
     if schedule.T % recipe.skip:
         raise CarraraError(f"skip k={recipe.skip} must divide the {schedule.T} training timesteps")
