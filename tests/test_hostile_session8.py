@@ -5,8 +5,9 @@ import json
 import shutil
 
 import pytest
+import test_distill
+import test_int8
 import test_unclip
-from test_int8 import model_copy  # noqa: F401 (a fixture: a copy of the tiny diffusion run)
 
 from carrara.cli import main
 from carrara.errors import CarraraError
@@ -14,6 +15,7 @@ from carrara.train.core import AT_LEAST_ONE, MAX_BATCH_SIZE, TrainConfig
 
 colours, pixel_model, decoder_run, unclip_model = (test_unclip.colours, test_unclip.pixel_model,
                                                    test_unclip.decoder_run, test_unclip.unclip_model)
+distilled, model_copy = test_distill.distilled, test_int8.model_copy  # a 6-step student; a copy of the tiny run
 
 
 def one_error_line(argv, capsys) -> str:
@@ -24,7 +26,7 @@ def one_error_line(argv, capsys) -> str:
     return err[0] + captured.out
 
 
-def test_quantize_refuses_a_calibration_it_cannot_write_before_calibrating(model_copy, tmp_path, capsys):  # noqa: F811
+def test_quantize_refuses_a_calibration_it_cannot_write_before_calibrating(model_copy, tmp_path, capsys):
     """Was: the whole calibration run, then IsADirectoryError."""
     (model_copy / "unet" / "int8_calibration.json").mkdir()
     prompts = tmp_path / "prompts.txt"
@@ -106,6 +108,37 @@ def test_train_decoder_refuses_bad_settings_before_reading_data(colours, tiny_cl
     argv = ["train", "decoder", "--clip", tiny_clip_run[0], "--data", colours, "--from", tiny_diffusion_run,
             "--out", out, "--steps", "2", "--quiet", "--set", setting]
     assert words in one_error_line(argv, capsys)
+    assert not out.exists()
+
+
+def train_decoder_from(source, colours, clip, out) -> list:
+    return ["train", "decoder", "--clip", clip, "--data", colours, "--from", source, "--out", out, "--steps", "2",
+            "--quiet", "--set", "train.batch_size=4", "--set", "sample_images=1", "--set", "sample.steps=2"]
+
+
+def test_train_decoder_refuses_a_student_to_start_from(distilled, colours, tiny_clip_run, tmp_path, capsys):
+    """Was: the whole run trained, then a TypeError at its first sample grid (the student's U-Net wants its w)."""
+    out = tmp_path / "run"
+    argv = train_decoder_from(distilled[0], colours, tiny_clip_run[0], out)
+    assert "is a distilled student (start from its teacher)" in one_error_line(argv, capsys)
+    assert not out.exists()
+
+
+def test_train_decoder_refuses_an_upsampler_to_start_from(colours, tiny_clip_run, tiny_diffusion_run, tmp_path,
+                                                          capsys):
+    source, out = tmp_path / "upsampler", tmp_path / "run"
+    shutil.copytree(tiny_diffusion_run, source)
+    config = json.loads((source / "unet" / "config.json").read_text())
+    (source / "unet" / "config.json").write_text(json.dumps({**config, "class_embed_type": "timestep"}))
+    argv = train_decoder_from(source, colours, tiny_clip_run[0], out)
+    assert "is an upsampler stage" in one_error_line(argv, capsys)
+    assert not out.exists()
+
+
+def test_distill_refuses_an_unclip_teacher(decoder_run, tiny_shapes, tmp_path, capsys):
+    """Was: "has no unet/config.json: copy the complete model folder", which it is."""
+    out = tmp_path / "run"
+    assert "is an unCLIP model" in one_error_line(distill(decoder_run[0], tiny_shapes, out), capsys)
     assert not out.exists()
 
 

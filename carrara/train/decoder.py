@@ -118,6 +118,9 @@ def train_decoder(recipe: DecoderRecipe, out: str | Path, *, resume: bool = Fals
     text_encoder = TextEncoder.load(folder.text_encoder)
     schedule = NoiseSchedule.from_diffusers_config(folder.scheduler_config)
     source = UNetConfig.from_diffusers_config(folder.unet)
+    if source.time_cond_proj_dim or source.class_embed_type == "timestep":  # its sampling would fail after training
+        what = "a distilled student (start from its teacher)" if source.time_cond_proj_dim else "an upsampler stage"
+        raise CarraraError(f"--from {recipe.from_model} is {what}: the decoder starts from a text-to-image model")
     embed_dim = scorer.model.config.embed_dim
     config = dataclasses.replace(source, class_embed_type="projection", projection_class_embeddings_input_dim=embed_dim)
     recipe.model = config.to_diffusers_config()

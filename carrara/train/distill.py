@@ -167,6 +167,9 @@ def train_distill(recipe: DistillRecipe, out: str | Path, *, resume: bool = Fals
     teacher, schedule, vae = teacher_pipe.unet.requires_grad_(False), teacher_pipe.schedule, teacher_pipe.vae
     if teacher_pipe.student:
         raise CarraraError(f"{recipe.teacher} is a distilled student already: distil its teacher")
+    if teacher_pipe.unclip is not None:
+        raise CarraraError(f"{recipe.teacher} is an unCLIP model (prior, then decoder): distillation takes a "
+                           "text-to-image model")
     if teacher.config.class_embed_type == "timestep":
         raise CarraraError(f"{recipe.teacher} is an upsampler stage, not a text-to-image model")
     _check(recipe, schedule)
