@@ -8,6 +8,8 @@ import pytest
 import test_distill
 import test_int8
 import test_unclip
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from carrara.cli import main
 from carrara.errors import CarraraError
@@ -159,6 +161,33 @@ def test_search_refuses_an_unwritable_sheet_before_searching(index_file, tmp_pat
     out = one_error_line(["search", "a red circle", "--index", index_file, "-o", tmp_path / target], capsys)
     assert words in out and "search:" not in out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def damaged_index(index_file, folder, *, metadata=None, tensors=None):
+    """A copy of the index file with some metadata fields replaced (None: removed) or some tensors replaced."""
+    with safe_open(str(index_file), framework="pt") as f:
+        meta, stored = f.metadata(), {k: f.get_tensor(k) for k in ("embeddings", "faiss")}
+    meta = {k: v for k, v in {**meta, **(metadata or {})}.items() if v is not None}
+    out = folder / "damaged.safetensors"
+    save_file({**stored, **{k: fn(stored[k]) for k, fn in (tensors or {}).items()}}, str(out), metadata=meta)
+    return out
+
+
+@pytest.mark.parametrize("damage, words", [
+    ({"metadata": {"files": "5"}}, "its file list and captions must be lists of text"),  # was: TypeError
+    ({"metadata": {"files": "[1, 2]"}}, "its file list and captions must be lists of text"),  # was: TypeError
+    ({"metadata": {"texts": '["a"]'}}, "48 files, 1 captions and embeddings of shape (48, 32) disagree"),  # IndexError
+    ({"metadata": {"clip": None}}, "its metadata has no 'clip'"),  # was: KeyError
+    ({"tensors": {"embeddings": lambda t: t[:5], "faiss": lambda t: t[:0]}},
+     "48 files, 48 captions and embeddings of shape (5, 32) disagree"),
+    ({"tensors": {"faiss": lambda t: t[:100]}}, "its faiss index is damaged"),  # was: faiss' RuntimeError
+])
+def test_a_damaged_index_file_is_one_line(index_file, tmp_path, capsys, damage, words):
+    """(The fewer-embeddings case searched 5 of 48 images in silence.)"""
+    index = damaged_index(index_file, tmp_path, **damage)
+    out = one_error_line(["search", "a red circle", "--index", index, "-o", tmp_path / "sheet.png"], capsys)
+    assert f"cannot read the index {index}: {words}" in out
+    assert not (tmp_path / "sheet.png").exists()
 
 
 @pytest.mark.parametrize("field", AT_LEAST_ONE)

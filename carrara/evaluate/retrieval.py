@@ -59,6 +59,22 @@ def make_index(vectors: np.ndarray):
     return index
 
 
+def _agreeing_index(vectors: np.ndarray, blob: np.ndarray, files, texts):
+    """The kNN index of an index file whose file list, captions, embeddings and faiss index agree (ValueError if not:
+    a damaged or hand-edited file would search past its lists, or crash)."""
+    if not (isinstance(files, list) and isinstance(texts, list) and all(isinstance(s, str) for s in files + texts)):
+        raise ValueError("its file list and captions must be lists of text")
+    if vectors.ndim != 2 or not len(files) == len(texts) == len(vectors):
+        raise ValueError(f"{len(files)} files, {len(texts)} captions and embeddings of shape {vectors.shape} disagree")
+    try:
+        index = faiss.deserialize_index(blob) if faiss is not None and blob.size else make_index(vectors)
+    except RuntimeError:
+        raise ValueError("its faiss index is damaged") from None
+    if index.ntotal != len(vectors):
+        raise ValueError(f"its faiss index holds {index.ntotal} vectors, not {len(vectors)}")
+    return index
+
+
 def files_signature(root: Path, files: list[str]) -> str:
     """SHA-256 of each file's name, size and modification time: changes when an indexed image changes or goes."""
     h = hashlib.sha256()
@@ -129,11 +145,13 @@ class ClipIndex:
                 vectors = f.get_tensor("embeddings").numpy()
                 blob = f.get_tensor("faiss").numpy()
             files, texts = json.loads(meta["files"]), json.loads(meta["texts"])
-        except (SafetensorError, OSError, KeyError, ValueError) as e:
+            root, clip, fingerprint, signature = (meta[k] for k in ("root", "clip", "clip_fingerprint", "signature"))
+            index = _agreeing_index(vectors, blob, files, texts)
+        except KeyError as e:
+            raise CarraraError(f"cannot read the index {path}: its metadata has no {e}") from None
+        except (SafetensorError, OSError, ValueError) as e:
             raise CarraraError(f"cannot read the index {path}: {str(e).splitlines()[0]}") from None
-        index = faiss.deserialize_index(blob) if faiss is not None and blob.size else make_index(vectors)
-        out = cls(index, vectors, files, texts, Path(meta["root"]), meta["clip"], meta["clip_fingerprint"],
-                  meta["signature"])
+        out = cls(index, vectors, files, texts, Path(root), clip, fingerprint, signature)
         if files_signature(out.root, files) != out.signature:
             raise CarraraError(f"the index {path} is stale: images in {out.root} changed since it was built; "
                                f"rebuild it with carrara index {out.root} --clip {out.clip}")
