@@ -16,7 +16,8 @@ feed-forward's second linear (its GEGLU input is off by 4–8 % at 7 bits per te
 
 The int8 convolutions return channels-last tensors, on which torch's GroupNorm kernel is up to 3× slower on one
 thread where the grid has 64 or more positions: the int8 U-Net's GroupNorms normalize such inputs as NCHW copies
-(NchwGroupNorm; same arithmetic, measured in docs/performance.md).
+(NchwGroupNorm; same arithmetic, measured in docs/performance.md). Every ResBlock's time_emb_proj reads the same
+silu(temb) in one U-Net call: they run as one fp32 GEMM (TimeProjections), not one small GEMM per block.
 """
 from __future__ import annotations
 
@@ -204,6 +205,45 @@ class NchwGroupNorm(nn.GroupNorm):
         return super().forward(x)
 
 
+class TimeProjections:
+    """The time_emb_proj linears of all ResBlocks as one fp32 GEMM, its output kept for the input it was computed
+    for: within one U-Net call every block projects the same silu(temb) values (M = batch: per-call overhead)."""
+
+    def __init__(self, linears: list[nn.Linear]):
+        self.weight = torch.cat([m.weight.detach().float() for m in linears])  # (ΣN, K)
+        self.bias = torch.cat([m.bias.detach().float() for m in linears])  # (ΣN,)
+        self.last: tuple[torch.Tensor, torch.Tensor] | None = None  # a copy of the last input, and its output
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # (B, K) -> (B, ΣN)
+        if self.last is None or self.last[0].shape != x.shape or not torch.equal(self.last[0], x):
+            self.last = (x.clone(), F.linear(x, self.weight, self.bias))
+        return self.last[1]
+
+
+class SharedTimeProjection(nn.Module):
+    """One ResBlock's time_emb_proj: its columns of the shared GEMM."""
+
+    def __init__(self, shared: TimeProjections, start: int, end: int):
+        super().__init__()
+        self.shared, self.start, self.end = shared, start, end
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, K) -> (B, N)
+        return self.shared(x)[:, self.start:self.end]
+
+
+def share_time_projections(unet: nn.Module) -> None:
+    """Replace every ResBlock's time_emb_proj (all with a bias, all on the same temb) by its SharedTimeProjection."""
+    names = [n for n, m in unet.named_modules() if n.endswith("time_emb_proj") and type(m) is nn.Linear]
+    linears = [unet.get_submodule(n) for n in names]
+    if not linears or any(m.bias is None or m.in_features != linears[0].in_features for m in linears):
+        return
+    shared, start = TimeProjections(linears), 0
+    for name, m in zip(names, linears):
+        parent_name, _, child = name.rpartition(".")
+        setattr(unet.get_submodule(parent_name), child, SharedTimeProjection(shared, start, start + m.out_features))
+        start += m.out_features
+
+
 def quantizable_layers(unet: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in unet.named_modules() if quantizable(name, m)}
 
@@ -276,8 +316,8 @@ def read_calibration(unet_dir: str | Path, unet_hash: str, model: str) -> dict:
 
 
 def quantize_unet(unet: nn.Module, record: dict) -> nn.Module:
-    """Replace, in place, every quantizable layer of an fp32 U-Net by its int8 module (weights packed now), and its
-    GroupNorms by NchwGroupNorm."""
+    """Replace, in place, every quantizable layer of an fp32 U-Net by its int8 module (weights packed now), its
+    GroupNorms by NchwGroupNorm and its time_emb_proj linears by one shared GEMM."""
     check_cpu()
     torch.backends.quantized.engine = "x86"  # FBGEMM where there is no AVX-512 VNNI, oneDNN where there is
     layers = quantizable_layers(unet)
@@ -295,6 +335,7 @@ def quantize_unet(unet: nn.Module, record: dict) -> nn.Module:
     for m in unet.modules():
         if type(m) is nn.GroupNorm:
             m.__class__ = NchwGroupNorm  # same parameters and state dict, another forward
+    share_time_projections(unet)
     unet.int8 = True
     return unet
 
