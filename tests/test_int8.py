@@ -161,27 +161,6 @@ def test_the_layers_kept_fp32_are_exactly_the_listed_ones():
     assert all(isinstance(quantized.get_submodule(n), int8.Int8Conv2d) for n in int8_layers if ".conv" in n)
 
 
-def test_groupnorms_take_channels_last_inputs_as_nchw():
-    """The int8 U-Net's GroupNorms are NchwGroupNorm (parameters unchanged): F.group_norm's values on any layout,
-    an NCHW output from 64 positions up (the int8 convolutions' channels-last outputs), channels-last kept below."""
-    unet = tiny_unet()
-    norms = [n for n, m in unet.named_modules() if isinstance(m, torch.nn.GroupNorm)]
-    quantized = int8.quantize_unet(copy.deepcopy(unet), calibrated(unet))
-    assert norms and all(type(quantized.get_submodule(n)) is int8.NchwGroupNorm for n in norms)
-    assert all(torch.equal(quantized.get_submodule(n).weight, unet.get_submodule(n).weight) for n in norms)
-    norm = quantized.get_submodule(norms[0])
-    with torch.no_grad():
-        norm.weight.normal_(), norm.bias.normal_()
-    g = torch.Generator().manual_seed(0)
-    for side, nchw in ((8, True), (4, False)):
-        x = torch.randn(2, norm.num_channels, side, side, generator=g).contiguous(memory_format=torch.channels_last)
-        y = norm(x)
-        assert y.is_contiguous() == nchw and y.is_contiguous(memory_format=torch.channels_last) != nchw
-        assert torch.allclose(y, F.group_norm(x.contiguous(), norm.num_groups, norm.weight, norm.bias, norm.eps),
-                              atol=1e-5)
-        assert not torch.allclose(y, F.group_norm(x, norm.num_groups * 2, norm.weight, norm.bias, norm.eps), atol=1e-2)
-
-
 def test_time_projections_are_one_gemm_with_each_blocks_output():
     """Each ResBlock's SharedTimeProjection gives its own fp32 linear's output, the shared GEMM runs once per distinct
     input (a second block on the same values reuses it) and again when the values change (the next timestep)."""

@@ -14,10 +14,8 @@ Kept fp32 (KEEP_FP32): conv_in / conv_out (4 channels, sensitive), the 1×1 shor
 time_emb_proj (M = batch), the text's keys and values (computed once per run, blocks.text_kv_cache) and the
 feed-forward's second linear (its GEGLU input is off by 4–8 % at 7 bits per tensor).
 
-The int8 convolutions return channels-last tensors, on which torch's GroupNorm kernel is up to 3× slower on one
-thread where the grid has 64 or more positions: the int8 U-Net's GroupNorms normalize such inputs as NCHW copies
-(NchwGroupNorm; same arithmetic, measured in docs/performance.md). Every ResBlock's time_emb_proj reads the same
-silu(temb) in one U-Net call: they run as one fp32 GEMM (TimeProjections), not one small GEMM per block.
+Every ResBlock's time_emb_proj reads the same silu(temb) in one U-Net call: they run as one fp32 GEMM
+(TimeProjections), not one small GEMM per block.
 """
 from __future__ import annotations
 
@@ -39,7 +37,6 @@ ACT_QMAX = 127  # 7-bit activations: vpmaddubsw's u8·s8 pair sums stay below 2^
 KEEP_FP32 = ("conv_in", "conv_out", "time_embedding.", "class_embedding.", "time_emb_proj", "attn2.to_k", "attn2.to_v",
              "ff.net.2")
 FBGEMM_MAX_ROWS = 128  # GEMM rows M up to which FBGEMM measured faster than oneDNN (U-Net batch 2's 8×8 and 4×4)
-NCHW_NORM_MIN_POSITIONS = 64  # H·W from which GroupNorm on an NCHW copy beats it on channels-last (below: slower)
 SMALL_LINEAR_MACS = 1 << 22  # below M·K·N = 4.2 M int8 measured slower than fp32 (batch 2: M = 128, K = N = 128)
 CALIBRATION_FILE = "int8_calibration.json"
 # the quality check's prompts (bench/sample.py's): fp32 and int8 images of these, same seeds, 20 DPM-Solver++ steps
@@ -195,16 +192,6 @@ class Int8Linear(Int8Layer):
         return self.run_int8(x2, x2.shape[0]).view(*x.shape[:-1], self.out_features)
 
 
-class NchwGroupNorm(nn.GroupNorm):
-    """GroupNorm that normalizes a channels-last input of ≥ NCHW_NORM_MIN_POSITIONS positions as an NCHW copy: the
-    copy and torch's NCHW kernel take a third of its channels-last kernel's time on one thread (16×16 grids)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C, H, W)
-        if x.dim() == 4 and x.shape[-2] * x.shape[-1] >= NCHW_NORM_MIN_POSITIONS:
-            x = x.contiguous()
-        return super().forward(x)
-
-
 class TimeProjections:
     """The time_emb_proj linears of all ResBlocks as one fp32 GEMM, its output kept for the input it was computed
     for: within one U-Net call every block projects the same silu(temb) values (M = batch: per-call overhead)."""
@@ -316,8 +303,8 @@ def read_calibration(unet_dir: str | Path, unet_hash: str, model: str) -> dict:
 
 
 def quantize_unet(unet: nn.Module, record: dict) -> nn.Module:
-    """Replace, in place, every quantizable layer of an fp32 U-Net by its int8 module (weights packed now), its
-    GroupNorms by NchwGroupNorm and its time_emb_proj linears by one shared GEMM."""
+    """Replace, in place, every quantizable layer of an fp32 U-Net by its int8 module (weights packed now), and its
+    time_emb_proj linears by one shared GEMM."""
     check_cpu()
     torch.backends.quantized.engine = "x86"  # FBGEMM where there is no AVX-512 VNNI, oneDNN where there is
     layers = quantizable_layers(unet)
@@ -332,9 +319,6 @@ def quantize_unet(unet: nn.Module, record: dict) -> nn.Module:
             cls = Int8Conv2d if isinstance(layer, nn.Conv2d) else Int8Linear
             setattr(parent, child, cls(layer, record["layers"][name]))
         torch.quantize_per_tensor(torch.zeros(1), 1.0, 0, torch.quint8)  # the notice fires once, here
-    for m in unet.modules():
-        if type(m) is nn.GroupNorm:
-            m.__class__ = NchwGroupNorm  # same parameters and state dict, another forward
     share_time_projections(unet)
     unet.int8 = True
     return unet
