@@ -29,10 +29,12 @@ from carrara.upsampler import Upsampler, UpsamplerSettings, downsample, space_to
 
 
 def default_upsampler_config(factor: int = 2) -> dict:
-    """A 23M-parameter U-Net at the low resolution: no attention above 8×8 (conv only where the pixels are),
-    cross-attention to the text at the lowest level; ~6.6 GFLOP per pass for a 64 → 128 image."""
+    """A 14.7M-parameter U-Net at the low resolution: no attention above 8×8 (conv only where the pixels are),
+    cross-attention to the text at the lowest level; ~5.5 GFLOP per pass for a 64 → 128 image. Its deepest level
+    has 192 channels, not 256: the cascade then fits the 100 MB package and adds less time than the base
+    (docs/decisions.md, 2026-11-30)."""
     return UNetConfig(
-        in_channels=3 * factor**2 + 3, out_channels=3 * factor**2, block_out_channels=(32, 64, 128, 256),
+        in_channels=3 * factor**2 + 3, out_channels=3 * factor**2, block_out_channels=(32, 64, 128, 192),
         down_block_types=("DownBlock2D",) * 3 + ("CrossAttnDownBlock2D",),
         up_block_types=("CrossAttnUpBlock2D",) + ("UpBlock2D",) * 3,
         layers_per_block=2, attention_head_dim=(1, 2, 4, 8), cross_attention_dim=384, use_linear_projection=True,
