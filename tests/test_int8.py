@@ -211,6 +211,26 @@ def test_missing_or_foreign_calibration_is_one_line(model_copy, tmp_path, capsys
     assert not (tmp_path / "x.png").exists()
 
 
+def test_a_hand_edited_calibration_with_a_point_or_reversed_range_is_refused(model_copy, tmp_path, capsys):
+    """Zero-width or reversed ranges would quantize every activation to one value: a garbage image, in silence."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    assert main(["quantize", "--model", str(model_copy), "--prompts", str(prompts), "--n", "1"]) == 0
+    path = model_copy / "unet" / "int8_calibration.json"
+    good = json.loads(path.read_text())
+    argv = ["generate", "a red circle", "--model", str(model_copy), "--precision", "int8", "--steps", "2",
+            "-o", str(tmp_path / "x.png"), "--quiet"]
+    first = next(iter(good["layers"]))
+    for field, bad in (("input", [0.5, 0.5]), ("output", [3.0, -1.0])):
+        record = json.loads(json.dumps(good))
+        record["layers"][first][field] = bad
+        path.write_text(json.dumps(record))
+        assert "not a readable int8 calibration" in one_line_error(argv, capsys), (field, bad)
+    assert not (tmp_path / "x.png").exists()
+    path.write_text(json.dumps(good))
+    assert main(argv) == 0
+
+
 def test_quantize_then_generate_int8(model_copy, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\na blue square\n")

@@ -292,6 +292,7 @@ def read_calibration(unet_dir: str | Path, unet_hash: str, model: str) -> dict:
         layers, made_for = record["layers"], record["unet_hash"]
         ok = record["format"] == FORMAT and isinstance(layers, dict) and all(
             len(r["input"]) == 2 and len(r["output"]) == 2 and all(map(math.isfinite, r["input"] + r["output"]))
+            and r["input"][0] < r["input"][1] and r["output"][0] < r["output"][1]  # a range, not a point or reversed
             for r in layers.values())
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
         ok = False
