@@ -147,39 +147,17 @@ def test_the_layers_kept_fp32_are_exactly_the_listed_ones():
                 "down_blocks.1.resnets.0.conv_shortcut", "up_blocks.0.resnets.0.conv_shortcut",
                 "up_blocks.0.resnets.1.conv_shortcut", "up_blocks.1.resnets.0.conv_shortcut",
                 "up_blocks.1.resnets.1.conv_shortcut"}
-    time_projections = {f"{b}.resnets.{i}.time_emb_proj" for b, n in (
-        ("down_blocks.0", 1), ("down_blocks.1", 1), ("mid_block", 2), ("up_blocks.0", 2), ("up_blocks.1", 2))
-        for i in range(n)}  # fp32, in one shared GEMM
-    assert all(isinstance(quantized.get_submodule(n), int8.SharedTimeProjection) for n in time_projections)
+    expected |= {f"{b}.resnets.{i}.time_emb_proj" for b, n in (("down_blocks.0", 1), ("down_blocks.1", 1),
+                                                               ("mid_block", 2), ("up_blocks.0", 2), ("up_blocks.1", 2))
+                 for i in range(n)}
     for t in ("down_blocks.0.attentions.0", "mid_block.attentions.0", "up_blocks.1.attentions.0",
               "up_blocks.1.attentions.1"):
         expected |= {f"{t}.proj_in", f"{t}.proj_out"}  # 1×1 convolutions in this config
         expected |= {f"{t}.transformer_blocks.0.{x}" for x in ("attn2.to_k", "attn2.to_v", "ff.net.2")}
-    assert set(fp32) == expected == set(int8.kept_in_fp32(unet)) - time_projections and len(fp32) == len(expected)
+    assert set(fp32) == expected == set(int8.kept_in_fp32(unet)) and len(fp32) == len(expected)
     int8_layers = [n for n, m in quantized.named_modules() if isinstance(m, int8.Int8Layer)]
     assert len(int8_layers) == len(calibrated(unet)["layers"]) == 46
     assert all(isinstance(quantized.get_submodule(n), int8.Int8Conv2d) for n in int8_layers if ".conv" in n)
-
-
-def test_time_projections_are_one_gemm_with_each_blocks_output():
-    """Each ResBlock's SharedTimeProjection gives its own fp32 linear's output, the shared GEMM runs once per distinct
-    input (a second block on the same values reuses it) and again when the values change (the next timestep)."""
-    unet = tiny_unet()
-    quantized = int8.quantize_unet(copy.deepcopy(unet), calibrated(unet))
-    names = [n for n, m in quantized.named_modules() if isinstance(m, int8.SharedTimeProjection)]
-    shared = quantized.get_submodule(names[0]).shared
-    assert len(names) == 8 and all(quantized.get_submodule(n).shared is shared for n in names)
-    calls = []
-    linear = F.linear
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
-        mp.setattr(F, "linear", lambda x, w, b=None: calls.append(w is shared.weight) or linear(x, w, b))
-        for step in range(2):
-            temb = torch.randn(2, unet.get_submodule(names[0]).in_features, generator=g)
-            for n in names:
-                assert torch.allclose(quantized.get_submodule(n)(F.silu(temb)), unet.get_submodule(n)(F.silu(temb)),
-                                      atol=1e-6)
-            assert sum(calls) == step + 1
 
 
 @pytest.fixture()

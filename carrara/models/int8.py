@@ -13,9 +13,6 @@ Linear GEMMs smaller than SMALL_LINEAR_MACS run in fp32, where int8 measured slo
 Kept fp32 (KEEP_FP32): conv_in / conv_out (4 channels, sensitive), the 1×1 shortcuts, the time embedding and every
 time_emb_proj (M = batch), the text's keys and values (computed once per run, blocks.text_kv_cache) and the
 feed-forward's second linear (its GEGLU input is off by 4–8 % at 7 bits per tensor).
-
-Every ResBlock's time_emb_proj reads the same silu(temb) in one U-Net call: they run as one fp32 GEMM
-(TimeProjections), not one small GEMM per block.
 """
 from __future__ import annotations
 
@@ -192,45 +189,6 @@ class Int8Linear(Int8Layer):
         return self.run_int8(x2, x2.shape[0]).view(*x.shape[:-1], self.out_features)
 
 
-class TimeProjections:
-    """The time_emb_proj linears of all ResBlocks as one fp32 GEMM, its output kept for the input it was computed
-    for: within one U-Net call every block projects the same silu(temb) values (M = batch: per-call overhead)."""
-
-    def __init__(self, linears: list[nn.Linear]):
-        self.weight = torch.cat([m.weight.detach().float() for m in linears])  # (ΣN, K)
-        self.bias = torch.cat([m.bias.detach().float() for m in linears])  # (ΣN,)
-        self.last: tuple[torch.Tensor, torch.Tensor] | None = None  # a copy of the last input, and its output
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # (B, K) -> (B, ΣN)
-        if self.last is None or self.last[0].shape != x.shape or not torch.equal(self.last[0], x):
-            self.last = (x.clone(), F.linear(x, self.weight, self.bias))
-        return self.last[1]
-
-
-class SharedTimeProjection(nn.Module):
-    """One ResBlock's time_emb_proj: its columns of the shared GEMM."""
-
-    def __init__(self, shared: TimeProjections, start: int, end: int):
-        super().__init__()
-        self.shared, self.start, self.end = shared, start, end
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, K) -> (B, N)
-        return self.shared(x)[:, self.start:self.end]
-
-
-def share_time_projections(unet: nn.Module) -> None:
-    """Replace every ResBlock's time_emb_proj (all with a bias, all on the same temb) by its SharedTimeProjection."""
-    names = [n for n, m in unet.named_modules() if n.endswith("time_emb_proj") and type(m) is nn.Linear]
-    linears = [unet.get_submodule(n) for n in names]
-    if not linears or any(m.bias is None or m.in_features != linears[0].in_features for m in linears):
-        return
-    shared, start = TimeProjections(linears), 0
-    for name, m in zip(names, linears):
-        parent_name, _, child = name.rpartition(".")
-        setattr(unet.get_submodule(parent_name), child, SharedTimeProjection(shared, start, start + m.out_features))
-        start += m.out_features
-
-
 def quantizable_layers(unet: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in unet.named_modules() if quantizable(name, m)}
 
@@ -304,8 +262,7 @@ def read_calibration(unet_dir: str | Path, unet_hash: str, model: str) -> dict:
 
 
 def quantize_unet(unet: nn.Module, record: dict) -> nn.Module:
-    """Replace, in place, every quantizable layer of an fp32 U-Net by its int8 module (weights packed now), and its
-    time_emb_proj linears by one shared GEMM."""
+    """Replace, in place, every quantizable layer of an fp32 U-Net by its int8 module (weights packed now)."""
     check_cpu()
     torch.backends.quantized.engine = "x86"  # FBGEMM where there is no AVX-512 VNNI, oneDNN where there is
     layers = quantizable_layers(unet)
@@ -320,7 +277,6 @@ def quantize_unet(unet: nn.Module, record: dict) -> nn.Module:
             cls = Int8Conv2d if isinstance(layer, nn.Conv2d) else Int8Linear
             setattr(parent, child, cls(layer, record["layers"][name]))
         torch.quantize_per_tensor(torch.zeros(1), 1.0, 0, torch.quint8)  # the notice fires once, here
-    share_time_projections(unet)
     unet.int8 = True
     return unet
 
