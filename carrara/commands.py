@@ -311,6 +311,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     """Calibrate the int8 U-Net over sampling runs, store it beside the weights, and check its images against fp32."""
+    from carrara.diffusion.settings import DEFAULTS
     from carrara.evaluate.suite import read_prompts
     from carrara.modelfolder import resolve
     from carrara.models import int8
@@ -321,15 +322,16 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     unet_dir = resolve(pipe.unclip.decoder if pipe.unclip else args.model).unet  # unCLIP: its decoder's U-Net
     int8.check_cpu()
     check_writable(unet_dir / int8.CALIBRATION_FILE, "the calibration")  # before the calibration run, not after
-    settings = {**pipe.defaults, "output": "latent"}  # the model's own sampling: every step, both guidance halves
+    settings = {"steps": DEFAULTS.steps, "sampler": DEFAULTS.sampler, "guidance": DEFAULTS.guidance, **pipe.defaults,
+                "output": "latent"}  # the model's own sampling (every step, both guidance halves), recorded
     print(f"carrara quantize: calibrating on {len(prompts)} prompts …", flush=True)
     record = int8.calibrate(pipe.unet, lambda ps, seed: pipe(ps, seed=seed, **settings), prompts, pipe.model_hash,
                             {k: v for k, v in settings.items() if k != "output"})
     path = int8.write_calibration(unet_dir, record)
     print(f"wrote {path}: {len(record['layers'])} layers in int8, {len(record['kept_fp32'])} kept fp32")
     fast, check = Pipeline.load(args.model, precision="int8"), list(int8.QUALITY_PROMPTS)
-    diff = int8.pixel_diff_255(pipe(check, **pipe.defaults, output="tensor"),
-                               fast(check, **pipe.defaults, output="tensor"))
+    diff = int8.pixel_diff_255(pipe(check, **settings | {"output": "tensor"}),
+                               fast(check, **settings | {"output": "tensor"}))
     print(f"quality: mean |Δpixel| int8 vs fp32 = {diff:.2f}/255 over {len(check)} prompts, same seeds "
           f"(target ≤ 2/255){'' if diff <= 2 else ': ABOVE the target, keep fp32'}")
     return 0

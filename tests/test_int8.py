@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from conftest import TINY_UNET
 
 from carrara.cli import main
+from carrara.diffusion.settings import DEFAULTS
 from carrara.errors import CarraraError
 from carrara.models import int8
 from carrara.models.config import UNetConfig
@@ -217,6 +218,8 @@ def test_quantize_then_generate_int8(model_copy, tmp_path, capsys):
     assert "int8_calibration.json" in out and "mean |Δpixel| int8 vs fp32" in out
     record = json.loads((model_copy / "unet" / "int8_calibration.json").read_text())
     assert record["settings"]["prompts"] == 2
+    assert {k: record["settings"][k] for k in ("steps", "sampler", "guidance")} == {  # what it was calibrated for
+        "steps": DEFAULTS.steps, "sampler": DEFAULTS.sampler, "guidance": DEFAULTS.guidance}
     from carrara.pipeline import Pipeline
 
     pipe = Pipeline.load(model_copy, precision="int8")
