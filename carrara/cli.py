@@ -9,6 +9,7 @@ import carrara
 from carrara import commands as handlers
 from carrara.diffusion.settings import DEFAULTS, SAMPLER_NAMES
 from carrara.errors import CarraraError
+from carrara.hardware import keep_freed_memory
 
 
 def _positive_int(text: str) -> int:
@@ -291,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # before any tensor: large activations are reused, not page-faulted in on every step
     try:
         return args.func(args)
     except CarraraError as e:

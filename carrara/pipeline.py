@@ -21,7 +21,7 @@ from carrara.diffusion.samplers import SAMPLERS, SchedulerOptions, alpha_bar_at,
 from carrara.diffusion.schedule import NoiseSchedule
 from carrara.diffusion.settings import DEFAULTS, GenerationSettings
 from carrara.errors import CarraraError
-from carrara.hardware import cpu_supports_bf16
+from carrara.hardware import cpu_supports_bf16, keep_freed_memory
 from carrara.images import from_pil, to_pil
 from carrara.modelfolder import read_json_object, resolve
 from carrara.models import int8
@@ -115,6 +115,7 @@ class Pipeline:
         precision: "fp32", "bf16" (U-Net weights in bf16), "auto" (bf16 where the CPU has native bf16) or "int8" (W8A8
         U-Net with the calibration `carrara quantize` stored beside its weights, models/int8.py)."""
         precision = resolve_precision(precision)
+        keep_freed_memory()
         unclip = Unclip.load(path) if is_unclip(path) else None  # an unCLIP folder: its decoder/ is the model
         folder = resolve(unclip.decoder if unclip else path)
         unet = UNet.from_pretrained(folder.unet, allow_pickle=allow_pickle)

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from carrara.data.folder import describe, fingerprint
 from carrara.errors import CarraraError
 from carrara.fileio import save_image_atomic, write_json_atomic, write_text_atomic
-from carrara.hardware import cpu_supports_bf16
+from carrara.hardware import cpu_supports_bf16, keep_freed_memory
 from carrara.train import distributed
 from carrara.train.checkpoint import load_latest, save_checkpoint
 from carrara.train.plots import plot_loss
@@ -338,6 +338,7 @@ class Trainer:
 
         `stop_at` ends the run early at that step, as if it had been killed right after a checkpoint."""
         cfg, ctx = self.cfg, self.ctx
+        keep_freed_memory()
         if ctx.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.run_dir / "config.json", {**self.run_config, "train": asdict(cfg)})
