@@ -56,7 +56,6 @@ from routes import TINY_UNET, seconds_per_image
 from carrara.data.folder import load_folder
 from carrara.data.load import preload_images
 from carrara.data.shapes import build_shapes
-from carrara.diffusion.settings import DEFAULTS
 from carrara.errors import CarraraError
 from carrara.evaluate.fid import feature_stats, frechet_distance
 from carrara.evaluate.suite import bootstrap_interval
@@ -316,7 +315,7 @@ def measure(args: argparse.Namespace, out: Path) -> dict:
     real, texts = load_real(data, side, progress)
     idx = pick_captions(texts, n, args.seed)
     prompts, real_n = [texts[i] for i in idx], real[idx]  # caption i and its own real image
-    sampling = {"steps": DEFAULTS.steps, "sampler": DEFAULTS.sampler, "guidance": DEFAULTS.guidance, **pipe.defaults}
+    sampling = pipe.sampling
     factor = pipe.upsampler.factor
     key = {"model_hash": pipe.model_hash, "precision": pipe.precision, "data": str(Path(data).resolve()), "n": n,
            "seed": args.seed, "prompts": prompts, **sampling}

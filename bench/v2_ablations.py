@@ -35,7 +35,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 from families import check_clip, cpu_kind, pick
-from lora import tiny_base
+from lora import finished, tiny_base
 
 from carrara.errors import CarraraError
 from carrara.evaluate.suite import EvalSettings, run_eval
@@ -72,11 +72,10 @@ def arm_recipe(arm: str, ctx: dict) -> DiffusionRecipe:
 def train_arm(arm: str, ctx: dict) -> dict:
     """One arm's run (resumed if interrupted, skipped if finished) → its folder and wall time."""
     run = ctx["out"] / arm
-    ckpt = latest_checkpoint(run)
-    done = ckpt is not None and int(ckpt.name.split("_")[1]) >= ctx["steps"]
+    done = finished(run, ctx["steps"])
     started = time.perf_counter()
     if not done:
-        train_diffusion(arm_recipe(arm, ctx), run, resume=ckpt is not None, progress=ctx["progress"])
+        train_diffusion(arm_recipe(arm, ctx), run, resume=latest_checkpoint(run) is not None, progress=ctx["progress"])
     return {"model": str(run), "steps": ctx["steps"], "train_wall_s": None if done else
             round(time.perf_counter() - started, 1)}
 

@@ -311,7 +311,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     """Calibrate the int8 U-Net over sampling runs, store it beside the weights, and check its images against fp32."""
-    from carrara.diffusion.settings import DEFAULTS
     from carrara.evaluate.suite import read_prompts
     from carrara.modelfolder import resolve
     from carrara.models import int8
@@ -322,8 +321,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     unet_dir = resolve(pipe.unclip.decoder if pipe.unclip else args.model).unet  # unCLIP: its decoder's U-Net
     int8.check_cpu()
     check_writable(unet_dir / int8.CALIBRATION_FILE, "the calibration")  # before the calibration run, not after
-    settings = {"steps": DEFAULTS.steps, "sampler": DEFAULTS.sampler, "guidance": DEFAULTS.guidance, **pipe.defaults,
-                "output": "latent"}  # the model's own sampling (every step, both guidance halves), recorded
+    settings = {**pipe.sampling, "output": "latent"}  # the model's own sampling (every step, both guidance halves)
     print(f"carrara quantize: calibrating on {len(prompts)} prompts …", flush=True)
     record = int8.calibrate(pipe.unet, lambda ps, seed: pipe(ps, seed=seed, **settings), prompts, pipe.model_hash,
                             {k: v for k, v in settings.items() if k != "output"})

@@ -150,6 +150,11 @@ class Pipeline:
         (Luo et al. 2023), else the defaults of diffusion/settings.py."""
         return {"steps": STUDENT_STEPS, "sampler": "lcm"} if self.student else {}
 
+    @property
+    def sampling(self) -> dict:
+        """Steps, sampler and guidance of a run that names none: diffusion/settings.py's, then the model's own."""
+        return {"steps": DEFAULTS.steps, "sampler": DEFAULTS.sampler, "guidance": DEFAULTS.guidance, **self.defaults}
+
     def latent_shape(self) -> tuple[int, int, int]:
         c = self.unet.config
         return (c.in_channels, c.sample_size, c.sample_size)
