@@ -101,3 +101,25 @@ def test_truncated_clip_weights_give_one_clear_error(clip_run, tmp_path):
         ClipModel.from_pretrained(tmp_path)
     with pytest.raises(CarraraError, match="not a CLIP folder"):
         ClipModel.from_pretrained(tmp_path / "nothing")
+
+
+def test_a_128_px_clip_has_a_stride_2_stem_and_old_configs_keep_theirs():
+    """A 128-px CLIP runs its blocks at 64² (stem stride 2, kernel 4: every pixel seen); a saved 64-px config without
+    the key loads as before (stride 1), and an explicit stride is kept."""
+    from carrara.models.clip import ClipConfig, ClipModel
+
+    big = ClipConfig(image_size=128, channels=(8, 16), embed_dim=16, groups=4)
+    assert big.stem_stride == 2
+    stem = ClipModel(big).image_encoder.stem
+    assert (stem.kernel_size, stem.stride) == ((4, 4), (2, 2))
+    assert stem(torch.zeros(1, 3, 128, 128)).shape[-2:] == (64, 64)
+    old = ClipConfig.from_dict({"image_size": 64, "channels": [8, 16], "embed_dim": 16, "groups": 4})
+    assert old.stem_stride == 1 and ClipModel(old).image_encoder.stem.kernel_size == (3, 3)
+    assert ClipConfig(image_size=128, stem_stride=1).stem_stride == 1
+    # a one-pixel checker pattern and the flat grey it averages to are one image at 64 px, two at 128
+    model = ClipModel(big).eval()
+    fine = torch.zeros(1, 3, 128, 128)
+    fine[..., 1::2, 1::2] = 1.0
+    flat = torch.full_like(fine, 0.25)
+    assert torch.allclose(F.avg_pool2d(fine, 2), F.avg_pool2d(flat, 2))
+    assert (model.encode_image(fine) - model.encode_image(flat)).abs().max() > 1e-3

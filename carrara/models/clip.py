@@ -37,6 +37,13 @@ class ClipConfig:
     embed_dim: int = 256
     groups: int = 8
     init_temperature: float = 0.07
+    # The stem's stride: 0 picks image_size // 64 (at least 1), so a 128-px CLIP runs its blocks at 64² and costs
+    # about what the 64-px one does, its 4×4 stride-2 stem still seeing every pixel (a patchify stem).
+    stem_stride: int = 0
+
+    def __post_init__(self) -> None:
+        if self.stem_stride == 0:
+            self.stem_stride = max(1, self.image_size // 64)
 
     @classmethod
     def from_dict(cls, d: dict) -> ClipConfig:
@@ -62,12 +69,14 @@ class _ResBlock(nn.Module):
 
 
 class ImageEncoder(nn.Module):
-    """(B, 3, S, S) in [−1, 1] → (B, embed_dim): conv stem, one strided ResBlock per stage, mean pool."""
+    """(B, 3, S, S) in [−1, 1] → (B, embed_dim): conv stem (stride `stem_stride`), one strided ResBlock per stage,
+    mean pool."""
 
     def __init__(self, cfg: ClipConfig):
         super().__init__()
         ch = cfg.channels
-        self.stem = nn.Conv2d(3, ch[0], 3, 1, 1)
+        s = cfg.stem_stride
+        self.stem = nn.Conv2d(3, ch[0], 3, 1, 1) if s == 1 else nn.Conv2d(3, ch[0], 2 * s, s, s // 2)
         self.blocks = nn.Sequential(*[_ResBlock(ch[max(i - 1, 0)], c, 1 if i == 0 else 2, cfg.groups)
                                       for i, c in enumerate(ch)])
         self.norm = nn.GroupNorm(cfg.groups, ch[-1])

@@ -32,7 +32,7 @@ class ClipRecipe:
     size: int = 64
     holdout: int = 300  # distinct captions kept out of training (at most 20 % of them)
     shift: int = 4  # random translation in pixels (edge-padded) as augmentation; 0 turns it off
-    model: dict = field(default_factory=lambda: dataclasses.asdict(ClipConfig()))
+    model: dict = field(default_factory=lambda: {**dataclasses.asdict(ClipConfig()), "stem_stride": 0})  # 0: by size
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=2000, batch_size=128, lr=1e-3,
                                                                    warmup_steps=100, ema_decay=0.99))
 
