@@ -319,3 +319,54 @@ def test_the_search_box_shows_the_nearest_training_images(tiny_diffusion_run, ti
             assert not errors, errors
         finally:
             browser.close()
+
+
+def test_typing_shows_a_live_preview_and_a_pause_supersedes_the_last(tiny_diffusion_run, tmp_path):
+    """Issue 18: the page previews while the prompt is typed — one draft per pause (not per key), shown beside the
+    form and kept out of the gallery; a new pause cancels the draft still running."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    expect = sync_api.expect
+    pipe = SteppedPipe(Pipeline.load(tiny_diffusion_run))  # the worker holds each draft at its first step
+    app = create_app(pipe, tmp_path / "data")
+
+    def is_draft(r):
+        return r.method == "POST" and r.url.endswith("/api/generate")
+
+    with running(app) as url, sync_api.sync_playwright() as p:
+        browser = launch(p)
+        try:
+            page = browser.new_page()
+            errors, drafts = [], []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("request", lambda r: drafts.append(json.loads(r.post_data)) if is_draft(r) else None)
+            page.goto(url)
+            expect(page.locator("#model")).to_contain_text(pipe.model_hash)
+            page.fill("#steps", "20")
+            with page.expect_response(lambda r: is_draft(r.request)) as first:
+                page.locator("#prompt").press_sequentially("a red circle", delay=20)  # keys 20 ms apart: one pause
+            first_id = first.value.json()["id"]
+            expect(page.locator("#draft-status")).to_have_text("preview…")
+            page.wait_for_timeout(800)  # twice the pause: no second request for the same words
+            assert len(drafts) == 1, drafts
+            assert drafts[0]["draft"] is True and drafts[0]["n"] == 1 and drafts[0]["steps"] == 10  # ≤ the draft steps
+            assert drafts[0]["seed"] == 0 and drafts[0]["width"] == 16  # a random seed is previewed as 0
+
+            with page.expect_request(lambda r: r.method == "DELETE" and r.url.endswith(f"/api/jobs/{first_id}")), \
+                    page.expect_response(lambda r: is_draft(r.request)) as second:
+                page.locator("#prompt").press_sequentially(" and a square", delay=20)
+            assert drafts[1]["prompt"] == "a red circle and a square"
+            pipe.allow(math.inf)
+            expect(page.locator("#draft-status")).to_have_text("preview · 16×16 · 10 steps · seed 0", timeout=60_000)
+            assert page.locator("#draft-image").get_attribute("src").startswith("data:image/png;base64,")
+            jobs = {i: httpx.get(f"{url}/api/jobs/{i}").json() for i in (first_id, second.value.json()["id"])}
+            assert [j["status"] for j in jobs.values()] == ["cancelled", "done"]
+            assert page.locator("#draft-image").get_attribute("src") == jobs[second.value.json()["id"]]["draft_image"]
+            assert httpx.get(f"{url}/api/gallery").json()["total"] == 0 and page.locator("#gallery .card").count() == 0
+
+            page.uncheck("#live")  # off: no preview, none asked for
+            page.locator("#prompt").press_sequentially("!", delay=20)
+            page.wait_for_timeout(800)
+            assert len(drafts) == 2 and page.locator("#draft").is_hidden()
+            assert errors == []
+        finally:
+            browser.close()

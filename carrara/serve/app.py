@@ -56,6 +56,9 @@ SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options"
                     (b"referrer-policy", b"no-referrer"),
                     (b"content-security-policy", b"default-src 'self'; img-src 'self' data:; frame-ancestors 'none'")]
 EVENT_POLL_SECONDS = 0.1
+# a live preview's steps for a model that is not a distilled student: 10 DPM-Solver++ steps match 20 on FD_clip
+# (docs/performance.md); the preview is then the full image's composition at about half its time
+DRAFT_STEPS = 10
 NEUTRAL_PROMPT = "a red apple"  # the page's placeholder for a model whose folder records no sample prompts
 MAX_PORT = 65535
 
@@ -184,11 +187,16 @@ def describe(pipe, choice: Choice) -> dict:
     """What GET /api/model says of one loaded model: its name, hash, the sizes it makes, and the page's defaults."""
     latent = pipe.latent_shape()  # (c, h, w)
     sizes = list(getattr(pipe, "sizes", (latent[1] * pipe.vae.config.downsample_factor,)))  # a cascade has two
-    defaults = GenerateRequest.model_construct(prompt="").model_dump(exclude={
-        "prompt", "width", "height", "model", "init_image", "init_image_id", "mask", "prior_guidance"})
+    defaults = {**GenerateRequest.model_construct(prompt="").model_dump(exclude={
+        "prompt", "width", "height", "model", "init_image", "init_image_id", "mask", "prior_guidance", "draft"}),
+        **getattr(pipe, "sampling", {})}  # a distilled student's own steps and sampler
+    student = getattr(pipe, "student", None)
+    # a live preview: the smallest size (no upsampler), a student's own steps, else at most DRAFT_STEPS
+    draft = {"size": sizes[0], "steps": defaults["steps"] if student else min(defaults["steps"], DRAFT_STEPS)}
     return {"name": choice.name, "ref": choice.ref, "model_hash": pipe.model_hash,
             "precision": getattr(pipe, "precision", "fp32"), "image_size": [sizes[-1], sizes[-1]], "sizes": sizes,
-            "latent_shape": list(latent), "samplers": list(SAMPLER_NAMES), "defaults": defaults,
+            "latent_shape": list(latent), "samplers": list(SAMPLER_NAMES), "defaults": defaults, "draft": draft,
+            "student": student,
             "example_prompt": example_prompt(choice.path), "unclip": unclip_info(pipe)}
 
 
@@ -280,8 +288,8 @@ def create_app(pipe, data_dir: str | Path, *, max_queued: int = 32, batch_images
             unclip = prior_job(body, info)  # an unCLIP model's prior guidance
         except (UploadError, RequestError) as e:
             return error_response(422, str(e), str(e).split(":")[0])
-        return enqueue(body.settings(), n=body.n, random_seed=body.seed == "random", model=body.model, edit=edit,
-                       unclip=unclip)
+        return enqueue(body.settings(info["defaults"]), n=body.n, random_seed=body.seed == "random",
+                       model=body.model, edit=edit, unclip=unclip, draft=body.draft)
 
     @app.get("/api/jobs/{job_id}", response_model=JobInfo, responses={404: {"description": "unknown job"}})
     async def job_status(job_id: str):

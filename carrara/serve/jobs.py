@@ -60,6 +60,8 @@ class Job:
     model: str = ""  # the ModelStore choice it runs on
     edit: Edit | None = None  # img2img / inpainting input; None: text to image
     unclip: UnclipJob | None = None  # an unCLIP manipulation or prior guidance (serve/unclip.py)
+    draft: bool = False  # a live preview: runs before queued jobs; its image is draft_image, not in the gallery
+    draft_image: str | None = None  # a finished draft's PNG data URL
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     status: str = QUEUED
     step: int = 0  # the sampling step in progress (1-based); == total when done
@@ -80,7 +82,7 @@ class Job:
         s = self.settings
         edit = None if self.edit is None else (self.edit.strength, self.edit.mask is not None)
         unclip = None if self.unclip is None else self.unclip.batch_key(self.id)
-        return (self.model, s.steps, s.sampler, s.guidance, s.negative_prompt, s.size, edit, unclip)
+        return (self.model, s.steps, s.sampler, s.guidance, s.negative_prompt, s.size, edit, unclip, self.draft)
 
     def to_dict(self, position: int | None = None) -> dict:
         s = self.settings
@@ -91,7 +93,8 @@ class Job:
                              "size": s.size, "model": self.model, **edit_settings(self.edit)},
                 "images": self.images, "error": self.error, "created": self.created, "started": self.started,
                 "finished": self.finished, "batch_jobs": self.batch_jobs, "events_url": f"/api/jobs/{self.id}/events",
-                "unclip": None if self.unclip is None else self.unclip.describe()}
+                "unclip": None if self.unclip is None else self.unclip.describe(), "draft": self.draft,
+                "draft_image": self.draft_image}
 
 
 def edit_settings(edit: Edit | None) -> dict:
@@ -108,7 +111,8 @@ def log_line(job: Job) -> str:
     prompt = job.settings.prompt
     quoted = json.dumps(prompt[:80] + ("…" if len(prompt) > 80 else ""), ensure_ascii=False)
     error = f" — {job.error.splitlines()[0]}" if job.error else ""
-    return (f"carrara serve: job {job.id} {job.status} in {seconds:.1f} s: n={job.n} steps={job.settings.steps} "
+    kind = "draft " if job.draft else ""
+    return (f"carrara serve: {kind}job {job.id} {job.status} in {seconds:.1f} s: n={job.n} steps={job.settings.steps} "
             f"prompt={quoted}{error}")
 
 
@@ -167,17 +171,22 @@ class JobQueue:
         return self.models.choice(None).ref
 
     def submit(self, settings: GenerationSettings, n: int = 1, random_seed: bool = False,
-               model: str | None = None, edit: Edit | None = None, unclip: UnclipJob | None = None) -> Job:
+               model: str | None = None, edit: Edit | None = None, unclip: UnclipJob | None = None,
+               draft: bool = False) -> Job:
         """Queue a job on a model (None: the one the server started with), editing `edit`'s picture if given, with
-        an unCLIP model's inputs if given, or raise QueueFull."""
+        an unCLIP model's inputs if given, or raise QueueFull. A draft goes ahead of every queued job but older
+        drafts: a live preview must not wait for a batch of 64 (the client cancels the draft it supersedes)."""
         job = Job(settings, n=n, random_seed=random_seed, model=self.models.choice(model).name, edit=edit,
-                  unclip=unclip, total=settings.steps)
+                  unclip=unclip, total=settings.steps, draft=draft)
         with self._cond:
             if self._closed:
                 raise CarraraError("the server is stopping")
             if len(self._queue) >= self.max_queued:
                 raise QueueFull(self.retry_after())
-            self._queue.append(job)
+            if draft:
+                self._queue.insert(sum(q.draft for q in self._queue), job)  # queued drafts are at the front
+            else:
+                self._queue.append(job)
             self._jobs[job.id] = job
             self._evict()
             self._cond.notify_all()
@@ -342,7 +351,9 @@ class JobQueue:
         for k, job in enumerate(batch):
             status, error, items = (CANCELLED if job.cancel_requested else DONE), None, []
             try:
-                if status == DONE:
+                if status == DONE and job.draft:
+                    job.draft_image = _data_url(images[offsets[k]:offsets[k + 1]])
+                elif status == DONE:
                     items = self.gallery.add_all(images[offsets[k]:offsets[k + 1]],
                                                  [{**self._metadata(job, i, pipe, images[0].width),
                                                    **per_image[offsets[k] + i]} for i in range(job.n)],

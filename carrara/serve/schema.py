@@ -41,12 +41,17 @@ class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="what to draw")
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description='the unconditional branch; "" = null')
-    steps: int = Field(DEFAULTS.steps, ge=1, le=MAX_STEPS)
-    sampler: Literal[SAMPLER_NAMES] = DEFAULTS.sampler
+    steps: int | None = Field(None, ge=1, le=MAX_STEPS, description=(
+        f"null: the model's own (GET /api/model: {DEFAULTS.steps}, a distilled student's few)"))
+    sampler: Literal[SAMPLER_NAMES] | None = Field(None, description=(
+        f"null: the model's own ({DEFAULTS.sampler!r}; a distilled student's 'lcm')"))
     guidance: float = Field(DEFAULTS.guidance, ge=0.0, le=MAX_GUIDANCE, description="classifier-free guidance w")
     seed: int | Literal["random"] = Field(
         0, description=f'0 … {MAX_SEED}; image i uses seed + i; "random" picks one when the job runs')
     n: int = Field(1, ge=1, le=MAX_BATCH, description="number of images")
+    draft: bool = Field(False, description=(
+        "a live preview (the page asks for one while the prompt is typed): one image, run before queued jobs, "
+        "returned in the job as a PNG data URL (draft_image) and not kept in the gallery"))
     width: int | None = Field(None, ge=1, le=MAX_SIZE, description="one of the model's sizes (GET /api/model)")
     height: int | None = Field(None, ge=1, le=MAX_SIZE, description="equal to width if both are given")
     model: str | None = Field(None, max_length=MAX_MODEL_NAME,
@@ -89,15 +94,20 @@ class GenerateRequest(BaseModel):
         if not edit and (self.mask is not None or self.strength is not None):
             raise ValueError(f"{'mask' if self.mask is not None else 'strength'} needs an init image to edit "
                              "(init_image or init_image_id)")
-        if self.steps * self.n > MAX_WORK:
-            raise ValueError(f"steps × n must be at most {MAX_WORK} (one request's work), got {self.steps} × {self.n} "
-                             f"= {self.steps * self.n}: ask for fewer steps or fewer images")
+        steps = self.steps or DEFAULTS.steps  # a model's own steps are at most the defaults' (a student's are 4)
+        if steps * self.n > MAX_WORK:
+            raise ValueError(f"steps × n must be at most {MAX_WORK} (one request's work), got {steps} × {self.n} "
+                             f"= {steps * self.n}: ask for fewer steps or fewer images")
+        if self.draft and self.n != 1:
+            raise ValueError(f"a draft is one image (n = 1), got n = {self.n}")
         return self
 
-    def settings(self) -> GenerationSettings:
+    def settings(self, model_defaults: dict | None = None) -> GenerationSettings:
+        """The generation settings, steps and sampler the model's own where the request names none."""
+        own = {"steps": DEFAULTS.steps, "sampler": DEFAULTS.sampler, **(model_defaults or {})}
         seed = 0 if self.seed == "random" else self.seed
-        return GenerationSettings(self.prompt, self.negative_prompt, self.steps, self.sampler, self.guidance, seed,
-                                  self.width or self.height)
+        return GenerationSettings(self.prompt, self.negative_prompt, self.steps or own["steps"],
+                                  self.sampler or own["sampler"], self.guidance, seed, self.width or self.height)
 
 
 def field_range(name: str) -> tuple[float, float] | None:
@@ -158,6 +168,8 @@ class JobInfo(BaseModel):
     events_url: str
     unclip: dict | None = Field(None, description=(
         "an unCLIP job: its manipulation (mode, pictures, captions, amount) or the prior's guidance; null: none"))
+    draft: bool = Field(False, description="a live preview: its image is draft_image, not in the gallery")
+    draft_image: str | None = Field(None, description="a finished draft's image, a PNG data URL")
 
 
 class GalleryPage(BaseModel):
