@@ -22,6 +22,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _batch_sizes(text: str) -> list[int]:
+    """--batches: U-Net batch sizes, whole numbers from 1 to 256 separated by commas, each once, in order."""
+    try:
+        sizes = sorted({int(s) for s in text.split(",")})
+    except ValueError:
+        sizes = []
+    if not sizes or sizes[0] < 1 or sizes[-1] > 256:
+        raise argparse.ArgumentTypeError(f"give batch sizes from 1 to 256 separated by commas (e.g. 2,4,8), got {text!r}")
+    return sizes
+
+
 def _nonnegative_float(text: str) -> float:
     try:
         value = float(text)
@@ -287,6 +298,19 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: emoji names)")
     quantize.add_argument("--n", type=_positive_int, default=64, help="how many prompts to calibrate on (default 64)")
     quantize.set_defaults(func=handlers.cmd_quantize)
+
+    compiled = commands.add_parser("compile", help="compile a model's U-Net ahead of time for this CPU kind "
+                                   "(AOTInductor; once per machine kind, model and precision) and check it against "
+                                   "eager; generate and serve then load it")
+    compiled.add_argument("--model", default="default", help="model or run folder (default: the packaged model)")
+    compiled.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                          help="the U-Net precision to compile (default auto: bf16 where the CPU has native bf16)")
+    compiled.add_argument("--batches", type=_batch_sizes, default=[2, 4, 8, 16, 32], metavar="B,B,…",
+                          help="U-Net batch sizes to compile, one package each (default 2,4,8,16,32: 1 to 16 guided "
+                          "images; a call pads to the next size)")
+    compiled.add_argument("--keep", action="store_true", help="keep the package even if it is not faster here "
+                          "(by default it must be ≥ 1.05× eager for one image or 16)")
+    compiled.set_defaults(func=handlers.cmd_compile)
     return parser
 
 

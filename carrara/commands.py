@@ -335,6 +335,81 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compile(args: argparse.Namespace) -> int:
+    """Compile the U-Net ahead of time (models/compiled.py), keep it beside the weights if its images are eager's."""
+    import statistics
+    import time
+
+    from tqdm.auto import tqdm
+
+    from carrara.modelfolder import resolve
+    from carrara.models import compiled as aot
+    from carrara.models import int8
+    from carrara.pipeline import Pipeline
+
+    pipe = Pipeline.load(args.model, precision=args.precision)
+    pipe.compiled = None  # eager, for the check
+    unet_dir = resolve(pipe.unclip.decoder if pipe.unclip else args.model).unet  # unCLIP: its decoder's U-Net
+    folder, tokens = aot.package_dir(unet_dir), pipe.text_encoder.max_length
+    paths = {b: folder / aot.package_name(pipe.model_hash, pipe.precision, b, tokens) for b in args.batches}
+    if folder != unet_dir / aot.PACKAGE_DIR:  # the model's folder is read-only: the user's cache
+        folder.mkdir(parents=True, exist_ok=True)
+    check_writable(paths[args.batches[0]] if folder.is_dir() else unet_dir / folder.name, "the compiled U-Net")
+    seconds = 0.0
+    with no_empty_folder_left(folder), tqdm(args.batches, desc="compiling", unit="batch size") as bar:
+        try:
+            for b in bar:  # a compile that fails leaves no package of this run and no empty folder
+                bar.set_postfix(batch=b)
+                seconds += aot.compile_unet(pipe.unet, paths[b], batch=b, tokens=tokens)
+        except BaseException:
+            for path in paths.values():
+                path.unlink(missing_ok=True)
+            raise
+    packages = {b: (tokens, path) for b, path in paths.items()}
+    compiled = aot.Package(packages, pipe.unet.config, pipe.unet, load_after=0)
+    if compiled.get(0) is None:
+        for path in paths.values():
+            path.unlink(missing_ok=True)
+        raise CarraraError(f"the packages compiled in {seconds:.0f} s do not load here; none was kept")
+    settings, check = {**pipe.sampling, "output": "tensor"}, list(int8.QUALITY_PROMPTS)
+
+    def timed(net) -> tuple:
+        """The check batch's images and seconds, and one image's seconds (median of 3), with `net` (None: eager)."""
+        pipe.compiled = net
+        pipe(check[:1], **settings)  # warm-up
+        started = time.perf_counter()
+        images = pipe(check, **settings)
+        batch = time.perf_counter() - started
+        one = []
+        for _ in range(3):
+            started = time.perf_counter()
+            pipe(check[:1], **settings)
+            one.append(time.perf_counter() - started)
+        return images, batch, statistics.median(one)
+
+    (eager, b_eager, t_eager), (fast, b_fast, t_fast) = timed(None), timed(compiled)
+    diff = int8.pixel_diff_255(eager, fast)
+    speed = (f"one image ({settings['steps']} steps) {t_eager:.2f} s eager, {t_fast:.2f} s compiled "
+             f"({t_eager / t_fast:.2f}×, median of 3); {len(check)} images {b_eager:.1f} s vs {b_fast:.1f} s "
+             f"({b_eager / b_fast:.2f}×)")
+    if diff > aot.COMPILED_TOLERANCE_255:
+        for path in paths.values():
+            path.unlink(missing_ok=True)
+        raise CarraraError(f"the compiled U-Net's images differ from eager by {diff:.2f}/255 (more than "
+                           f"{aot.COMPILED_TOLERANCE_255}/255); none was kept")
+    if max(t_eager / t_fast, b_eager / b_fast) < aot.MIN_SPEEDUP and not args.keep:
+        for path in paths.values():
+            path.unlink(missing_ok=True)
+        print(f"carrara compile: not kept — the compiled U-Net is not faster on this CPU: {speed} (--keep keeps it)")
+        return 0
+    size = sum(path.stat().st_size for path in paths.values()) / 2**20
+    print(f"wrote {len(paths)} package{'s' if len(paths) > 1 else ''} (U-Net batch{'es' if len(paths) > 1 else ''} {', '.join(map(str, args.batches))}; {size:.0f} MB) to {folder} "
+          f"in {seconds:.0f} s; mean |Δpixel| compiled vs eager "
+          f"{diff:.3f}/255 over {len(check)} prompts; {speed}. A process loads it once it has run "
+          f"{aot.LOAD_AFTER_PASSES} U-Net image-passes (CARRARA_COMPILED=1: at once, 0: never)")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Load the model, then serve the page and API until Ctrl-C."""
     from carrara.pipeline import Pipeline
@@ -349,13 +424,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         searcher = Searcher.load(args.index) if args.index else None  # before the model: a bad index fails at once
         pipe = Pipeline.load(args.model, allow_pickle=args.allow_pickle, precision=args.precision)
-        if args.lora and pipe.precision == "int8":
-            raise CarraraError("--lora merges into fp32 weights and the int8 calibration is for the model's own: "
-                               "use --precision fp32 with --lora")
         if args.lora:  # merged into the starting model's U-Net; pipe.loras is what its PNGs should record
-            from carrara.models.lora import apply_loras
-
-            pipe.loras = apply_loras(pipe.unet, args.lora)
+            pipe.merge_loras(args.lora)
         app = create_app(pipe, args.data_dir, allowed_hosts=LOOPBACK_HOSTS if loopback else None,
                          models_dir=args.models, load=functools.partial(Pipeline.load, allow_pickle=args.allow_pickle),
                          searcher=searcher)

@@ -31,7 +31,7 @@ from carrara.fileio import check_writable, file_sha256
 from carrara.images import image_grid, open_picture
 from carrara.modelfolder import packaged, read_json_object
 from carrara.models.classifier import NoiseAwareClassifier
-from carrara.models.lora import apply_loras, file_hash
+from carrara.models.lora import file_hash
 from carrara.pipeline import IMG2IMG_STRENGTH, INPAINT_STRENGTH, MAX_BATCH
 from carrara.png import A1111_SAMPLERS, read_png_metadata, save_pngs
 
@@ -176,12 +176,9 @@ def generate_command(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     pipe = load_any(model, allow_pickle=args.allow_pickle, precision=s["precision"])  # a diffusion or family model
     lora_specs = _lora_specs(args, meta)
-    if lora_specs and pipe.precision == "int8":
-        raise CarraraError("--lora merges into fp32 weights and the int8 calibration is for the model's own: use "
-                           "--precision fp32 with --lora")
     if lora_specs and isinstance(pipe, FamilyPipeline):
         raise CarraraError(f"--lora adapts a diffusion model's U-Net; {model} is a {pipe.kind} model")
-    loras = apply_loras(pipe.unet, lora_specs) if lora_specs else []  # merged into the weights (models/lora.py)
+    loras = pipe.merge_loras(lora_specs) if lora_specs else []  # merged into the weights (models/lora.py)
     if edit_kwargs and isinstance(pipe, FamilyPipeline):
         raise CarraraError(f"--init edits with a diffusion model; {model} is a {pipe.kind} model")
     guide_kwargs, guide_record = _classifier_guidance(args, pipe)

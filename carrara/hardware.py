@@ -29,6 +29,21 @@ def cpu_supports_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+@functools.cache
+def cpu_isa() -> str:
+    """The CPU's vector instruction set as compiled code depends on it: "avx512" (F, BW, VL and DQ), "avx2" (with
+    FMA) or "none", plus "-amx" with AMX tiles. Read from /proc/cpuinfo's flags (no compiler run, unlike inductor's
+    own probe): what a compiled U-Net's package is named for (models/compiled.py)."""
+    try:
+        flags = set(next((line.split(":", 1)[1] for line in Path("/proc/cpuinfo").read_text().splitlines()
+                          if line.startswith("flags")), "").split())
+    except OSError:
+        flags = set()
+    isa = ("avx512" if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags else
+           "avx2" if {"avx2", "fma"} <= flags else "none")
+    return isa + ("-amx" if "amx_tile" in flags else "")
+
+
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 TRIM_ABOVE = 2**31 - 1  # bytes of free heap top kept before glibc returns any to the OS (mallopt takes an int)
 

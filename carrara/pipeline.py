@@ -27,6 +27,7 @@ from carrara.modelfolder import read_json_object, resolve
 from carrara.models import int8
 from carrara.models.blocks import guidance_embedding, text_kv_cache
 from carrara.models.codec import load_codec
+from carrara.models.compiled import Package, find_package
 from carrara.models.unet import UNet2DConditionModel as UNet
 from carrara.text.encoder import TextEncoder, mean_pool
 from carrara.unclip import Unclip, is_unclip
@@ -106,6 +107,8 @@ class Pipeline:
             self.unet = self.unet.to(torch.bfloat16)
         if upsampler is not None:
             upsampler.unet.to(self.unet_dtype)
+        self.compiled: Package | None = None  # `carrara compile`'s package of this U-Net (models/compiled.py)
+        self.loras: list[dict] = []  # LoRA adapters merged into the U-Net (merge_loras)
 
     @classmethod
     def load(cls, path: str | Path = "default", *, allow_pickle: bool = False, precision: str = "auto") -> Pipeline:
@@ -138,11 +141,25 @@ class Pipeline:
         model_hash = folder.unet_hash(allow_pickle=allow_pickle)
         if precision == "int8":
             unet = int8.quantize_unet(unet, int8.read_calibration(folder.unet, model_hash, str(path)))
-        return cls(unet=unet, vae=vae, text_encoder=text_encoder, schedule=schedule, model_hash=model_hash,
+        pipe = cls(unet=unet, vae=vae, text_encoder=text_encoder, schedule=schedule, model_hash=model_hash,
                    name=str(path),
                    scheduler_options=SchedulerOptions.from_scheduler_config(folder.scheduler_config),
                    precision=precision, upsampler=upsampler, student=student if isinstance(student, dict) else None,
                    unclip=unclip)
+        pipe.compiled = find_package(folder.unet, model_hash, pipe.precision, pipe.unet)
+        return pipe
+
+    def merge_loras(self, specs: list[str]) -> list[dict]:
+        """Merge LoRA adapters (models/lora.py's "FILE[:SCALE]") into the U-Net; the compiled package holds the
+        weights without them, so it is set aside. Returns (and keeps in `loras`) what the PNGs record."""
+        from carrara.models.lora import apply_loras
+
+        if self.precision == "int8":
+            raise CarraraError("--lora merges into fp32 weights and the int8 calibration is for the model's own: use "
+                               "--precision fp32 with --lora")
+        self.loras = apply_loras(self.unet, specs)
+        self.compiled = None
+        return self.loras
 
     @property
     def defaults(self) -> dict:
@@ -234,8 +251,11 @@ class Pipeline:
         w_emb = None
         if self.student:
             w_emb = guidance_embedding(torch.full((len(prompts),), float(guidance)), self.unet.config.time_cond_proj_dim)
-        model = cfg_model(lambda x, t, c: self.unet(x.to(dtype), t, c[0], class_labels=c[1] if len(c) > 1 else None,
-                                                    timestep_cond=w_emb).float(), cond, uncond, 1.0 if self.student
+        passes = base_steps * len(prompts) * (1 if self.student or guidance == 1.0 else 2)  # image-passes of the U-Net
+        compiled = self.compiled.get(passes) if self.compiled is not None and classifier is None else None
+        unet = compiled or self.unet
+        model = cfg_model(lambda x, t, c: unet(x.to(dtype), t, c[0], class_labels=c[1] if len(c) > 1 else None,
+                                               timestep_cond=w_emb).float(), cond, uncond, 1.0 if self.student
                           else guidance)
         if classifier is not None:
             model = classifier.wrap(model, self.schedule, sampler, timesteps)
