@@ -5,10 +5,11 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 FONT   := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
 CHROMIUM := /usr/bin/chromium
+CXX_BIN  := /usr/bin/g++
 
 .PHONY: setup test test-avx2 test-slow demo lint clean
 
-setup: $(STAMP) $(FONT) $(CHROMIUM)
+setup: $(STAMP) $(FONT) $(CHROMIUM) $(CXX_BIN)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +25,15 @@ $(FONT):
 		 (apt-get update -qq >/dev/null && apt-get install -y -qq fonts-noto-color-emoji >/dev/null)); \
 	else \
 		echo "note: the emoji dataset needs $(FONT): run 'sudo apt-get install fonts-noto-color-emoji'"; \
+	fi
+
+$(CXX_BIN):
+	@if [ "$$(id -u)" = 0 ]; then \
+		echo "installing g++ (apt) for carrara compile (AOTInductor)"; \
+		(apt-get install -y -qq g++ >/dev/null 2>&1 || \
+		 (apt-get update -qq >/dev/null && apt-get install -y -qq g++ >/dev/null)); \
+	else \
+		echo "note: carrara compile needs a C++ compiler: run 'sudo apt-get install g++'"; \
 	fi
 
 $(CHROMIUM):

@@ -14,6 +14,8 @@ from carrara.models.compiled import LOAD_AFTER_PASSES, PACKAGE_DIR, package_name
 from carrara.pipeline import Pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
+needs_cxx = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="no C++ compiler: "
+                               "`make setup` installs g++ as root, else run `sudo apt-get install g++`")
 PROMPTS = ["a red circle", "a blue square"]
 
 
@@ -31,6 +33,7 @@ def at_once(monkeypatch):
     monkeypatch.setenv("CARRARA_COMPILED", "1")  # load a package at once, not after LOAD_AFTER_PASSES
 
 
+@needs_cxx
 def test_compile_writes_a_package_named_for_this_machine_and_model(compiled_run, at_once):
     pipe = Pipeline.load(compiled_run, precision="fp32")
     tokens = pipe.text_encoder.max_length
@@ -44,6 +47,7 @@ def test_compile_writes_a_package_named_for_this_machine_and_model(compiled_run,
     assert Pipeline.load(compiled_run, precision="bf16").compiled is None  # compiled for fp32 only
 
 
+@needs_cxx
 @pytest.mark.parametrize("prompts, guidance", [(PROMPTS, 4.0), (PROMPTS[:1], 1.0), (PROMPTS + ["a green star"], 4.0)],
                          ids=["batch 4", "batch 1 padded to 2", "batch 6 as 4 + 2"])
 def test_the_compiled_unet_makes_eagers_images_and_is_the_one_used(compiled_run, at_once, monkeypatch, prompts,
@@ -65,6 +69,7 @@ def test_the_compiled_unet_makes_eagers_images_and_is_the_one_used(compiled_run,
     assert Pipeline.load(compiled_run, precision="fp32").compiled is None
 
 
+@needs_cxx
 def test_a_process_loads_its_package_once_it_has_done_enough_work(compiled_run):
     """A one-shot run stays eager (the package's import would cost more than it saves); the pass that reaches
     LOAD_AFTER_PASSES U-Net image-passes loads it."""
@@ -80,6 +85,7 @@ def test_a_process_loads_its_package_once_it_has_done_enough_work(compiled_run):
     assert package.unet is not None
 
 
+@needs_cxx
 def test_a_damaged_package_is_one_warning_and_eager(compiled_run, at_once, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(compiled_run, run)
@@ -93,6 +99,7 @@ def test_a_damaged_package_is_one_warning_and_eager(compiled_run, at_once, tmp_p
     assert capsys.readouterr().err == ""
 
 
+@needs_cxx
 def test_merging_a_lora_sets_the_package_aside(compiled_run, at_once):
     pipe = Pipeline.load(compiled_run, precision="fp32")
     assert pipe.compiled is not None
@@ -114,6 +121,7 @@ def test_without_a_cxx_compiler_compile_is_one_error_line(tiny_diffusion_run, tm
     assert not list((run / "unet").rglob("*.pt2")) and not list((run / "unet").rglob("*.tmp"))
 
 
+@needs_cxx
 def test_packages_hold_code_and_are_handed_the_weights(compiled_run, at_once):
     """A package holds the compiled code, not the weights: it is smaller than they are, and it asks for every U-Net
     tensor by name at load."""
