@@ -31,7 +31,7 @@ of its dataset (`carrara data build emoji --size 128`: images + metadata.jsonl):
   figure    the first --figure-n captions: base 64 (enlarged, nearest), bicubic 128, cascade 128 (chosen), real 128.
 
     python bench/cascade.py --model MODEL --data DATA128 --clip CLIP128 [--n 500] [--aug-levels 0,50,100,200]
-        [--up-steps 10,20] [--threads 1] [--out runs/cascade-bench]
+        [--up-steps 5,8,10,20] [--threads 1] [--out runs/cascade-bench]
     python bench/cascade.py --tiny     # a tiny cascade and a tiny 128-px CLIP on 24 shapes: checks the bench
 """
 from __future__ import annotations
@@ -70,7 +70,7 @@ from carrara.train.upsampler import UpsamplerRecipe, train_upsampler
 from carrara.upsampler import UpsamplerSettings, assemble_cascade, downsample
 
 FULL = {"n": 500, "bootstrap": 50, "batch": 16, "rounds": 3, "figure_n": 8, "aug_levels": "0,50,100,200",
-        "up_steps": "10,20"}
+        "up_steps": "5,8,10,20"}
 TINY = {"n": 8, "bootstrap": 5, "batch": 4, "rounds": 1, "figure_n": 4, "aug_levels": "0,100", "up_steps": "2"}
 TINY_IMAGES, TINY_STEPS, TINY_BATCH = 24, 3, 4  # the tiny stages: 24 shapes, 3 training steps of 4 images
 CELL = 128  # the figure's cell: the 128-px images at their own size
