@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -55,6 +56,8 @@ def runner(teacher: str, student: str, steps: list[int], guidance: float, precis
 
 
 def run_bench(args: argparse.Namespace) -> dict:
+    # eager unless asked: a compiled package loads after 800 passes, part-way through the timing (models/compiled.py)
+    os.environ.setdefault("CARRARA_COMPILED", "0")
     if args.tiny:
         out = ensure_dir(args.out or "runs/fast-bench-tiny")
         vars(args).update({k: v for k, v in tiny_setup(out, not args.quiet).items() if k in ("teacher", "student")},
@@ -85,7 +88,7 @@ def run_bench(args: argparse.Namespace) -> dict:
                 f"guidance {args.guidance}; medians of {args.runs} interleaved rounds in one process",
         "cpu": cpu_kind(), "torch": torch.__version__, "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
         "tiny": args.tiny, "teacher": args.teacher, "student": args.student, "student_record": pupil.student,
-        "precision": pupil.precision, "results": results,
+        "precision": pupil.precision, "compiled": os.environ["CARRARA_COMPILED"] == "1", "results": results,
         "targets": {f"student-{s}": {
             f"speedup_vs_diffusers_batch_{max(args.batches)}_ge_{TARGET_SPEEDUP:g}":
                 biggest["student_vs_diffusers"][f"student-{s}"] >= TARGET_SPEEDUP,

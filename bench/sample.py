@@ -93,6 +93,8 @@ def main() -> None:
     p.add_argument("--out", default="bench/results/sample.json")
     args = p.parse_args()
     import diffusers
+    # eager unless asked: a compiled package loads after 800 passes, part-way through the timing (models/compiled.py)
+    os.environ.setdefault("CARRARA_COMPILED", "0")
 
     ours = {"carrara": Pipeline.load(args.model), "carrara-fp32": Pipeline.load(args.model, precision="fp32")}
     ref = ours["carrara-fp32"]
@@ -120,6 +122,7 @@ def main() -> None:
                 "timesteps; medians of interleaved runs in one process",
         "model": args.model, "model_hash": ref.model_hash, "precision": ours["carrara"].precision,
         "runs": args.runs, "torch": torch.__version__, "diffusers": diffusers.__version__,
+        "compiled": os.environ["CARRARA_COMPILED"] == "1",
         "threads": torch.get_num_threads(), "cores": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
         "date": time.strftime("%Y-%m-%d"), "results": results,
     })

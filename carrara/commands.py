@@ -336,40 +336,55 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    """Compile the U-Net ahead of time (models/compiled.py), keep it beside the weights if its images are eager's."""
-    import statistics
-    import time
-
-    from tqdm.auto import tqdm
-
+    """Compile the U-Net ahead of time (models/compiled.py), keep it beside the weights if its images are eager's and
+    it is faster. Whatever stops it before the end (an error, a mismatch, Ctrl-C) leaves no package behind."""
     from carrara.modelfolder import resolve
     from carrara.models import compiled as aot
-    from carrara.models import int8
     from carrara.pipeline import Pipeline
 
     pipe = Pipeline.load(args.model, precision=args.precision)
+    if pipe.unclip is not None:
+        raise CarraraError("carrara compile takes a text-conditioned model; an unCLIP decoder's context also holds "
+                           "its image tokens, which the compiled U-Net does not take yet")
     pipe.compiled = None  # eager, for the check
-    unet_dir = resolve(pipe.unclip.decoder if pipe.unclip else args.model).unet  # unCLIP: its decoder's U-Net
+    unet_dir = resolve(args.model).unet
     folder, tokens = aot.package_dir(unet_dir), pipe.text_encoder.max_length
     paths = {b: folder / aot.package_name(pipe.model_hash, pipe.precision, b, tokens) for b in args.batches}
     if folder != unet_dir / aot.PACKAGE_DIR:  # the model's folder is read-only: the user's cache
         folder.mkdir(parents=True, exist_ok=True)
     check_writable(paths[args.batches[0]] if folder.is_dir() else unet_dir / folder.name, "the compiled U-Net")
-    seconds = 0.0
-    with no_empty_folder_left(folder), tqdm(args.batches, desc="compiling", unit="batch size") as bar:
+    with no_empty_folder_left(folder):
         try:
-            for b in bar:  # a compile that fails leaves no package of this run and no empty folder
-                bar.set_postfix(batch=b)
-                seconds += aot.compile_unet(pipe.unet, paths[b], batch=b, tokens=tokens)
+            kept = _compile_and_check(pipe, paths, tokens, args.keep)
         except BaseException:
-            for path in paths.values():
-                path.unlink(missing_ok=True)
+            kept = False
             raise
-    packages = {b: (tokens, path) for b, path in paths.items()}
-    compiled = aot.Package(packages, pipe.unet.config, pipe.unet, load_after=0)
+        finally:
+            if not kept:
+                for path in paths.values():
+                    path.unlink(missing_ok=True)
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()  # no empty compiled/ folder either
+    return 0
+
+
+def _compile_and_check(pipe, paths: dict, tokens: int, keep: bool) -> bool:
+    """Compile a package per batch size, compare its images with eager and time both; True if they are to be kept."""
+    import statistics
+    import time
+
+    from tqdm.auto import tqdm
+
+    from carrara.models import compiled as aot
+    from carrara.models import int8
+
+    seconds = 0.0
+    with tqdm(list(paths), desc="compiling", unit="batch size") as bar:
+        for b in bar:
+            bar.set_postfix(batch=b)
+            seconds += aot.compile_unet(pipe.unet, paths[b], batch=b, tokens=tokens)
+    compiled = aot.Package({b: (tokens, path) for b, path in paths.items()}, pipe.unet.config, pipe.unet, load_after=0)
     if compiled.get(0) is None:
-        for path in paths.values():
-            path.unlink(missing_ok=True)
         raise CarraraError(f"the packages compiled in {seconds:.0f} s do not load here; none was kept")
     settings, check = {**pipe.sampling, "output": "tensor"}, list(int8.QUALITY_PROMPTS)
 
@@ -393,21 +408,18 @@ def cmd_compile(args: argparse.Namespace) -> int:
              f"({t_eager / t_fast:.2f}×, median of 3); {len(check)} images {b_eager:.1f} s vs {b_fast:.1f} s "
              f"({b_eager / b_fast:.2f}×)")
     if diff > aot.COMPILED_TOLERANCE_255:
-        for path in paths.values():
-            path.unlink(missing_ok=True)
         raise CarraraError(f"the compiled U-Net's images differ from eager by {diff:.2f}/255 (more than "
                            f"{aot.COMPILED_TOLERANCE_255}/255); none was kept")
-    if max(t_eager / t_fast, b_eager / b_fast) < aot.MIN_SPEEDUP and not args.keep:
-        for path in paths.values():
-            path.unlink(missing_ok=True)
+    if max(t_eager / t_fast, b_eager / b_fast) < aot.MIN_SPEEDUP and not keep:
         print(f"carrara compile: not kept — the compiled U-Net is not faster on this CPU: {speed} (--keep keeps it)")
-        return 0
+        return False
     size = sum(path.stat().st_size for path in paths.values()) / 2**20
-    print(f"wrote {len(paths)} package{'s' if len(paths) > 1 else ''} (U-Net batch{'es' if len(paths) > 1 else ''} {', '.join(map(str, args.batches))}; {size:.0f} MB) to {folder} "
-          f"in {seconds:.0f} s; mean |Δpixel| compiled vs eager "
+    n = len(paths)
+    print(f"wrote {n} package{'s' if n > 1 else ''} (U-Net batch{'es' if n > 1 else ''} {', '.join(map(str, paths))}; "
+          f"{size:.0f} MB) to {next(iter(paths.values())).parent} in {seconds:.0f} s; mean |Δpixel| compiled vs eager "
           f"{diff:.3f}/255 over {len(check)} prompts; {speed}. A process loads it once it has run "
           f"{aot.LOAD_AFTER_PASSES} U-Net image-passes (CARRARA_COMPILED=1: at once, 0: never)")
-    return 0
+    return True
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -116,6 +116,12 @@ def test_a_128_px_clip_has_a_stride_2_stem_and_old_configs_keep_theirs():
     old = ClipConfig.from_dict({"image_size": 64, "channels": [8, 16], "embed_dim": 16, "groups": 4})
     assert old.stem_stride == 1 and ClipModel(old).image_encoder.stem.kernel_size == (3, 3)
     assert ClipConfig(image_size=128, stem_stride=1).stem_stride == 1
+    saved = ClipConfig.from_dict({"image_size": 128, "channels": [8, 16], "embed_dim": 16, "groups": 4})
+    assert saved.stem_stride == 1  # saved before the patchify stem: its weights are a stride-1 stem's
+    odd = ClipModel(ClipConfig(image_size=192, channels=(8, 16), embed_dim=16, groups=4)).image_encoder.stem
+    assert odd(torch.zeros(1, 3, 192, 192)).shape[-2:] == (64, 64)  # stride 3
+    with pytest.raises(CarraraError, match="stem_stride"):
+        ClipConfig(stem_stride=-1)
     # a one-pixel checker pattern and the flat grey it averages to are one image at 64 px, two at 128
     model = ClipModel(big).eval()
     fine = torch.zeros(1, 3, 128, 128)

@@ -132,3 +132,27 @@ def test_packages_hold_code_and_are_handed_the_weights(compiled_run, at_once):
     for run in pipe.compiled.unet._run.values():
         asked = set(run.get_constant_fqns())
         assert asked <= names and len(asked) > len(names) / 2
+
+
+def test_a_compile_stopped_after_its_packages_were_written_leaves_nothing(tiny_diffusion_run, tmp_path, monkeypatch,
+                                                                         capsys):
+    """Whatever stops `carrara compile` once packages exist (here: they do not load) removes them and the folder it
+    made, so no later process finds a package that was never checked against eager."""
+    import carrara.models.compiled as aot
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_diffusion_run, run)
+    written = []
+
+    def fake_compile(unet, path, *, batch, tokens):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"not a package")
+        written.append(path)
+        return 1.0
+
+    monkeypatch.setattr(aot, "compile_unet", fake_compile)
+    assert main(["compile", "--model", str(run), "--precision", "fp32", "--batches", "2,4"]) == 2
+    assert len(written) == 2 and not any(p.exists() for p in written)
+    assert not (run / "unet" / PACKAGE_DIR).exists()
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("carrara")]
+    assert err[-1].startswith("carrara: error: the packages compiled in 2 s do not load here")

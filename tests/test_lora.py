@@ -410,3 +410,13 @@ def test_a_bad_second_adapter_leaves_the_unet_untouched(tiny_diffusion_run, adap
     with pytest.raises(CarraraError, match="trained for another model"):
         apply_loras(unet, [str(adapter_file), hostile("other-model", adapter_file, tmp_path)])
     assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())
+
+
+def test_merging_into_an_int8_unet_is_one_clear_refusal(tiny_diffusion_run):
+    """Pipeline.merge_loras, which generate and serve both call: the int8 calibration is for the model's own weights."""
+    pipe = Pipeline.load(tiny_diffusion_run, precision="fp32")
+    pipe.precision = "int8"  # as Pipeline.load(precision="int8") leaves it; the refusal comes before any merge
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    with pytest.raises(CarraraError, match="--lora merges into fp32 weights"):
+        pipe.merge_loras(["any.safetensors"])
+    assert pipe.loras == [] and all(torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items())

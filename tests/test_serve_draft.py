@@ -1,4 +1,6 @@
 """`carrara serve`'s live preview: draft jobs (one image, ahead of the queue, not kept) and the model's own defaults."""
+import json
+
 import pytest
 
 from carrara.pipeline import Pipeline
@@ -83,3 +85,27 @@ def test_a_student_is_served_at_its_own_steps_and_sampler(distilled_student, tmp
     assert model["draft"]["steps"] == 4
     assert job["status"] == "done" and (job["settings"]["steps"], job["settings"]["sampler"]) == (4, "lcm")
     assert (named["settings"]["steps"], named["settings"]["sampler"]) == (2, "ddim")
+
+
+def test_at_most_four_drafts_wait_ahead_of_the_queue(pipe, tmp_path):
+    """Each page cancels its own older draft; many pages typing at once get a 429 for a fifth waiting draft, so
+    queued jobs are not starved."""
+    from carrara.serve.jobs import MAX_QUEUED_DRAFTS
+
+    with client_for(pipe, tmp_path / "data") as client:
+        client.app.state.jobs.pause()
+        codes = [client.post("/api/generate", json={"prompt": f"p{i}", "steps": 2, "draft": True}).status_code
+                 for i in range(MAX_QUEUED_DRAFTS + 1)]
+        job = client.post("/api/generate", json={"prompt": "a full job", "steps": 2})
+        client.app.state.jobs.resume()
+    assert MAX_QUEUED_DRAFTS == 4 and codes == [202] * 4 + [429] and job.status_code == 202
+
+
+def test_a_draft_makes_no_denoising_previews(pipe, tmp_path):
+    """A draft is a few steps: the x̂0 previews of a full job (a decode and a PNG per step) would cost more than
+    they show, and the page does not show them."""
+    with client_for(pipe, tmp_path / "data", preview_every=1) as client:
+        job = client.post("/api/generate", json={"prompt": "a red circle", "steps": 3, "draft": True}).json()
+        with client.stream("GET", job["events_url"]) as r:
+            events = [json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:")]
+    assert events[-1]["status"] == "done" and not any(e.get("preview") for e in events)

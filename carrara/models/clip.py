@@ -42,12 +42,16 @@ class ClipConfig:
     stem_stride: int = 0
 
     def __post_init__(self) -> None:
+        if type(self.stem_stride) is not int or self.stem_stride < 0:
+            raise CarraraError(f"CLIP stem_stride must be a whole number ≥ 0 (0: image_size // 64), got "
+                               f"{self.stem_stride!r}")
         if self.stem_stride == 0:
             self.stem_stride = max(1, self.image_size // 64)
 
     @classmethod
     def from_dict(cls, d: dict) -> ClipConfig:
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        known.setdefault("stem_stride", 1)  # a config saved before the patchify stem had a stride-1 stem
         if "channels" in known:
             known["channels"] = tuple(known["channels"])
         return cls(**known)
@@ -76,7 +80,7 @@ class ImageEncoder(nn.Module):
         super().__init__()
         ch = cfg.channels
         s = cfg.stem_stride
-        self.stem = nn.Conv2d(3, ch[0], 3, 1, 1) if s == 1 else nn.Conv2d(3, ch[0], 2 * s, s, s // 2)
+        self.stem = nn.Conv2d(3, ch[0], 3, 1, 1) if s == 1 else nn.Conv2d(3, ch[0], 2 * s, s, (s + 1) // 2)
         self.blocks = nn.Sequential(*[_ResBlock(ch[max(i - 1, 0)], c, 1 if i == 0 else 2, cfg.groups)
                                       for i, c in enumerate(ch)])
         self.norm = nn.GroupNorm(cfg.groups, ch[-1])

@@ -3,14 +3,13 @@ and precision, and every later process loads the package in a fraction of a seco
 
 `torch.compile` compiles in the process that runs it (70–80 s per batch size for the default U-Net, docs/
 performance.md), which a fresh `carrara generate` cannot afford. Here `torch.export` traces the U-Net at a few static
-batch sizes (symbolic shapes lost most of compile's gain on the bf16 kind: 1.27× at batch 2 and 1.02× at 32 against
-1.85× and 2.07× static, docs/performance.md) and the model's fixed text length; AOTInductor compiles each graph with
+batch sizes (symbolic shapes lost most of compile's gain on the bf16 kind, docs/performance.md) and the model's fixed
+text length; AOTInductor compiles each graph with
 its weights into a `.pt2` package, written beside the model's `unet/` weights under a name that says what it was
 compiled for: the precision, the CPU's vector ISA (a package compiled for AVX-512 would not run on an AVX2 CPU),
 whether bf16 is native, the torch version, the weights' hash, the batch and the text length. A package holds code
 only (AOTInductor's `package_constants_in_so = False`): at load it is handed the eager U-Net's weights
-(`load_constants`), so five batch sizes cost a few MB on disk, not five copies of the weights (505 MB for the default
-model in fp32 when each package embedded them). A package is still for the weights it was compiled with (inductor
+(`load_constants`), so five batch sizes cost a few MB on disk, not five copies of the weights. A package is still for the weights it was compiled with (inductor
 folds some of them into its constants at compile time; the name carries their hash), and weights changed after
 loading (a LoRA merge) set it aside (`Pipeline.merge_loras`). A call pads its batch
 to the next compiled size (repeating its last row; the padding's outputs are dropped) and runs larger batches in
@@ -37,7 +36,6 @@ from carrara.errors import CarraraError
 from carrara.hardware import cpu_isa, cpu_supports_bf16
 
 PACKAGE_DIR = "compiled"  # inside the model's unet/ folder
-BATCHES = (2, 4, 8, 16, 32)  # U-Net batch sizes compiled by default: 1, 2, 4, 8, 16 guided images
 # `carrara compile` keeps a package only if its images are eager's within this mean |Δpixel| (fp32: float rounding
 # of a different kernel order, ~0.01/255; bf16: bf16 rounding of fused ops)
 COMPILED_TOLERANCE_255 = 1.0

@@ -35,6 +35,7 @@ from carrara.serve.unclip import UnclipJob, unclip_inputs
 from carrara.serve.uploads import Edit
 
 QUEUED, RUNNING, DONE, CANCELLED, FAILED = "queued", "running", "done", "cancelled", "failed"
+MAX_QUEUED_DRAFTS = 4  # live previews waiting ahead of the queue at once (each page cancels its own older one)
 FINISHED = (DONE, CANCELLED, FAILED)
 
 
@@ -183,8 +184,11 @@ class JobQueue:
                 raise CarraraError("the server is stopping")
             if len(self._queue) >= self.max_queued:
                 raise QueueFull(self.retry_after())
+            drafts = sum(q.draft for q in self._queue)  # queued drafts are at the front
+            if draft and drafts >= MAX_QUEUED_DRAFTS:  # many pages typing at once must not starve the queue
+                raise QueueFull(self.retry_after())
             if draft:
-                self._queue.insert(sum(q.draft for q in self._queue), job)  # queued drafts are at the front
+                self._queue.insert(drafts, job)
             else:
                 self._queue.append(job)
             self._jobs[job.id] = job
@@ -317,7 +321,7 @@ class JobQueue:
                 raise _Stop
             previews = None
             # a preview costs a decode of the whole batch and a PNG per job: only when a stream is open on it
-            if i % every == 0 and any(job.watchers for job in batch):
+            if i % every == 0 and not batch[0].draft and any(job.watchers for job in batch):  # a draft: no x̂0
                 x = to_pil(decode())  # (B, 3, H, W) → B images
                 previews = [_data_url(x[offsets[k]:offsets[k + 1]]) for k in range(len(batch))]
             with self._cond:

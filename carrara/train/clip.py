@@ -76,7 +76,7 @@ def train_clip(recipe: ClipRecipe, out: str | Path, *, resume: bool = False, pro
     caption_of = torch.tensor([{t: i for i, t in enumerate(unique)}[t] for t in texts])  # (N,)
     train_idx, held_idx = split_by_caption(texts, recipe.holdout, recipe.train.seed)
 
-    config = ClipConfig.from_dict({**recipe.model, "image_size": recipe.size, "text_dim": sent.shape[1]})
+    config = ClipConfig.from_dict({"stem_stride": 0, **recipe.model, "image_size": recipe.size, "text_dim": sent.shape[1]})
     recipe.model = dataclasses.asdict(config)
     torch.manual_seed(recipe.train.seed)
     model = ClipModel(config)

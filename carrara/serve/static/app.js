@@ -444,6 +444,11 @@ async function runDraft() {
   }
   draft.job = job.id;
   const events = draft.events = new EventSource(job.events_url);
+  events.onerror = () => {
+    if (events.readyState !== EventSource.CLOSED || token !== draft.token) return;
+    status.classList.add("error");
+    status.textContent = "preview: connection lost";
+  };
   events.addEventListener("job", (event) => {
     const j = JSON.parse(event.data);
     if (!FINISHED.includes(j.status)) return;
@@ -486,7 +491,10 @@ function applyModel(model) {
 }
 
 async function selectModel(name) {
-  // asking for a model that is not in memory loads it on the server: the menu waits for it
+  // asking for a model that is not in memory loads it on the server: the menu waits for it (and no preview is
+  // asked for meanwhile: the old model's draft settings do not fit the new one)
+  cancelDraft();
+  currentModel = null;
   $("model-choice").value = name;
   $("model-choice").disabled = true;
   $("model").textContent = `loading ${name}…`;
