@@ -1,7 +1,8 @@
 """The README's picture of `carrara serve`: the real page with the default model, after a few prompts.
 
 Starts the app in-process on a free loopback port with a fresh gallery, drives Debian's chromium headless with
-Playwright (as tests/test_serve_browser.py does), generates a few prompts and saves a screenshot.
+Playwright (as tests/test_serve_browser.py does), generates a few prompts, types one more (its live preview shows)
+and saves a screenshot.
 
     python bench/screenshot.py [--model default] [--out docs/images/serve.png]
 """
@@ -15,6 +16,7 @@ from carrara.pipeline import Pipeline
 from carrara.serve.app import create_app, running
 
 PROMPTS = [("a happy kitty", 2), ("a red sports car", 2), ("a snowman in the snow", 2), ("red heart", 2)]
+PREVIEW = "a slice of pizza"  # typed last: the page's live preview of it is in the picture
 
 
 def main() -> None:
@@ -39,6 +41,10 @@ def main() -> None:
                 total += n
                 expect(page.locator("#gallery .card")).to_have_count(total, timeout=120_000)
             expect(page.locator("#jobs .step-counter")).to_have_count(0, timeout=30_000)  # the live panel closes
+            page.fill("#prompt", "")
+            page.locator("#prompt").press_sequentially(PREVIEW, delay=40)  # typing: the live preview follows
+            expect(page.locator("#draft")).to_be_visible(timeout=30_000)
+            expect(page.locator("#draft-status")).to_contain_text("preview ·", timeout=120_000)
             page.wait_for_function("() => [...document.querySelectorAll('#gallery img')].every((i) => i.complete)")
             page.screenshot(path=args.out, full_page=True)
             browser.close()

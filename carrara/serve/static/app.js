@@ -417,6 +417,7 @@ function scheduleDraft() {
   cancelDraft();
   if (!previewable()) {
     $("draft").hidden = true;
+    $("draft-status").textContent = "";
     return;
   }
   draft.timer = setTimeout(runDraft, DRAFT_PAUSE_MS);
