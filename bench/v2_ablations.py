@@ -63,10 +63,11 @@ def arm_recipe(arm: str, ctx: dict) -> DiffusionRecipe:
     table = flatten(load_recipe_file(RECIPE)["diffusion"])
     if "model" in ctx["overrides"]:  # --tiny: a whole U-Net config replaces the recipe's
         table = {k: v for k, v in table.items() if not k.startswith("model.")}
-    table.update({"prediction_type": prediction_type, "pooled": pooled, "init_unet": ctx["init"],
+    init = ctx.get("init_folder", ctx["init"])
+    table.update({"prediction_type": prediction_type, "pooled": pooled, "init_unet": init,
                   "train.steps": ctx["steps"], "train.sample_every": ctx["steps"],
                   "train.checkpoint_every": min(100, ctx["steps"]), **ctx["overrides"]})
-    return apply_overrides(DiffusionRecipe(data=ctx["data"], autoencoder=ctx["init"], size=ctx["size"]), table)
+    return apply_overrides(DiffusionRecipe(data=ctx["data"], autoencoder=init, size=ctx["size"]), table)
 
 
 def train_arm(arm: str, ctx: dict) -> dict:
@@ -118,7 +119,7 @@ def judge(model: str, name: str, ctx: dict) -> dict:
                                 metrics=("fd", "clipscore", "retrieval"), bootstrap=ctx["bootstrap"])
         cached = folder / "metrics.json"
         report = json.loads(cached.read_text()) if cached.is_file() else None
-        if report is None or report["settings"] != dataclasses.asdict(settings):
+        if report is None or report["settings"] != json.loads(json.dumps(dataclasses.asdict(settings))):  # as saved
             report = run_eval(settings, folder, progress=ctx["progress"])
         m = report["metrics"]
         row[what] = {"t2i_top1": pick(m, "T2I-top1"), "t2i_top5": pick(m, "T2I-top5"),
@@ -217,7 +218,9 @@ def run(args: argparse.Namespace) -> dict:
         if not (args.data and args.clip):
             raise CarraraError("--data DIR and --clip RUN are needed (or --tiny)")
         ctx.update(data=args.data, clip=check_clip(Path(args.clip), 64))
-        resolve(args.init)  # a missing starting model fails here, before any training
+        # a missing starting model fails here, before any training; the arms train from its folder ("default" is the
+        # packaged model's name to Pipeline.load, not a folder the training stages read)
+        ctx["init_folder"] = str(resolve(args.init).root)
     curve = snapshots(Path(args.curve)) if args.curve else []
     result = {"cpu": cpu_kind(), "command": " ".join(sys.argv), "steps": args.steps, "n": args.n,
               "n_para": args.n_para, "clip": str(ctx["clip"]), "init": ctx["init"], "arms": {}, "curve": {}}

@@ -49,3 +49,31 @@ def test_bad_arguments_are_one_line(tmp_path):
         done = subprocess.run([sys.executable, str(ROOT / "bench" / "v2_ablations.py"), "--out", str(tmp_path / "o"),
                                *args], check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode != 0 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_a_judged_model_is_not_judged_again(tmp_path, monkeypatch):
+    """The evaluations are kept in OUT/eval/NAME/ and reused on a rerun with the same settings (as saved: JSON, where
+    the metrics tuple is a list) — an interrupted bench resumes without re-generating hundreds of images."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import v2_ablations
+
+    from carrara.fileio import write_json_atomic
+
+    calls = []
+
+    def fake_run_eval(settings, folder, progress):
+        calls.append(settings.prompts)
+        metric = {"value": 0.5, "ci95": [0.4, 0.6]}
+        report = {"settings": __import__("dataclasses").asdict(settings),
+                  "metrics": {"T2I-top1": metric, "T2I-top5": metric, "CLIPScore[x, generated]": metric,
+                              "FD[x]": metric}}
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(folder / "metrics.json", report)
+        return report
+
+    monkeypatch.setattr(v2_ablations, "run_eval", fake_run_eval)
+    ctx = {"out": tmp_path, "n": 4, "n_para": 2, "data": "d", "clip": "c", "paraphrases": "p.txt", "bootstrap": 5,
+           "progress": False}
+    first = v2_ablations.judge("m", "v1", ctx)
+    again = v2_ablations.judge("m", "v1", ctx)
+    assert calls == [None, "p.txt"] and first == again
