@@ -353,18 +353,15 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if folder != unet_dir / aot.PACKAGE_DIR:  # the model's folder is read-only: the user's cache
         folder.mkdir(parents=True, exist_ok=True)
     check_writable(paths[args.batches[0]] if folder.is_dir() else unet_dir / folder.name, "the compiled U-Net")
-    with no_empty_folder_left(folder):
-        try:
-            kept = _compile_and_check(pipe, paths, tokens, args.keep)
-        except BaseException:
-            kept = False
-            raise
-        finally:
-            if not kept:
-                for path in paths.values():
-                    path.unlink(missing_ok=True)
-                if folder.is_dir() and not any(folder.iterdir()):
-                    folder.rmdir()  # no empty compiled/ folder either
+    kept = False
+    try:
+        kept = _compile_and_check(pipe, paths, tokens, args.keep)
+    finally:  # an error, Ctrl-C or "not kept": no package and no empty compiled/ folder is left
+        if not kept:
+            for path in paths.values():
+                path.unlink(missing_ok=True)
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
     return 0
 
 

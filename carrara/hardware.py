@@ -22,23 +22,25 @@ def cpu_supports_bf16() -> bool:
         if forced not in ("0", "1"):
             raise CarraraError(f"CARRARA_BF16={forced!r}: set it to 0 (fp32) or 1 (bf16), or leave it unset")
         return forced == "1"
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (read once per process; empty where there is none)."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        return frozenset()
+    return frozenset(next((line.split(":", 1)[1] for line in text.splitlines() if line.startswith("flags")), "").split())
 
 
 @functools.cache
 def cpu_isa() -> str:
     """The CPU's vector instruction set as compiled code depends on it: "avx512" (F, BW, VL and DQ), "avx2" (with
-    FMA) or "none", plus "-amx" with AMX tiles. Read from /proc/cpuinfo's flags (no compiler run, unlike inductor's
-    own probe): what a compiled U-Net's package is named for (models/compiled.py)."""
-    try:
-        flags = set(next((line.split(":", 1)[1] for line in Path("/proc/cpuinfo").read_text().splitlines()
-                          if line.startswith("flags")), "").split())
-    except OSError:
-        flags = set()
+    FMA) or "none", plus "-amx" with AMX tiles. From cpu_flags (no compiler run, unlike inductor's own probe): what a
+    compiled U-Net's package is named for (models/compiled.py)."""
+    flags = cpu_flags()
     isa = ("avx512" if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags else
            "avx2" if {"avx2", "fma"} <= flags else "none")
     return isa + ("-amx" if "amx_tile" in flags else "")

@@ -75,10 +75,11 @@ def package_dir(unet_folder: str | Path) -> Path:
 def find_packages(unet_folder: str | Path, model_hash: str, precision: str) -> dict[int, tuple[int, Path]]:
     """batch → (text length, path) of the packages compiled for this machine kind, model and precision (the first
     folder of package_dirs that has any)."""
-    prefix = package_prefix(model_hash, precision)
-    for folder in package_dirs(unet_folder):
+    folders = [folder for folder in package_dirs(unet_folder) if folder.is_dir()]  # usually none: two stat calls
+    prefix = package_prefix(model_hash, precision) if folders else ""
+    for folder in folders:
         found = {}
-        for path in sorted(folder.glob(f"{prefix}*.pt2")) if folder.is_dir() else []:
+        for path in sorted(folder.glob(f"{prefix}*.pt2")):
             batch, _, tokens = path.name[len(prefix):-len(".pt2")].partition("x")
             if batch.isdigit() and tokens.isdigit():
                 found[int(batch)] = (int(tokens), path)
