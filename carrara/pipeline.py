@@ -31,7 +31,7 @@ from carrara.models.compiled import Package, find_package
 from carrara.models.unet import UNet2DConditionModel as UNet
 from carrara.text.encoder import TextEncoder, mean_pool
 from carrara.unclip import Unclip, is_unclip
-from carrara.upsampler import Upsampler, UpsamplerSettings, depth_to_space
+from carrara.upsampler import Upsampler, UpsamplerSettings
 
 MAX_BATCH = 64
 # diffusers' defaults: StableDiffusionImg2ImgPipeline strength=0.8, StableDiffusionInpaintPipeline strength=1.0
@@ -274,8 +274,8 @@ class Pipeline:
         if cascade:  # 5. The second stage: the small image and the same text → the big image.
             up_cb = None
             if callback is not None:
-                def up_cb(i, t, x_t, x0_hat):
-                    callback(base_steps + i, total, lambda: depth_to_space(x0_hat, self.upsampler.factor).clamp(-1, 1))
+                def up_cb(i, t, x_t, image_hat):  # the stage passes x̂0 as an image (B, 3, fH, fW)
+                    callback(base_steps + i, total, lambda: image_hat)
             with text_kv_cache(self.upsampler.unet):
                 images = _check_finite(self.upsampler(images, cond[0], uncond[0], seed=seed, settings=upsampler,
                                                       callback=up_cb), "upsampler")  # (B, 3, fH, fW)

@@ -6,13 +6,20 @@ text. Noise-conditioning augmentation (CDM §4.2, Imagen §2.5): in training the
 by the forward process q(y_s | y) at a random level s, and s is an input of the network; at sampling, a fixed s
 is chosen, so the stage forgives the base model's artefacts instead of copying them.
 
+It generates the *residual* over a bicubic enlargement, scaled to unit variance (SRDiff, Li et al. 2022; the
+latent scale factor of Rombach et al. 2022 §4.3.2 applied to the residual): x_0 = (x − bicubic(y)) / k. The
+residual is zero on flat regions and lives at edges, so the network's errors, which in plain pixel space were left
+as coloured speckle after 1,000 steps, are k ≈ 0.07 times as large in the image, and an untrained stage is already
+bicubic (docs/decisions.md, 2026-11-30: x̂0 error at t = 100 fell 0.018 → 0.0003 on an overfit probe).
+
 It works in pixel space, made cheap by a space-to-depth stem (Hoogeboom et al. 2023, "simple diffusion"): the
 (B, 3, f·h, f·w) image is denoised as a (B, 3·f², h, w) tensor, so the U-Net runs at the low resolution and the
 low-resolution image (B, 3, h, w) is concatenated channel-wise as it is, with no resampling and no autoencoder
 ceiling (docs/decisions.md says why not a latent upsampler, with the measurement).
 
     y (B, 3, h, w) ─ q(y_s | y) ─┐
-    x_t (B, 3f², h, w) ──────────┴─ cat ─► U-Net(·, t, text, class_labels=s) ─► v̂ ─► sampler ─► x_0 ─ depth-to-space ─► (B, 3, fh, fw)
+    x_t (B, 3f², h, w) ──────────┴─ cat ─► U-Net(·, t, text, class_labels=s) ─► v̂ ─► sampler ─► x_0 (residual / k)
+    image = depth-to-space(s2d(bicubic(y)) + k · x_0)   (B, 3, fh, fw)
 """
 from __future__ import annotations
 
@@ -29,8 +36,9 @@ from carrara.diffusion.schedule import NoiseSchedule, add_noise
 from carrara.diffusion.settings import DEFAULTS
 from carrara.errors import CarraraError
 from carrara.fileio import ensure_dir, write_json_atomic
+from carrara.images import to_model_range
 from carrara.modelfolder import read_json_object
-from carrara.models.codec import depth_to_space, space_to_depth  # noqa: F401 (space_to_depth: for the stage's users)
+from carrara.models.codec import depth_to_space, space_to_depth
 from carrara.models.unet import UNet2DConditionModel as UNet
 
 KIND = "CarraraUpsampler"  # model_index.json _class_name of an upsampler folder
@@ -49,6 +57,25 @@ class UpsamplerSettings:
 def downsample(images: torch.Tensor, f: int) -> torch.Tensor:
     """The low-resolution image the stage is conditioned on: f×f box averages (B, 3, H/f, W/f)."""
     return F.avg_pool2d(images, f)
+
+
+def bicubic_reference(lowres: torch.Tensor, f: int) -> torch.Tensor:
+    """The residual's reference: bicubic ×f of the clean low-resolution image, in [−1, 1], space-to-depth
+    (B, 3f², h, w)."""
+    big = F.interpolate(lowres.float(), scale_factor=f, mode="bicubic", align_corners=False).clamp(-1, 1)
+    return space_to_depth(big, f)
+
+
+def residual_std(images: torch.Tensor, f: int, chunk: int = 256) -> float:
+    """The standard deviation of x − bicubic(downsample(x)) over images (N, 3, H, W), uint8 or in [−1, 1]: the
+    stage's k, computed a chunk at a time (a whole 128-px dataset in float would be ~0.75 GB)."""
+    total, n = 0.0, 0
+    for i in range(0, len(images), chunk):
+        x = images[i:i + chunk]
+        x = to_model_range(x) if x.dtype == torch.uint8 else x.float()
+        r = space_to_depth(x, f) - bicubic_reference(downsample(x, f), f)
+        total, n = total + r.pow(2).sum().item(), n + r.numel()
+    return (total / max(n, 1)) ** 0.5
 
 
 def upsampler_inputs(unet: UNet, x: torch.Tensor, t: torch.Tensor, lowres_aug: torch.Tensor, states: torch.Tensor,
@@ -90,13 +117,17 @@ def assemble_cascade(base: str | Path, upsampler: str | Path, out: str | Path) -
 class Upsampler:
     """A U-Net that denoises (B, 3f², h, w) given the low-resolution image, the text and the augmentation level."""
 
-    def __init__(self, *, unet: UNet, schedule: NoiseSchedule, factor: int, settings: UpsamplerSettings | None = None):
+    def __init__(self, *, unet: UNet, schedule: NoiseSchedule, factor: int, settings: UpsamplerSettings | None = None,
+                 residual_scale: float | None = None):
         c = unet.config
         if c.class_embed_type != "timestep" or c.in_channels != 3 * factor**2 + 3 or c.out_channels != 3 * factor**2:
             raise CarraraError(f"this U-Net is not a ×{factor} upsampler (needs class_embed_type='timestep', "
                                f"{3 * factor**2 + 3} input and {3 * factor**2} output channels)")
         self.unet, self.schedule, self.factor = unet.eval(), schedule, factor  # schedule.prediction_type: ε or v
         self.settings = settings or UpsamplerSettings()
+        if residual_scale is not None and not residual_scale > 0:
+            raise CarraraError(f"upsampler residual_scale must be > 0, got {residual_scale}")
+        self.residual_scale = residual_scale  # k: x_0 is (x − bicubic(y)) / k; None: x_0 is x (folders before it)
 
     @classmethod
     def load(cls, folder: str | Path, *, allow_pickle: bool = False) -> Upsampler:
@@ -109,10 +140,12 @@ class Upsampler:
         try:
             factor = int(own.get("factor", 2))
             settings = UpsamplerSettings(**own.get("settings", {}))
+            residual_scale = None if own.get("residual_scale") is None else float(own["residual_scale"])
         except (TypeError, ValueError) as e:
             raise CarraraError(f"{folder / 'model_index.json'}: bad upsampler settings ({e})") from None
         unet = UNet.from_pretrained(folder / "unet", allow_pickle=allow_pickle)
-        return cls(unet=unet, schedule=NoiseSchedule.from_diffusers_config(scheduler), factor=factor, settings=settings)
+        return cls(unet=unet, schedule=NoiseSchedule.from_diffusers_config(scheduler), factor=factor, settings=settings,
+                   residual_scale=residual_scale)
 
     def save(self, folder: str | Path, *, text_encoder: str) -> None:
         """unet/, scheduler/ and model_index.json (with the factor and the sampling defaults) into `folder`."""
@@ -124,8 +157,18 @@ class Upsampler:
         write_json_atomic(folder / "model_index.json", {
             "_class_name": KIND, "unet": ["diffusers", "UNet2DConditionModel"],
             "scheduler": ["diffusers", "DDIMScheduler"],
-            "carrara": {"text_encoder": text_encoder, "factor": self.factor,
+            "carrara": {"text_encoder": text_encoder, "factor": self.factor, "residual_scale": self.residual_scale,
                         "settings": self.settings.__dict__}})
+
+    def target(self, high: torch.Tensor, lowres: torch.Tensor) -> torch.Tensor:
+        """What the network denoises: high-resolution images (B, 3, fh, fw) → x_0 (B, 3f², h, w)."""
+        x = space_to_depth(high, self.factor)
+        return x if self.residual_scale is None else (x - bicubic_reference(lowres, self.factor)) / self.residual_scale
+
+    def pixels(self, x0: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
+        """The inverse of `target`: x_0 (B, 3f², h, w) → images (B, 3, fh, fw) in [−1, 1]."""
+        x = x0 if reference is None else reference + self.residual_scale * x0
+        return depth_to_space(x, self.factor).clamp(-1, 1)
 
     @torch.inference_mode()
     def __call__(self, lowres: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, *, seed: int = 0,
@@ -152,6 +195,8 @@ class Upsampler:
 
         model = cfg_model(net, cond, uncond, s.guidance)
         timesteps = default_timesteps(s.sampler, self.schedule, s.steps)
+        reference = None if self.residual_scale is None else bicubic_reference(lowres, f)  # of the clean y
+        step_cb = callback and (lambda i, t, x_t, x0_hat: callback(i, t, x_t, self.pixels(x0_hat, reference)))
         x0 = SAMPLERS[s.sampler](model, x_T, self.schedule, timesteps,
-                                 generator=gens, callback=callback)  # image i's stream goes on: x_T, then noise
-        return depth_to_space(x0, f).clamp(-1, 1)  # (B, 3, fh, fw)
+                                 generator=gens, callback=step_cb)  # image i's stream goes on: x_T, then noise
+        return self.pixels(x0, reference)  # (B, 3, fh, fw)

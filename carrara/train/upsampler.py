@@ -5,7 +5,9 @@ Each step (DDPM Algorithm 1 on the high-resolution image, given the low-resoluti
      models train on crops and, being convolutional, run on whole images: SR3, Saharia et al. 2021 §4; Imagen §2.5);
   2. y = its f×f box-downsampled image, corrupted to y_s ~ q(y_s | y) at a random level s ~ U{0, …, aug_max − 1}
      (noise-conditioning augmentation, Ho et al. 2021 §4.2);
-  3. x_0 = space-to-depth of the crop; t, ε; regress the v (or ε) target of U-Net(cat[x_t, y_s], t, text, s).
+  3. x_0 = (space-to-depth of the crop − that of bicubic ×f of the clean y) / k, the residual at unit variance
+     (carrara/upsampler.py; k is measured on the data once, like a latent scale factor);
+     t, ε; regress the v (or ε) target of U-Net(cat[x_t, y_s], t, text, s).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from carrara.models.unet import UNet2DConditionModel as UNet
 from carrara.text.encoder import TextEncoder
 from carrara.train.captions import balanced_batches, load_captioned
 from carrara.train.core import TrainConfig, Trainer
-from carrara.upsampler import Upsampler, UpsamplerSettings, downsample, space_to_depth, upsampler_inputs
+from carrara.upsampler import Upsampler, UpsamplerSettings, downsample, residual_std, upsampler_inputs
 
 
 def default_upsampler_config(factor: int = 2) -> dict:
@@ -53,6 +55,7 @@ class UpsamplerRecipe:
     schedule: str = "cosine"
     prediction_type: str = "v_prediction"
     aug_max: int = 350  # training augmentation levels s ∈ {0, …, aug_max − 1} of T
+    residual_scale: float = 0.0  # k of x_0 = (x − bicubic(y)) / k; 0: the data's residual std, measured at the start
     cond_dropout: float = 0.1
     caption_variants: str = "captions"
     balance_by: str = ""
@@ -76,6 +79,8 @@ def check_recipe(r: UpsamplerRecipe) -> None:
     if r.factor < 2 or r.size % r.factor or (r.crop and (r.crop % r.factor or not r.factor <= r.crop <= r.size)):
         raise CarraraError(f"upsampler: size {r.size} and crop {r.crop} must be multiples of factor {r.factor} ≥ 2, "
                            f"with crop ≤ size")
+    if r.residual_scale < 0:
+        raise CarraraError(f"upsampler: residual_scale must be ≥ 0 (0: measured on the data), got {r.residual_scale}")
     if not 0 < r.aug_max <= 1000:
         raise CarraraError(f"upsampler: aug_max must be in [1, 1000] (the schedule's T), got {r.aug_max}")
 
@@ -100,6 +105,14 @@ def train_upsampler(recipe: UpsamplerRecipe, out: str | Path, *, resume: bool = 
     torch.manual_seed(recipe.train.seed)
     unet = UNet(config)
     schedule = NoiseSchedule.from_config(recipe.schedule, prediction_type=recipe.prediction_type)
+    if not recipe.residual_scale:  # deterministic (all images, whole), so a resumed run measures the same k
+        recipe.residual_scale = round(residual_std(images, f), 4)
+
+    def stage(ema: UNet) -> Upsampler:
+        return Upsampler(unet=ema, schedule=schedule, factor=f, settings=recipe.sampling,
+                         residual_scale=recipe.residual_scale)
+
+    target = stage(unet).target  # high-resolution crops and their clean y → x_0
 
     def loss_fn(model: UNet, idx: torch.Tensor, gen: torch.Generator, rows: slice) -> torch.Tensor:
         # Random numbers are drawn for the whole batch idx, then this call's rows are kept (train/core.py).
@@ -108,7 +121,7 @@ def train_upsampler(recipe: UpsamplerRecipe, out: str | Path, *, resume: bool = 
         level = torch.randint(0, recipe.aug_max, (len(idx),), generator=gen)  # step 2: s
         lowres = downsample(hi, f)
         lowres_aug = add_noise(schedule, lowres, torch.randn(lowres.shape, generator=gen), level)  # y_s
-        x0 = space_to_depth(hi, f)  # (B, 3f², c/f, c/f), step 3
+        x0 = target(hi, lowres)  # (B, 3f², c/f, c/f), step 3
         t, noise = sample_t_and_noise(x0, schedule, gen)  # Algorithm 1, lines 3–4
         dev = next(model.parameters()).device
         y, c, s = lowres_aug[rows].to(dev), cond[rows].to(dev), level[rows].to(dev)
@@ -119,9 +132,6 @@ def train_upsampler(recipe: UpsamplerRecipe, out: str | Path, *, resume: bool = 
     real = to_model_range(images[show])  # (6, 3, H, W)
     show_states = text_encoder.encode([r.text for r in (records[i] for i in show.tolist())])[0]
     null_states = text_encoder.encode([""])[0]
-
-    def stage(ema: UNet) -> Upsampler:
-        return Upsampler(unet=ema, schedule=schedule, factor=f, settings=recipe.sampling)
 
     def sample_fn(ema: UNet, step: int):
         """Rows: the low-resolution input enlarged (nearest), bicubic ×f, the stage's output, the real image."""
