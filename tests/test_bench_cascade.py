@@ -73,8 +73,9 @@ def test_tiny_bench_has_every_row_with_its_interval(tiny):
     for name in ("real64_bicubic", "real64_upsampler"):
         assert around(rows[name], "psnr_db"), rows[name]
     assert rows["real64_upsampler"]["aug_level"] == rows["cascade"][rows["chosen"]]["aug_level"]
-    # bicubic of box-downsampled shapes is close to the real image; an untrained 3-step stage is noise
-    assert rows["real64_bicubic"]["psnr_db"] > 20 > rows["real64_upsampler"]["psnr_db"]
+    # bicubic of box-downsampled shapes is close to the real image; so is an untrained stage's output, which is
+    # bicubic plus k times a residual (k = the data's residual std: carrara/upsampler.py) — pixel noise would be < 20
+    assert rows["real64_bicubic"]["psnr_db"] > 20 and rows["real64_upsampler"]["psnr_db"] > 20
     t = r["time"]
     for key in ("base", "cascade"):
         assert finite(t[f"{key}_s_per_image_batch"]) and t[f"{key}_s_per_image_one"] > 0
