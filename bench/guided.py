@@ -24,7 +24,8 @@ Experiments (`--only`):
   guidance    classifier guidance (scales `--cg-scales`, on the unconditional model, the empty prompt, w = 1; or with
               `--cg-on conditional` on the caption at w = 1) vs classifier-free guidance (w in `--cfg-scales`), at the
               default sampler and steps: faithfulness (precision-like) against FD and a diversity (recall-like: the
-              mean distance between two images of one prompt in the CLIP judge's features, 8 prompts × 8 seeds);
+              mean pairwise CLIP distance 1 − cos among the images of one prompt, 8 prompts × 8 seeds, as
+              issue 20's diversity: carrara/evaluate/diversity.py);
               both curves on one plot (`--plot`);
   adagn       AdaGN on vs off at the default sampler, steps and guidance: FD, faithfulness;
   two-object  the two-object numbers (both objects drawn, relation right, everything right) of every model trained
@@ -74,6 +75,7 @@ from carrara.data.load import load_dataset, preload_images
 from carrara.diffusion.guidance import ClassifierGuidance, LogProbFn
 from carrara.diffusion.settings import DEFAULTS
 from carrara.errors import CarraraError
+from carrara.evaluate.diversity import pairwise_distances
 from carrara.evaluate.faithfulness import detector_ceiling, evaluate_faithfulness, sample_prompts
 from carrara.evaluate.fid import feature_stats, frechet_distance
 from carrara.evaluate.nll import latent_nll
@@ -210,13 +212,6 @@ def sampled_variance(pipe, variance: str):
     finally:
         if handle is not None:
             handle.remove()
-
-
-def mean_pairwise_distance(emb: torch.Tensor) -> float:
-    """Diversity (recall-like): the mean Euclidean distance between two images of one prompt, over the prompts;
-    emb (P, K, E), K ≥ 2 images per prompt."""
-    P, K = emb.shape[:2]
-    return float(torch.cdist(emb.double(), emb.double()).sum() / (P * K * (K - 1)))
 
 
 # ---- the plan: training runs and evaluation points, with their estimated cost ----
@@ -448,7 +443,7 @@ def quality_row(p: Point, pipe, ctx: dict) -> dict:
         P, K = scale.diversity
         prompts = [text for text in ctx["diversity_prompts"] for _ in range(K)]  # K seeds per prompt
         images = generate_images(fn, prompts, dataclasses.replace(settings, seed=10_000), progress)
-        row["diversity"] = mean_pairwise_distance(ctx["scorer"].embed_images(images).reshape(P, K, -1))
+        row["diversity"] = float(pairwise_distances(ctx["scorer"].embed_images(images).reshape(P, K, -1)).mean())
     return row
 
 

@@ -83,11 +83,6 @@ def test_fixed_beta_variance_widens_the_ddpm_step_by_sqrt_beta():
     assert torch.equal(same, plain) and torch.equal(first_step(), plain)  # the hook is gone afterwards
 
 
-def test_diversity_is_the_mean_distance_within_a_prompt():
-    emb = torch.tensor([[[0.0, 0.0], [3.0, 4.0], [0.0, 0.0]], [[1.0, 1.0], [1.0, 1.0], [1.0, 1.0]]])
-    assert guided.mean_pairwise_distance(emb) == pytest.approx((2 * (5 + 5 + 0) / 6 + 0) / 2)
-
-
 def test_plan_lists_every_run_and_experiment_and_trains_nothing(tmp_path):
     out = tmp_path / "runs"
     done = bench("--plan", "--only", "adagn,guidance", "--out", str(out), timeout=120)
