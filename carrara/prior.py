@@ -28,6 +28,7 @@ from carrara.models.prior import Condition, DiffusionPriorNetwork
 from carrara.text.encoder import mean_pool
 
 MAX_PER_CALL = 4096  # sampled embeddings per call: a batch of (B, S, W) activations, far below memory limits
+CANDIDATE_STRIDE = 1_000_003  # candidate k of a draw from seed s starts from seed s + k·stride (k = 0: s itself)
 
 
 @dataclass
@@ -37,6 +38,7 @@ class PriorSettings:
     steps: int = 25
     sampler: str = "ddim"
     guidance: float = 4.0
+    candidates: int = 2  # DALL-E 2 §2.2: draw two z_i, keep the one with the larger z_i · z_t (1: the first draw)
 
 
 def trim(states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,15 +71,35 @@ def null_condition(cond: Condition) -> Condition:
 @torch.no_grad()
 def sample_embeddings(network: DiffusionPriorNetwork, schedule: NoiseSchedule, cond: Condition, *, seed: int = 0,
                       guidance: float = PriorSettings.guidance, steps: int = PriorSettings.steps,
-                      sampler: str = PriorSettings.sampler) -> torch.Tensor:
-    """One unit image embedding (B, E) per row of `cond`; row j starts from x_T drawn by the generator seed + j."""
+                      sampler: str = PriorSettings.sampler, seeds: list[int] | None = None) -> torch.Tensor:
+    """One unit image embedding (B, E) per row of `cond`; row j starts from x_T drawn by the generator seed + j
+    (or seeds[j])."""
     n, e = cond[0].shape[0], network.config.embed_dim
-    gens = [torch.Generator().manual_seed(seed + j) for j in range(n)]
+    gens = [torch.Generator().manual_seed(seed + j if seeds is None else seeds[j]) for j in range(n)]
     x_T = torch.cat([torch.randn(1, e, generator=g) for g in gens])  # (B, E) ~ N(0, I)
     model = cfg_model(network, cond, null_condition(cond), guidance)  # x̂0 = uncond + w (cond − uncond)
     timesteps, options = sampling_plan(sampler, schedule, steps)
     x0 = get_sampler(sampler)(model, x_T, schedule, timesteps, prediction_type="sample", generator=gens, **options)
     return F.normalize(x0.float(), dim=-1)  # the scale √E divides out in the normalisation   (B, E)
+
+
+def pick_embeddings(network: DiffusionPriorNetwork, schedule: NoiseSchedule, cond: Condition, *, seed: int = 0,
+                    candidates: int = PriorSettings.candidates, guidance: float = PriorSettings.guidance,
+                    steps: int = PriorSettings.steps, sampler: str = PriorSettings.sampler) -> torch.Tensor:
+    """One unit z_i (B, E) per row of `cond`, the best of `candidates` draws by z_i · z_t (DALL-E 2 §2.2: "we sample
+    two copies of z_i from the prior and pick the one with a higher dot product with z_t").
+
+    Row j's candidate k starts from seed + j + k·CANDIDATE_STRIDE, so row j's pick depends on seed + j only (image i
+    of a batch is image 0 of a call from seed + i), and candidates = 1 is `sample_embeddings`' own draw."""
+    if not 1 <= candidates <= 16:
+        raise CarraraError(f"prior candidates must be between 1 and 16, got {candidates}")
+    B = cond[0].shape[0]
+    rows = tuple(c.repeat(candidates, *([1] * (c.ndim - 1))) for c in cond)  # row k·B + j: row j, draw k
+    seeds = [seed + j + k * CANDIDATE_STRIDE for k in range(candidates) for j in range(B)]
+    z = sample_embeddings(network, schedule, rows, guidance=guidance, steps=steps, sampler=sampler,
+                          seeds=seeds).view(candidates, B, -1)  # (K, B, E)
+    best = (z * cond[2].float()[None]).sum(-1).argmax(0)  # (B,) the draw nearest its caption's z_t
+    return z[best, torch.arange(B)]
 
 
 class Prior:
@@ -122,6 +144,15 @@ class Prior:
         out = sample_embeddings(self.network, self.schedule, cond, seed=seed, guidance=guidance, steps=steps,
                                 sampler=sampler)
         return out.view(len(prompts), n, -1)
+
+    def pick(self, prompts: list[str], *, seed: int = 0, candidates: int = PriorSettings.candidates,
+             guidance: float = PriorSettings.guidance, steps: int = PriorSettings.steps,
+             sampler: str = PriorSettings.sampler) -> torch.Tensor:
+        """One unit z_i (P, E) per prompt, the best of `candidates` draws (`pick_embeddings`)."""
+        if not prompts or len(prompts) * candidates > MAX_PER_CALL:
+            raise CarraraError(f"prior: give 1…{MAX_PER_CALL // max(candidates, 1)} prompts per call, got {len(prompts)}")
+        return pick_embeddings(self.network, self.schedule, self.condition(list(prompts)), seed=seed,
+                               candidates=candidates, guidance=guidance, steps=steps, sampler=sampler)
 
 
 def prior_check(sampled: torch.Tensor, true_image: torch.Tensor, pool: torch.Tensor, hits: torch.Tensor, *,

@@ -153,7 +153,8 @@ class Unclip:
         return cond, uncond
 
     def sample_prior(self, prompts: list[str], *, seed: int = 0, guidance: float | None = None) -> torch.Tensor:
-        """One z_i (B, E) per prompt from the prior, with its recorded sampling settings (guidance: its own scale)."""
+        """One z_i (B, E) per prompt from the prior, with its recorded sampling settings (guidance: its own scale),
+        the best of its `candidates` draws by z_i · z_t (DALL-E 2 §2.2); a folder that records none takes two."""
         if self.prior is None:
             raise CarraraError("this unCLIP folder has no prior/, so it cannot draw from text: join one with "
                                "`carrara export unclip --decoder RUN --prior PRIOR_RUN --out MODEL` "
@@ -164,8 +165,8 @@ class Unclip:
             settings.guidance = guidance
         if not 0.0 <= settings.guidance <= 100.0:
             raise CarraraError(f"prior guidance must be between 0 and 100, got {settings.guidance}")
-        return self.prior.sample(prompts, n=1, seed=seed, guidance=settings.guidance, steps=settings.steps,
-                                 sampler=settings.sampler)[:, 0]  # (B, E)
+        return self.prior.pick(prompts, seed=seed, candidates=settings.candidates, guidance=settings.guidance,
+                               steps=settings.steps, sampler=settings.sampler)  # (B, E)
 
     @property
     def prior_settings(self) -> dict:

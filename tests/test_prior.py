@@ -9,7 +9,7 @@ from carrara.cli import main
 from carrara.diffusion.schedule import NoiseSchedule
 from carrara.errors import CarraraError
 from carrara.models.prior import DiffusionPriorNetwork, PriorConfig
-from carrara.prior import Prior, chance_top_k, null_condition, prior_check, sample_embeddings, trim
+from carrara.prior import CANDIDATE_STRIDE, Prior, chance_top_k, null_condition, prior_check, sample_embeddings, trim
 from carrara.train.core import TrainConfig
 from carrara.train.prior import PriorRecipe, train_prior
 
@@ -134,6 +134,27 @@ def test_sampling_is_a_function_of_the_seed(prior_run):
     # sample k of prompt p uses seed + p·n + k, whatever the batch: the second prompt alone, seed 4 + 3
     alone = prior.sample(["a blue square"], n=3, seed=7, sampler="ddpm", steps=6)
     assert torch.allclose(alone[0], a[1], atol=1e-5)
+
+
+def test_pick_keeps_the_draw_nearest_the_caption(prior_run):
+    """DALL-E 2 §2.2's trick: of K draws per prompt, the one with the largest z_i · z_t; draw k of prompt p from
+    seed + p + k·stride, so a prompt's pick does not depend on its batch, and K = 1 is `sample`'s own draw."""
+    prior = Prior.load(prior_run[0])
+    prompts, opts = ["a red circle", "a blue square"], {"sampler": "ddpm", "steps": 6, "guidance": 2.0}
+    picked = prior.pick(prompts, seed=4, candidates=3, **opts)
+    cond = prior.condition(prompts)
+    for p in range(2):
+        row = tuple(c[p:p + 1] for c in cond)
+        draws = torch.cat([sample_embeddings(prior.network, prior.schedule, row, seeds=[4 + p + k * CANDIDATE_STRIDE],
+                                             **opts) for k in range(3)])  # (3, E), by hand
+        assert torch.cdist(draws, draws).triu(1).max() > 1e-3  # three different draws
+        torch.testing.assert_close(picked[p], draws[(draws @ cond[2][p]).argmax()], atol=1e-5, rtol=0)
+    alone = prior.pick(["a blue square"], seed=5, candidates=3, **opts)
+    torch.testing.assert_close(alone[0], picked[1], atol=1e-5, rtol=0)
+    first = prior.pick(prompts, seed=4, candidates=1, **opts)
+    torch.testing.assert_close(first, prior.sample(prompts, n=1, seed=4, **opts)[:, 0], atol=1e-5, rtol=0)
+    with pytest.raises(CarraraError, match="candidates must be between 1 and 16"):
+        prior.pick(prompts, candidates=0)
 
 
 def test_prior_check_numbers():

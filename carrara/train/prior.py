@@ -29,7 +29,7 @@ from carrara.fileio import atomic_path, ensure_dir, write_json_atomic
 from carrara.images import image_grid, to_model_range, to_pil
 from carrara.models.clip import ClipScorer
 from carrara.models.prior import DiffusionPriorNetwork, PriorConfig
-from carrara.prior import PriorSettings, encode_captions, prior_check, sample_embeddings, trim
+from carrara.prior import PriorSettings, encode_captions, pick_embeddings, prior_check, trim
 from carrara.train.captions import caption_list, variant_table
 from carrara.train.clip import split_by_caption
 from carrara.train.core import TrainConfig, Trainer
@@ -147,7 +147,7 @@ def train_prior(recipe: PriorRecipe, out: str | Path, *, resume: bool = False, p
 
     def sample_queries(m: DiffusionPriorNetwork, caps: torch.Tensor) -> torch.Tensor:
         cond = (emb.states[caps].float(), emb.mask[caps], emb.text_embed[caps], torch.ones(len(caps)))
-        return sample_embeddings(m, schedule, cond, seed=recipe.train.seed, **recipe.sample)  # (M, E)
+        return pick_embeddings(m, schedule, cond, seed=recipe.train.seed, **recipe.sample)  # (M, E), as the route
 
     def evaluate(m: DiffusionPriorNetwork) -> dict:
         caps, true_idx, hits = queries
