@@ -78,6 +78,19 @@ def residual_std(images: torch.Tensor, f: int, chunk: int = 256) -> float:
     return (total / max(n, 1)) ** 0.5
 
 
+def residual_target(high: torch.Tensor, lowres: torch.Tensor, f: int, k: float | None) -> torch.Tensor:
+    """What the network denoises: high-resolution images (B, 3, fh, fw) and their clean small images → x_0
+    (B, 3f², h, w) = (s2d(x) − s2d(bicubic(y))) / k; with k None (folders before the residual), s2d(x)."""
+    x = space_to_depth(high, f)
+    return x if k is None else (x - bicubic_reference(lowres, f)) / k
+
+
+def residual_image(x0: torch.Tensor, reference: torch.Tensor | None, f: int, k: float | None) -> torch.Tensor:
+    """The inverse of `residual_target`: x_0 (B, 3f², h, w) and s2d(bicubic(y)) → images (B, 3, fh, fw) in [−1, 1]."""
+    x = x0 if k is None else reference + k * x0
+    return depth_to_space(x, f).clamp(-1, 1)
+
+
 def upsampler_inputs(unet: UNet, x: torch.Tensor, t: torch.Tensor, lowres_aug: torch.Tensor, states: torch.Tensor,
                      level: torch.Tensor) -> torch.Tensor:
     """The network call of both training and sampling: ε/v̂(cat[x_t, y_s], t, text, s)."""
@@ -161,14 +174,12 @@ class Upsampler:
                         "settings": self.settings.__dict__}})
 
     def target(self, high: torch.Tensor, lowres: torch.Tensor) -> torch.Tensor:
-        """What the network denoises: high-resolution images (B, 3, fh, fw) → x_0 (B, 3f², h, w)."""
-        x = space_to_depth(high, self.factor)
-        return x if self.residual_scale is None else (x - bicubic_reference(lowres, self.factor)) / self.residual_scale
+        """x_0 (B, 3f², h, w) of high-resolution images (B, 3, fh, fw) and their small images (`residual_target`)."""
+        return residual_target(high, lowres, self.factor, self.residual_scale)
 
     def pixels(self, x0: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
-        """The inverse of `target`: x_0 (B, 3f², h, w) → images (B, 3, fh, fw) in [−1, 1]."""
-        x = x0 if reference is None else reference + self.residual_scale * x0
-        return depth_to_space(x, self.factor).clamp(-1, 1)
+        """Images (B, 3, fh, fw) of x_0 (B, 3f², h, w) over s2d(bicubic(y)) (`residual_image`)."""
+        return residual_image(x0, reference, self.factor, self.residual_scale)
 
     @torch.inference_mode()
     def __call__(self, lowres: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, *, seed: int = 0,

@@ -27,7 +27,7 @@ from carrara.models.unet import UNet2DConditionModel as UNet
 from carrara.text.encoder import TextEncoder
 from carrara.train.captions import balanced_batches, load_captioned
 from carrara.train.core import TrainConfig, Trainer
-from carrara.upsampler import Upsampler, UpsamplerSettings, downsample, residual_std, upsampler_inputs
+from carrara.upsampler import Upsampler, UpsamplerSettings, downsample, residual_std, residual_target, upsampler_inputs
 
 
 def default_upsampler_config(factor: int = 2) -> dict:
@@ -108,12 +108,6 @@ def train_upsampler(recipe: UpsamplerRecipe, out: str | Path, *, resume: bool = 
     if not recipe.residual_scale:  # deterministic (all images, whole), so a resumed run measures the same k
         recipe.residual_scale = round(residual_std(images, f), 4)
 
-    def stage(ema: UNet) -> Upsampler:
-        return Upsampler(unet=ema, schedule=schedule, factor=f, settings=recipe.sampling,
-                         residual_scale=recipe.residual_scale)
-
-    target = stage(unet).target  # high-resolution crops and their clean y → x_0
-
     def loss_fn(model: UNet, idx: torch.Tensor, gen: torch.Generator, rows: slice) -> torch.Tensor:
         # Random numbers are drawn for the whole batch idx, then this call's rows are kept (train/core.py).
         hi = to_model_range(random_crops(images[idx], recipe.crop, f, gen))  # (B, 3, c, c), step 1
@@ -121,7 +115,7 @@ def train_upsampler(recipe: UpsamplerRecipe, out: str | Path, *, resume: bool = 
         level = torch.randint(0, recipe.aug_max, (len(idx),), generator=gen)  # step 2: s
         lowres = downsample(hi, f)
         lowres_aug = add_noise(schedule, lowres, torch.randn(lowres.shape, generator=gen), level)  # y_s
-        x0 = target(hi, lowres)  # (B, 3f², c/f, c/f), step 3
+        x0 = residual_target(hi, lowres, f, recipe.residual_scale)  # (B, 3f², c/f, c/f), step 3
         t, noise = sample_t_and_noise(x0, schedule, gen)  # Algorithm 1, lines 3–4
         dev = next(model.parameters()).device
         y, c, s = lowres_aug[rows].to(dev), cond[rows].to(dev), level[rows].to(dev)
@@ -132,6 +126,10 @@ def train_upsampler(recipe: UpsamplerRecipe, out: str | Path, *, resume: bool = 
     real = to_model_range(images[show])  # (6, 3, H, W)
     show_states = text_encoder.encode([r.text for r in (records[i] for i in show.tolist())])[0]
     null_states = text_encoder.encode([""])[0]
+
+    def stage(ema: UNet) -> Upsampler:
+        return Upsampler(unet=ema, schedule=schedule, factor=f, settings=recipe.sampling,
+                         residual_scale=recipe.residual_scale)
 
     def sample_fn(ema: UNet, step: int):
         """Rows: the low-resolution input enlarged (nearest), bicubic ×f, the stage's output, the real image."""
