@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from carrara.diffusion.guidance import cfg_model
 from carrara.diffusion.samplers import get_sampler, sampling_plan
 from carrara.diffusion.schedule import NoiseSchedule
+from carrara.diffusion.settings import SAMPLER_NAMES
 from carrara.errors import CarraraError
 from carrara.models.clip import ClipScorer
 from carrara.models.prior import Condition, DiffusionPriorNetwork
@@ -39,6 +40,27 @@ class PriorSettings:
     sampler: str = "ddim"
     guidance: float = 4.0
     candidates: int = 2  # DALL-E 2 §2.2: draw two z_i, keep the one with the larger z_i · z_t (1: the first draw)
+
+    @classmethod
+    def parse(cls, d: dict, *, where: str, strict: bool = True) -> PriorSettings:
+        """Settings from a recipe's or a folder's `sample` table, checked: one CarraraError naming `where` for a
+        wrong type or range (strict: an unknown key too; a folder's extra keys are skipped, for newer folders)."""
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+        if strict and unknown:
+            raise CarraraError(f"{where}: unknown prior sampling setting {unknown[0]!r}; "
+                               f"known: {', '.join(cls.__dataclass_fields__)}")
+        s = cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+        checks = ((isinstance(s.steps, int) and not isinstance(s.steps, bool) and 1 <= s.steps <= 1000,
+                   f"steps must be an integer in [1, 1000], got {s.steps!r}"),
+                  (s.sampler in SAMPLER_NAMES, f"sampler must be one of {', '.join(SAMPLER_NAMES)}, got {s.sampler!r}"),
+                  (isinstance(s.guidance, (int, float)) and not isinstance(s.guidance, bool)
+                   and 0.0 <= s.guidance <= 100.0, f"guidance must be a number in [0, 100], got {s.guidance!r}"),
+                  (isinstance(s.candidates, int) and not isinstance(s.candidates, bool) and 1 <= s.candidates <= 16,
+                   f"candidates must be an integer in [1, 16], got {s.candidates!r}"))
+        for ok, message in checks:
+            if not ok:
+                raise CarraraError(f"{where}: prior {message}")
+        return s
 
 
 def trim(states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -159,12 +159,11 @@ class Unclip:
             raise CarraraError("this unCLIP folder has no prior/, so it cannot draw from text: join one with "
                                "`carrara export unclip --decoder RUN --prior PRIOR_RUN --out MODEL` "
                                "(--variations, --interpolate and --text-diff work without it)")
-        settings = PriorSettings(**{k: v for k, v in self.prior.meta.get("sample", {}).items()
-                                    if k in PriorSettings.__dataclass_fields__})
-        if guidance is not None:
-            settings.guidance = guidance
-        if not 0.0 <= settings.guidance <= 100.0:
-            raise CarraraError(f"prior guidance must be between 0 and 100, got {settings.guidance}")
+        recorded = self.prior.meta.get("sample", {})
+        if not isinstance(recorded, dict):
+            raise CarraraError("the prior's folder records its sampling settings wrongly (sample is not a table)")
+        settings = PriorSettings.parse({**recorded, **({} if guidance is None else {"guidance": guidance})},
+                                       where="unCLIP prior", strict=False)
         return self.prior.pick(prompts, seed=seed, candidates=settings.candidates, guidance=settings.guidance,
                                steps=settings.steps, sampler=settings.sampler)  # (B, E)
 

@@ -9,7 +9,16 @@ from carrara.cli import main
 from carrara.diffusion.schedule import NoiseSchedule
 from carrara.errors import CarraraError
 from carrara.models.prior import DiffusionPriorNetwork, PriorConfig
-from carrara.prior import CANDIDATE_STRIDE, Prior, chance_top_k, null_condition, prior_check, sample_embeddings, trim
+from carrara.prior import (
+    CANDIDATE_STRIDE,
+    Prior,
+    PriorSettings,
+    chance_top_k,
+    null_condition,
+    prior_check,
+    sample_embeddings,
+    trim,
+)
 from carrara.train.core import TrainConfig
 from carrara.train.prior import PriorRecipe, train_prior
 
@@ -155,6 +164,19 @@ def test_pick_keeps_the_draw_nearest_the_caption(prior_run):
     torch.testing.assert_close(first, prior.sample(prompts, n=1, seed=4, **opts)[:, 0], atol=1e-5, rtol=0)
     with pytest.raises(CarraraError, match="candidates must be between 1 and 16"):
         prior.pick(prompts, candidates=0)
+
+
+def test_bad_sampling_settings_are_one_line_before_training(tmp_path):
+    """A recipe's `sample` table is checked before the CLIP loads or a step runs: wrong type, range, unknown key."""
+    for sample, message in (({"candidates": 0}, "candidates must be an integer in [1, 16], got 0"),
+                            ({"candidates": "two"}, "candidates must be an integer"),
+                            ({"steps": 2.5}, "steps must be an integer"), ({"sampler": "nonsense"}, "sampler must be"),
+                            ({"guidance": 1e9}, "guidance must be a number"), ({"stpes": 10}, "unknown prior sampling")):
+        recipe = PriorRecipe(data=str(tmp_path), clip=str(tmp_path / "no-clip"), sample=sample)
+        with pytest.raises(CarraraError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            train_prior(recipe, tmp_path / "run", progress=False)
+        assert not (tmp_path / "run").exists()
+    assert PriorSettings.parse({"steps": 5, "future_key": 1}, where="x", strict=False) == PriorSettings(steps=5)
 
 
 def test_prior_check_numbers():

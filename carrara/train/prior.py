@@ -115,6 +115,7 @@ def train_prior(recipe: PriorRecipe, out: str | Path, *, resume: bool = False, p
         raise CarraraError("train prior needs --clip CLIP_RUN (a finished `carrara train clip` run)")
     if not 0.0 <= recipe.cond_dropout < 1.0:
         raise CarraraError(f"cond_dropout must be in [0, 1), got {recipe.cond_dropout}")
+    recipe.sample = dataclasses.asdict(PriorSettings.parse(recipe.sample, where="train prior"))  # with defaults filled
     out = ensure_dir(out)
     scorer = ClipScorer.load(recipe.clip)
     dataset = load_dataset(recipe.data, size=scorer.model.config.image_size)
