@@ -6,14 +6,21 @@ import torch
 from conftest import TINY_UNET
 from reference import reference_pair
 
+from carrara.diffusion.schedule import NoiseSchedule
 from carrara.errors import CarraraError
 from carrara.models import UNet2DConditionModel, UNetConfig
 from carrara.pipeline import Pipeline
 from carrara.train.core import TrainConfig
 from carrara.train.upsampler import UpsamplerRecipe, random_crops, train_upsampler
-from carrara.diffusion.schedule import NoiseSchedule
-from carrara.upsampler import (Upsampler, UpsamplerSettings, bicubic_reference, depth_to_space, downsample, residual_std,
-                              space_to_depth)
+from carrara.upsampler import (
+    Upsampler,
+    UpsamplerSettings,
+    bicubic_reference,
+    depth_to_space,
+    downsample,
+    residual_std,
+    space_to_depth,
+)
 
 LEVELED = {**TINY_UNET, "sample_size": 8, "cross_attention_dim": 16, "class_embed_type": "timestep",
            "in_channels": 15, "out_channels": 12}
