@@ -45,7 +45,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -67,7 +66,7 @@ from carrara.pipeline import Pipeline
 from carrara.train.clip import ClipRecipe, train_clip
 from carrara.train.diffusion import DiffusionRecipe, train_diffusion
 from carrara.train.upsampler import UpsamplerRecipe, train_upsampler
-from carrara.upsampler import UpsamplerSettings, assemble_cascade, downsample
+from carrara.upsampler import UpsamplerSettings, assemble_cascade, bicubic, downsample
 
 FULL = {"n": 500, "bootstrap": 50, "batch": 16, "rounds": 3, "figure_n": 8, "aug_levels": "0,50,100,200",
         "up_steps": "5,8,10,20"}
@@ -80,11 +79,6 @@ def pick_captions(texts: list[str], n: int, seed: int) -> list[int]:
     """The record of each of n captions, drawn as run_eval draws its prompts (so both score the same captions)."""
     rng = random.Random(seed)
     return [rng.randrange(len(texts)) for _ in range(n)]
-
-
-def bicubic(images: torch.Tensor, factor: int) -> torch.Tensor:
-    """(B, 3, h, w) in [−1, 1] → (B, 3, fh, fw): torch's bicubic, clamped (it overshoots at edges)."""
-    return F.interpolate(images, scale_factor=factor, mode="bicubic").clamp(-1, 1)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:

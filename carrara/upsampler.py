@@ -59,11 +59,15 @@ def downsample(images: torch.Tensor, f: int) -> torch.Tensor:
     return F.avg_pool2d(images, f)
 
 
+def bicubic(images: torch.Tensor, f: int) -> torch.Tensor:
+    """(B, 3, h, w) in [−1, 1] → (B, 3, fh, fw): torch's bicubic ×f, clamped (it overshoots at edges). The stage's
+    reference, its training grids' and bench/cascade.py's baseline row."""
+    return F.interpolate(images.float(), scale_factor=f, mode="bicubic", align_corners=False).clamp(-1, 1)
+
+
 def bicubic_reference(lowres: torch.Tensor, f: int) -> torch.Tensor:
-    """The residual's reference: bicubic ×f of the clean low-resolution image, in [−1, 1], space-to-depth
-    (B, 3f², h, w)."""
-    big = F.interpolate(lowres.float(), scale_factor=f, mode="bicubic", align_corners=False).clamp(-1, 1)
-    return space_to_depth(big, f)
+    """The residual's reference: `bicubic` ×f of the clean low-resolution image, space-to-depth (B, 3f², h, w)."""
+    return space_to_depth(bicubic(lowres, f), f)
 
 
 def residual_std(images: torch.Tensor, f: int, chunk: int = 256) -> float:

@@ -27,7 +27,15 @@ from carrara.models.unet import UNet2DConditionModel as UNet
 from carrara.text.encoder import TextEncoder
 from carrara.train.captions import balanced_batches, load_captioned
 from carrara.train.core import TrainConfig, Trainer
-from carrara.upsampler import Upsampler, UpsamplerSettings, downsample, residual_std, residual_target, upsampler_inputs
+from carrara.upsampler import (
+    Upsampler,
+    UpsamplerSettings,
+    bicubic,
+    downsample,
+    residual_std,
+    residual_target,
+    upsampler_inputs,
+)
 
 
 def default_upsampler_config(factor: int = 2) -> dict:
@@ -135,9 +143,8 @@ def train_upsampler(recipe: UpsamplerRecipe, out: str | Path, *, resume: bool = 
         """Rows: the low-resolution input enlarged (nearest), bicubic ×f, the stage's output, the real image."""
         lowres = downsample(real, f)
         up = stage(ema)(lowres, show_states, null_states, seed=0)
-        bicubic = torch.nn.functional.interpolate(lowres, scale_factor=f, mode="bicubic").clamp(-1, 1)
         nearest = torch.nn.functional.interpolate(lowres, scale_factor=f, mode="nearest")
-        return image_grid(to_pil(torch.cat([nearest, bicubic, up, real])), rows=4)
+        return image_grid(to_pil(torch.cat([nearest, bicubic(lowres, f), up, real])), rows=4)
 
     def export_fn(ema: UNet) -> None:
         stage(ema).save(out, text_encoder=recipe.text_encoder)
