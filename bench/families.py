@@ -231,9 +231,13 @@ def step_seconds(run: Path) -> float:
     return total
 
 
-def train_in_budget(stage: str, seconds: float, ctx: dict) -> dict:
+def train_in_budget(stage: str, seconds: float, ctx: dict, recipe_fn=None) -> dict:
     """Probe the stage's seconds per step, then train it for as many steps as fit in `seconds` (once: a stage with
-    budget.json is done; one with plan.json was interrupted and resumes with the planned steps)."""
+    budget.json is done; one with plan.json was interrupted and resumes with the planned steps). `recipe_fn`: the
+    bench's own (stage, steps, ctx, probe) → (recipe, train function), default this bench's `stage_recipe`;
+    the probe's steps are ctx["probe_steps"], else ctx["scale"].probe_steps."""
+    recipe_fn = recipe_fn or stage_recipe
+    probe_steps = ctx["probe_steps"] if "probe_steps" in ctx else ctx["scale"].probe_steps
     run = ctx["out"] / stage
     if (run / "plan.json").is_file():
         plan = json.loads((run / "plan.json").read_text())
@@ -245,17 +249,17 @@ def train_in_budget(stage: str, seconds: float, ctx: dict) -> dict:
     else:
         probe = ctx["out"] / "probes" / stage
         shutil.rmtree(probe, ignore_errors=True)
-        recipe, train = stage_recipe(stage, ctx["scale"].probe_steps, ctx, probe=True)
+        recipe, train = recipe_fn(stage, probe_steps, ctx, probe=True)
         started = time.perf_counter()
         train(recipe, probe, progress=False)
         budget, per_step = round(seconds, 2), round(seconds_per_step(probe), 5)
         plan = {"budget_s": budget, "seconds_per_step": per_step, "steps": max(2, int(budget / per_step)),
-                "probe_steps": ctx["scale"].probe_steps,
+                "probe_steps": probe_steps,
                 "probe_wall_s": round(time.perf_counter() - started, 2), "train_wall_s": 0.0}
         shutil.rmtree(probe)
         ensure_dir(run)
         write_json_atomic(run / "plan.json", plan)
-    recipe, train = stage_recipe(stage, plan["steps"], ctx, probe=False)
+    recipe, train = recipe_fn(stage, plan["steps"], ctx, probe=False)
     if ctx["progress"]:
         print(f"{stage}: {plan['steps']} steps at {plan['seconds_per_step']:.3f} s/step "
               f"(budget {plan['budget_s'] / 60:.1f} min)", file=sys.stderr)

@@ -26,18 +26,15 @@ folder a grid of variations of 4 data images (each picture, then 4 variations) a
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import shutil
 import sys
-import time
 from pathlib import Path
 
 import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from families import check_clip, cpu_kind, seconds_per_step, step_seconds
+from families import check_clip, cpu_kind, train_config, train_in_budget
 from lora import to_uint8
 from v2_ablations import PARAPHRASES, arm_recipe, fmt, judge, tiny_setup
 
@@ -50,7 +47,6 @@ from carrara.images import image_grid
 from carrara.modelfolder import resolve
 from carrara.models.clip import ClipScorer
 from carrara.pipeline import Pipeline
-from carrara.train.core import TrainConfig
 from carrara.train.decoder import DecoderRecipe, train_decoder
 from carrara.train.diffusion import train_diffusion
 from carrara.train.prior import PriorRecipe, train_prior
@@ -61,14 +57,7 @@ PRIOR_SHARE = 0.2  # of the prior route's minutes: the prior (vectors, cheap ste
 ROUTES = {"direct": (("direct", 1.0),), "prior": (("prior", PRIOR_SHARE), ("decoder", 1 - PRIOR_SHARE))}
 TINY_PRIOR = {"width": 32, "layers": 2, "heads": 4, "mlp_ratio": 2}
 FIGURE_PROMPTS = 4  # paraphrases shown in the diversity figure
-
-
-def schedule(base: TrainConfig, steps: int, probe: bool, checkpoints: int = 4) -> dict:
-    """TrainConfig overrides at `steps`: warm-up ≤ a fifth of the run, one sample grid at the end, a few
-    checkpoints (a probe saves at its end only, so no checkpoint falls inside a timed step)."""
-    return {"steps": steps, "warmup_steps": min(base.warmup_steps, steps // 5), "sample_every": steps,
-            "log_every": 1 if probe else 10, "checkpoint_every": steps if probe else max(1, steps // checkpoints),
-            "keep_checkpoints": 1}
+CHECKPOINTS = 4  # per training run, so an interrupted one resumes
 
 
 def stage_recipe(stage: str, steps: int, ctx: dict, probe: bool):
@@ -76,65 +65,28 @@ def stage_recipe(stage: str, steps: int, ctx: dict, probe: bool):
     tiny = ctx["tiny"]
     if stage == "direct":
         recipe = arm_recipe("eps", {**ctx, "steps": steps})
-        recipe.train = dataclasses.replace(recipe.train, **schedule(recipe.train, steps, probe))
+        recipe.train = train_config(recipe.train, steps, None, CHECKPOINTS, probe)
         return recipe, train_diffusion
     if stage == "prior":
         recipe = PriorRecipe(data=ctx["data"], clip=str(ctx["clip"]))
         if tiny:
             recipe.model.update(TINY_PRIOR)
             recipe.holdout, recipe.sample = 2, {"steps": 4, "sampler": "ddim", "guidance": 2.0}
-        recipe.train = dataclasses.replace(recipe.train, **schedule(recipe.train, steps, probe),
-                                           **({"batch_size": 8, "bf16": False} if tiny else {}))
+            recipe.train.bf16 = False
+        recipe.train = train_config(recipe.train, steps, 8 if tiny else None, CHECKPOINTS, probe)
         return recipe, train_prior
     recipe = DecoderRecipe(data=ctx["data"], clip=str(ctx["clip"]), from_model=ctx["init_folder"])
     if tiny:
         recipe.sample_images, recipe.sample = 2, {"steps": 2, "sampler": "ddim", "guidance": 2.0}
-    recipe.train = dataclasses.replace(recipe.train, **schedule(recipe.train, steps, probe),
-                                       **({"batch_size": 4, "bf16": False} if tiny else {}))
+        recipe.train.bf16 = False
+    recipe.train = train_config(recipe.train, steps, 4 if tiny else None, CHECKPOINTS, probe)
     return recipe, train_decoder
-
-
-def train_in_budget(stage: str, seconds: float, ctx: dict) -> dict:
-    """Probe the stage's seconds per step, then train it for as many steps as fit in `seconds` (once: a stage with
-    budget.json is done; one with plan.json was interrupted and resumes with the planned steps)."""
-    run = ctx["out"] / stage
-    plan_file = run / "plan.json"
-    if plan_file.is_file():
-        plan = json.loads(plan_file.read_text())
-        if plan["budget_s"] != round(seconds, 2):
-            raise CarraraError(f"{run} was planned for {plan['budget_s'] / 60:g} min, not {seconds / 60:g}: "
-                               "give the same --minutes, or another --out")
-        if (run / "budget.json").is_file():
-            return plan
-    else:
-        probe = ctx["out"] / "probes" / stage
-        shutil.rmtree(probe, ignore_errors=True)
-        recipe, train = stage_recipe(stage, ctx["probe_steps"], ctx, probe=True)
-        started = time.perf_counter()
-        train(recipe, probe, progress=False)
-        budget, per_step = round(seconds, 2), round(seconds_per_step(probe), 5)
-        plan = {"budget_s": budget, "seconds_per_step": per_step, "steps": max(2, int(budget / per_step)),
-                "probe_steps": ctx["probe_steps"], "probe_wall_s": round(time.perf_counter() - started, 2),
-                "train_wall_s": 0.0}
-        shutil.rmtree(probe)
-        ensure_dir(run)
-        write_json_atomic(plan_file, plan)
-    recipe, train = stage_recipe(stage, plan["steps"], ctx, probe=False)
-    if ctx["progress"]:
-        print(f"{stage}: {plan['steps']} steps at {plan['seconds_per_step']:.3f} s/step "
-              f"(budget {plan['budget_s'] / 60:.1f} min)", file=sys.stderr)
-    started = time.perf_counter()
-    train(recipe, run, resume=(run / "checkpoints").is_dir(), progress=ctx["progress"])
-    plan["train_wall_s"] = round(plan["train_wall_s"] + time.perf_counter() - started, 2)  # summed over resumes
-    plan["step_s"] = round(step_seconds(run), 2)  # the steps alone, without loading, checkpoints and grids
-    write_json_atomic(plan_file, plan)
-    write_json_atomic(run / "budget.json", plan)
-    return plan
 
 
 def train_route(route: str, ctx: dict) -> dict:
     """Every stage of a route within its share of the minutes → the model folder it samples from."""
-    stages = {stage: train_in_budget(stage, ctx["minutes"] * 60 * share, ctx) for stage, share in ROUTES[route]}
+    stages = {stage: train_in_budget(stage, ctx["minutes"] * 60 * share, ctx, stage_recipe)
+              for stage, share in ROUTES[route]}
     model = ctx["out"] / "direct"
     if route == "prior":
         model = ctx["out"] / "unclip"
