@@ -137,6 +137,11 @@ def run_recipe(path: str | Path, out: str | Path, *, resume: bool = False, overr
     model = out / "diffusion"
     if "upsampler" in table:
         up = apply_overrides(UpsamplerRecipe(), stage["upsampler"])
+        if up.degrade == "autoencoder":  # the base's own autoencoder: what its images are decoded by
+            if pixels:
+                raise CarraraError(f"recipe {path}: [upsampler] degrade = 'autoencoder' needs a latent base; this "
+                                   "one works in pixel space")
+            up.degrade = f"autoencoder:{out / 'diffusion'}"  # the base model folder: its vae/
         up.data = str(_build_data(data_cfg, out / f"data{up.size}", up.size, progress))
         if not _stage_done(out / "upsampler", up.train.steps):
             train_upsampler(up, out / "upsampler", resume=(out / "upsampler" / "checkpoints").is_dir(),

@@ -72,7 +72,8 @@ def bicubic_reference(lowres: torch.Tensor, f: int) -> torch.Tensor:
 
 def residual_std(images: torch.Tensor, f: int, chunk: int = 256) -> float:
     """The standard deviation of x − bicubic(downsample(x)) over images (N, 3, H, W), uint8 or in [−1, 1]: the
-    stage's k, computed a chunk at a time (a whole 128-px dataset in float would be ~0.75 GB)."""
+    stage's k, computed a chunk at a time (a whole 128-px dataset in float would be ~0.75 GB). Measured on the clean
+    small images, also for a stage trained on degraded ones (k is a fixed scale, not a fit)."""
     total, n = 0.0, 0
     for i in range(0, len(images), chunk):
         x = images[i:i + chunk]
@@ -80,6 +81,23 @@ def residual_std(images: torch.Tensor, f: int, chunk: int = 256) -> float:
         r = space_to_depth(x, f) - bicubic_reference(downsample(x, f), f)
         total, n = total + r.pow(2).sum().item(), n + r.numel()
     return (total / max(n, 1)) ** 0.5
+
+
+@torch.no_grad()
+def autoencoder_round_trip(codec, images: torch.Tensor, chunk: int = 64, progress: bool = False) -> torch.Tensor:
+    """D(E(y)) of small images (N, 3, h, w) in [−1, 1], the posterior mean decoded, float16 (N, 3, h, w).
+
+    A latent base model's images are decodes of its latents, so they carry its autoencoder's losses (thin lines
+    become blobs, small text smears); a stage trained only on clean box-downsampled images copies those losses
+    into the big image. Trained on the round trip instead it learns to undo them — the degradation a cascade stage
+    must forgive is its base's (CDM, Ho et al. 2021 §4.1, augment the conditioning with the base's kind of error)."""
+    from tqdm.auto import tqdm  # only here: the module is otherwise light to import
+
+    out = []
+    for i in tqdm(range(0, len(images), chunk), desc="autoencoder round trip", disable=not progress, leave=False):
+        y = images[i:i + chunk].float()
+        out.append(codec.decode(codec.encode(y).mode()).clamp(-1, 1).half())
+    return torch.cat(out) if out else images.new_zeros(0, *images.shape[1:], dtype=torch.float16)
 
 
 def residual_target(high: torch.Tensor, lowres: torch.Tensor, f: int, k: float | None) -> torch.Tensor:
@@ -135,7 +153,7 @@ class Upsampler:
     """A U-Net that denoises (B, 3f², h, w) given the low-resolution image, the text and the augmentation level."""
 
     def __init__(self, *, unet: UNet, schedule: NoiseSchedule, factor: int, settings: UpsamplerSettings | None = None,
-                 residual_scale: float | None = None):
+                 residual_scale: float | None = None, degrade: str = ""):
         c = unet.config
         if c.class_embed_type != "timestep" or c.in_channels != 3 * factor**2 + 3 or c.out_channels != 3 * factor**2:
             raise CarraraError(f"this U-Net is not a ×{factor} upsampler (needs class_embed_type='timestep', "
@@ -145,6 +163,7 @@ class Upsampler:
         if residual_scale is not None and not residual_scale > 0:
             raise CarraraError(f"upsampler residual_scale must be > 0, got {residual_scale}")
         self.residual_scale = residual_scale  # k: x_0 is (x − bicubic(y)) / k; None: x_0 is x (folders before it)
+        self.degrade = degrade  # what its training did to y: "" clean, "autoencoder": the base's round trip
 
     @classmethod
     def load(cls, folder: str | Path, *, allow_pickle: bool = False) -> Upsampler:
@@ -158,11 +177,12 @@ class Upsampler:
             factor = int(own.get("factor", 2))
             settings = UpsamplerSettings(**own.get("settings", {}))
             residual_scale = None if own.get("residual_scale") is None else float(own["residual_scale"])
+            degrade = str(own.get("degrade", ""))
         except (TypeError, ValueError) as e:
             raise CarraraError(f"{folder / 'model_index.json'}: bad upsampler settings ({e})") from None
         unet = UNet.from_pretrained(folder / "unet", allow_pickle=allow_pickle)
         return cls(unet=unet, schedule=NoiseSchedule.from_diffusers_config(scheduler), factor=factor, settings=settings,
-                   residual_scale=residual_scale)
+                   residual_scale=residual_scale, degrade=degrade)
 
     def save(self, folder: str | Path, *, text_encoder: str) -> None:
         """unet/, scheduler/ and model_index.json (with the factor and the sampling defaults) into `folder`."""
@@ -175,7 +195,7 @@ class Upsampler:
             "_class_name": KIND, "unet": ["diffusers", "UNet2DConditionModel"],
             "scheduler": ["diffusers", "DDIMScheduler"],
             "carrara": {"text_encoder": text_encoder, "factor": self.factor, "residual_scale": self.residual_scale,
-                        "settings": self.settings.__dict__}})
+                        "degrade": self.degrade, "settings": self.settings.__dict__}})
 
     def target(self, high: torch.Tensor, lowres: torch.Tensor) -> torch.Tensor:
         """x_0 (B, 3f², h, w) of high-resolution images (B, 3, fh, fw) and their small images (`residual_target`)."""

@@ -44,13 +44,61 @@ def test_space_to_depth_is_lossless_and_crops_commute_with_downsampling():
     assert space_to_depth(x, 2).shape == (3, 12, 6, 6)
     assert torch.equal(depth_to_space(space_to_depth(x, 2), 2), x)
     full = torch.arange(2 * 3 * 16 * 16, dtype=torch.float32).reshape(2, 3, 16, 16)
-    crops = random_crops(full, 8, 2, torch.Generator().manual_seed(0))  # (2, 3, 8, 8)
-    assert crops.shape == (2, 3, 8, 8)
+    crops, none = random_crops(full, 8, 2, torch.Generator().manual_seed(0))  # (2, 3, 8, 8)
+    assert crops.shape == (2, 3, 8, 8) and none is None
     low = downsample(full, 2)
     for c, lo in zip(crops, low):  # each crop's low-resolution image is a window of the whole low-resolution image
         windows = lo.unfold(1, 4, 1).unfold(2, 4, 1)  # (3, 5, 5, 4, 4)
         match = (windows - downsample(c[None], 2)[0][:, None, None]).abs().amax((0, 3, 4)) == 0
         assert match.any()
+    # given the small images, the same window of them: for the downsampled images, exactly the crop's own
+    same, small = random_crops(full, 8, 2, torch.Generator().manual_seed(0), low)
+    assert torch.equal(same, crops) and torch.equal(small, downsample(crops, 2))
+
+
+def test_degraded_training_conditions_on_the_autoencoder_round_trip_from_its_step(tiny_shapes, tiny_ae_run, tmp_path,
+                                                                                  monkeypatch):
+    """With degrade = autoencoder:RUN, steps before degrade_from see the box-downsampled crop and steps after see
+    the same window of the autoencoder's round trip of the whole small image; the residual is over its bicubic."""
+    import carrara.train.upsampler as tu
+    from carrara.models.codec import load_codec
+
+    seen = []
+    real_target = tu.residual_target
+
+    def spy(high, lowres, f, k):
+        seen.append((high.clone(), lowres.clone()))
+        return real_target(high, lowres, f, k)
+
+    monkeypatch.setattr(tu, "residual_target", spy)
+    recipe = UpsamplerRecipe(data=str(tiny_shapes), size=32, factor=2, crop=16, degrade=f"autoencoder:{tiny_ae_run}",
+                             degrade_from=2, model={**TINY_UNET, "class_embed_type": "timestep"},
+                             sampling=UpsamplerSettings(steps=2),
+                             train=TrainConfig(steps=4, batch_size=4, lr=1e-3, warmup_steps=1, log_every=2,
+                                               checkpoint_every=4, sample_every=4, bf16=False))
+    train_upsampler(recipe, tmp_path / "run", progress=False)
+    assert Upsampler.load(tmp_path / "run").degrade == "autoencoder"
+    codec = load_codec(tiny_ae_run / "vae")
+    for step, (high, lowres) in enumerate(seen[:4]):
+        clean = downsample(high, 2)
+        if step < 2:
+            assert torch.equal(lowres, clean)
+        else:  # a window of D(E(whole small image)): near the clean crop, not equal, and not the crop's own round trip
+            assert 0 < (lowres - clean).abs().mean() < 0.5
+            with torch.no_grad():
+                own = codec.decode(codec.encode(clean).mode()).clamp(-1, 1)
+            inside = (lowres - own)[..., 2:-2, 2:-2].abs().max()  # away from the crop's edges they agree closely
+            assert inside < (lowres - clean).abs().max()
+
+
+def test_upsampler_recipe_refuses_a_bad_degradation():
+    from carrara.train.upsampler import check_recipe
+
+    for bad in ("blur", "autoencoder", "autoencoder:"):
+        with pytest.raises(CarraraError, match="degrade must be"):
+            check_recipe(UpsamplerRecipe(degrade=bad))
+    with pytest.raises(CarraraError, match="degrade_from"):
+        check_recipe(UpsamplerRecipe(degrade="autoencoder:x", degrade_from=-1))
 
 
 @pytest.fixture(scope="module")
@@ -144,12 +192,14 @@ size = 32
 crop = 16
 model = {inline({**TINY_UNET, "class_embed_type": "timestep"})}
 sampling = {{steps = 2}}
+degrade = "autoencoder"
 train = {{steps = 3, batch_size = 4, warmup_steps = 1, sample_every = 1000, checkpoint_every = 3, bf16 = false}}
 """)
     result = run_recipe(tmp_path / "r.toml", tmp_path / "out", progress=False)
     assert not (tmp_path / "out" / "autoencoder").exists()  # reused, not retrained
     pipe = Pipeline.load(result["model"], precision="fp32")
     assert pipe.sizes == (16, 32) and pipe.upsampler.settings.steps == 2
+    assert pipe.upsampler.degrade == "autoencoder"  # trained on the base's own autoencoder's round trip
     assert pipe(["a red circle"], steps=2, output="tensor").shape == (1, 3, 32, 32)
     again = run_recipe(tmp_path / "r.toml", tmp_path / "out", resume=True, progress=False)  # all done: re-assembles
     assert Pipeline.load(again["model"], precision="fp32").sizes == (16, 32)

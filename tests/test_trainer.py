@@ -47,6 +47,18 @@ def test_loss_goes_down(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["train"]["steps"] == 150
 
 
+def test_a_restarted_schedule_repeats_the_first_phase_exactly(tmp_path):
+    """lr_restart = R: steps [0, R) get exactly the schedule of a run of R steps, steps [R, S) that of a run of S − R."""
+    first = Trainer(tmp_path / "a", make_model(), cfg(steps=30), n_examples=N, loss_fn=loss_fn)
+    second = Trainer(tmp_path / "b", make_model(), cfg(steps=10), n_examples=N, loss_fn=loss_fn)
+    both = Trainer(tmp_path / "c", make_model(), cfg(steps=40, lr_restart=30), n_examples=N, loss_fn=loss_fn)
+    assert [both.lr_at(s) for s in range(30)] == [first.lr_at(s) for s in range(30)]
+    assert [both.lr_at(s) for s in range(30, 40)] == [second.lr_at(s) for s in range(10)]
+    assert both.lr_at(30) == pytest.approx(1e-2 / 5) and first.lr_at(29) == pytest.approx(1e-3, rel=0.05)
+    with pytest.raises(CarraraError, match="lr_restart"):
+        cfg(steps=40, lr_restart=40).check()
+
+
 def test_resume_is_bitwise_exact(tmp_path):
     full = Trainer(tmp_path / "full", make_model(), cfg(), n_examples=N, loss_fn=loss_fn)
     full.fit(progress=False)

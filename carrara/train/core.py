@@ -64,6 +64,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per step: batch_size / (processes × grad_accum) examples each
     fp16: bool = False  # CUDA only: fp16 autocast with a GradScaler, for GPUs without bf16
     keep_checkpoints: int = 2
+    lr_restart: int = 0  # a step where the schedule starts again from warm-up (a new phase of the run); 0: none
 
     def check(self) -> None:
         """One line for a setting the optimiser or the loop would crash on (lr < 0, a step count of 0) or that trains
@@ -81,6 +82,8 @@ class TrainConfig:
                                f"{self.grad_clip}")
         if not 0.0 <= self.ema_decay <= 1.0:
             raise CarraraError(f"train.ema_decay must be between 0 and 1, got {self.ema_decay}")
+        if not 0 <= self.lr_restart < self.steps:
+            raise CarraraError(f"train.lr_restart must be in [0, steps), got {self.lr_restart}")
 
     def use_bf16(self) -> bool:
         return cpu_supports_bf16() if self.bf16 is None else self.bf16
@@ -169,6 +172,7 @@ class Trainer:
                  data_report: dict | None = None, data_fingerprint: str = ""):
         cfg.check()
         self.run_dir, self.cfg, self.name = Path(run_dir), cfg, name
+        self.current_step = 0
         self.ctx = distributed.setup()
         self.model = model.to(self.ctx.device)
         # batch_fn(step) -> indices; the default walks seeded epochs. Must be a pure function of step (exact resume).
@@ -201,11 +205,17 @@ class Trainer:
                    data_report=report, data_fingerprint=fingerprint(records), **kwargs)
 
     def lr_at(self, step: int) -> float:
-        """Linear warm-up, then cosine decay to 10 % of the peak."""
+        """Linear warm-up, then cosine decay to 10 % of the peak; with lr_restart, once over [0, lr_restart) and again
+        over [lr_restart, steps) (a warm restart, Loshchilov & Hutter 2017: a run continued into a new phase
+        decays exactly as it did when the first phase was the whole run)."""
         cfg = self.cfg
+        end = cfg.lr_restart if 0 < cfg.lr_restart and step < cfg.lr_restart else cfg.steps
+        if 0 < cfg.lr_restart <= step:
+            step -= cfg.lr_restart
+            end -= cfg.lr_restart
         if step < cfg.warmup_steps:
             return cfg.lr * (step + 1) / cfg.warmup_steps
-        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        progress = (step - cfg.warmup_steps) / max(1, end - cfg.warmup_steps)
         return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
     def log(self, line: str) -> None:
@@ -292,6 +302,7 @@ class Trainer:
     def step(self, step: int) -> tuple[float, torch.Tensor | None]:
         """One optimizer step on the global batch; returns (global mean loss, grad norm or None if skipped)."""
         cfg, accum = self.cfg, len(self.rows)
+        self.current_step = step  # for a loss that changes over the run (train/upsampler.py's degrade_from)
         idx = self.batch_fn(step)
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), dtype=torch.float64)
