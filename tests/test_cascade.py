@@ -339,3 +339,19 @@ def test_stage_learns_what_bicubic_misses():
         x0_hat = ab.sqrt() * xt - (1 - ab).sqrt() * v
         err = (stage.pixels(x0_hat, bicubic_reference(low, 2)) - high).pow(2).mean()
         assert err < 0.5 * bicubic_err, (t, err.item(), bicubic_err.item())
+
+
+def test_an_upsampler_run_can_start_from_a_trained_stage(tiny_shapes, tiny_upsampler_run, tmp_path):
+    """init_unet: the new run's network starts as the given stage's (lr 0 keeps it there); another shape is refused."""
+    start = Upsampler.load(tiny_upsampler_run[0])
+    model = {**TINY_UNET, "class_embed_type": "timestep"}
+    recipe = UpsamplerRecipe(data=str(tiny_shapes), size=32, factor=2, crop=16, model=model,
+                             init_unet=str(tiny_upsampler_run[0]), sampling=UpsamplerSettings(steps=2),
+                             train=TrainConfig(steps=1, batch_size=4, lr=0.0, warmup_steps=0, checkpoint_every=1,
+                                               sample_every=10, bf16=False))
+    train_upsampler(recipe, tmp_path / "ft", progress=False)
+    for (name, a), b in zip(start.unet.state_dict().items(), Upsampler.load(tmp_path / "ft").unet.state_dict().values()):
+        assert torch.equal(a, b), name
+    recipe.model = {**model, "block_out_channels": [16, 32]}
+    with pytest.raises(CarraraError, match="another architecture"):
+        train_upsampler(recipe, tmp_path / "other", progress=False)

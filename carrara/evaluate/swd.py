@@ -113,6 +113,6 @@ def sliced_wasserstein(a: np.ndarray, b: np.ndarray, dirs: np.ndarray) -> float:
 def swd(fake: np.ndarray, real: np.ndarray, *, seed: int = 0) -> float:
     """SWD ×10³ of two descriptor sets of one level, (N, P, D) each (images × neighbourhoods): each normalised
     on its own, REPEATS × DIRECTIONS directions from `seed`."""
-    a, b = normalise(fake.reshape(-1, fake.shape[-1])), normalise(real.reshape(-1, real.shape[-1]))
-    dirs = directions(a.shape[1], REPEATS * DIRECTIONS, seed)
+    a, b = (normalise(x.reshape(-1, x.shape[-1])).astype(np.float32) for x in (fake, real))  # float32: 2× faster
+    dirs = directions(a.shape[1], REPEATS * DIRECTIONS, seed).astype(np.float32)
     return 1e3 * sliced_wasserstein(a, b, dirs)
