@@ -26,7 +26,6 @@ folder a grid of variations of 4 data images (each picture, then 4 variations) a
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -35,17 +34,14 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 from families import check_clip, cpu_kind, train_config, train_in_budget
-from lora import to_uint8
-from v2_ablations import PARAPHRASES, arm_recipe, fmt, judge, tiny_setup
+from v2_ablations import PARAPHRASES, arm_recipe, fmt, judge, judge_diversity, tiny_setup
 
 from carrara.data.folder import load_folder
 from carrara.errors import CarraraError
-from carrara.evaluate.diversity import diversity
 from carrara.evaluate.suite import read_prompts
 from carrara.fileio import ensure_dir, save_image_atomic, write_json_atomic
 from carrara.images import image_grid
 from carrara.modelfolder import resolve
-from carrara.models.clip import ClipScorer
 from carrara.pipeline import Pipeline
 from carrara.train.decoder import DecoderRecipe, train_decoder
 from carrara.train.diffusion import train_diffusion
@@ -56,7 +52,6 @@ ROOT = Path(__file__).resolve().parent.parent
 PRIOR_SHARE = 0.2  # of the prior route's minutes: the prior (vectors, cheap steps); the decoder gets the rest
 ROUTES = {"direct": (("direct", 1.0),), "prior": (("prior", PRIOR_SHARE), ("decoder", 1 - PRIOR_SHARE))}
 TINY_PRIOR = {"width": 32, "layers": 2, "heads": 4, "mlp_ratio": 2}
-FIGURE_PROMPTS = 4  # paraphrases shown in the diversity figure
 CHECKPOINTS = 4  # per training run, so an interrupted one resumes
 
 
@@ -95,28 +90,6 @@ def train_route(route: str, ctx: dict) -> dict:
     return {"stages": stages, "model": str(model), "steps": {s: p["steps"] for s, p in stages.items()},
             "train_wall_s": round(sum(s["train_wall_s"] for s in stages.values()), 2),
             "step_s": round(sum(s["step_s"] for s in stages.values()), 2)}
-
-
-def samples_per_prompt(pipe: Pipeline, prompts: list[str], k: int) -> list[list[Image.Image]]:
-    """k images of each prompt, image j from seed j (so every route draws from the same seeds)."""
-    return [pipe([p] * k, seed=0) for p in prompts]
-
-
-def judge_diversity(model: str, name: str, ctx: dict) -> dict:
-    """Diversity of `--k` samples per paraphrase (kept in OUT/eval/NAME/diversity.json for the same settings)."""
-    folder = ensure_dir(ctx["out"] / "eval" / name)
-    settings = {"prompts": ctx["div_prompts"], "k": ctx["k"], "clip": str(ctx["clip"]), "model": model}
-    cache = folder / "diversity.json"
-    if cache.is_file() and json.loads(cache.read_text()).get("settings") == settings:
-        return json.loads(cache.read_text())
-    pipe, scorer = Pipeline.load(model), ClipScorer.load(ctx["clip"])
-    images = samples_per_prompt(pipe, ctx["div_prompts"], ctx["k"])
-    embeds = scorer.embed_images(to_uint8([im for row in images for im in row])).reshape(len(images), ctx["k"], -1)
-    result = {"settings": settings, **diversity(embeds, bootstrap=ctx["bootstrap"])}
-    save_image_atomic(folder / "diversity.png", image_grid([im for row in images[:FIGURE_PROMPTS] for im in row],
-                                                           rows=min(FIGURE_PROMPTS, len(images))))
-    write_json_atomic(cache, result)
-    return result
 
 
 def unclip_figures(model: str, ctx: dict) -> dict[str, str]:

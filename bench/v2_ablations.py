@@ -13,6 +13,9 @@ weights of every 500th checkpoint) inside `--curve-model`'s folder: steps of tra
 Judged as docs/default-model.md judges v1 (`carrara eval`, 20 DPM-Solver++ steps, guidance 4, seed 0, 95 %
 bootstrap intervals): emoji-CLIP text→image retrieval top-1 and top-5 among the generated set, CLIP score and
 FD_clip, on `--n` training captions and on `--n-para` hand-written paraphrases (carrara/data/emoji_paraphrases.txt).
+Diversity too (the measure that showed v2's collapse, docs/results/diversity): the mean pairwise emoji-CLIP
+distance 1 − cos among 8 samples (seeds 0–7) of each of the first 20 paraphrases (bench/unclip.py's
+`judge_diversity`), so each change is also seen by what it does to the spread of samples.
 Each arm's training resumes if interrupted and is not repeated; each evaluation is kept in OUT/eval/.
 
     python bench/v2_ablations.py --data runs/emoji/data --clip runs/clip-emoji [--init default] [--steps 500]
@@ -35,12 +38,16 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 from families import check_clip, cpu_kind, pick
-from lora import finished, tiny_base
+from lora import finished, tiny_base, to_uint8
 
 from carrara.errors import CarraraError
-from carrara.evaluate.suite import EvalSettings, run_eval
-from carrara.fileio import ensure_dir, write_json_atomic, write_text_atomic
+from carrara.evaluate.diversity import diversity
+from carrara.evaluate.suite import EvalSettings, read_prompts, run_eval
+from carrara.fileio import ensure_dir, save_image_atomic, write_json_atomic, write_text_atomic
+from carrara.images import image_grid
 from carrara.modelfolder import resolve
+from carrara.models.clip import ClipScorer
+from carrara.pipeline import Pipeline
 from carrara.recipe import apply_overrides, flatten, load_recipe_file
 from carrara.train.checkpoint import latest_checkpoint
 from carrara.train.clip import ClipRecipe, train_clip
@@ -52,6 +59,8 @@ RECIPE = ROOT / "recipes" / "emoji-v2.toml"
 PARAPHRASES = ROOT / "carrara" / "data" / "emoji_paraphrases.txt"
 ARMS = {"eps": ("epsilon", False), "eps+pooled": ("epsilon", True), "v": ("v_prediction", False),
         "v+pooled": ("v_prediction", True)}
+DIV_PROMPTS, DIV_K = 20, 8  # diversity: the first 20 paraphrases, 8 seeds each
+FIGURE_PROMPTS = 4  # paraphrases shown in the diversity figure
 MODEL_FILES = ("model_index.json", "scheduler", "vae", "text_encoder", "tokenizer")  # besides the U-Net (modelfolder.py)
 TINY_COLOURS = {"red": (220, 30, 30), "green": (30, 160, 60), "blue": (40, 60, 220), "yellow": (240, 200, 20),
                 "black": (20, 20, 20), "purple": (140, 40, 180)}
@@ -110,6 +119,28 @@ def snapshots(curve: Path) -> list[tuple[int, Path]]:
     return found
 
 
+def samples_per_prompt(pipe: Pipeline, prompts: list[str], k: int) -> list[list[Image.Image]]:
+    """k images of each prompt, image j from seed j (so every route draws from the same seeds)."""
+    return [pipe([p] * k, seed=0) for p in prompts]
+
+
+def judge_diversity(model: str, name: str, ctx: dict) -> dict:
+    """Diversity of `--k` samples per paraphrase (kept in OUT/eval/NAME/diversity.json for the same settings)."""
+    folder = ensure_dir(ctx["out"] / "eval" / name)
+    settings = {"prompts": ctx["div_prompts"], "k": ctx["k"], "clip": str(ctx["clip"]), "model": model}
+    cache = folder / "diversity.json"
+    if cache.is_file() and json.loads(cache.read_text()).get("settings") == settings:
+        return json.loads(cache.read_text())
+    pipe, scorer = Pipeline.load(model), ClipScorer.load(ctx["clip"])
+    images = samples_per_prompt(pipe, ctx["div_prompts"], ctx["k"])
+    embeds = scorer.embed_images(to_uint8([im for row in images for im in row])).reshape(len(images), ctx["k"], -1)
+    result = {"settings": settings, **diversity(embeds, bootstrap=ctx["bootstrap"])}
+    save_image_atomic(folder / "diversity.png", image_grid([im for row in images[:FIGURE_PROMPTS] for im in row],
+                                                           rows=min(FIGURE_PROMPTS, len(images))))
+    write_json_atomic(cache, result)
+    return result
+
+
 def judge(model: str, name: str, ctx: dict) -> dict:
     """Captions and paraphrases, as docs/default-model.md evaluates v1 (kept in OUT/eval/NAME/)."""
     row = {}
@@ -124,6 +155,9 @@ def judge(model: str, name: str, ctx: dict) -> dict:
         m = report["metrics"]
         row[what] = {"t2i_top1": pick(m, "T2I-top1"), "t2i_top5": pick(m, "T2I-top5"),
                      "clip_score": pick(m, "CLIPScore", "generated]"), "fd_clip": pick(m, "FD["), "n": n}
+    d = judge_diversity(model, name, {**ctx, "div_prompts": read_prompts(ctx["paraphrases"])[:DIV_PROMPTS],
+                                      "k": DIV_K})
+    row["diversity"] = {"value": d["value"], "ci95": d["ci95"], "k": d["k"], "prompts": DIV_PROMPTS}
     return row
 
 
@@ -135,12 +169,13 @@ def fmt(metric: dict, scale: float = 100.0, spec: str = ".1f") -> str:
 def markdown_table(result: dict) -> str:
     """The card's ablation table: one row per arm (and snapshot), captions and paraphrases side by side."""
     head = ("| model | steps | captions top-5 % | paraphrases top-5 % | captions top-1 % | FD_clip captions "
-            "| CLIP score captions |")
+            "| CLIP score captions | diversity |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, r in {**result["arms"], **result["curve"]}.items():
         c, p = r["judged"]["captions"], r["judged"]["paraphrases"]
         lines.append(f"| {name} | {r['steps']} | {fmt(c['t2i_top5'])} | {fmt(p['t2i_top5'])} | {fmt(c['t2i_top1'])} "
-                     f"| {fmt(c['fd_clip'], 1, '.3f')} | {fmt(c['clip_score'], 1)} |")
+                     f"| {fmt(c['fd_clip'], 1, '.3f')} | {fmt(c['clip_score'], 1)} "
+                     f"| {fmt(r['judged']['diversity'], 1, '.3f')} |")
     cpu = result["cpu"]
     lines += ["", (f"n = {result['n']} captions, {result['n_para']} paraphrases; judge {result['clip']}; "
                    f"{cpu['kind']} ({cpu['model']}, {cpu['threads']} threads).")]

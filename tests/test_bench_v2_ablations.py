@@ -35,6 +35,8 @@ def test_tiny_bench_judges_every_arm_and_the_snapshot(tmp_path):
                 m = judged[metric]
                 assert math.isfinite(m["value"]) and all(math.isfinite(x) for x in m["ci95"]), (name, what, metric)
                 assert m["ci95"][0] <= m["ci95"][1]
+        d = row["judged"]["diversity"]  # 1 − cos of unit vectors: in [0, 2]
+        assert 0 <= d["value"] <= 2 and d["k"] == 8, name
     # the snapshot is the last arm's final EMA inside that arm's model folder: the same weights, the same numbers
     (snapshot,) = result["curve"].values()
     assert snapshot["steps"] == 2
@@ -71,9 +73,16 @@ def test_a_judged_model_is_not_judged_again(tmp_path, monkeypatch):
         write_json_atomic(folder / "metrics.json", report)
         return report
 
+    def fake_diversity(model, name, ctx):  # its own cache is judge_diversity's (tests/test_bench_unclip.py)
+        assert ctx["div_prompts"] == ["a", "b"] and ctx["k"] == 8
+        return {"value": 0.3, "ci95": [0.2, 0.4], "k": 8}
+
     monkeypatch.setattr(v2_ablations, "run_eval", fake_run_eval)
-    ctx = {"out": tmp_path, "n": 4, "n_para": 2, "data": "d", "clip": "c", "paraphrases": "p.txt", "bootstrap": 5,
-           "progress": False}
+    monkeypatch.setattr(v2_ablations, "judge_diversity", fake_diversity)
+    (tmp_path / "p.txt").write_text("a\nb\n")
+    ctx = {"out": tmp_path, "n": 4, "n_para": 2, "data": "d", "clip": "c", "paraphrases": str(tmp_path / "p.txt"),
+           "bootstrap": 5, "progress": False}
     first = v2_ablations.judge("m", "v1", ctx)
     again = v2_ablations.judge("m", "v1", ctx)
-    assert calls == [None, "p.txt"] and first == again
+    assert calls == [None, str(tmp_path / "p.txt")] and first == again
+    assert first["diversity"] == {"value": 0.3, "ci95": [0.2, 0.4], "k": 8, "prompts": 20}
