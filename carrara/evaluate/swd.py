@@ -62,7 +62,7 @@ def reconstruct(pyramid: list[torch.Tensor]) -> torch.Tensor:
 
 def neighbourhoods(level: torch.Tensor, per_image: int, generator: torch.Generator) -> torch.Tensor:
     """(N, per_image, C·7·7): random 7×7 neighbourhoods of each image, wholly inside it."""
-    n, c, h, w = level.shape
+    n, _, h, w = level.shape
     r = NEIGHBOURHOOD // 2
     ys = torch.randint(r, h - r, (n, per_image), generator=generator)
     xs = torch.randint(r, w - r, (n, per_image), generator=generator)
