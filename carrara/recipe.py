@@ -91,11 +91,13 @@ def _build_data(cfg: dict, folder: Path, size: int, progress: bool) -> Path:
     """The recipe's dataset at `size` in `folder` (built once), or the user's own folder named by `dataset`."""
     if cfg["dataset"] not in ("shapes", "emoji"):
         return Path(cfg["dataset"])  # a user's own folder, resized on load
+    if cfg.get("categories") and cfg["dataset"] != "emoji":
+        raise CarraraError("[data] categories = true applies to the emoji dataset only")
     if not (folder / "metadata.jsonl").is_file():  # the recipe's own folder: no metadata.jsonl = an interrupted build
         if cfg["dataset"] == "shapes":
             build_shapes(folder, n=cfg["n"], size=size, seed=cfg["seed"], progress=progress, overwrite=True)
         else:
-            build_emoji(folder, size=size, progress=progress, overwrite=True)
+            build_emoji(folder, size=size, progress=progress, overwrite=True, categories=cfg.get("categories", False))
     return folder
 
 

@@ -191,6 +191,19 @@ def test_emoji_caption_variants_on_fixed_names():
     assert len(many) == emoji_data.MAX_CAPTIONS and many[0] == "black bird"  # capped, the name always first
 
 
+def test_emoji_category_captions_are_shared_by_a_kind_and_opt_in():
+    assert emoji_data.category_caption("flag: France") == "a flag"
+    assert emoji_data.category_caption("grinning face") == "a face"
+    assert emoji_data.category_caption("nine o’clock") == "a clock"
+    assert emoji_data.category_caption("apple") is None
+    assert "a flag" not in emoji_data.caption_variants("flag: France", ["flag for France", "fr"])  # off by default
+    many = emoji_data.caption_variants("black heart", ["raven", "crow", "rook", "jackdaw", "blackbird"], category=True)
+    assert many[:2] == ["black heart", "a heart"] and len(many) == emoji_data.MAX_CAPTIONS  # never cut
+    names = [emoji_data.readable_name(d["en"], e) for e, d in emoji_data.fully_qualified().items()]
+    flags = [n for n in names if emoji_data.category_caption(n) == "a flag"]
+    assert len(flags) > 250 and all(n.startswith("flag") or "flag" in n for n in flags)  # one caption, many images
+
+
 @needs_font
 def test_emoji_subset_renders_on_white_with_names(tmp_path):
     only = ["🕵🏾‍♀️", "🇫🇷", "😀", "#️⃣"]

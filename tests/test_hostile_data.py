@@ -46,6 +46,13 @@ def test_building_into_a_dataset_is_refused_unless_overwrite(tmp_path, capsys):
     assert len(load_folder(out)) == 4 and (out / "00000.png").read_bytes() != before["00000.png"]  # seed 1 drew it
 
 
+def test_categories_are_refused_for_shapes(tmp_path, capsys):
+    code, err = build(capsys, "shapes", "--out", str(tmp_path / "d"), "--n", "2", "--size", "16", "--categories")
+    assert code == 2 and error_lines(err) == ["carrara: error: --categories applies to emoji: shapes captions "
+                                              "already describe each image fully"]
+    assert not (tmp_path / "d").exists()
+
+
 def test_a_folder_of_other_files_is_refused_too(tmp_path, capsys):
     (tmp_path / "holiday.jpg").write_bytes(b"my photo")
     code, err = build(capsys, "shapes", "--out", str(tmp_path), "--n", "2", "--size", "16")

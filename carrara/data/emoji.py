@@ -149,15 +149,35 @@ def _article(phrase: str) -> str:
 
 MAX_CAPTIONS = 8  # caption variants kept per emoji (the cached text states grow with this)
 
+# Category captions: the head noun of a name (its last word) for the kinds with many emoji. Every name caption
+# picks out one emoji, so a model trained on names alone learns to predict the image from the text and stops
+# reading its noisy input: "a flag" then gives one blend of flags for every seed (docs/decisions.md, 2026-11-30,
+# session 12). A caption shared by all the flags asks for a choice among them, as real captions do.
+CATEGORIES = {"flag": "a flag", "face": "a face", "heart": "a heart", "hand": "a hand", "arrow": "an arrow",
+              "square": "a square", "o’clock": "a clock", "circle": "a circle", "moon": "a moon", "ball": "a ball",
+              "cat": "a cat", "star": "a star", "tree": "a tree", "cloud": "a cloud", "car": "a car", "book": "a book",
+              "medal": "a medal", "dog": "a dog", "boat": "a boat", "shoe": "a shoe", "monkey": "a monkey",
+              "diamond": "a diamond", "banknote": "a banknote", "box": "a box"}
 
-def caption_variants(name: str, aliases: list[str]) -> list[str]:
+
+def category_caption(name: str) -> str | None:
+    """"flag: France" → "a flag", "grinning face" → "a face", "nine o’clock" → "a clock"; None for other names."""
+    words = name.partition(": ")[0].split()
+    return CATEGORIES.get(words[-1].lower()) if words else None
+
+
+def caption_variants(name: str, aliases: list[str], *, category: bool = False) -> list[str]:
     """Ways people write an emoji's name: the CLDR name first, then aliases, templates and plain forms.
 
     "cat face" → ["cat face", "cat", "smiley cat", "an emoji of a cat face", "cat face icon", "a cat", …];
     "woman detective: medium-dark skin tone" → [..., "woman detective with medium-dark skin", ...];
     "flag: France" → [..., "flag of France", "France flag", ...]. Deterministic, at most MAX_CAPTIONS.
+    With `category`, the kind's caption ("a flag") comes second, so it is never cut.
     """
     out = [name]
+    kind = category_caption(name) if category else None
+    if kind:
+        out.append(kind)
     head, _, tail = name.partition(": ")
     plain = [a for a in aliases if not a.startswith("flag for ")]
     if head == "flag" and tail:
@@ -184,8 +204,9 @@ def caption_variants(name: str, aliases: list[str]) -> list[str]:
 
 
 def build_emoji(out, size: int = 64, font: str | Path | None = None, *, only: Iterable[str] | None = None,
-                progress: bool = True, overwrite: bool = False) -> dict:
-    """Render every fully-qualified emoji (or just `only`) to `out` with a metadata.jsonl of CLDR-style names.
+                progress: bool = True, overwrite: bool = False, categories: bool = False) -> dict:
+    """Render every fully-qualified emoji (or just `only`) to `out` with a metadata.jsonl of CLDR-style names
+    (with `categories`, each caption list also holds its kind's caption: `category_caption`).
 
     A non-empty `out` is refused unless `overwrite` (data/build.py)."""
     check_side(size, 8, "emoji")
@@ -218,7 +239,7 @@ def build_emoji(out, size: int = 64, font: str | Path | None = None, *, only: It
             "codepoints": " ".join(f"U+{ord(c):04X}" for c in emoji),
             "aliases": [_readable_alias(a) for a in data.get("alias", [])],
             "captions": caption_variants(readable_name(data["en"], emoji),
-                                         [_readable_alias(a) for a in data.get("alias", [])]),
+                                         [_readable_alias(a) for a in data.get("alias", [])], category=categories),
             "base": base_name(data["en"], emoji),
             "emoji_version": data["E"],
         }, ensure_ascii=False))
