@@ -120,10 +120,12 @@ def upsampler_inputs(unet: UNet, x: torch.Tensor, t: torch.Tensor, lowres_aug: t
 
 
 MODEL_PARTS = ("model_index.json", "unet", "vae", "scheduler", "text_encoder", "tokenizer")
+TRAINING_FILES = ("config.json", "log.txt", "metrics.jsonl", "loss.png")  # a run's record of how it was made
 
 
 def assemble_cascade(base: str | Path, upsampler: str | Path, out: str | Path) -> Path:
-    """A cascade model folder: the base model folder's parts, with the upsampler folder beside them as upsampler/.
+    """A cascade model folder: the base model folder's parts, with the upsampler folder beside them as upsampler/,
+    and each stage's training record (a run's recipe, log, metrics, loss curve) under training/STAGE/.
 
     Written into a temporary folder and renamed, so `out` is complete or absent."""
     base, upsampler, out = Path(base), Path(upsampler), Path(out)
@@ -145,6 +147,12 @@ def assemble_cascade(base: str | Path, upsampler: str | Path, out: str | Path) -
     for part in ("model_index.json", "unet", "scheduler"):
         src = upsampler / part
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, tmp / "upsampler" / part)
+    for stage, run in (("diffusion", base), ("upsampler", upsampler)):  # how each stage was made, for the export
+        if (run / "log.txt").is_file():
+            (tmp / "training" / stage).mkdir(parents=True)
+            for name in TRAINING_FILES:
+                if (run / name).is_file():
+                    shutil.copy2(run / name, tmp / "training" / stage / name)
     tmp.rename(out)
     return out
 

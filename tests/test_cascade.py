@@ -237,11 +237,11 @@ def test_the_cli_trains_assembles_exports_and_generates_the_cascade(tiny_shapes,
         from PIL import Image
         assert Image.open(out).size == (size, size)
         assert Image.open(out).tobytes() == Image.open(tmp_path / f"again{size}.png").tobytes()
-    assert main(["export", "default", "--model", str(tmp_path / "cascade"), "--upsampler", str(tmp_path / "up"),
-                 "--out", str(tmp_path / "packaged")]) == 0
+    assert main(["export", "default", "--model", str(tmp_path / "cascade"), "--out", str(tmp_path / "packaged")]) == 0
     packaged = Pipeline.load(tmp_path / "packaged", precision="fp32")
     assert packaged.sizes == (16, 32)
-    assert (tmp_path / "packaged" / "training" / "upsampler" / "log.txt").is_file()
+    for stage, run in (("upsampler", tmp_path / "up"), ("diffusion", tiny_diffusion_run)):  # the cascade kept both
+        assert (tmp_path / "packaged" / "training" / stage / "log.txt").read_text() == (run / "log.txt").read_text()
     from safetensors import safe_open
     with safe_open(tmp_path / "packaged" / "upsampler" / "unet" / "diffusion_pytorch_model.safetensors", "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}  # noqa: SIM118 (safe_open is not iterable)
