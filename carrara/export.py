@@ -30,7 +30,6 @@ from carrara.text.encoder import TextEncoder, resolve_folders
 from carrara.upsampler import TRAINING_FILES
 
 
-
 def _copy_component(src: Path, dst: Path, dtype: torch.dtype) -> None:
 
     state = load_weights(src)
