@@ -344,7 +344,8 @@ def measure(args: argparse.Namespace, out: Path) -> dict:
     base = cached(out / "base64.pt", key, lambda: base_images(pipe, prompts, sampling, args.seed, batch, progress))
     bicubic_up = to_uint8(bicubic(base, factor))
     ensure_dir(out / "upsampled")
-    cascade = {name: cached(out / "upsampled" / f"{name}.pt", {**key, **dataclasses.asdict(s)},
+    up_key = {**key, "upsampler_hash": pipe.upsampler.weights_hash}  # the base's images are the base's alone
+    cascade = {name: cached(out / "upsampled" / f"{name}.pt", {**up_key, **dataclasses.asdict(s)},
                             lambda s=s: upsample(pipe, base, prompts, s, args.seed, batch, progress))
                for name, s in sweep.items()}
     # 2. The real images' features; every row's FD against all of them.
@@ -372,7 +373,7 @@ def measure(args: argparse.Namespace, out: Path) -> dict:
         stage_in = autoencoder_round_trip(pipe.vae, real_low, progress=progress).float()
     floor_up = to_uint8(bicubic(real_low, factor))
     stage_up = cached(out / "upsampled" / "real64.pt",
-                      {**key, **dataclasses.asdict(sweep[chosen]), "degrade": pipe.upsampler.degrade},
+                      {**up_key, **dataclasses.asdict(sweep[chosen]), "degrade": pipe.upsampler.degrade},
                       lambda: upsample(pipe, stage_in, prompts, sweep[chosen], args.seed, batch, progress))
     for name, images in (("real64_bicubic", floor_up), ("real64_upsampler", stage_up)) + (
             (("real64_input_bicubic", to_uint8(bicubic(stage_in, factor))),) if stage_in is not real_low else ()):
@@ -391,6 +392,7 @@ def measure(args: argparse.Namespace, out: Path) -> dict:
         "what": "the cascade's 128-px images against bicubic ×2 of the same 64-px images (issue 17, acceptance 2-3)",
         "cpu": cpu, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "tiny": args.tiny,
         "command": " ".join([Path(sys.executable).name, *sys.argv]), "model": model, "model_hash": pipe.model_hash,
+        "upsampler_hash": pipe.upsampler.weights_hash,
         "precision": pipe.precision, "data": data, "clip": clip, "feature_network": scorer.name, "sizes": [low_side, side],
         "n": n, "n_real": len(real), "real_set": f"all {len(real)} images of --data (no held-out split)",
         "seed": args.seed, "bootstrap": bootstrap, "batch": batch, "base_sampling": sampling,

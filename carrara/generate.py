@@ -218,8 +218,13 @@ def generate_command(args: argparse.Namespace) -> int:
         metadata["lora"] = loras
     if isinstance(pipe, FamilyPipeline):  # not diffusion: steps, sampler, size do not apply; say what made it
         metadata["family"] = pipe.kind
-    elif images[0].width != pipe.sizes[0]:  # made by the cascade: its second stage's settings, for the record
+    elif images[0].width != pipe.sizes[0]:  # made by the cascade: its second stage's settings and weights
         metadata["upsampler"] = dataclasses.asdict(pipe.upsampler.settings)
+        metadata["upsampler_hash"] = pipe.upsampler.weights_hash
+        was = (meta or {}).get("upsampler_hash")
+        if isinstance(was, str) and was != pipe.upsampler.weights_hash:
+            print(f"carrara: warning: {args.from_png} was upsampled by stage {was}, this is "
+                  f"{pipe.upsampler.weights_hash}", file=sys.stderr)
     names = _output_names(out, len(images))
     strip = unclip_kwargs.get("same_noise", False)  # an interpolation or text-diff strip: one row
     files = [(names[0], images[0] if len(images) == 1 else image_grid(images, rows=1 if strip else None), metadata)]

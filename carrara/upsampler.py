@@ -35,11 +35,12 @@ from carrara.diffusion.samplers import SAMPLERS, default_timesteps
 from carrara.diffusion.schedule import NoiseSchedule, add_noise
 from carrara.diffusion.settings import DEFAULTS
 from carrara.errors import CarraraError
-from carrara.fileio import ensure_dir, write_json_atomic
+from carrara.fileio import ensure_dir, file_sha256, write_json_atomic
 from carrara.images import to_model_range
 from carrara.modelfolder import read_json_object
 from carrara.models.codec import depth_to_space, space_to_depth
 from carrara.models.unet import UNet2DConditionModel as UNet
+from carrara.safeload import weights_file
 
 KIND = "CarraraUpsampler"  # model_index.json _class_name of an upsampler folder
 
@@ -172,6 +173,7 @@ class Upsampler:
             raise CarraraError(f"upsampler residual_scale must be > 0, got {residual_scale}")
         self.residual_scale = residual_scale  # k: x_0 is (x − bicubic(y)) / k; None: x_0 is x (folders before it)
         self.degrade = degrade  # what its training did to y: "" clean, "autoencoder": the base's round trip
+        self.weights_hash = ""  # first 12 hex digits of its U-Net file's SHA-256 (set by `load`): names the stage
 
     @classmethod
     def load(cls, folder: str | Path, *, allow_pickle: bool = False) -> Upsampler:
@@ -189,8 +191,11 @@ class Upsampler:
         except (TypeError, ValueError) as e:
             raise CarraraError(f"{folder / 'model_index.json'}: bad upsampler settings ({e})") from None
         unet = UNet.from_pretrained(folder / "unet", allow_pickle=allow_pickle)
-        return cls(unet=unet, schedule=NoiseSchedule.from_diffusers_config(scheduler), factor=factor, settings=settings,
-                   residual_scale=residual_scale, degrade=degrade)
+        stage = cls(unet=unet, schedule=NoiseSchedule.from_diffusers_config(scheduler), factor=factor,
+                    settings=settings, residual_scale=residual_scale, degrade=degrade)
+        stage.weights_hash = file_sha256(weights_file(folder / "unet", "diffusion_pytorch_model",
+                                                      allow_pickle=allow_pickle))[:12]
+        return stage
 
     def save(self, folder: str | Path, *, text_encoder: str) -> None:
         """unet/, scheduler/ and model_index.json (with the factor and the sampling defaults) into `folder`."""

@@ -233,6 +233,8 @@ def test_the_cli_trains_assembles_exports_and_generates_the_cascade(tiny_shapes,
         assert main(argv + (["--size", "16"] if size == 16 else [])) == 0
         meta = read_png_metadata(out)
         assert meta["size"] == size and ("upsampler" in meta) == (size == 32)
+        stage_hash = Upsampler.load(tmp_path / "cascade" / "upsampler").weights_hash
+        assert meta.get("upsampler_hash") == (stage_hash if size == 32 else None) and len(stage_hash) == 12
         assert main(["generate", "--from", str(out), "--quiet", "-o", str(tmp_path / f"again{size}.png")]) == 0
         from PIL import Image
         assert Image.open(out).size == (size, size)
