@@ -105,6 +105,17 @@ def test_bench_upsampling_is_the_pipelines_cascade(tiny):
     assert not torch.equal(other, got)  # the level reaches the stage
 
 
+def close(a, b, rel=1e-6) -> bool:
+    """Equal structure and values, floats within `rel` (the same images and settings give the same numbers)."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(close(a[k], b[k], rel) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(close(x, y, rel) for x, y in zip(a, b))
+    if isinstance(a, float):
+        return b == pytest.approx(a, rel=rel)
+    return a == b
+
+
 def test_rerun_reuses_the_images_and_adds_only_the_new_setting(tiny):
     out, r, _ = tiny
     made = {p.name: p.stat().st_mtime_ns for p in [out / "base64.pt", *(out / "upsampled").iterdir()]}
@@ -115,9 +126,9 @@ def test_rerun_reuses_the_images_and_adds_only_the_new_setting(tiny):
             if p.name in made} == made
     assert (out / "upsampled" / "aug200_steps2.pt").is_file()
     assert (out / "tiny" / "model" / "model_index.json").stat().st_mtime_ns == model_time
-    for name in ("bicubic", "real64_bicubic", "real128_halves"):
-        assert again["rows"][name] == r["rows"][name]
-    assert again["rows"]["cascade"]["aug0_steps2"] == r["rows"]["cascade"]["aug0_steps2"]
+    for name in ("bicubic", "real64_bicubic", "real128_halves"):  # float32 BLAS may round the SWD's last bits
+        assert close(again["rows"][name], r["rows"][name])         # differently with the arrays' alignment
+    assert close(again["rows"]["cascade"]["aug0_steps2"], r["rows"]["cascade"]["aug0_steps2"])
     assert set(again["rows"]["cascade"]) == {"aug0_steps2", "aug100_steps2", "aug200_steps2"}
 
 
