@@ -39,8 +39,12 @@ class ModelFolder:
 
     def unet_hash(self, *, allow_pickle: bool = False) -> str:
         """First 12 hex digits of the SHA-256 of the U-Net weights: names the model in PNG metadata."""
-        weights = weights_file(self.unet, "diffusion_pytorch_model", allow_pickle=allow_pickle)
-        return file_sha256(weights)[:12]
+        return weights_hash(self.unet, allow_pickle=allow_pickle)
+
+
+def weights_hash(unet_dir: Path, *, allow_pickle: bool = False) -> str:
+    """First 12 hex digits of the SHA-256 of a U-Net folder's weights file (a model's, or an upsampler stage's)."""
+    return file_sha256(weights_file(unet_dir, "diffusion_pytorch_model", allow_pickle=allow_pickle))[:12]
 
 
 def read_json_object(path: Path) -> dict:

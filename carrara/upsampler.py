@@ -23,6 +23,7 @@ ceiling (docs/decisions.md says why not a latent upsampler, with the measurement
 """
 from __future__ import annotations
 
+import functools
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,12 +36,11 @@ from carrara.diffusion.samplers import SAMPLERS, default_timesteps
 from carrara.diffusion.schedule import NoiseSchedule, add_noise
 from carrara.diffusion.settings import DEFAULTS
 from carrara.errors import CarraraError
-from carrara.fileio import ensure_dir, file_sha256, write_json_atomic
+from carrara.fileio import ensure_dir, write_json_atomic
 from carrara.images import to_model_range
-from carrara.modelfolder import read_json_object
+from carrara.modelfolder import read_json_object, weights_hash
 from carrara.models.codec import depth_to_space, space_to_depth
 from carrara.models.unet import UNet2DConditionModel as UNet
-from carrara.safeload import weights_file
 
 KIND = "CarraraUpsampler"  # model_index.json _class_name of an upsampler folder
 
@@ -173,7 +173,14 @@ class Upsampler:
             raise CarraraError(f"upsampler residual_scale must be > 0, got {residual_scale}")
         self.residual_scale = residual_scale  # k: x_0 is (x − bicubic(y)) / k; None: x_0 is x (folders before it)
         self.degrade = degrade  # what its training did to y: "" clean, "autoencoder": the base's round trip
-        self.weights_hash = ""  # first 12 hex digits of its U-Net file's SHA-256 (set by `load`): names the stage
+        self._unet_dir: Path | None = None  # where `load` read the weights: `weights_hash` names them
+        self._allow_pickle = False
+
+    @functools.cached_property
+    def weights_hash(self) -> str:
+        """First 12 hex digits of its U-Net file's SHA-256 ("" when not loaded from a folder); hashed on first use,
+        so loading a cascade for a 64-px image reads no more than before."""
+        return "" if self._unet_dir is None else weights_hash(self._unet_dir, allow_pickle=self._allow_pickle)
 
     @classmethod
     def load(cls, folder: str | Path, *, allow_pickle: bool = False) -> Upsampler:
@@ -193,8 +200,7 @@ class Upsampler:
         unet = UNet.from_pretrained(folder / "unet", allow_pickle=allow_pickle)
         stage = cls(unet=unet, schedule=NoiseSchedule.from_diffusers_config(scheduler), factor=factor,
                     settings=settings, residual_scale=residual_scale, degrade=degrade)
-        stage.weights_hash = file_sha256(weights_file(folder / "unet", "diffusion_pytorch_model",
-                                                      allow_pickle=allow_pickle))[:12]
+        stage._unet_dir, stage._allow_pickle = folder / "unet", allow_pickle
         return stage
 
     def save(self, folder: str | Path, *, text_encoder: str) -> None:
