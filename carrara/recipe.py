@@ -1,6 +1,7 @@
 """Recipes: typed dataclass configs, `--set key=value` overrides, and TOML files that run all stages."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import shutil
@@ -91,8 +92,6 @@ def _build_data(cfg: dict, folder: Path, size: int, progress: bool) -> Path:
     """The recipe's dataset at `size` in `folder` (built once), or the user's own folder named by `dataset`."""
     if cfg["dataset"] not in ("shapes", "emoji"):
         return Path(cfg["dataset"])  # a user's own folder, resized on load
-    if cfg.get("categories") and cfg["dataset"] != "emoji":
-        raise CarraraError("[data] categories = true applies to the emoji dataset only")
     if not (folder / "metadata.jsonl").is_file():  # the recipe's own folder: no metadata.jsonl = an interrupted build
         if cfg["dataset"] == "shapes":
             build_shapes(folder, n=cfg["n"], size=size, seed=cfg["seed"], progress=progress, overwrite=True)
@@ -101,19 +100,23 @@ def _build_data(cfg: dict, folder: Path, size: int, progress: bool) -> Path:
     return folder
 
 
-STAGES = ("data", "autoencoder", "diffusion", "upsampler", "eval")
+STAGES = ("data", "autoencoder", "diffusion", "finetune", "upsampler", "eval")
 
 
 def run_recipe(path: str | Path, out: str | Path, *, resume: bool = False, overrides: list[str] = (),
                progress: bool = True) -> dict:
-    """Build the data, train the autoencoder, the diffusion model and (if the recipe has one) the upsampler,
-    skipping what is done; with an upsampler, `out/model` is the cascade (base + upsampler/)."""
+    """Build the data, train the autoencoder, the diffusion model, (if the recipe has them) its fine-tune phase and
+    the upsampler, skipping what is done; with an upsampler, `out/model` is the cascade (base + upsampler/).
+
+    `[finetune]` continues the diffusion model as a second run (out/finetune, fresh optimizer and schedule): its keys
+    override the diffusion stage's, and `categories = true` trains it on the emoji data with category captions
+    (out/data-categories, `carrara data build emoji --categories`)."""
     table = load_recipe_file(path)
     unknown = set(table) - set(STAGES)
     if unknown:
         raise CarraraError(f"recipe {path}: unknown table(s) {sorted(unknown)}")
     out = ensure_dir(out)
-    if not resume and any((out / d).exists() for d in ("autoencoder", "diffusion", "upsampler")):
+    if not resume and any((out / d).exists() for d in ("autoencoder", "diffusion", "finetune", "upsampler")):
         raise CarraraError(f"{out} already holds runs; pass --resume to continue them, or pick another --out")
     flat = flatten(table)
     for item in overrides:
@@ -124,6 +127,8 @@ def run_recipe(path: str | Path, out: str | Path, *, resume: bool = False, overr
     stage = {s: {k[len(s) + 1:]: v for k, v in flat.items() if k.startswith(s + ".")} for s in STAGES}
 
     data_cfg = {"dataset": "shapes", "n": 2000, "size": 64, "seed": 0, **stage["data"]}
+    if (data_cfg.get("categories") or stage["finetune"].get("categories")) and data_cfg["dataset"] != "emoji":
+        raise CarraraError("categories = true ([data] or [finetune]) applies to the emoji dataset only")
     data_dir = _build_data(data_cfg, out / "data", data_cfg["size"], progress)
 
     ae_dir = Path(stage["autoencoder"].pop("from", out / "autoencoder"))  # `from`: reuse a finished autoencoder run
@@ -136,22 +141,35 @@ def run_recipe(path: str | Path, out: str | Path, *, resume: bool = False, overr
                          stage["diffusion"])
     if not _stage_done(out / "diffusion", dm.train.steps):
         train_diffusion(dm, out / "diffusion", resume=(out / "diffusion" / "checkpoints").is_dir(), progress=progress)
-    model = out / "diffusion"
+    base = out / "diffusion"
+    if "finetune" in table:
+        tune = dict(stage["finetune"])
+        categories = bool(tune.pop("categories", False))
+        tune_data = data_dir
+        if categories:
+            tune_data = _build_data({**data_cfg, "categories": True}, out / "data-categories", data_cfg["size"],
+                                    progress)
+        ft = apply_overrides(dataclasses.replace(copy.deepcopy(dm), data=str(tune_data), init_unet=str(base)), tune)
+        if not _stage_done(out / "finetune", ft.train.steps):
+            train_diffusion(ft, out / "finetune", resume=(out / "finetune" / "checkpoints").is_dir(),
+                            progress=progress)
+        base = out / "finetune"
+    model = base
     if "upsampler" in table:
         up = apply_overrides(UpsamplerRecipe(), stage["upsampler"])
         if up.degrade == "autoencoder":  # the base's own autoencoder: what its images are decoded by
             if pixels:
                 raise CarraraError(f"recipe {path}: [upsampler] degrade = 'autoencoder' needs a latent base; this "
                                    "one works in pixel space")
-            up.degrade = f"autoencoder:{out / 'diffusion'}"  # the base model folder: its vae/
+            up.degrade = f"autoencoder:{base}"  # the base model folder: its vae/
         up.data = str(_build_data(data_cfg, out / f"data{up.size}", up.size, progress))
         if not _stage_done(out / "upsampler", up.train.steps):
             train_upsampler(up, out / "upsampler", resume=(out / "upsampler" / "checkpoints").is_dir(),
                             progress=progress)
         model = out / "model"
         shutil.rmtree(model, ignore_errors=True)  # re-assembled from the finished stages every time
-        assemble_cascade(out / "diffusion", out / "upsampler", model)
+        assemble_cascade(base, out / "upsampler", model)
     try_it = f"--model {dm.from_model} --lora {model / 'lora.safetensors'}" if dm.lora_rank else f"--model {model}"
     print(f"model ready: {model}  (try: carrara generate \"a red circle\" {try_it})")
     return {"data": str(data_dir), "autoencoder": dm.autoencoder if pixels else str(ae_dir),
-            "diffusion": str(out / "diffusion"), "model": str(model)}
+            "diffusion": str(base), "model": str(model)}

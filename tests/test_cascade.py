@@ -357,3 +357,64 @@ def test_an_upsampler_run_can_start_from_a_trained_stage(tiny_shapes, tiny_upsam
     recipe.model = {**model, "block_out_channels": [16, 32]}
     with pytest.raises(CarraraError, match="another architecture"):
         train_upsampler(recipe, tmp_path / "other", progress=False)
+
+
+def test_a_recipe_finetune_table_continues_the_base_and_the_cascade_uses_it(tiny_ae_run, tmp_path):
+    """`[finetune]` is a second run started from out/diffusion's weights, with its own keys (here lr and steps) over
+    the diffusion stage's; the cascade's base is the fine-tuned model, not the first phase."""
+    import json
+
+    from carrara.modelfolder import resolve
+    from carrara.recipe import run_recipe
+
+    def inline(d: dict) -> str:
+        return "{" + ", ".join(f"{k} = {json.dumps(v)}" for k, v in d.items()) + "}"
+
+    train = "{steps = 2, batch_size = 4, warmup_steps = 1, sample_every = 1000, checkpoint_every = 2, bf16 = false}"
+    (tmp_path / "r.toml").write_text(f"""
+[data]
+dataset = "shapes"
+n = 24
+size = 16
+[autoencoder]
+from = "{tiny_ae_run}"
+[diffusion]
+model = {inline(TINY_UNET)}
+train = {train}
+[finetune]
+train = {{steps = 3, lr = 1e-5, warmup_steps = 1}}
+[upsampler]
+size = 32
+crop = 16
+model = {inline({**TINY_UNET, "class_embed_type": "timestep"})}
+sampling = {{steps = 2}}
+train = {train}
+""")
+    result = run_recipe(tmp_path / "r.toml", tmp_path / "out", progress=False)
+    out = tmp_path / "out"
+    assert result["diffusion"] == str(out / "finetune")
+    config = json.loads((out / "finetune" / "config.json").read_text())
+    assert config["init_unet"] == str(out / "diffusion") and config["train"]["lr"] == 1e-5
+    assert config["train"]["steps"] == 3 and config["train"]["batch_size"] == 4  # the rest from [diffusion]
+    tuned, first, cascade = (resolve(str(p)).unet_hash() for p in (out / "finetune", out / "diffusion", out / "model"))
+    assert cascade == tuned != first
+
+
+def test_a_recipe_finetune_on_category_captions_is_refused_for_shapes(tiny_ae_run, tmp_path):
+    from carrara.recipe import run_recipe
+
+    (tmp_path / "r.toml").write_text(f"""
+[data]
+dataset = "shapes"
+n = 24
+size = 16
+[autoencoder]
+from = "{tiny_ae_run}"
+[diffusion]
+train = {{steps = 2}}
+[finetune]
+categories = true
+""")
+    with pytest.raises(CarraraError, match=r"categories = true \(\[data\] or \[finetune\]\) applies to the emoji"):
+        run_recipe(tmp_path / "r.toml", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / "diffusion").exists()  # refused before any training
