@@ -27,7 +27,7 @@ from carrara.models.codec import PixelCodecConfig, codec_config
 from carrara.models.config import CONFIG_NAME
 from carrara.models.weights import load_weights, save_folder
 from carrara.text.encoder import TextEncoder, resolve_folders
-from carrara.upsampler import TRAINING_FILES
+from carrara.upsampler import TRAINING_FILES, training_records
 
 
 def _copy_component(src: Path, dst: Path, dtype: torch.dtype) -> None:
@@ -62,8 +62,8 @@ def export_default(model: str | Path, out: str | Path, *, autoencoder_run: str |
             _copy_component(upsampler / "unet", tmp / "upsampler" / "unet", dtype)
             shutil.copytree(upsampler / "scheduler", tmp / "upsampler" / "scheduler")
             shutil.copy2(upsampler / "model_index.json", tmp / "upsampler" / "model_index.json")
-        runs = {"diffusion": folder.root}
-        for stage in ("diffusion", "upsampler"):  # an assembled cascade carries its stages' records
+        runs = training_records(folder.root)
+        for stage in ("diffusion", "diffusion-init", "upsampler"):  # an assembled cascade carries its stages' records
             if (folder.root / "training" / stage / "log.txt").is_file():
                 runs[stage] = folder.root / "training" / stage
         if autoencoder_run:

@@ -24,6 +24,7 @@ ceiling (docs/decisions.md says why not a latent upsampler, with the measurement
 from __future__ import annotations
 
 import functools
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,6 +125,20 @@ MODEL_PARTS = ("model_index.json", "unet", "vae", "scheduler", "text_encoder", "
 TRAINING_FILES = ("config.json", "log.txt", "metrics.jsonl", "loss.png")  # a run's record of how it was made
 
 
+def training_records(base: str | Path) -> dict[str, Path]:
+    """The runs a base model folder was made by: {"diffusion": base}, and when its U-Net started from another run's
+    weights (`init_unet`: a second phase, such as a recipe's [finetune]) that run too, as "diffusion-init"."""
+    base = Path(base)
+    records = {"diffusion": base}
+    try:
+        init = json.loads((base / "config.json").read_text()).get("init_unet", "")
+    except (OSError, ValueError):
+        init = ""
+    if init and (Path(init) / "log.txt").is_file():
+        records["diffusion-init"] = Path(init)
+    return records
+
+
 def assemble_cascade(base: str | Path, upsampler: str | Path, out: str | Path) -> Path:
     """A cascade model folder: the base model folder's parts, with the upsampler folder beside them as upsampler/,
     and each stage's training record (a run's recipe, log, metrics, loss curve) under training/STAGE/.
@@ -148,7 +163,7 @@ def assemble_cascade(base: str | Path, upsampler: str | Path, out: str | Path) -
     for part in ("model_index.json", "unet", "scheduler"):
         src = upsampler / part
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, tmp / "upsampler" / part)
-    for stage, run in (("diffusion", base), ("upsampler", upsampler)):  # how each stage was made, for the export
+    for stage, run in {**training_records(base), "upsampler": upsampler}.items():  # how each stage was made
         if (run / "log.txt").is_file():
             (tmp / "training" / stage).mkdir(parents=True)
             for name in TRAINING_FILES:

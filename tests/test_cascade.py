@@ -364,6 +364,7 @@ def test_a_recipe_finetune_table_continues_the_base_and_the_cascade_uses_it(tiny
     the diffusion stage's; the cascade's base is the fine-tuned model, not the first phase."""
     import json
 
+    from carrara.export import export_default
     from carrara.modelfolder import resolve
     from carrara.recipe import run_recipe
 
@@ -398,6 +399,12 @@ train = {train}
     assert config["train"]["steps"] == 3 and config["train"]["batch_size"] == 4  # the rest from [diffusion]
     tuned, first, cascade = (resolve(str(p)).unet_hash() for p in (out / "finetune", out / "diffusion", out / "model"))
     assert cascade == tuned != first
+    records = out / "model" / "training"  # both phases' records travel with the cascade, and into an export
+    assert json.loads((records / "diffusion" / "config.json").read_text())["init_unet"] == str(out / "diffusion")
+    assert (records / "diffusion-init" / "log.txt").read_text() == (out / "diffusion" / "log.txt").read_text()
+    export_default(out / "model", tmp_path / "exported")
+    assert sorted(p.name for p in (tmp_path / "exported" / "training").iterdir()) == \
+        ["diffusion", "diffusion-init", "upsampler"]
 
 
 def test_a_recipe_finetune_on_category_captions_is_refused_for_shapes(tiny_ae_run, tmp_path):
