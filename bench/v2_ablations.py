@@ -120,8 +120,9 @@ def snapshots(curve: Path) -> list[tuple[int, Path]]:
 
 
 def samples_per_prompt(pipe: Pipeline, prompts: list[str], k: int) -> list[list[Image.Image]]:
-    """k images of each prompt, image j from seed j (so every route draws from the same seeds)."""
-    return [pipe([p] * k, seed=0) for p in prompts]
+    """k images of each prompt at the base's size (a cascade's upsampler is not run), image j from seed j (so
+    every route draws from the same seeds)."""
+    return [pipe([p] * k, seed=0, size=pipe.sizes[0]) for p in prompts]
 
 
 def judge_diversity(model: str, name: str, ctx: dict) -> dict:
