@@ -116,14 +116,16 @@ def test_the_checker_sees_an_upward_import(tmp_path, monkeypatch):
                                "guidance": 3.0, "seed": 5, "negative_prompt": "blurry"}),
 ])
 def test_the_default_model_draws_what_it_drew_before_the_layering(reference, settings):
-    """PNGs made by the code before the layering (commit 51bbb68, fp32, AVX2 kernels): same pixels. Another CPU
-    kind's fp32 kernels sum in another order, so a pixel may move by a level there; a changed formula moves many."""
+    """Same pixels as PNGs made by earlier code: first v1's (commit 51bbb68, before the layering), since the default
+    became the v2 cascade its 128-px images (made at the commit that shipped it, fp32, AVX2 kernels) — base and
+    upsampler both. Another CPU kind's fp32 kernels sum in another order, so a pixel may move by a level there; a
+    changed formula moves many."""
     from carrara.pipeline import Pipeline
 
     pipe = Pipeline.load("default", precision="fp32")
     prompts = settings.pop("prompts")
     images = pipe(prompts, **settings)
-    got = np.concatenate([np.asarray(im, dtype=np.int16) for im in images], axis=1)  # (64, 64·n, 3)
+    got = np.concatenate([np.asarray(im, dtype=np.int16) for im in images], axis=1)  # (128, 128·n, 3)
     want = np.asarray(Image.open(DATA / reference).convert("RGB"), dtype=np.int16)
     diff = np.abs(got - want)
     assert got.shape == want.shape

@@ -502,7 +502,7 @@ def test_the_server_logs_one_line_per_job(pipe, tmp_path, capsys):
 
 def test_the_page_suggests_a_prompt_the_model_knows(client, tmp_path):
     assert client.get("/api/model").json()["example_prompt"] == "a red circle"  # the tiny run's first sample prompt
-    assert example_prompt("default") == "cat face"  # recorded in the packaged model's training/diffusion/config.json
+    assert example_prompt("default") == "a flag"  # recorded in the packaged model's training/diffusion/config.json
     assert example_prompt(str(tmp_path)) == NEUTRAL_PROMPT
 
 
