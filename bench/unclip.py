@@ -1,7 +1,8 @@
 """Issue 20's acceptance: DALL-E 2's prior route against direct text conditioning, on the emoji data, at equal
 training time, judged alike.
 
-Both routes start from the same model (`--init`, default the packaged v1) and get `--minutes M` of training:
+Both routes start from the same model (`--init`: v1, the ε-model; the packaged default is v2 since 2026-11-30) and
+get `--minutes M` of training:
   direct  the U-Net fine-tuned on the captions as it was trained (recipes/emoji-v2.toml's diffusion settings, v1's
           ε objective and token-state conditioning: bench/v2_ablations.py's "eps" arm), for all M minutes;
   prior   DALL-E 2's route (docs/unclip.md): the diffusion prior over the emoji CLIP's image embeddings for
@@ -19,7 +20,7 @@ generated set, CLIP score and FD_clip, on `--n` training captions and `--n-para`
 docs/images/unclip-diversity.png (the first 4 paraphrases, k samples each, per route), and from the prior route's
 folder a grid of variations of 4 data images (each picture, then 4 variations) and an interpolation strip.
 
-    python bench/unclip.py --data runs/emoji/data --clip runs/clip-emoji --minutes 60 [--init default]
+    python bench/unclip.py --data runs/emoji/data --clip runs/clip-emoji --minutes 60 --init runs/emoji/diffusion
         [--n 300] [--n-para 100] [--n-div 50] [--k 8] [--out runs/unclip-bench] [--json bench/results/unclip.json]
     python bench/unclip.py --tiny     # seconds, on tiny data and models: checks the bench, measures nothing
 """
@@ -134,7 +135,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", help="the 64-px emoji dataset (carrara data build emoji)")
     p.add_argument("--clip", help="the emoji CLIP: the prior's space, the decoder's condition and the judge")
-    p.add_argument("--init", default="default", help="the model both routes start from (default: the packaged v1)")
+    p.add_argument("--init", help="the model both routes start from: v1, the ε-model (runs/emoji/diffusion or its "
+                                   "export; the packaged default is v2 since 2026-11-30)")
     p.add_argument("--minutes", type=float, help="training minutes per route (default 60, tiny 0.02)")
     p.add_argument("--n", type=int, help="training captions judged (default 300, tiny 8)")
     p.add_argument("--n-para", type=int, help="paraphrases judged (default 100, tiny 4)")
@@ -168,6 +170,9 @@ def run(args: argparse.Namespace) -> dict:
     else:
         if not (args.data and args.clip):
             raise CarraraError("--data DIR and --clip RUN are needed (or --tiny)")
+        if not args.init:
+            raise CarraraError("--init V1 is needed: the v1 ε-model (runs/emoji/diffusion, or a copy of its export); the "
+                               "packaged default is v2 since 2026-11-30")
         ctx.update(data=args.data, clip=check_clip(Path(args.clip), 64))
         ctx["init_folder"] = str(resolve(args.init).root)  # a missing start model fails here, before training
     paraphrases = read_prompts(ctx["paraphrases"])

@@ -1,6 +1,6 @@
 """Issue 17's ablations for the default model v2's card: what each change to v1 buys, judged by the emoji CLIP.
 
-Arms — each a short fine-tune of the same starting model (v1, the packaged ε-model without the pooled embedding),
+Arms — each a short fine-tune of the same starting model (`--init`: v1, the ε-model without the pooled embedding),
 on the same data with recipes/emoji-v2.toml's diffusion settings (batch, lr, warm-up, EMA, balance, caption
 variants), the same seed and `--steps` steps (default 500), differing only in what the arm names:
   eps           ε-prediction, token states only (v1 trained longer: the control for "more steps")
@@ -18,7 +18,7 @@ distance 1 − cos among 8 samples (seeds 0–7) of each of the first 20 paraphr
 `judge_diversity`), so each change is also seen by what it does to the spread of samples.
 Each arm's training resumes if interrupted and is not repeated; each evaluation is kept in OUT/eval/.
 
-    python bench/v2_ablations.py --data runs/emoji/data --clip runs/clip-emoji [--init default] [--steps 500]
+    python bench/v2_ablations.py --data runs/emoji/data --clip runs/clip-emoji --init runs/emoji/diffusion [--steps 500]
         [--arms eps,eps+pooled,v,v+pooled] [--curve /work/v2/snapshots --curve-model /work/v2/diffusion]
         [--n 300] [--n-para 100] [--out runs/v2-ablations] [--json bench/results/v2-ablations.json]
     python bench/v2_ablations.py --tiny     # seconds, on tiny data and models: checks the bench, measures nothing
@@ -217,7 +217,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", help="the 64-px emoji dataset (carrara data build emoji)")
     p.add_argument("--clip", help="the judge: a `carrara train clip` run on that data at 64 px")
-    p.add_argument("--init", default="default", help="the starting model of every arm (default: the packaged v1)")
+    p.add_argument("--init", help="the model every arm starts from: v1, the ε-model (runs/emoji/diffusion or its "
+                                   "export; the packaged default is v2 since 2026-11-30)")
     p.add_argument("--steps", type=int, help="fine-tuning steps per arm (default 500, tiny 2)")
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma list from {', '.join(ARMS)}")
     p.add_argument("--curve", help="a folder of STEP/ema.safetensors snapshots of the long run, judged too")
@@ -253,6 +254,9 @@ def run(args: argparse.Namespace) -> dict:
     else:
         if not (args.data and args.clip):
             raise CarraraError("--data DIR and --clip RUN are needed (or --tiny)")
+        if not args.init:
+            raise CarraraError("--init V1 is needed: the v1 ε-model (runs/emoji/diffusion, or a copy of its export); the "
+                               "packaged default is v2 since 2026-11-30")
         ctx.update(data=args.data, clip=check_clip(Path(args.clip), 64))
         # a missing starting model fails here, before any training; the arms train from its folder ("default" is the
         # packaged model's name to Pipeline.load, not a folder the training stages read)

@@ -54,6 +54,7 @@ def test_tiny_bench_trains_both_routes_in_budget_and_judges_them(tmp_path):
 
 def test_bad_arguments_are_one_line(tmp_path):
     for args, message in ((["--minutes", "0"], "--minutes must be > 0"), (["--k", "1", "--tiny"], "at least 2"),
-                          ([], "--data DIR and --clip RUN are needed")):
+                          ([], "--data DIR and --clip RUN are needed"),
+                          (["--data", str(tmp_path), "--clip", str(tmp_path)], "--init V1 is needed")):
         done = bench("--out", str(tmp_path / "o"), *args, timeout=300)
         assert done.returncode != 0 and message in done.stderr and "Traceback" not in done.stderr, done.stderr

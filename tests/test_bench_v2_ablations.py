@@ -47,7 +47,8 @@ def test_tiny_bench_judges_every_arm_and_the_snapshot(tmp_path):
 def test_bad_arguments_are_one_line(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     for args, message in ((["--arms", "x0"], "unknown arm 'x0'"), (["--curve", str(tmp_path)], "go together"),
-                          ([], "--data DIR and --clip RUN are needed")):
+                          ([], "--data DIR and --clip RUN are needed"),
+                          (["--data", str(tmp_path), "--clip", str(tmp_path)], "--init V1 is needed")):
         done = subprocess.run([sys.executable, str(ROOT / "bench" / "v2_ablations.py"), "--out", str(tmp_path / "o"),
                                *args], check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode != 0 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
