@@ -35,7 +35,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 from families import check_clip, cpu_kind, train_config, train_in_budget
-from v2_ablations import PARAPHRASES, arm_recipe, fmt, judge, judge_diversity, tiny_setup
+from v2_ablations import PARAPHRASES, arm_recipe, fmt, judge, judge_diversity, require_init, tiny_setup
 
 from carrara.data.folder import load_folder
 from carrara.errors import CarraraError
@@ -170,9 +170,7 @@ def run(args: argparse.Namespace) -> dict:
     else:
         if not (args.data and args.clip):
             raise CarraraError("--data DIR and --clip RUN are needed (or --tiny)")
-        if not args.init:
-            raise CarraraError("--init V1 is needed: the v1 ε-model (runs/emoji/diffusion, or a copy of its export); the "
-                               "packaged default is v2 since 2026-11-30")
+        require_init(args.init)
         ctx.update(data=args.data, clip=check_clip(Path(args.clip), 64))
         ctx["init_folder"] = str(resolve(args.init).root)  # a missing start model fails here, before training
     paraphrases = read_prompts(ctx["paraphrases"])

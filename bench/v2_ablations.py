@@ -213,6 +213,13 @@ def tiny_setup(out: Path, progress: bool) -> dict:
             "overrides": overrides}
 
 
+def require_init(init: str | None) -> None:
+    """The start model must be named: "default" meant v1 until v2 was packaged (this bench's and bench/unclip.py's)."""
+    if not init:
+        raise CarraraError("--init V1 is needed: the v1 ε-model (runs/emoji/diffusion, or a copy of its export); the "
+                           "packaged default is v2 since 2026-11-30")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", help="the 64-px emoji dataset (carrara data build emoji)")
@@ -254,9 +261,7 @@ def run(args: argparse.Namespace) -> dict:
     else:
         if not (args.data and args.clip):
             raise CarraraError("--data DIR and --clip RUN are needed (or --tiny)")
-        if not args.init:
-            raise CarraraError("--init V1 is needed: the v1 ε-model (runs/emoji/diffusion, or a copy of its export); the "
-                               "packaged default is v2 since 2026-11-30")
+        require_init(args.init)
         ctx.update(data=args.data, clip=check_clip(Path(args.clip), 64))
         # a missing starting model fails here, before any training; the arms train from its folder ("default" is the
         # packaged model's name to Pipeline.load, not a folder the training stages read)

@@ -1,4 +1,5 @@
 """The cascade: the upsampler stage's network, its training step, and the pipeline that chains base → upsampler."""
+import json
 import shutil
 
 import pytest
@@ -165,14 +166,14 @@ def test_progress_counts_both_stages(cascade):
     assert seen[0][2] == (1, 3, 16, 16) and seen[-1][2] == (1, 3, 32, 32)  # previews at each stage's size
 
 
+def inline(d: dict) -> str:
+    """A TOML inline table (JSON values are TOML values for lists, ints and strings)."""
+    return "{" + ", ".join(f"{k} = {json.dumps(v)}" for k, v in d.items()) + "}"
+
+
 def test_a_recipe_with_an_upsampler_table_builds_the_cascade(tiny_ae_run, tmp_path):
     """`carrara recipe` reuses a finished autoencoder (`from`), trains base and upsampler, assembles out/model."""
-    import json
-
     from carrara.recipe import run_recipe
-
-    def inline(d: dict) -> str:  # a TOML inline table (JSON values are TOML values for lists, ints and strings)
-        return "{" + ", ".join(f"{k} = {json.dumps(v)}" for k, v in d.items()) + "}"
 
     (tmp_path / "r.toml").write_text(f"""
 [data]
@@ -215,8 +216,6 @@ def test_assemble_cascade_refuses_what_is_not_a_model(tiny_diffusion_run, tmp_pa
 
 def test_the_cli_trains_assembles_exports_and_generates_the_cascade(tiny_shapes, tiny_diffusion_run, tmp_path):
     """`carrara train upsampler`, `export cascade`, `generate --size`, `export default` of a cascade, end to end."""
-    import json
-
     from carrara.cli import main
     from carrara.png import read_png_metadata
 
@@ -362,14 +361,9 @@ def test_an_upsampler_run_can_start_from_a_trained_stage(tiny_shapes, tiny_upsam
 def test_a_recipe_finetune_table_continues_the_base_and_the_cascade_uses_it(tiny_ae_run, tmp_path):
     """`[finetune]` is a second run started from out/diffusion's weights, with its own keys (here lr and steps) over
     the diffusion stage's; the cascade's base is the fine-tuned model, not the first phase."""
-    import json
-
     from carrara.export import export_default
     from carrara.modelfolder import resolve
     from carrara.recipe import run_recipe
-
-    def inline(d: dict) -> str:
-        return "{" + ", ".join(f"{k} = {json.dumps(v)}" for k, v in d.items()) + "}"
 
     train = "{steps = 2, batch_size = 4, warmup_steps = 1, sample_every = 1000, checkpoint_every = 2, bf16 = false}"
     (tmp_path / "r.toml").write_text(f"""
