@@ -6,10 +6,11 @@ STAMP  := $(VENV)/.installed
 FONT   := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
 CHROMIUM := /usr/bin/chromium
 CXX_BIN  := /usr/bin/g++
+EMOJI_TEST := /usr/share/unicode/emoji/emoji-test.txt
 
 .PHONY: setup test test-avx2 test-slow demo lint clean
 
-setup: $(STAMP) $(FONT) $(CHROMIUM) $(CXX_BIN)
+setup: $(STAMP) $(FONT) $(EMOJI_TEST) $(CHROMIUM) $(CXX_BIN)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +26,15 @@ $(FONT):
 		 (apt-get update -qq >/dev/null && apt-get install -y -qq fonts-noto-color-emoji >/dev/null)); \
 	else \
 		echo "note: the emoji dataset needs $(FONT): run 'sudo apt-get install fonts-noto-color-emoji'"; \
+	fi
+
+$(EMOJI_TEST):
+	@if [ "$$(id -u)" = 0 ]; then \
+		echo "installing unicode-data (apt) for the emoji CLDR groups"; \
+		(apt-get install -y -qq unicode-data >/dev/null 2>&1 || \
+		 (apt-get update -qq >/dev/null && apt-get install -y -qq unicode-data >/dev/null)); \
+	else \
+		echo "note: emoji group captions need $(EMOJI_TEST): run 'sudo apt-get install unicode-data'"; \
 	fi
 
 $(CXX_BIN):

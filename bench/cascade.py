@@ -18,6 +18,12 @@ of its dataset (`carrara data build emoji --size 128`: images + metadata.jsonl):
             each with the 95 % bootstrap interval of evaluate/suite.py (both sets resampled, recentred on the
             estimate). The real set is ALL images of DATA: the emoji set has no held-out split (base and upsampler
             trained on all of it), so FD measures the distance to the training distribution, for every row alike;
+  patch FD  with --patch-clip (a CLIP run at the BASE's side, 64 px): the same FD in that network's features of every
+            non-overlapping 64² tile of each 128-px image, real and generated (4 per image): a network that sees all
+            128² pixels at their own scale, where the 128-px CLIP's stride-2 stem sees a 64² image and cannot tell
+            sharp from blurred. This is patch FID (pFID: Chai et al. 2022, "Any-resolution training for
+            high-resolution image synthesis", §4), here on a fixed tiling. Its interval resamples images with all
+            their tiles (the tiles of one image are not independent);
   SWD       the sliced Wasserstein distance ×10³ over 7×7 Laplacian-pyramid neighbourhoods at 128, 64, 32, 16 px
             (Karras et al. 2018; evaluate/swd.py) between each set and the n real images of its captions: the 128-px
             level holds only the detail between 64 and 128 px — what an upsampler adds and a text-trained CLIP may
@@ -37,8 +43,8 @@ of its dataset (`carrara data build emoji --size 128`: images + metadata.jsonl):
             asks that the upsampler add at most the base's time;
   figure    the first --figure-n captions: base 64 (enlarged, nearest), bicubic 128, cascade 128 (chosen), real 128.
 
-    python bench/cascade.py --model MODEL --data DATA128 --clip CLIP128 [--n 500] [--aug-levels 0,50,100,200]
-        [--up-steps 5,8,10,20] [--threads 1] [--out runs/cascade-bench]
+    python bench/cascade.py --model MODEL --data DATA128 --clip CLIP128 [--patch-clip CLIP64] [--n 500]
+        [--aug-levels 0,50,100,200] [--up-steps 5,8,10,20] [--threads 1] [--out runs/cascade-bench]
     python bench/cascade.py --tiny     # a tiny cascade and a tiny 128-px CLIP on 24 shapes: checks the bench
 """
 from __future__ import annotations
@@ -104,6 +110,24 @@ def fd_row(fake: np.ndarray, real: np.ndarray, bootstrap: int) -> dict:
             "n_gen": len(fake), "n_real": len(real)}
 
 
+def tiles(images: torch.Tensor, side: int) -> torch.Tensor:
+    """(N, k, C, side, side): the k = (H/side)·(W/side) non-overlapping tiles of each image (N, C, H, W), row-major."""
+    n, c, h, w = images.shape
+    if h % side or w % side:
+        raise CarraraError(f"{h}×{w} images do not tile into {side}² patches")
+    grid = images.reshape(n, c, h // side, side, w // side, side).permute(0, 2, 4, 1, 3, 5)
+    return grid.reshape(n, (h // side) * (w // side), c, side, side)
+
+
+def patch_fd_row(fake: np.ndarray, real: np.ndarray, dim: int, bootstrap: int) -> dict:
+    """Patch FD of per-image tile features (N, k·dim): FD over all N·k tiles, its interval resampling whole images."""
+    def fd(a, b):
+        return frechet_distance(*feature_stats(b.reshape(-1, dim)), *feature_stats(a.reshape(-1, dim)))
+
+    return {"patch_fd": fd(fake, real), "patch_fd_ci95": bootstrap_interval(fd, fake, real, n=bootstrap),
+            "patch_n_gen": fake.size // dim, "patch_n_real": real.size // dim}
+
+
 def psnr_row(values: np.ndarray, bootstrap: int) -> dict:
     def mean(a):
         return float(a.mean())
@@ -119,6 +143,11 @@ def swd_row(images: torch.Tensor, real: dict, bootstrap: int, seed: int) -> dict
     if bootstrap:
         row["swd_ci95"] = bootstrap_interval(swd, fake[finest], real[finest], n=bootstrap)
     return row
+
+
+def features_of(scorer: ClipScorer, images: torch.Tensor) -> np.ndarray:
+    """float64 image embeddings (N, D) of uint8 images, the features every FD here is measured in."""
+    return scorer.embed_images(images).numpy().astype(np.float64)
 
 
 def disjoint_below(a: dict, b: dict, key: str = "fd_ci95") -> bool:
@@ -225,9 +254,10 @@ def figure(base: torch.Tensor, bicubic_up: torch.Tensor, cascade: torch.Tensor, 
     return families_grid(rows, prompts, cell=CELL)
 
 
-def build_tiny(out: Path, progress: bool) -> tuple[Path, Path, Path]:
-    """A tiny cascade (pixel-space base at 64 px as 16×16×48, upsampler 64 → 128) and a tiny 128-px CLIP, each
-    trained TINY_STEPS steps on 24 shapes (built at 128 and 64 px), once per folder: (model, data128, clip)."""
+def build_tiny(out: Path, progress: bool) -> tuple[Path, Path, Path, Path]:
+    """A tiny cascade (pixel-space base at 64 px as 16×16×48, upsampler 64 → 128), a tiny 128-px CLIP and a tiny 64-px
+    one (patch FD), each trained TINY_STEPS steps on 24 shapes (built at 128 and 64 px), once per folder:
+    (model, data128, clip, patch_clip)."""
     data = {}
     for side in (128, 64):
         data[side] = out / f"data{side}"
@@ -237,18 +267,20 @@ def build_tiny(out: Path, progress: bool) -> tuple[Path, Path, Path]:
                            prediction_type="v_prediction", sample_prompts=["a large red circle on the left"])
     up = UpsamplerRecipe(data=str(data[128]), size=128, crop=32, sampling=UpsamplerSettings(steps=2))
     clip = ClipRecipe(data=str(data[128]), size=128, holdout=2)
+    patch_clip = ClipRecipe(data=str(data[64]), size=64, holdout=2)
     base.model = {**base.model, **TINY_UNET}
     up.model = {**up.model, **TINY_UNET, "class_embed_type": "timestep"}
-    clip.model = {**clip.model, "channels": [8, 16], "embed_dim": 16, "groups": 4}
+    for c in (clip, patch_clip):
+        c.model = {**c.model, "channels": [8, 16], "embed_dim": 16, "groups": 4}
     for name, recipe, train in (("base", base, train_diffusion), ("upsampler", up, train_upsampler),
-                                ("clip", clip, train_clip)):
-        done = out / name / ("clip/config.json" if name == "clip" else "model_index.json")
+                                ("clip", clip, train_clip), ("patch-clip", patch_clip, train_clip)):
+        done = out / name / ("clip/config.json" if "clip" in name else "model_index.json")
         if not done.is_file():
             recipe.train = train_config(recipe.train, TINY_STEPS, TINY_BATCH, 1, probe=False)
             train(recipe, out / name, progress=progress)
     if not (out / "model" / "model_index.json").is_file():
         assemble_cascade(out / "base", out / "upsampler", out / "model")
-    return out / "model", data[128], out / "clip"
+    return out / "model", data[128], out / "clip", out / "patch-clip"
 
 
 def markdown_table(result: dict) -> str:
@@ -263,14 +295,17 @@ def markdown_table(result: dict) -> str:
         named[f"real 64 px through the {stage_input}, bicubic ×2"] = r["real64_input_bicubic"]
     named.update({f"real 64 px ({stage_input}), upsampler (chosen)": r["real64_upsampler"],
                   "real vs real: FD two halves, SWD other images": {**r["real128_halves"], **r["real128_other"]}})
-    levels = list(r["bicubic"]["swd"])
-    lines = ["| images at 128 px | FD | 95 % interval | SWD×10³ " + " / ".join(levels) + " | SWD 128 interval | "
-             "PSNR dB |", "|---|---|---|---|---|---|"]
+    levels, patch = list(r["bicubic"]["swd"]), "patch_fd" in r["bicubic"]
+    lines = ["| images at 128 px | FD | 95 % interval | " + ("patch FD [95 %] | " if patch else "") + "SWD×10³ "
+             + " / ".join(levels) + " | SWD 128 interval | PSNR dB |", "|---" * (6 + patch) + "|"]
     for name, row in named.items():
         p = f"{row['psnr_db']:.2f}" if "psnr_db" in row else ""
         ci = f"[{row['swd_ci95'][0]:.1f}, {row['swd_ci95'][1]:.1f}]" if "swd_ci95" in row else ""
-        lines.append(f"| {name} | {row['fd']:.4g} | [{row['fd_ci95'][0]:.4g}, {row['fd_ci95'][1]:.4g}] | "
-                     + " / ".join(f"{row['swd'][k]:.1f}" for k in levels) + f" | {ci} | {p} |")
+        pfd = (f"{row['patch_fd']:.4g} [{row['patch_fd_ci95'][0]:.4g}, {row['patch_fd_ci95'][1]:.4g}] | "
+               if "patch_fd" in row else "| " if patch else "")
+        swd_cells = " / ".join(f"{row['swd'][k]:.1f}" for k in levels) if "swd" in row else ""
+        lines.append(f"| {name} | {row['fd']:.4g} | [{row['fd_ci95'][0]:.4g}, {row['fd_ci95'][1]:.4g}] | {pfd}"
+                     + swd_cells + f" | {ci} | {p} |")
     t, cpu = result["time"], result["cpu"]
     lines.append("")
     lines.append(f"s/image base {t['base_s_per_image_batch']:.3f} (batch {result['batch']}), "
@@ -286,6 +321,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", help="a cascade model folder (a base with upsampler/), or a packaged name")
     p.add_argument("--data", help="the real images at the cascade's side with their captions (metadata.jsonl)")
     p.add_argument("--clip", help="a `carrara train clip --size 128` run: the features FD is measured in")
+    p.add_argument("--patch-clip", help="a CLIP run at the base's side (64 px): patch FD over every tile of the "
+                   "128-px images (optional; --tiny trains one)")
     p.add_argument("--n", type=int, help=f"captions (default {FULL['n']}; tiny {TINY['n']})")
     p.add_argument("--aug-levels", help=f"the sweep's augmentation levels s (default {FULL['aug_levels']})")
     p.add_argument("--up-steps", help=f"the sweep's upsampler steps (default {FULL['up_steps']})")
@@ -322,15 +359,17 @@ def measure(args: argparse.Namespace, out: Path) -> dict:
         torch.set_num_threads(args.threads)
     out = ensure_dir(out)
     if args.tiny:
-        model, data, clip = (str(p) for p in build_tiny(ensure_dir(out / "tiny"), progress))
+        model, data, clip, patch_clip = (str(p) for p in build_tiny(ensure_dir(out / "tiny"), progress))
     elif not (args.model and args.data and args.clip):
         raise CarraraError("give --model (a cascade), --data (its real 128-px images) and --clip (a 128-px CLIP run), "
                            "or --tiny")
     else:
-        model, data, clip = args.model, args.data, args.clip
+        model, data, clip, patch_clip = args.model, args.data, args.clip, args.patch_clip
     pipe = load_cascade(model, args.precision)
     low_side, side = pipe.sizes
     check_clip(Path(clip), side)
+    if patch_clip:
+        check_clip(Path(patch_clip), low_side)
     sweep = sweep_settings(pipe, aug_levels, up_steps)
     real, texts = load_real(data, side, progress)
     idx = pick_captions(texts, n, args.seed)
@@ -352,7 +391,7 @@ def measure(args: argparse.Namespace, out: Path) -> dict:
     scorer = ClipScorer.load(clip)
 
     def features(images: torch.Tensor) -> np.ndarray:
-        return scorer.embed_images(images).numpy().astype(np.float64)
+        return features_of(scorer, images)
 
     real_f = features(real)
     real_d = descriptors(real_n, seed=args.seed)  # the captions' own real images, for SWD
@@ -382,6 +421,22 @@ def measure(args: argparse.Namespace, out: Path) -> dict:
     rows["real64_upsampler"].update({**dataclasses.asdict(sweep[chosen]), "input": pipe.upsampler.degrade or "clean"})
     halves = torch.randperm(len(real), generator=torch.Generator().manual_seed(args.seed))
     rows["real128_halves"] = fd_row(real_f[halves[: len(real) // 2]], real_f[halves[len(real) // 2:]], bootstrap)
+    patch_name = None
+    if patch_clip:  # the same rows in the features of the base-size CLIP over every tile
+        patch_scorer = ClipScorer.load(patch_clip)
+        patch_name = f"{patch_scorer.name} over every {low_side}² tile"
+
+        def patch_features(images: torch.Tensor) -> np.ndarray:
+            return features_of(patch_scorer, tiles(images, low_side).flatten(0, 1)).reshape(len(images), -1)
+
+        dim = features_of(patch_scorer, real[:1, :, :low_side, :low_side]).shape[1]
+        real_p = patch_features(real)
+        fd_rows = [(rows["bicubic"], bicubic_up), *((rows["cascade"][k], v) for k, v in cascade.items()),
+                   (rows["real64_bicubic"], floor_up), (rows["real64_upsampler"], stage_up)]
+        for row, images in tqdm(fd_rows, desc="patch FD", disable=not progress, leave=False):
+            row.update(patch_fd_row(patch_features(images), real_p, dim, bootstrap))
+        rows["real128_halves"].update(patch_fd_row(real_p[halves[: len(real) // 2]], real_p[halves[len(real) // 2:]],
+                                                   dim, bootstrap))
     rows["real128_other"] = swd_row(real[pick_captions(texts, n, args.seed + 1)], real_d, bootstrap, args.seed)
     # 4. Time, 5. the figure.
     times = timings(pipe, prompts, sampling, sweep[chosen], batch, scale["rounds"])
@@ -394,13 +449,17 @@ def measure(args: argparse.Namespace, out: Path) -> dict:
         "command": " ".join([Path(sys.executable).name, *sys.argv]), "model": model, "model_hash": pipe.model_hash,
         "upsampler_hash": pipe.upsampler.weights_hash,
         "precision": pipe.precision, "data": data, "clip": clip, "feature_network": scorer.name, "sizes": [low_side, side],
+        "patch_clip": patch_clip, "patch_feature_network": patch_name,
         "n": n, "n_real": len(real), "real_set": f"all {len(real)} images of --data (no held-out split)",
         "seed": args.seed, "bootstrap": bootstrap, "batch": batch, "base_sampling": sampling,
         "upsampler_recorded": dataclasses.asdict(pipe.upsampler.settings), "rows": rows,
         "cascade_vs_bicubic": {"fd_lower": best["fd"] < rows["bicubic"]["fd"],
                                "intervals_disjoint": disjoint_below(best, rows["bicubic"]),
                                "swd_lower": best["swd"][finest] < rows["bicubic"]["swd"][finest],
-                               "swd_intervals_disjoint": disjoint_below(best, rows["bicubic"], "swd_ci95")},
+                               "swd_intervals_disjoint": disjoint_below(best, rows["bicubic"], "swd_ci95"),
+                               **({"patch_fd_lower": best["patch_fd"] < rows["bicubic"]["patch_fd"],
+                                   "patch_intervals_disjoint": disjoint_below(best, rows["bicubic"], "patch_fd_ci95")}
+                                  if patch_clip else {})},
         "time": times, "wall_s": round(time.perf_counter() - started, 1),
     }
     json_path = args.json or (out / "cascade.json" if args.tiny else f"bench/results/cascade-{cpu['kind']}.json")

@@ -34,6 +34,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -43,7 +44,7 @@ from lora import finished, tiny_base, to_uint8
 from carrara.errors import CarraraError
 from carrara.evaluate.diversity import diversity
 from carrara.evaluate.suite import EvalSettings, read_prompts, run_eval
-from carrara.fileio import ensure_dir, save_image_atomic, write_json_atomic, write_text_atomic
+from carrara.fileio import atomic_path, ensure_dir, save_image_atomic, write_json_atomic, write_text_atomic
 from carrara.images import image_grid
 from carrara.modelfolder import resolve
 from carrara.models.clip import ClipScorer
@@ -125,21 +126,28 @@ def samples_per_prompt(pipe: Pipeline, prompts: list[str], k: int) -> list[list[
     return [pipe([p] * k, seed=0, size=pipe.sizes[0]) for p in prompts]
 
 
-def judge_diversity(model: str, name: str, ctx: dict) -> dict:
-    """Diversity of `--k` samples per paraphrase (kept in OUT/eval/NAME/diversity.json for the same settings)."""
+def judge_diversity(model: str, name: str, ctx: dict, *, embeds: bool = False) -> dict:
+    """Diversity of `--k` samples per paraphrase (kept in OUT/eval/NAME/diversity.json for the same settings); with
+    `embeds`, also the samples' CLIP embeddings (P, K, E) under "embeds" (kept beside it, diversity-embeds.pt)."""
     folder = ensure_dir(ctx["out"] / "eval" / name)
     settings = {"prompts": ctx["div_prompts"], "k": ctx["k"], "clip": str(ctx["clip"]), "model": model}
-    cache = folder / "diversity.json"
+    cache, kept = folder / "diversity.json", folder / "diversity-embeds.pt"
     if cache.is_file() and json.loads(cache.read_text()).get("settings") == settings:
-        return json.loads(cache.read_text())
+        if not embeds:
+            return json.loads(cache.read_text())
+        saved = torch.load(kept, weights_only=False) if kept.is_file() else {}
+        if saved.get("settings") == settings:
+            return {**json.loads(cache.read_text()), "embeds": saved["embeds"]}
     pipe, scorer = Pipeline.load(model), ClipScorer.load(ctx["clip"])
     images = samples_per_prompt(pipe, ctx["div_prompts"], ctx["k"])
-    embeds = scorer.embed_images(to_uint8([im for row in images for im in row])).reshape(len(images), ctx["k"], -1)
-    result = {"settings": settings, **diversity(embeds, bootstrap=ctx["bootstrap"])}
+    e = scorer.embed_images(to_uint8([im for row in images for im in row])).reshape(len(images), ctx["k"], -1)
+    result = {"settings": settings, **diversity(e, bootstrap=ctx["bootstrap"])}
     save_image_atomic(folder / "diversity.png", image_grid([im for row in images[:FIGURE_PROMPTS] for im in row],
                                                            rows=min(FIGURE_PROMPTS, len(images))))
+    with atomic_path(kept) as tmp:
+        torch.save({"settings": settings, "embeds": e}, tmp)
     write_json_atomic(cache, result)
-    return result
+    return {**result, "embeds": e} if embeds else result
 
 
 def judge(model: str, name: str, ctx: dict) -> dict:

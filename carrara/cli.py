@@ -76,8 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--seed", type=int, default=0, help="random seed (shapes)")
     build.add_argument("--font", default=None, help="color emoji font (emoji; default Debian's NotoColorEmoji.ttf)")
     build.add_argument("--overwrite", action="store_true", help="replace the dataset in a non-empty --out folder")
-    build.add_argument("--categories", action="store_true",
-                       help="emoji: add each kind's caption (\"a flag\" for every flag) to its captions")
+    build.add_argument("--categories", nargs="?", const="kinds", choices=("kinds", "groups"), default=None,
+                       help="emoji: add each kind's caption (\"a flag\" for every flag) to its captions; 'groups' "
+                       "also its CLDR subgroup's (\"a mammal\", \"an animal\"; Debian's unicode-data)")
+    build.add_argument("--emoji-test", default=None, help="Unicode's emoji-test.txt for --categories groups "
+                       "(default /usr/share/unicode/emoji/emoji-test.txt)")
     build.set_defaults(func=handlers.cmd_data_build)
     info = data_cmds.add_parser("info", help="load a dataset folder and report what it holds")
     info.add_argument("path", help="dataset folder, or shards like 'shards/{000000..000009}.tar'")

@@ -17,8 +17,9 @@ def cmd_data_build(args: argparse.Namespace) -> int:
     if args.dataset == "shapes":
         from carrara.data.shapes import build_shapes
 
-        if args.categories:
-            raise CarraraError("--categories applies to emoji: shapes captions already describe each image fully")
+        if args.categories or args.emoji_test:
+            raise CarraraError("--categories and --emoji-test apply to emoji: shapes captions already describe each "
+                               "image fully")
         stats = build_shapes(args.out, n=args.n or 2000, size=args.size, seed=args.seed, overwrite=args.overwrite)
     elif args.dataset == "emoji":
         from carrara.data.emoji import build_emoji
@@ -26,7 +27,7 @@ def cmd_data_build(args: argparse.Namespace) -> int:
         if args.n is not None:
             raise CarraraError("--n does not apply to emoji: every fully-qualified emoji is rendered")
         stats = build_emoji(args.out, size=args.size, font=args.font, overwrite=args.overwrite,
-                            categories=args.categories)
+                            categories=args.categories or False, emoji_test=args.emoji_test)
     else:  # argparse's choices make this unreachable
         raise CarraraError(f"unknown dataset {args.dataset!r}")
     print(f"wrote {stats['written']} images to {args.out}" + (f" (skipped {stats['skipped']})" if stats.get("skipped") else ""))

@@ -110,7 +110,8 @@ def run_recipe(path: str | Path, out: str | Path, *, resume: bool = False, overr
 
     `[finetune]` continues the diffusion model as a second run (out/finetune, fresh optimizer and schedule): its keys
     override the diffusion stage's, and `categories = true` trains it on the emoji data with category captions
-    (out/data-categories, `carrara data build emoji --categories`)."""
+    (out/data-categories, `carrara data build emoji --categories`); `categories = "groups"` also with the CLDR
+    subgroups' (out/data-groups, `--categories groups`)."""
     table = load_recipe_file(path)
     unknown = set(table) - set(STAGES)
     if unknown:
@@ -129,6 +130,10 @@ def run_recipe(path: str | Path, out: str | Path, *, resume: bool = False, overr
     data_cfg = {"dataset": "shapes", "n": 2000, "size": 64, "seed": 0, **stage["data"]}
     if (data_cfg.get("categories") or stage["finetune"].get("categories")) and data_cfg["dataset"] != "emoji":
         raise CarraraError("categories = true ([data] or [finetune]) applies to the emoji dataset only")
+    for where in ("data", "finetune"):
+        if stage[where].get("categories", False) not in (False, True, "kinds", "groups"):
+            raise CarraraError(f"[{where}] categories = {stage[where]['categories']!r}: use true (the kinds' "
+                               "captions) or \"groups\" (and the CLDR subgroups')")
     data_dir = _build_data(data_cfg, out / "data", data_cfg["size"], progress)
 
     ae_dir = Path(stage["autoencoder"].pop("from", out / "autoencoder"))  # `from`: reuse a finished autoencoder run
@@ -144,11 +149,11 @@ def run_recipe(path: str | Path, out: str | Path, *, resume: bool = False, overr
     base = out / "diffusion"
     if "finetune" in table:
         tune = dict(stage["finetune"])
-        categories = bool(tune.pop("categories", False))
+        categories = tune.pop("categories", False)
         tune_data = data_dir
         if categories:
-            tune_data = _build_data({**data_cfg, "categories": True}, out / "data-categories", data_cfg["size"],
-                                    progress)
+            folder = out / ("data-groups" if categories == "groups" else "data-categories")
+            tune_data = _build_data({**data_cfg, "categories": categories}, folder, data_cfg["size"], progress)
         ft = apply_overrides(dataclasses.replace(copy.deepcopy(dm), data=str(tune_data), init_unet=str(base)), tune)
         if not _stage_done(out / "finetune", ft.train.steps):
             train_diffusion(ft, out / "finetune", resume=(out / "finetune" / "checkpoints").is_dir(),

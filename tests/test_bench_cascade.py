@@ -8,10 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from carrara.evaluate.fid import feature_stats, frechet_distance
 from carrara.images import to_uint8
 from carrara.pipeline import Pipeline
 
@@ -55,6 +57,27 @@ def test_psnr_by_hand():
     assert cascade.psnr(b, a) == pytest.approx(got)  # symmetric
 
 
+def test_tiles_are_the_images_quarters_in_reading_order():
+    x = torch.arange(2 * 3 * 4 * 4).reshape(2, 3, 4, 4)
+    t = cascade.tiles(x, 2)
+    assert t.shape == (2, 4, 3, 2, 2)
+    for i, (r, c) in enumerate(((0, 0), (0, 2), (2, 0), (2, 2))):
+        assert torch.equal(t[:, i], x[:, :, r:r + 2, c:c + 2])
+    with pytest.raises(cascade.CarraraError, match="do not tile"):
+        cascade.tiles(x, 3)
+
+
+def test_patch_fd_pools_tiles_and_is_zero_for_one_set():
+    """FD over all tiles = FD of the (N·k, D) features; a set against itself is 0."""
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(20, 4 * 3)), rng.normal(1.0, 1.0, size=(30, 4 * 3))
+    row = cascade.patch_fd_row(a, b, 3, bootstrap=5)
+    want = frechet_distance(*feature_stats(b.reshape(-1, 3)), *feature_stats(a.reshape(-1, 3)))
+    assert row["patch_fd"] == pytest.approx(want) and want > 2  # means 1 apart in each of 3 dims: ≥ 3 − noise
+    assert (row["patch_n_gen"], row["patch_n_real"]) == (80, 120)
+    assert cascade.patch_fd_row(a, a, 3, bootstrap=2)["patch_fd"] == pytest.approx(0, abs=1e-6)
+
+
 def test_tiny_bench_has_every_row_with_its_interval(tiny):
     out, r, stdout = tiny
     assert r["cpu"]["kind"] in ("avx512_bf16", "avx2-only", "other") and r["command"].endswith("--out " + str(out))
@@ -70,6 +93,12 @@ def test_tiny_bench_has_every_row_with_its_interval(tiny):
     for row in fd_rows[:-1]:
         assert row["n_gen"] == 8 and row["n_real"] == 24
     assert rows["real128_halves"]["n_gen"] == rows["real128_halves"]["n_real"] == 12
+    # patch FD: the 64-px CLIP over the 4 tiles of every image; whole images resampled for the interval
+    assert r["patch_feature_network"] == "carrara-clip[patch-clip] over every 64² tile"
+    for row in fd_rows[:-1]:
+        assert around(row, "patch_fd") and row["patch_fd"] >= 0 and (row["patch_n_gen"], row["patch_n_real"]) == (32, 96)
+    assert rows["real128_halves"]["patch_n_gen"] == rows["real128_halves"]["patch_n_real"] == 48
+    assert set(r["cascade_vs_bicubic"]) >= {"patch_fd_lower", "patch_intervals_disjoint"}
     for name in ("real64_bicubic", "real64_upsampler"):
         assert around(rows[name], "psnr_db"), rows[name]
     assert rows["real64_upsampler"]["aug_level"] == rows["cascade"][rows["chosen"]]["aug_level"]
@@ -85,7 +114,7 @@ def test_tiny_bench_has_every_row_with_its_interval(tiny):
     grid = Image.open(out / "cascade-grid.png")
     assert grid.size == (90 + 4 * (128 + 2), 44 + 4 * (128 + 2))  # label + 4 captions; header + 4 rows
     table = [line for line in stdout.splitlines() if line.startswith("| ")]  # head, bicubic, 2 settings, 3 real
-    assert len(table) == 1 + 1 + 2 + 3 and all(line.count("|") == 7 for line in table)
+    assert len(table) == 1 + 1 + 2 + 3 and all(line.count("|") == 8 for line in table)
 
 
 def test_bench_upsampling_is_the_pipelines_cascade(tiny):

@@ -34,3 +34,31 @@ def test_bad_arguments_are_one_line(tmp_path):
         bench.main(["--models", "nothing", "--clip", str(tmp_path)])
     with pytest.raises(SystemExit, match="at least 2"):
         bench.main(["--models", "a=default", "--clip", str(tmp_path), "--k", "1"])
+
+
+@pytest.mark.skipif(not Path("/usr/share/unicode/emoji/emoji-test.txt").is_file(), reason="unicode-data missing")
+def test_groups_add_group_precision_against_the_nearest_real_emoji(tiny_diffusion_run, tiny_clip_run, tiny_shapes,
+                                                                   tmp_path):
+    """Four real 'emoji' (tiny shapes images labelled 🐈 🐕 🍓 🇫🇷): a request accepting the two mammals has chance
+    1/2, one accepting the flag 1/4; each precision is a share of k samples."""
+    data = tmp_path / "data"
+    data.mkdir()
+    records = [json.loads(s) for s in (tiny_shapes / "metadata.jsonl").read_text().splitlines()[:4]]
+    for record, emoji in zip(records, ["🐈", "🐕", "🍓", "🇫🇷"]):
+        (data / record["file_name"]).write_bytes((tiny_shapes / record["file_name"]).read_bytes())
+        record["emoji"] = emoji
+    (data / "metadata.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    (tmp_path / "g.tsv").write_text("# requests\nsome animal\tanimal-mammal\na national flag\tcountry-flag\n")
+    argv = ["--models", f"tiny={tiny_diffusion_run}", "--clip", str(tiny_clip_run[0]), "--groups",
+            str(tmp_path / "g.tsv"), "--data", str(data), "--k", "4", "--out", str(tmp_path / "out")]
+    g = bench.run(bench.parse_args(argv))["models"]["tiny"]["group_precision"]
+    assert g["chance"] == pytest.approx((1 / 2 + 1 / 4) / 2) and g["k"] == 4
+    assert all(p in (0, 0.25, 0.5, 0.75, 1) for p in g["per_prompt"]) and len(g["per_prompt"]) == 2
+    assert g["value"] == pytest.approx(sum(g["per_prompt"]) / 2)
+    again = bench.run(bench.parse_args(argv))["models"]["tiny"]["group_precision"]  # from the caches
+    assert again == g and (tmp_path / "out" / "real-embeds.pt").is_file()
+    with pytest.raises(SystemExit, match="--groups needs --data"):
+        bench.main([a for a in argv if a not in ("--data", str(data))])
+    (tmp_path / "bad.tsv").write_text("some animal\n")
+    with pytest.raises(SystemExit, match="is not 'request<TAB>subgroup,subgroup'"):
+        bench.main(["--models", "a=default", "--clip", "x", "--groups", str(tmp_path / "bad.tsv"), "--data", "d"])

@@ -48,7 +48,8 @@ def test_building_into_a_dataset_is_refused_unless_overwrite(tmp_path, capsys):
 
 def test_categories_are_refused_for_shapes(tmp_path, capsys):
     code, err = build(capsys, "shapes", "--out", str(tmp_path / "d"), "--n", "2", "--size", "16", "--categories")
-    message = "carrara: error: --categories applies to emoji: shapes captions already describe each image fully"
+    message = ("carrara: error: --categories and --emoji-test apply to emoji: shapes captions already describe each "
+               "image fully")
     assert code == 2 and error_lines(err) == [message]
     assert not (tmp_path / "d").exists()
 

@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from carrara.data.build import check_side, claim_folder, remove_stale
+from carrara.data.emoji_groups import group_captions, load_subgroups
 from carrara.errors import CarraraError
 from carrara.fileio import save_image_atomic, write_text_atomic
 
@@ -166,18 +167,20 @@ def category_caption(name: str) -> str | None:
     return CATEGORIES.get(words[-1].lower()) if words else None
 
 
-def caption_variants(name: str, aliases: list[str], *, category: bool = False) -> list[str]:
+def caption_variants(name: str, aliases: list[str], *, category: bool = False, groups: Iterable[str] = ()) -> list[str]:
     """Ways people write an emoji's name: the CLDR name first, then aliases, templates and plain forms.
 
     "cat face" → ["cat face", "cat", "smiley cat", "an emoji of a cat face", "cat face icon", "a cat", …];
     "woman detective: medium-dark skin tone" → [..., "woman detective with medium-dark skin", ...];
     "flag: France" → [..., "flag of France", "France flag", ...]. Deterministic, at most MAX_CAPTIONS.
-    With `category`, the kind's caption ("a flag") comes second, so it is never cut.
+    With `category`, the kind's caption ("a flag") comes second, and `groups` (its CLDR subgroup's captions,
+    data/emoji_groups.py: "a mammal", "an animal") next, so neither is cut.
     """
     out = [name]
     kind = category_caption(name) if category else None
     if kind:
         out.append(kind)
+    out += groups
     head, _, tail = name.partition(": ")
     plain = [a for a in aliases if not a.startswith("flag for ")]
     if head == "flag" and tail:
@@ -203,13 +206,22 @@ def caption_variants(name: str, aliases: list[str], *, category: bool = False) -
     return unique[:MAX_CAPTIONS]
 
 
-def build_emoji(out, size: int = 64, font: str | Path | None = None, *, only: Iterable[str] | None = None,
-                progress: bool = True, overwrite: bool = False, categories: bool = False) -> dict:
-    """Render every fully-qualified emoji (or just `only`) to `out` with a metadata.jsonl of CLDR-style names
-    (with `categories`, each caption list also holds its kind's caption: `category_caption`).
+CATEGORY_MODES = ("kinds", "groups")  # `--categories`: the 24 kinds' captions; those and the CLDR subgroups'
 
-    A non-empty `out` is refused unless `overwrite` (data/build.py)."""
+
+def build_emoji(out, size: int = 64, font: str | Path | None = None, *, only: Iterable[str] | None = None,
+                progress: bool = True, overwrite: bool = False, categories: bool | str = False,
+                emoji_test: str | Path | None = None) -> dict:
+    """Render every fully-qualified emoji (or just `only`) to `out` with a metadata.jsonl of CLDR-style names.
+
+    `categories`: "kinds" (or True) adds each kind's caption (`category_caption`: "a flag"); "groups" adds those and
+    the captions of its CLDR subgroup (data/emoji_groups.py, from `emoji_test`: "a mammal", "an animal"), and
+    records the subgroup. A non-empty `out` is refused unless `overwrite` (data/build.py)."""
     check_side(size, 8, "emoji")
+    mode = "kinds" if categories is True else (categories or "")
+    if mode and mode not in CATEGORY_MODES:
+        raise CarraraError(f"categories must be one of {', '.join(CATEGORY_MODES)}, not {categories!r}")
+    subgroups = load_subgroups(emoji_test) if mode == "groups" else {}
     loaded = load_font(font)
     table = fully_qualified()
     if only is not None:
@@ -232,17 +244,21 @@ def build_emoji(out, size: int = 64, font: str | Path | None = None, *, only: It
         except OSError as e:
             raise CarraraError(f"cannot write {out / file_name}: {e.strerror or e}") from None
         written.add(out / file_name)
-        lines.append(json.dumps({
+        record = {
             "file_name": file_name,
             "text": readable_name(data["en"], emoji),
             "emoji": emoji,
             "codepoints": " ".join(f"U+{ord(c):04X}" for c in emoji),
             "aliases": [_readable_alias(a) for a in data.get("alias", [])],
             "captions": caption_variants(readable_name(data["en"], emoji),
-                                         [_readable_alias(a) for a in data.get("alias", [])], category=categories),
+                                         [_readable_alias(a) for a in data.get("alias", [])], category=bool(mode),
+                                         groups=group_captions(emoji, subgroups)),
             "base": base_name(data["en"], emoji),
             "emoji_version": data["E"],
-        }, ensure_ascii=False))
+        }
+        if subgroups:
+            record["subgroup"] = subgroups.get(emoji, "")
+        lines.append(json.dumps(record, ensure_ascii=False))
     if not lines:
         raise CarraraError(f"the font drew none of the {len(table)} emoji; use NotoColorEmoji.ttf")
     write_text_atomic(out / "metadata.jsonl", "\n".join(lines) + "\n")

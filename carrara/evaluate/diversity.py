@@ -32,3 +32,24 @@ def diversity(embeds: torch.Tensor, *, bootstrap: int = 50, seed: int = 0) -> di
     per_prompt = pairwise_distances(embeds)
     return {"value": float(per_prompt.mean()), "ci95": bootstrap_interval(np.mean, per_prompt, n=bootstrap, seed=seed),
             "per_prompt": [round(float(d), 6) for d in per_prompt], "k": int(embeds.shape[1])}
+
+
+def group_precision(embeds: torch.Tensor, real_embeds: torch.Tensor, real_groups: list[str],
+                    accepted: list[set[str]], *, bootstrap: int = 50, seed: int = 0) -> dict:
+    """Does a generic request get images of its kind? For (P, K, E) sample embeddings, each sample's nearest real
+    image (N, E) by cosine, and the share of the K whose group (`real_groups[i]`, e.g. its CLDR subgroup) is one
+    `accepted[p]` lists; the mean over prompts with its interval, beside chance: the share of real images in the
+    accepted groups. Diversity alone would reward noise; this is its precision-like partner (a request answered
+    with emoji of the right kind, whichever)."""
+    if embeds.ndim != 3 or len(accepted) != embeds.shape[0] or len(real_groups) != real_embeds.shape[0]:
+        raise CarraraError(f"group precision needs (P, K, E) samples with P accepted sets and one group per real "
+                           f"image, got {tuple(embeds.shape)}, {len(accepted)} sets, {len(real_groups)} groups")
+    e = torch.nn.functional.normalize(embeds.double(), dim=-1)
+    r = torch.nn.functional.normalize(real_embeds.double(), dim=-1)
+    nearest = (e @ r.T).argmax(-1)  # (P, K)
+    hits = np.array([[real_groups[j] in accepted[p] for j in row] for p, row in enumerate(nearest.tolist())])
+    per_prompt = hits.mean(1)
+    chance = np.array([np.mean([g in a for g in real_groups]) for a in accepted])
+    return {"value": float(per_prompt.mean()), "ci95": bootstrap_interval(np.mean, per_prompt, n=bootstrap, seed=seed),
+            "per_prompt": [round(float(x), 4) for x in per_prompt], "chance": float(chance.mean()),
+            "k": int(embeds.shape[1])}
