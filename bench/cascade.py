@@ -62,7 +62,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
-from families import check_clip, cpu_kind, families_grid, image_row, train_config
+from families import cached, check_clip, cpu_kind, families_grid, image_row, train_config
 from routes import TINY_UNET, seconds_per_image
 
 from carrara.data.folder import load_folder
@@ -72,7 +72,7 @@ from carrara.errors import CarraraError
 from carrara.evaluate.fid import feature_stats, frechet_distance
 from carrara.evaluate.suite import bootstrap_interval
 from carrara.evaluate.swd import descriptors, swd
-from carrara.fileio import atomic_path, ensure_dir, no_empty_folder_left, save_image_atomic, write_json_atomic
+from carrara.fileio import ensure_dir, no_empty_folder_left, save_image_atomic, write_json_atomic
 from carrara.images import to_model_range, to_uint8
 from carrara.models.blocks import text_kv_cache
 from carrara.models.clip import ClipScorer
@@ -153,18 +153,6 @@ def features_of(scorer: ClipScorer, images: torch.Tensor) -> np.ndarray:
 def disjoint_below(a: dict, b: dict, key: str = "fd_ci95") -> bool:
     """True when a's interval (FD's, or another `key`) lies wholly below b's."""
     return a[key][1] < b[key][0]
-
-
-def cached(path: Path, key: dict, make) -> torch.Tensor:
-    """The tensor saved at `path` for the same `key`, or make() saved there (atomically) for the next run."""
-    if path.is_file():
-        saved = torch.load(path, weights_only=True)
-        if saved.get("key") == key:
-            return saved["images"]
-    images = make()
-    with atomic_path(path) as tmp:
-        torch.save({"key": key, "images": images}, tmp)
-    return images
 
 
 def batches(n: int, size: int, what: str, progress: bool):
@@ -429,8 +417,8 @@ def measure(args: argparse.Namespace, out: Path) -> dict:
         def patch_features(images: torch.Tensor) -> np.ndarray:
             return features_of(patch_scorer, tiles(images, low_side).flatten(0, 1)).reshape(len(images), -1)
 
-        dim = features_of(patch_scorer, real[:1, :, :low_side, :low_side]).shape[1]
         real_p = patch_features(real)
+        dim = real_p.shape[1] // (side // low_side) ** 2  # the features of one tile
         fd_rows = [(rows["bicubic"], bicubic_up), *((rows["cascade"][k], v) for k, v in cascade.items()),
                    (rows["real64_bicubic"], floor_up), (rows["real64_upsampler"], stage_up)]
         for row, images in tqdm(fd_rows, desc="patch FD", disable=not progress, leave=False):

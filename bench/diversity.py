@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import torch
-from families import cpu_kind
+from families import cached, cpu_kind
 from v2_ablations import judge_diversity
 
 from carrara.data.emoji_groups import load_subgroups
@@ -34,7 +34,7 @@ from carrara.data.load import preload_images
 from carrara.errors import CarraraError
 from carrara.evaluate.diversity import group_precision
 from carrara.evaluate.suite import read_prompts
-from carrara.fileio import atomic_path, write_json_atomic
+from carrara.fileio import write_json_atomic
 from carrara.models.clip import ClipScorer
 
 GENERIC = Path(__file__).resolve().parent.parent / "carrara" / "data" / "emoji_generic_prompts.txt"
@@ -63,16 +63,9 @@ def real_embeddings(data: str, clip: str, out: Path) -> tuple[torch.Tensor, list
     subgroups = load_subgroups()
     groups = [subgroups.get(e, "") for e in emoji]
     key = {"data": str(Path(data).resolve()), "files": [r.file_name for r in dataset.records], "clip": str(clip)}
-    cache = out / "real-embeds.pt"
-    if cache.is_file():
-        saved = torch.load(cache, weights_only=False)
-        if saved.get("key") == key:
-            return saved["embeds"], groups
-    embeds = ClipScorer.load(clip).embed_images(preload_images(dataset)[0])
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(cache) as tmp:
-        torch.save({"key": key, "embeds": embeds}, tmp)
-    return embeds, groups
+    return cached(out / "real-embeds.pt", key,
+                  lambda: ClipScorer.load(clip).embed_images(preload_images(dataset)[0])), groups
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -57,7 +57,7 @@ from carrara.evaluate.suite import EvalSettings, run_eval
 from carrara.families import family
 from carrara.families.pipeline import load_any
 from carrara.families.train import FamilyRecipe, train_family
-from carrara.fileio import ensure_dir, save_image_atomic, write_json_atomic
+from carrara.fileio import atomic_path, ensure_dir, save_image_atomic, write_json_atomic
 from carrara.recipe import apply_overrides, flatten, load_recipe_file
 from carrara.train.autoencoder import AutoencoderRecipe, train_autoencoder
 from carrara.train.clip import ClipRecipe, train_clip
@@ -142,6 +142,26 @@ def cpu_kind() -> dict:
     kind = ("avx512_bf16" if flags & {"avx512_bf16", "amx_bf16"} else "avx2-only" if "avx2" in flags else "other")
     return {"kind": kind, "model": model, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
             "bf16_training": TrainConfig().use_bf16(), "machine": platform.machine()}
+
+
+def load_cached(path: Path, key: dict) -> torch.Tensor | None:
+    """The tensor a bench saved at `path` (`cached`) for the same `key`, or None."""
+    if path.is_file():
+        saved = torch.load(path, weights_only=True)
+        if saved.get("key") == key:
+            return saved["images"]
+    return None
+
+
+def cached(path: Path, key: dict, make) -> torch.Tensor:
+    """The tensor saved at `path` for the same `key` (images, embeddings), or make() saved there atomically for the
+    next run."""
+    value = load_cached(path, key)
+    if value is None:
+        value = make()
+        with atomic_path(path) as tmp:
+            torch.save({"key": key, "images": value}, tmp)
+    return value
 
 
 def check_clip(run: Path, size: int) -> Path:

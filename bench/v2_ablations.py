@@ -34,17 +34,16 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from families import check_clip, cpu_kind, pick
+from families import cached, check_clip, cpu_kind, load_cached, pick
 from lora import finished, tiny_base, to_uint8
 
 from carrara.errors import CarraraError
 from carrara.evaluate.diversity import diversity
 from carrara.evaluate.suite import EvalSettings, read_prompts, run_eval
-from carrara.fileio import atomic_path, ensure_dir, save_image_atomic, write_json_atomic, write_text_atomic
+from carrara.fileio import ensure_dir, save_image_atomic, write_json_atomic, write_text_atomic
 from carrara.images import image_grid
 from carrara.modelfolder import resolve
 from carrara.models.clip import ClipScorer
@@ -135,17 +134,16 @@ def judge_diversity(model: str, name: str, ctx: dict, *, embeds: bool = False) -
     if cache.is_file() and json.loads(cache.read_text()).get("settings") == settings:
         if not embeds:
             return json.loads(cache.read_text())
-        saved = torch.load(kept, weights_only=False) if kept.is_file() else {}
-        if saved.get("settings") == settings:
-            return {**json.loads(cache.read_text()), "embeds": saved["embeds"]}
+        e = load_cached(kept, settings)
+        if e is not None:
+            return {**json.loads(cache.read_text()), "embeds": e}
     pipe, scorer = Pipeline.load(model), ClipScorer.load(ctx["clip"])
     images = samples_per_prompt(pipe, ctx["div_prompts"], ctx["k"])
     e = scorer.embed_images(to_uint8([im for row in images for im in row])).reshape(len(images), ctx["k"], -1)
     result = {"settings": settings, **diversity(e, bootstrap=ctx["bootstrap"])}
     save_image_atomic(folder / "diversity.png", image_grid([im for row in images[:FIGURE_PROMPTS] for im in row],
                                                            rows=min(FIGURE_PROMPTS, len(images))))
-    with atomic_path(kept) as tmp:
-        torch.save({"settings": settings, "embeds": e}, tmp)
+    cached(kept, settings, lambda: e)
     write_json_atomic(cache, result)
     return {**result, "embeds": e} if embeds else result
 
