@@ -316,6 +316,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--up-steps", help=f"the sweep's upsampler steps (default {FULL['up_steps']})")
     p.add_argument("--bootstrap", type=int, help=f"bootstrap resamples per interval (default {FULL['bootstrap']})")
     p.add_argument("--batch", type=int, help=f"images per call, and the timed batch (default {FULL['batch']})")
+    p.add_argument("--rounds", type=int, help=f"timed calls per row, median (default {FULL['rounds']})")
     p.add_argument("--figure-n", type=int, help=f"captions in the figure (default {FULL['figure_n']})")
     p.add_argument("--seed", type=int, default=0, help="the captions' draw, and image i's seed + i (default 0)")
     p.add_argument("--precision", default="auto", help="the pipeline's precision (default auto)")
@@ -324,12 +325,44 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", help="results (default bench/results/cascade-<cpu kind>.json, tiny OUT/cascade.json)")
     p.add_argument("--grid", help="the figure (default docs/images/cascade-grid.png, tiny OUT/cascade-grid.png)")
     p.add_argument("--tiny", action="store_true", help="a tiny cascade and CLIP on 24 shapes: checks the bench")
+    p.add_argument("--time-only", action="store_true", help="only the time rows (needs --model only), with the "
+                   "upsampler's recorded setting, into bench/results/cascade-time-<cpu kind>.json")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
 
+TIME_PROMPTS = ["cat face", "a red sports car", "pizza", "a snowman in the snow", "red heart", "rocket",
+                "a happy kitty", "flag of France"]
+
+
+def time_only(args: argparse.Namespace) -> dict:
+    """Acceptance 3's rows alone: seconds per image of the base and of the cascade, at --batch and for one image
+    (medians of --rounds calls after a warm-up), with the upsampler's recorded setting."""
+    if not args.model:
+        raise CarraraError("--time-only needs --model (a cascade)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pipe = load_cascade(args.model, args.precision)
+    batch = args.batch or FULL["batch"]
+    times = timings(pipe, TIME_PROMPTS, pipe.sampling, pipe.upsampler.settings, batch, args.rounds or FULL["rounds"])
+    cpu = cpu_kind()
+    result = {"what": "seconds per image of the base (64 px) and base + upsampler (128 px), recorded settings",
+              "cpu": cpu, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+              "command": " ".join([Path(sys.executable).name, *sys.argv]), "model": args.model,
+              "model_hash": pipe.model_hash, "precision": pipe.precision, "compiled": pipe.compiled is not None,
+              "batch": batch, "base_sampling": pipe.sampling,
+              "upsampler": dataclasses.asdict(pipe.upsampler.settings), "time": times}
+    json_path = args.json or f"bench/results/cascade-time-{cpu['kind']}.json"
+    write_json_atomic(json_path, result)
+    print(", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in times.items()))
+    print(f"wrote {json_path}", file=sys.stderr)
+    return result
+
+
 def run(args: argparse.Namespace) -> dict:
     """The bench; a refused input leaves no empty --out folder behind."""
+    if args.time_only:
+        return time_only(args)
     out = Path(args.out or ("runs/cascade-tiny" if args.tiny else "runs/cascade-bench"))
     with no_empty_folder_left(out):
         return measure(args, out)
@@ -427,7 +460,7 @@ def measure(args: argparse.Namespace, out: Path) -> dict:
                                                    dim, bootstrap))
     rows["real128_other"] = swd_row(real[pick_captions(texts, n, args.seed + 1)], real_d, bootstrap, args.seed)
     # 4. Time, 5. the figure.
-    times = timings(pipe, prompts, sampling, sweep[chosen], batch, scale["rounds"])
+    times = timings(pipe, prompts, sampling, sweep[chosen], batch, args.rounds or scale["rounds"])
     k = min(figure_n, n)
     grid = figure(base[:k], bicubic_up[:k], cascade[chosen][:k], real_n[:k], prompts[:k])
     cpu = cpu_kind()

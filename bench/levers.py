@@ -35,15 +35,16 @@ def main() -> None:
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
     bf16_cl = copy.deepcopy(bf16).to(memory_format=torch.channels_last)
 
-    def autocast(x, t, s):
+    def autocast(x, t, s, pooled):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            return fp32(x, t, s)
+            return fp32(x, t, s, class_labels=pooled)
 
     levers = {
-        "fp32": (lambda x, t, s: fp32(x, t, s), torch.float32, False),
+        "fp32": (lambda x, t, s, pooled: fp32(x, t, s, class_labels=pooled), torch.float32, False),
         "bf16 autocast": (autocast, torch.float32, False),
-        "bf16 weights": (lambda x, t, s: bf16(x, t, s), torch.bfloat16, False),
-        "bf16 weights + channels_last": (lambda x, t, s: bf16_cl(x, t, s), torch.bfloat16, True),
+        "bf16 weights": (lambda x, t, s, pooled: bf16(x, t, s, class_labels=pooled), torch.bfloat16, False),
+        "bf16 weights + channels_last": (lambda x, t, s, pooled: bf16_cl(x, t, s, class_labels=pooled),
+                                         torch.bfloat16, True),
     }
     compile_seconds = {}
     if args.compile:
@@ -51,7 +52,8 @@ def main() -> None:
 
         inductor_config.freezing = True  # weights become constants: prepacked for oneDNN, folded
         compiled = torch.compile(bf16, dynamic=True if args.dynamic else None)
-        levers["bf16 weights + torch.compile"] = (lambda x, t, s: compiled(x, t, s), torch.bfloat16, False)
+        levers["bf16 weights + torch.compile"] = (lambda x, t, s, pooled: compiled(x, t, s, class_labels=pooled),
+                                                  torch.bfloat16, False)
     results = {}
     c = fp32.config
     for B in (int(b) for b in args.batches.split(",")):
@@ -59,12 +61,16 @@ def main() -> None:
         x = torch.randn(B, c.in_channels, c.sample_size, c.sample_size, generator=g)  # (B, 4, 16, 16)
         t = torch.full((B,), 500)
         s = torch.randn(B, 64, c.cross_attention_dim, generator=g)  # (B, L, D)
+        # a U-Net conditioned on the pooled text embedding (v2) takes it as class labels: (B, P)
+        pooled = (torch.randn(B, c.projection_class_embeddings_input_dim, generator=g)
+                  if c.class_embed_type == "projection" else None)
         inputs = {}
         for name, (_, dtype, channels_last) in levers.items():
             xi = x.to(dtype)
-            inputs[name] = (xi.contiguous(memory_format=torch.channels_last) if channels_last else xi, t, s.to(dtype))
+            inputs[name] = (xi.contiguous(memory_format=torch.channels_last) if channels_last else xi, t, s.to(dtype),
+                            None if pooled is None else pooled.to(dtype))
         with torch.inference_mode():
-            ref = fp32(x, t, s)
+            ref = fp32(x, t, s, class_labels=pooled)
             diffs = {}
             for name, (fn, _, _) in levers.items():  # warm-up (and compile), and correctness
                 t0 = time.perf_counter()

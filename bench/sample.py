@@ -7,20 +7,29 @@ compared. Also timed: carrara in fp32, to separate the bf16 lever from the rest.
 the mean |Δpixel| between carrara (fp32) and diffusers is reported and must stay ≤ 1/255; carrara's default
 (bf16 U-Net weights where the CPU has native bf16) is reported against diffusers too (tolerance 2/255).
 
-    python bench/sample.py [--model default] [--batches 1,16] [--runs 5] [--out bench/results/sample.json]
+A cascade model is timed at its base's side (64 px): diffusers' pipeline has no upsampler. `--compiled` adds
+carrara with the U-Net packages `carrara compile` made for this machine (loaded at once), beside eager.
+
+    python bench/sample.py [--model default] [--batches 1,16] [--runs 5] [--compiled] [--out bench/results/sample.json]
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from families import cpu_kind
 
 from carrara.diffusion.samplers import default_timesteps
 from carrara.export import export_diffusers
@@ -61,11 +70,14 @@ def image_runner(ours: dict[str, Pipeline], sd, prompts: list[str], steps: int,
     def run(name: str, n: int) -> np.ndarray:
         batch = (prompts * n)[:n]
         if name == "diffusers":
+            if ref.unet.config.class_embed_type == "projection":  # v2 also takes the pooled text embedding
+                pooled = torch.cat([ref.condition([""] * n)[1], ref.condition(batch)[1]])  # (2n, D): ∅ then c
+                sd.unet.forward = functools.partial(type(sd.unet).forward, sd.unet, class_labels=pooled)
             with torch.inference_mode():
                 return sd(batch, timesteps=timesteps, guidance_scale=guidance,
                           latents=initial_latents(ref, n, 0), output_type="np").images  # (n, H, W, 3) in [0, 1]
-        images = ours[name](batch, steps=steps, sampler="dpmpp", guidance=guidance, seed=0,
-                            output="tensor")  # (n, 3, H, W) in [-1, 1]
+        images = ours[name](batch, steps=steps, sampler="dpmpp", guidance=guidance, seed=0, output="tensor",
+                            size=ours[name].sizes[0])  # (n, 3, H, W) in [-1, 1]
         return ((images + 1) / 2).permute(0, 2, 3, 1).numpy()
 
     return run
@@ -90,13 +102,20 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--compiled", action="store_true", help="also time carrara with its `carrara compile` packages")
     p.add_argument("--out", default="bench/results/sample.json")
     args = p.parse_args()
     import diffusers
     # eager unless asked: a compiled package loads after 800 passes, part-way through the timing (models/compiled.py)
-    os.environ.setdefault("CARRARA_COMPILED", "0")
+    os.environ["CARRARA_COMPILED"] = "0"
 
     ours = {"carrara": Pipeline.load(args.model), "carrara-fp32": Pipeline.load(args.model, precision="fp32")}
+    if args.compiled:
+        os.environ["CARRARA_COMPILED"] = "1"
+        ours["carrara-compiled"] = Pipeline.load(args.model)
+        os.environ["CARRARA_COMPILED"] = "0"
+        if ours["carrara-compiled"].compiled is None:
+            raise SystemExit(f"error: no compiled U-Net for {args.model} on this machine: run `carrara compile` first")
     ref = ours["carrara-fp32"]
     run = image_runner(ours, diffusers_pipeline(args.model), PROMPTS, args.steps, args.guidance)
     names = [*ours, "diffusers"]
@@ -122,7 +141,7 @@ def main() -> None:
                 "timesteps; medians of interleaved runs in one process",
         "model": args.model, "model_hash": ref.model_hash, "precision": ours["carrara"].precision,
         "runs": args.runs, "torch": torch.__version__, "diffusers": diffusers.__version__,
-        "compiled": os.environ["CARRARA_COMPILED"] == "1",
+        "compiled": args.compiled, "cpu_kind": cpu_kind(),
         "threads": torch.get_num_threads(), "cores": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
         "date": time.strftime("%Y-%m-%d"), "results": results,
     })

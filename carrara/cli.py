@@ -315,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "images; a call pads to the next size)")
     compiled.add_argument("--keep", action="store_true", help="keep the package even if it is not faster here "
                           "(by default it must be ≥ 1.05× eager for one image or 16)")
+    compiled.add_argument("--no-freeze", dest="freeze", action="store_false", help="code-only packages, handed the "
+                          "weights at load: a few MB each instead of a copy of the weights each, but without "
+                          "inductor's freezing (prepacked weights), which is where compiling pays on bf16 CPUs")
     compiled.set_defaults(func=handlers.cmd_compile)
     return parser
 

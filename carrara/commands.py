@@ -353,13 +353,14 @@ def cmd_compile(args: argparse.Namespace) -> int:
     pipe.compiled = None  # eager, for the check
     unet_dir = resolve(args.model).unet
     folder, tokens = aot.package_dir(unet_dir), pipe.text_encoder.max_length
-    paths = {b: folder / aot.package_name(pipe.model_hash, pipe.precision, b, tokens) for b in args.batches}
+    paths = {b: folder / aot.package_name(pipe.model_hash, pipe.precision, b, tokens, frozen=args.freeze)
+             for b in args.batches}
     if folder != unet_dir / aot.PACKAGE_DIR:  # the model's folder is read-only: the user's cache
         folder.mkdir(parents=True, exist_ok=True)
     check_writable(paths[args.batches[0]] if folder.is_dir() else unet_dir / folder.name, "the compiled U-Net")
     kept = False
     try:
-        kept = _compile_and_check(pipe, paths, tokens, args.keep)
+        kept = _compile_and_check(pipe, paths, tokens, args.keep, args.freeze)
     finally:  # an error, Ctrl-C or "not kept": no package and no empty compiled/ folder is left
         if not kept:
             for path in paths.values():
@@ -369,7 +370,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
-def _compile_and_check(pipe, paths: dict, tokens: int, keep: bool) -> bool:
+def _compile_and_check(pipe, paths: dict, tokens: int, keep: bool, frozen: bool) -> bool:
     """Compile a package per batch size, compare its images with eager and time both; True if they are to be kept."""
     import statistics
     import time
@@ -383,11 +384,12 @@ def _compile_and_check(pipe, paths: dict, tokens: int, keep: bool) -> bool:
     with tqdm(list(paths), desc="compiling", unit="batch size") as bar:
         for b in bar:
             bar.set_postfix(batch=b)
-            seconds += aot.compile_unet(pipe.unet, paths[b], batch=b, tokens=tokens)
+            seconds += aot.compile_unet(pipe.unet, paths[b], batch=b, tokens=tokens, frozen=frozen)
     compiled = aot.Package({b: (tokens, path) for b, path in paths.items()}, pipe.unet.config, pipe.unet, load_after=0)
     if compiled.get(0) is None:
         raise CarraraError(f"the packages compiled in {seconds:.0f} s do not load here; none was kept")
-    settings, check = {**pipe.sampling, "output": "tensor"}, list(int8.QUALITY_PROMPTS)
+    # at the base's side: a cascade's upsampler is not compiled and would only dilute the comparison
+    settings, check = {**pipe.sampling, "output": "tensor", "size": pipe.sizes[0]}, list(int8.QUALITY_PROMPTS)
 
     def timed(net) -> tuple:
         """The check batch's images and seconds, and one image's seconds (median of 3), with `net` (None: eager)."""

@@ -184,3 +184,22 @@ def test_bad_input_is_one_error_line(tiny, case, tmp_path, capsys):
                 "aug level": "[0, 999]", "nothing given": "--tiny", "no data": "does not exist"}
     assert expected.get(case, "") in err
     assert not (tmp_path / "o").exists()  # refused before writing anything: no empty --out folder left
+
+
+def test_time_only_times_base_and_cascade_with_the_recorded_setting(tiny, tmp_path, capsys):
+    out, _, _ = tiny
+    json_path = tmp_path / "time.json"
+    cascade.main(["--model", str(out / "tiny" / "model"), "--time-only", "--batch", "2", "--rounds", "1",
+                  "--json", str(json_path)])
+    r = json.loads(json_path.read_text())
+    t = r["time"]
+    assert r["batch"] == 2 and r["cpu"]["kind"] in ("avx512_bf16", "avx2-only", "other")
+    assert all(t[f"{stage}_s_per_image_{k}"] > 0 for stage in ("base", "cascade") for k in ("batch", "one"))
+    for k in ("batch", "one"):  # the upsampler's time is the difference, and the verdict follows from it
+        added = t[f"cascade_s_per_image_{k}"] - t[f"base_s_per_image_{k}"]
+        assert t[f"upsampler_added_s_per_image_{k}"] == pytest.approx(added)
+        assert t[f"upsampler_at_most_base_{k}"] == (added <= t[f"base_s_per_image_{k}"])
+    assert r["upsampler"]["steps"] >= 1
+    with pytest.raises(SystemExit) as exit_:  # no model: one line
+        cascade.main(["--time-only", "--json", str(tmp_path / "x.json")])
+    assert exit_.value.code == 2 and "--time-only needs --model" in capsys.readouterr().err

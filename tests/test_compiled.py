@@ -10,7 +10,7 @@ import torch
 
 from carrara.cli import main
 from carrara.hardware import cpu_isa
-from carrara.models.compiled import LOAD_AFTER_PASSES, PACKAGE_DIR, package_name
+from carrara.models.compiled import LOAD_AFTER_PASSES, PACKAGE_DIR, is_frozen, package_name
 from carrara.pipeline import Pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -121,17 +121,53 @@ def test_without_a_cxx_compiler_compile_is_one_error_line(tiny_diffusion_run, tm
     assert not list((run / "unet").rglob("*.pt2")) and not list((run / "unet").rglob("*.tmp"))
 
 
+@pytest.fixture(scope="module")
+def code_run(tiny_diffusion_run, tmp_path_factory):
+    """A copy of the tiny run with code-only packages (`carrara compile --no-freeze`)."""
+    run = tmp_path_factory.mktemp("code") / "run"
+    shutil.copytree(tiny_diffusion_run, run)
+    assert main(["compile", "--model", str(run), "--precision", "fp32", "--keep", "--batches", "2",
+                 "--no-freeze"]) == 0
+    return run
+
+
 @needs_cxx
-def test_packages_hold_code_and_are_handed_the_weights(compiled_run, at_once):
-    """A package holds the compiled code, not the weights: it is smaller than they are, and it asks for every U-Net
-    tensor by name at load."""
+def test_frozen_packages_hold_their_weights(compiled_run, at_once):
+    """The default package is frozen: the weights are compiled into it (each is at least their size) and the name
+    says so."""
     pipe = Pipeline.load(compiled_run, precision="fp32")
     weights = sum(p.numel() * p.element_size() for p in pipe.unet.parameters())
+    assert all(is_frozen(path) and path.stat().st_size > weights for _, path in pipe.compiled.packages.values())
+
+
+@needs_cxx
+def test_code_only_packages_are_handed_the_weights_and_make_eagers_images(code_run, at_once):
+    """--no-freeze: a package holds the compiled code, not the weights: it is smaller than they are, it asks for
+    every U-Net tensor by name at load, and its images are eager's."""
+    pipe = Pipeline.load(code_run, precision="fp32")
+    weights = sum(p.numel() * p.element_size() for p in pipe.unet.parameters())
+    tokens = pipe.text_encoder.max_length
+    assert [p.name for _, p in pipe.compiled.packages.values()] == [
+        package_name(pipe.model_hash, "fp32", 2, tokens, frozen=False)]
     assert all(path.stat().st_size < weights for _, path in pipe.compiled.packages.values())
     names = {f"unet.{k}" for k in pipe.unet.state_dict()}
     for run in pipe.compiled.unet._run.values():
         asked = set(run.get_constant_fqns())
         assert asked <= names and len(asked) > len(names) / 2
+    fast = pipe(PROMPTS[:1], steps=4, seed=3, output="tensor")
+    pipe.compiled = None
+    assert (fast - pipe(PROMPTS[:1], steps=4, seed=3, output="tensor")).abs().max() < 1e-4
+
+
+@needs_cxx
+def test_frozen_packages_are_found_before_code_only_ones(compiled_run, code_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(compiled_run, run)
+    for path in (code_run / "unet" / PACKAGE_DIR).iterdir():
+        shutil.copy(path, run / "unet" / PACKAGE_DIR / path.name)
+    pipe = Pipeline.load(run, precision="fp32")
+    assert sorted(pipe.compiled.packages) == [2, 4]
+    assert all(is_frozen(path) for _, path in pipe.compiled.packages.values())
 
 
 def test_a_compile_stopped_after_its_packages_were_written_leaves_nothing(tiny_diffusion_run, tmp_path, monkeypatch,
@@ -144,7 +180,7 @@ def test_a_compile_stopped_after_its_packages_were_written_leaves_nothing(tiny_d
     shutil.copytree(tiny_diffusion_run, run)
     written = []
 
-    def fake_compile(unet, path, *, batch, tokens):
+    def fake_compile(unet, path, *, batch, tokens, frozen):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"not a package")
         written.append(path)

@@ -7,11 +7,16 @@ batch sizes (symbolic shapes lost most of compile's gain on the bf16 kind, docs/
 text length; AOTInductor compiles each graph with
 its weights into a `.pt2` package, written beside the model's `unet/` weights under a name that says what it was
 compiled for: the precision, the CPU's vector ISA (a package compiled for AVX-512 would not run on an AVX2 CPU),
-whether bf16 is native, the torch version, the weights' hash, the batch and the text length. A package holds code
-only (AOTInductor's `package_constants_in_so = False`): at load it is handed the eager U-Net's weights
-(`load_constants`), so five batch sizes cost a few MB on disk, not five copies of the weights. A package is still for the weights it was compiled with (inductor
-folds some of them into its constants at compile time; the name carries their hash), and weights changed after
-loading (a LoRA merge) set it aside (`Pipeline.merge_loras`). A call pads its batch
+whether bf16 is native, the torch version, the weights' hash, frozen or not, the batch and the text length.
+
+A package is *frozen* by default (inductor's `freezing`): the weights become constants of the compiled graph, so
+oneDNN's convolutions and GEMMs get them prepacked in their blocked layouts and constant subgraphs are folded. That
+is where compilation pays on the bf16 kind (AMD Zen 5, 2026-11-30: one batch-2 U-Net pass 13.4 ms frozen, 22.5 ms
+code-only, 24.2 ms eager; docs/performance.md), at the price of a copy of the weights in every package (56 MB each
+for the default U-Net in bf16). `--no-freeze` makes code-only packages instead (AOTInductor's
+`package_constants_in_so = False`): at load they are handed the eager U-Net's weights (`load_constants`), so five
+batch sizes cost a few MB on disk. Either is for the weights it was compiled with (the name carries their hash),
+and weights changed after loading (a LoRA merge) set it aside (`Pipeline.merge_loras`). A call pads its batch
 to the next compiled size (repeating its last row; the padding's outputs are dropped) and runs larger batches in
 chunks of the largest; another text length runs eager. `Pipeline.load` finds a package whose name matches (a path check: a model without one pays nothing).
 
@@ -48,15 +53,20 @@ MIN_SPEEDUP = 1.05
 LOAD_AFTER_PASSES = 800
 
 
-def package_prefix(model_hash: str, precision: str) -> str:
+def package_prefix(model_hash: str, precision: str, frozen: bool) -> str:
     """The name of this machine kind's, model's and precision's packages, up to their batch size and text length."""
     bf16 = "-bf16native" if cpu_supports_bf16() else ""
     version = torch.__version__.split("+")[0]
-    return f"unet-{precision}-{cpu_isa()}{bf16}-torch{version}-{model_hash}-b"
+    return f"unet-{precision}-{cpu_isa()}{bf16}-torch{version}-{model_hash}-{'frozen' if frozen else 'code'}-b"
 
 
-def package_name(model_hash: str, precision: str, batch: int, tokens: int) -> str:
-    return f"{package_prefix(model_hash, precision)}{batch}x{tokens}.pt2"
+def package_name(model_hash: str, precision: str, batch: int, tokens: int, frozen: bool = True) -> str:
+    return f"{package_prefix(model_hash, precision, frozen)}{batch}x{tokens}.pt2"
+
+
+def is_frozen(path: Path) -> bool:
+    """Whether a package holds its weights (frozen) rather than taking them at load (code only), by its name."""
+    return "-frozen-b" in path.name
 
 
 def package_dirs(unet_folder: str | Path) -> list[Path]:
@@ -74,17 +84,17 @@ def package_dir(unet_folder: str | Path) -> Path:
 
 def find_packages(unet_folder: str | Path, model_hash: str, precision: str) -> dict[int, tuple[int, Path]]:
     """batch → (text length, path) of the packages compiled for this machine kind, model and precision (the first
-    folder of package_dirs that has any)."""
+    folder of package_dirs that has any; frozen packages before code-only ones)."""
     folders = [folder for folder in package_dirs(unet_folder) if folder.is_dir()]  # usually none: two stat calls
-    prefix = package_prefix(model_hash, precision) if folders else ""
     for folder in folders:
-        found = {}
-        for path in sorted(folder.glob(f"{prefix}*.pt2")):
-            batch, _, tokens = path.name[len(prefix):-len(".pt2")].partition("x")
-            if batch.isdigit() and tokens.isdigit():
-                found[int(batch)] = (int(tokens), path)
-        if found:
-            return found
+        for frozen in (True, False):
+            prefix, found = package_prefix(model_hash, precision, frozen), {}
+            for path in sorted(folder.glob(f"{prefix}*.pt2")):
+                batch, _, tokens = path.name[len(prefix):-len(".pt2")].partition("x")
+                if batch.isdigit() and tokens.isdigit():
+                    found[int(batch)] = (int(tokens), path)
+            if found:
+                return found
     return {}
 
 
@@ -123,10 +133,10 @@ def _example(unet: nn.Module, dtype: torch.dtype, batch: int, tokens: int) -> tu
     return tuple(args)
 
 
-def compile_unet(unet: nn.Module, path: str | Path, *, batch: int, tokens: int) -> float:
-    """Export and compile `unet` (in the dtype of its weights) for one batch size and text length; write the package
-    to `path` atomically. Returns the seconds it took. CarraraError if this machine cannot compile (no C++ compiler)
-    or the U-Net cannot be traced."""
+def compile_unet(unet: nn.Module, path: str | Path, *, batch: int, tokens: int, frozen: bool = True) -> float:
+    """Export and compile `unet` (in the dtype of its weights) for one batch size and text length, its weights frozen
+    into the package or (frozen=False) handed over at load; write the package to `path` atomically. Returns the
+    seconds it took. CarraraError if this machine cannot compile (no C++ compiler) or the U-Net cannot be traced."""
     from torch._inductor import aoti_compile_and_package
     from torch._inductor import config as inductor_config
 
@@ -140,7 +150,8 @@ def compile_unet(unet: nn.Module, path: str | Path, *, batch: int, tokens: int) 
             warnings.simplefilter("ignore")  # torch's own deprecation notices, not the user's business
             program = torch.export.export(net, args)
             path.parent.mkdir(parents=True, exist_ok=True)
-            with inductor_config.patch({"aot_inductor.package_constants_in_so": False}):  # code only: see below
+            patch = {"freezing": frozen, "aot_inductor.package_constants_in_so": frozen}  # the module docstring
+            with inductor_config.patch(patch):
                 aoti_compile_and_package(program, package_path=str(tmp))
         os.replace(tmp, path)
     except Exception as e:  # noqa: BLE001 (inductor raises many kinds; each is one line for the user)
@@ -164,7 +175,9 @@ class CompiledUNet:
         self.tokens = {tokens for tokens, _ in packages.values()}
         self._run = {batch: aoti_load_package(str(path)) for batch, (_, path) in sorted(packages.items())}
         weights = _Exported(eager).state_dict()  # the eager U-Net's weights as they are now
-        for run in self._run.values():
+        for batch, run in self._run.items():
+            if is_frozen(packages[batch][1]):
+                continue  # its weights are in it
             run.load_constants({name: weights[name] for name in run.get_constant_fqns()}, check_full_update=True,
                                user_managed=True)
         self._class = config.class_embed_type  # "projection": a pooled text vector; "timestep": a noise level
