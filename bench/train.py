@@ -45,6 +45,9 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(n, config["in_channels"], config["sample_size"], config["sample_size"], generator=g)
     states = torch.randn(n, 64, config["cross_attention_dim"], generator=g)  # (N, L, D)
+    # a U-Net conditioned on the pooled text embedding too (v2) takes it as class labels: (N, P)
+    pooled = (torch.randn(n, config["projection_class_embeddings_input_dim"], generator=g)
+              if config.get("class_embed_type") == "projection" else None)
     schedule = NoiseSchedule.from_config("scaled_linear", T=1000)
 
     # carrara: the real Trainer step (what `carrara train diffusion` runs), on the cached tensors
@@ -53,7 +56,8 @@ def main() -> None:
         t, noise = sample_t_and_noise(x0, schedule, gen)
         drop = torch.rand(len(x0), generator=gen) < 0.1
         cond = torch.where(drop[:, None, None], 0.0, states[idx][rows])
-        return diffusion_loss(lambda x, t: model(x, t, cond), x0, t, noise, schedule, "epsilon")
+        labels = None if pooled is None else torch.where(drop[:, None], 0.0, pooled[idx][rows])
+        return diffusion_loss(lambda x, t: model(x, t, cond, class_labels=labels), x0, t, noise, schedule, "epsilon")
 
     torch.manual_seed(0)
     ours = UNet2DConditionModel(UNetConfig.from_diffusers_config(config))
@@ -77,7 +81,8 @@ def main() -> None:
         noise = torch.randn_like(x0)
         t = torch.randint(0, 1000, (B,))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name.endswith("autocast")):
-            pred = model(sched.add_noise(x0, noise, t), t, cond).sample
+            pred = model(sched.add_noise(x0, noise, t), t, cond,
+                         class_labels=None if pooled is None else pooled[idx]).sample
         loss = F.mse_loss(pred.float(), noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -86,8 +91,12 @@ def main() -> None:
 
     runners = {"carrara": trainer.step, **{name: (lambda s, name=name: plain_step(name, s)) for name in plain}}
     times = {name: [] for name in runners}
-    for run in runners.values():  # warm-up
+    warmup = {}
+    for name, run in runners.items():  # warm-up
+        t0 = time.perf_counter()
         run(0)
+        run(0)
+        warmup[name] = time.perf_counter() - t0
     for r in range(args.rounds):
         for name, run in runners.items():
             t0 = time.perf_counter()
@@ -99,7 +108,7 @@ def main() -> None:
         "what": f"diffusion-stage training samples/s, batch {B}, {args.steps_per_round} steps per round, "
                 "interleaved rounds, medians",
         "unet_params_M": sum(p.numel() for p in ours.parameters()) / 1e6,
-        "carrara_autocast": str(trainer.dtype), "samples_per_s": times, "median_samples_per_s": med,
+        "carrara_autocast": str(trainer.dtype), "warmup_two_steps_s": warmup, "samples_per_s": times, "median_samples_per_s": med,
         "speedup_vs_diffusers_fp32": {k: v / med["diffusers-fp32"] for k, v in med.items()},
         "speedup_vs_diffusers_bf16_autocast": {k: v / med["diffusers-bf16-autocast"] for k, v in med.items()},
         "torch": torch.__version__, "diffusers": diffusers.__version__, "threads": torch.get_num_threads(),

@@ -7,7 +7,7 @@ from PIL import Image
 
 from carrara.errors import CarraraError
 from carrara.train.checkpoint import latest_checkpoint, load_checkpoint
-from carrara.train.core import EMA, TrainConfig, Trainer, batch_indices
+from carrara.train.core import EMA, TrainConfig, Trainer, batch_indices, step_generator
 
 N = 96
 X = torch.randn(N, 8, generator=torch.Generator().manual_seed(0))
@@ -151,3 +151,59 @@ def test_the_bar_says_what_it_waits_for_at_100_percent(tmp_path, capsys):
     assert "writing model folder" in shown["export"] and "100%" in shown["export"]
     assert "drawing samples" in shown["samples"] and "100%" in shown["samples"]
     assert "drawing samples" not in capsys.readouterr().err.split("\r")[-1]  # and says nothing once done
+
+
+class Attention(torch.nn.Module):
+    """A one-head self-attention over 4 tokens of width 2, then a linear head: the trainer's kernel choice shows."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.qkv, self.out = torch.nn.Linear(2, 6), torch.nn.Linear(8, 3)
+
+    def forward(self, x):  # (B, 8)
+        q, k, v = self.qkv(x.reshape(-1, 1, 4, 2)).chunk(3, dim=-1)  # (B, 1, 4, 2) each
+        return self.out(torch.nn.functional.scaled_dot_product_attention(q, k, v).flatten(1))
+
+
+def test_bf16_training_on_cpu_takes_the_math_attention_kernel_with_the_same_losses(tmp_path, monkeypatch):
+    """Under bf16 autocast on a CPU the trainer runs attention through the math kernel (the flash backward is slow
+    there): the kernel it picks is the math one, and its losses equal those of PyTorch's default kernel within bf16
+    rounding."""
+    import contextlib
+
+    seen = []
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(torch._C._get_math_sdp_enabled() and not torch._C._get_flash_sdp_enabled())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    losses = {}
+    for name, bf16 in (("bf16", True), ("fp32", False)):
+        trainer = Trainer(tmp_path / name, Attention(), cfg(steps=8, bf16=bf16), n_examples=N, loss_fn=loss_fn)
+        losses[name] = [trainer.step(s)[0] for s in range(8)]
+    assert seen[:8] == [True] * 8 and seen[8:] == [False] * 8  # math under bf16 only
+    default = Trainer(tmp_path / "default", Attention(), cfg(steps=8, bf16=True), n_examples=N, loss_fn=loss_fn)
+    default._attention = contextlib.nullcontext  # PyTorch's own choice
+    flash = [default.step(s)[0] for s in range(8)]
+    assert losses["bf16"] == pytest.approx(flash, rel=2e-2)  # bf16 rounding of two kernel orders
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=5e-2)
+
+
+def test_the_fused_optimizer_step_equals_the_reference_adamw(tmp_path):
+    """The trainer's AdamW is the fused kernel; one step of it equals torch's per-tensor AdamW (same groups)."""
+    trainer = Trainer(tmp_path, make_model(), cfg(), n_examples=N, loss_fn=loss_fn)
+    assert all(g["fused"] for g in trainer.optimizer.param_groups)
+    reference = make_model()
+    decay = [p for p in reference.parameters() if p.ndim >= 2]
+    no_decay = [p for p in reference.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=trainer.optimizer.param_groups[0]["lr"], foreach=False)
+    trainer.step(0)
+    loss_fn(reference, batch_indices(N, 16, 0, 0), step_generator(0, 0), trainer.rows[0]).backward()
+    torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+    opt.step()
+    for ours, ref in zip(trainer.model.parameters(), reference.parameters()):
+        assert torch.allclose(ours, ref, atol=1e-6)
