@@ -22,13 +22,14 @@ import time
 from pathlib import Path
 
 import torch
-from families import cpu_kind
+from families import cpu_kind, families_grid, image_row
 from lora import tiny_base
+from PIL import Image
 
 from carrara.data.shapes import build_shapes
 from carrara.evaluate.faithfulness import evaluate_faithfulness
 from carrara.evaluate.suite import EvalSettings, run_eval
-from carrara.fileio import ensure_dir, write_json_atomic
+from carrara.fileio import ensure_dir, save_image_atomic, write_json_atomic
 from carrara.pipeline import Pipeline
 from carrara.train.clip import ClipRecipe, train_clip
 from carrara.train.core import TrainConfig
@@ -69,6 +70,19 @@ def quality(model: str, steps: int, sampler: str, args, out: Path) -> dict:
                                       progress=not args.quiet)
         row["faithfulness"] = {a: faith["attributes"][a]["accuracy"] for a in FAITHFULNESS}
     return row
+
+
+def figure(teacher: Pipeline, student: Pipeline, steps: list[int], args) -> Image.Image:
+    """The teacher at its steps and the student at each step count on the student run's sample prompts (the
+    recipe's; else PROMPTS), image i from seed i in every row."""
+    config = Path(args.student) / "config.json"
+    prompts = (json.loads(config.read_text()).get("sample_prompts") if config.is_file() else None) or PROMPTS
+    settings = {"guidance": args.guidance, "seed": 0}
+    rows = {f"teacher {args.teacher_steps}": image_row(teacher(prompts, steps=args.teacher_steps, sampler="dpmpp",
+                                                               size=teacher.sizes[0], **settings))}
+    for k in steps:
+        rows[f"student {k}"] = image_row(student(prompts, steps=k, sampler="lcm", **settings))
+    return families_grid(rows, prompts)
 
 
 def compare(student: dict, teacher: dict) -> dict:
@@ -126,6 +140,8 @@ def run(args: argparse.Namespace) -> dict:
               "teacher": teacher, "students": students}
     json_path = args.json or f"bench/results/distill{'-tiny' if args.tiny else ''}.json"
     write_json_atomic(json_path, result)
+    if args.grid:
+        save_image_atomic(args.grid, figure(teacher_pipe, student_pipe, args.steps, args))
     if not args.quiet:
         print(json.dumps({k: {s: v["vs_teacher"] for s, v in students.items()} if k == "students" else v
                           for k, v in result.items() if k in ("cpu", "students")}, indent=1))
@@ -158,6 +174,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", default="auto", help="sampling precision (default auto)")
     p.add_argument("--out", help="work folder (default runs/distill-bench, tiny runs/distill-bench-tiny)")
     p.add_argument("--json", help="results (default bench/results/distill.json, tiny distill-tiny.json)")
+    p.add_argument("--grid", help="also a figure: the teacher and the student at each step count, same seeds")
     p.add_argument("--tiny", action="store_true", help="seconds on a tiny random teacher: checks the bench")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)

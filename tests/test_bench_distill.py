@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from PIL import Image
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -13,7 +15,8 @@ def test_tiny_distill_bench_has_every_number(tmp_path):
     out, result_path = tmp_path / "runs", tmp_path / "distill.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "distill.py"), "--tiny", "--quiet", "--out", str(out),
-                           "--json", str(result_path), "--threads", "1"], check=False, cwd=ROOT, env=env,
+                           "--json", str(result_path), "--threads", "1", "--grid", str(tmp_path / "grid.png")],
+                          check=False, cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(result_path.read_text())
@@ -34,3 +37,5 @@ def test_tiny_distill_bench_has_every_number(tmp_path):
         assert vs["faithfulness_points"]["all"] == 100 * (row["faithfulness"]["all"] - teacher["faithfulness"]["all"])
     for name in ("teacher", "student-1", "student-2", "student-4"):  # each model's own evaluation was written
         assert (out / "eval" / name / "metrics.json").is_file()
+    grid = Image.open(tmp_path / "grid.png")  # a labelled row each: the teacher and the student at 1, 2, 4 steps
+    assert grid.height > 4 * 96 and grid.width > 4 * 96  # four rows; a column per sample prompt (the tiny run: 4)
