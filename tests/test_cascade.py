@@ -125,12 +125,17 @@ def test_upsampler_stage_trains_and_saves_its_folder(tiny_upsampler_run):
 
 
 @pytest.fixture(scope="module")
-def cascade(tiny_diffusion_run, tiny_upsampler_run, tmp_path_factory):
+def cascade_folder(tiny_diffusion_run, tiny_upsampler_run, tmp_path_factory):
     """The tiny base model folder with the tiny upsampler beside its unet/ and vae/."""
     folder = tmp_path_factory.mktemp("cascade") / "model"
     shutil.copytree(tiny_diffusion_run, folder, ignore=shutil.ignore_patterns("checkpoints", "samples", "cache"))
     shutil.copytree(tiny_upsampler_run[0], folder / "upsampler", ignore=shutil.ignore_patterns("checkpoints", "samples", "cache"))
-    return Pipeline.load(folder, precision="fp32")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cascade(cascade_folder):
+    return Pipeline.load(cascade_folder, precision="fp32")
 
 
 def test_cascade_makes_the_big_image_by_default_and_the_small_one_on_request(cascade):
@@ -419,3 +424,20 @@ categories = true
     with pytest.raises(CarraraError, match=r"categories = true \(\[data\] or \[finetune\]\) applies to the emoji"):
         run_recipe(tmp_path / "r.toml", tmp_path / "out", progress=False)
     assert not (tmp_path / "out" / "diffusion").exists()  # refused before any training
+
+
+def test_eval_judges_a_cascade_at_the_datas_side(cascade_folder, tiny_shapes, tiny_clip_run, tmp_path):
+    """`carrara eval` on a cascade against data at its base's side generates the base's images alone (no upsampler),
+    and against data at neither side is one clear error."""
+    from carrara.data.shapes import build_shapes
+    from carrara.evaluate.suite import EvalSettings, run_eval
+
+    settings = {"n": 4, "metrics": ("clipscore",), "clip": str(tiny_clip_run[0]), "steps": 2, "batch_size": 4}
+    report = run_eval(EvalSettings(model=str(cascade_folder), data=str(tiny_shapes), **settings), tmp_path / "base",
+                      progress=False)
+    assert report["metrics"]  # 16-px images were made and scored: the 32-px cascade would have been refused
+    with pytest.raises(CarraraError, match="evaluate against data of the model's size"):
+        bigger = tmp_path / "data48"
+        build_shapes(bigger, n=4, size=48, seed=0, progress=False)
+        run_eval(EvalSettings(model=str(cascade_folder), data=str(bigger), **settings), tmp_path / "x",
+                 progress=False)

@@ -348,4 +348,6 @@ def test_recipe_files_fill_the_distill_recipe(name):
     assert recipe.data and recipe.teacher and len(recipe.sample_prompts) == 8
     assert (recipe.skip, recipe.loss, recipe.train.ema_decay) == (20, "huber", 0.95)
     assert recipe.guidance_min <= 4.0 <= recipe.guidance_max  # the default guidance is inside the trained range
-    assert "UNMEASURED" in path.read_text()
+    # short on purpose: longer distillation drifts (docs/distill.md: shapes, 4-step faithfulness 97.5 % after 300
+    # steps, 68.5 % after 1,500)
+    assert recipe.train.steps <= 600

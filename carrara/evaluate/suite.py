@@ -77,14 +77,16 @@ def bootstrap_interval(stat, a: np.ndarray, b: np.ndarray | None = None, *, n: i
     return [float(np.percentile(values, 2.5)) - bias, float(np.percentile(values, 97.5)) - bias]
 
 
-def generate_images(pipe, prompts: list[str], settings: EvalSettings, progress: bool = True) -> torch.Tensor:
-    """uint8 (N, 3, H, W): image j of the run uses seed + j, as `carrara generate --seed` would."""
-    out = []
+def generate_images(pipe, prompts: list[str], settings: EvalSettings, progress: bool = True,
+                    size: int | None = None) -> torch.Tensor:
+    """uint8 (N, 3, H, W): image j of the run uses seed + j, as `carrara generate --seed` would. `size`: a cascade's
+    output side (its base's alone, or with the upsampler); None: the pipeline's default."""
+    out, extra = [], {} if size is None else {"size": size}
     with tqdm(total=len(prompts), desc="generating", unit="img", disable=not progress) as bar:
         for start in range(0, len(prompts), settings.batch_size):
             batch = prompts[start:start + settings.batch_size]
             x = pipe(batch, steps=settings.steps, sampler=settings.sampler, guidance=settings.guidance,
-                     seed=settings.seed + start, output="tensor")  # (B, 3, H, W) in [−1, 1]
+                     seed=settings.seed + start, output="tensor", **extra)  # (B, 3, H, W) in [−1, 1]
             out.append(((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
             bar.update(len(batch))
     return torch.cat(out)
@@ -151,7 +153,10 @@ def run_eval(settings: EvalSettings, out_dir: str | Path, progress: bool = True)
             prompts = [own_prompts[i % len(own_prompts)] for i in range(settings.n)]
         else:
             prompts = [real_texts[rng.randrange(len(real_texts))] for _ in range(settings.n)]
-        fake = generate_images(pipe, prompts, settings, progress)
+        side = real_images.shape[-1]
+        # a cascade is judged at the data's side when it makes that side: its base alone against 64-px data
+        size = side if len(getattr(pipe, "sizes", ())) > 1 and side in pipe.sizes else None
+        fake = generate_images(pipe, prompts, settings, progress, size=size)
         if fake.shape[-2:] != real_images.shape[-2:]:
             raise CarraraError(f"the model makes {tuple(fake.shape[-2:])} images, the data holds "
                                f"{tuple(real_images.shape[-2:])}: evaluate against data of the model's size")
