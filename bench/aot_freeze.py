@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from families import cpu_kind
 
 from carrara.fileio import write_json_atomic
-from carrara.models.compiled import _example, _Exported, compile_unet
+from carrara.models.compiled import _example, _Exported, compile_unet, load_package
 from carrara.pipeline import Pipeline
 
 
@@ -35,8 +35,6 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--out", default="bench/results/aot-freeze.json")
     args = p.parse_args()
-    from torch._inductor import aoti_load_package
-
     os.environ["CARRARA_COMPILED"] = "0"
     pipe = Pipeline.load(args.model, precision=args.precision)
     net = _Exported(pipe.unet.eval())
@@ -53,11 +51,7 @@ def main() -> None:
                 row[f"{kind}_compile_s"] = compile_unet(pipe.unet, path, batch=batch, tokens=tokens,
                                                        frozen=kind == "frozen")
                 row[f"{kind}_package_mb"] = path.stat().st_size / 1e6
-                run = aoti_load_package(str(path))
-                if kind == "code":
-                    run.load_constants({n: weights[n] for n in run.get_constant_fqns()}, check_full_update=True,
-                                       user_managed=True)
-                runs[kind] = run
+                runs[kind] = load_package(path, weights, frozen=kind == "frozen")
             times = {name: [] for name in runs}
             with torch.inference_mode():
                 ref = net(*inputs).float()

@@ -11,8 +11,8 @@ whether bf16 is native, the torch version, the weights' hash, frozen or not, the
 
 A package is *frozen* by default (inductor's `freezing`): the weights become constants of the compiled graph, so
 oneDNN's convolutions and GEMMs get them prepacked in their blocked layouts and constant subgraphs are folded. That
-is where compilation pays on the bf16 kind (AMD Zen 5, 2026-11-30: one batch-2 U-Net pass 13.4 ms frozen, 22.5 ms
-code-only, 24.2 ms eager; docs/performance.md), at the price of a copy of the weights in every package (56 MB each
+is where compilation pays on the bf16 kind (AMD Zen 5, 2026-11-30, `bench/aot_freeze.py`: one batch-2 U-Net pass
+15.1 ms frozen, 25.8 ms code-only, 26.1 ms eager; docs/performance.md), at the price of a copy of the weights in every package (56 MB each
 for the default U-Net in bf16). `--no-freeze` makes code-only packages instead (AOTInductor's
 `package_constants_in_so = False`): at load they are handed the eager U-Net's weights (`load_constants`), so five
 batch sizes cost a few MB on disk. Either is for the weights it was compiled with (the name carries their hash),
@@ -164,22 +164,28 @@ def compile_unet(unet: nn.Module, path: str | Path, *, batch: int, tokens: int, 
     return time.perf_counter() - started
 
 
+def load_package(path: Path, weights: dict[str, torch.Tensor], *, frozen: bool):
+    """A package, runnable: a frozen one holds its weights; a code-only one is handed `weights` (the `_Exported`
+    U-Net's state dict) by name, all of them, without copies."""
+    from torch._inductor import aoti_load_package
+
+    run = aoti_load_package(str(path))
+    if not frozen:
+        run.load_constants({name: weights[name] for name in run.get_constant_fqns()}, check_full_update=True,
+                           user_managed=True)
+    return run
+
+
 class CompiledUNet:
     """Loaded packages, called like the U-Net (the pipeline's keyword arguments): a batch is padded to the next
     compiled size, or split into chunks of the largest; another text length runs `eager`."""
 
     def __init__(self, packages: dict[int, tuple[int, Path]], config, eager: nn.Module):
-        from torch._inductor import aoti_load_package
-
         self.config, self.eager = config, eager
         self.tokens = {tokens for tokens, _ in packages.values()}
-        self._run = {batch: aoti_load_package(str(path)) for batch, (_, path) in sorted(packages.items())}
         weights = _Exported(eager).state_dict()  # the eager U-Net's weights as they are now
-        for batch, run in self._run.items():
-            if is_frozen(packages[batch][1]):
-                continue  # its weights are in it
-            run.load_constants({name: weights[name] for name in run.get_constant_fqns()}, check_full_update=True,
-                               user_managed=True)
+        self._run = {batch: load_package(path, weights, frozen=is_frozen(path))
+                     for batch, (_, path) in sorted(packages.items())}
         self._class = config.class_embed_type  # "projection": a pooled text vector; "timestep": a noise level
         self._student = config.time_cond_proj_dim is not None
 
