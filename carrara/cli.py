@@ -226,6 +226,16 @@ def build_parser() -> argparse.ArgumentParser:
     unclip.add_argument("--prior", required=True, help="`carrara train prior` run folder")
     unclip.add_argument("--out", required=True, help="new folder to write")
     unclip.set_defaults(func=handlers.cmd_export)
+    student = export_cmds.add_parser("student", help="put a `carrara distill` student beside its teacher (a 4-bit "
+                                     "difference, checked by sampling): --fast then uses it")
+    student.add_argument("--student", required=True, help="`carrara distill` run folder")
+    into = student.add_mutually_exclusive_group(required=True)
+    into.add_argument("--model", default=None, help="its teacher's model folder (gets student/)")
+    into.add_argument("--into-package", nargs="?", const="default", choices=("default", "shapes"), default=None,
+                      help="its teacher is a packaged model: default (the default) or shapes, within its budget")
+    student.add_argument("--bits", type=int, default=4, choices=(4, 8), help="bits per weight of the difference "
+                         "(default 4)")
+    student.set_defaults(func=handlers.cmd_export)
     to_diffusers = export_cmds.add_parser("diffusers", help="a Stable Diffusion folder that diffusers loads offline")
     to_diffusers.add_argument("--model", required=True, help="diffusion run or model folder")
     to_diffusers.add_argument("--out", required=True, help="new folder to write")
@@ -252,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--precision", choices=["auto", "fp32", "bf16", "int8"], default=None,
                      help="U-Net precision (default auto: bf16 where the CPU has native bf16, else fp32; int8 needs "
                      "`carrara quantize` first)")
+    gen.add_argument("--fast", action="store_true", help="sample with the model's few-step student (4 steps, guidance "
+                     "built in; `carrara export student` puts one beside its teacher)")
     gen.add_argument("--from", dest="from_png", default=None, help="re-create an image from its PNG metadata")
     gen.add_argument("--init", default=None, metavar="IMAGE", help="img2img: start from this picture (centre-cropped "
                      "to a square) instead of noise (SDEdit)")

@@ -281,7 +281,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from carrara.export import export_default, export_diffusers
+    from carrara.export import export_default, export_diffusers, export_student
     from carrara.modelfolder import PACKAGED, PACKAGED_BUDGET_MB
 
     if args.export_command == "unclip":
@@ -295,6 +295,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         out = assemble_cascade(args.base, args.upsampler, args.out)
         print(f"wrote {out}: try carrara generate \"a cat face\" --model {out} (--size 64 for the base alone)")
+        return 0
+    if args.export_command == "student":
+        model = PACKAGED / args.into_package if args.into_package else args.model
+        r = export_student(args.student, model, bits=args.bits, max_mb=PACKAGED_BUDGET_MB.get(args.into_package))
+        print(f"wrote {r['out']} ({r['delta_mb']:.1f} MB; the model's weights {r['model_mb']:.1f} MB); its images "
+              f"differ from the run's by {r['mean_abs_dpixel_255']:.2f}/255 on average. Try carrara generate "
+              f"\"a cat face\" --fast" + ("" if args.into_package == "default" else f" --model {model}"))
         return 0
     if args.export_command == "diffusers":
         result = export_diffusers(args.model, args.out)

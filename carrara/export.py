@@ -1,10 +1,13 @@
-"""`carrara export default|diffusers|cascade`: package a trained diffusion run.
+"""`carrara export default|diffusers|cascade|student`: package a trained diffusion run.
 
 `default`: the packaged folder (carrara/assets/default, written by `--into-package`) is an ordinary model folder with fp16 weights (half the bytes;
 they are cast back to float32 on load) and, under training/, the run's recipe, log, metrics and loss curves,
 so the shipped weights say how they were made.
 
 `cascade`: a base model folder with an upsampler run beside it (carrara/upsampler.py `assemble_cascade`).
+
+`student`: a `carrara distill` run put beside its teacher as MODEL/student/, its weights a 4-bit difference from the
+teacher's (carrara/student.py, models/delta.py), checked by sampling both before it replaces anything.
 
 `diffusers`: a self-contained Stable Diffusion folder that `diffusers.StableDiffusionPipeline.from_pretrained(DIR)`
 loads offline: carrara's run folder already has diffusers' unet/, vae/ and scheduler/; the export adds the text
@@ -15,19 +18,28 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from carrara.diffusion.consistency import STUDENT_STEPS
 from carrara.errors import CarraraError
-from carrara.fileio import write_json_atomic
+from carrara.fileio import file_sha256, temp_dir_beside, write_json_atomic
 from carrara.modelfolder import resolve
 from carrara.models.codec import PixelCodecConfig, codec_config
 from carrara.models.config import CONFIG_NAME
+from carrara.models.delta import BITS, DELTA_NAME, save_delta
+from carrara.models.unet import UNet2DConditionModel as UNet
 from carrara.models.weights import load_weights, save_folder
+from carrara.pipeline import Pipeline
+from carrara.student import FOLDER as STUDENT_FOLDER
+from carrara.student import rebuild_unet, student_record
 from carrara.text.encoder import TextEncoder, resolve_folders
 from carrara.upsampler import TRAINING_FILES, training_records
+
+MAX_MEAN_DPIXEL = 2.0  # /255: a shipped student's images against its run's (the int8 U-Net's tolerance, models/int8.py)
+CHECK_PROMPTS = ("a cat face", "a slice of pizza", "a red heart", "a rocket", "a snowman", "a penguin", "a rainbow",
+                 "a birthday cake")
 
 
 def _copy_component(src: Path, dst: Path, dtype: torch.dtype) -> None:
@@ -48,7 +60,7 @@ def export_default(model: str | Path, out: str | Path, *, autoencoder_run: str |
         raise CarraraError(f"--out {out} exists and is not a model folder; pick a new folder (only an earlier "
                            "export is replaced)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))
+    tmp = temp_dir_beside(out.parent, ".export-")
     try:
         _copy_component(folder.unet, tmp / "unet", dtype)
         if isinstance(codec_config(folder.vae), PixelCodecConfig):  # the pixel codec: a config.json, no weights
@@ -109,7 +121,7 @@ def export_diffusers(model: str | Path, out: str | Path) -> dict:
     encoder = TextEncoder.load(folder.text_encoder, tokenizer_path=folder.tokenizer)
     text_dir, _ = resolve_folders(folder.text_encoder, folder.tokenizer)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))
+    tmp = temp_dir_beside(out.parent, ".export-")
     try:
         for part in ("unet", "vae", "scheduler"):
             shutil.copytree(folder.root / part, tmp / part)
@@ -142,3 +154,68 @@ def export_diffusers(model: str | Path, out: str | Path) -> dict:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"out": str(out)}
+
+
+def _mean_dpixel(a, b) -> float:
+    return float(((a.float() - b.float()).abs() * 127.5).mean())
+
+
+def export_student(student_run: str | Path, model: str | Path, *, bits: int = BITS, max_mb: float | None = None,
+                   prompts=CHECK_PROMPTS, progress: bool = True) -> dict:
+    """Put `carrara distill` run `student_run` into model folder `model` (its teacher) as MODEL/student/, replacing
+    an earlier one only when every check has passed. Returns what was written and measured."""
+    run, target = resolve(student_run), resolve(model)
+    record = student_record(run.root)
+    if record is None:
+        raise CarraraError(f"{student_run} is not a distilled student (no student record in its model_index.json): "
+                           "make one with carrara distill")
+    teacher_hash = target.unet_hash()
+    if record.get("teacher_hash") != teacher_hash:
+        raise CarraraError(f"{student_run} was distilled from weights {record.get('teacher_hash')}, but {model}'s "
+                           f"U-Net is {teacher_hash}: a student goes beside its own teacher")
+    tmp = temp_dir_beside(target.root, ".student-")
+    try:
+        teacher = UNet.from_pretrained(target.unet)
+        student = UNet.from_pretrained(run.unet)
+        (tmp / "unet").mkdir()
+        shutil.copy2(run.unet / CONFIG_NAME, tmp / "unet" / CONFIG_NAME)
+        save_delta(tmp / "unet" / DELTA_NAME, teacher.state_dict(), student.state_dict(), teacher_hash=teacher_hash,
+                   bits=bits)
+        shutil.copytree(run.root / "scheduler", tmp / "scheduler")
+        (tmp / "training").mkdir()
+        for name in TRAINING_FILES:
+            if (run.root / name).is_file():
+                shutil.copy2(run.root / name, tmp / "training" / name)
+        # 1. the rebuilt student against the run's own: same prompts, seeds and settings, fp32, the base's side
+        index = {"student": record, "bits": bits, "weights_hash": file_sha256(tmp / "unet" / DELTA_NAME)[:12]}
+        write_json_atomic(tmp / "model_index.json", index)
+        rebuilt = rebuild_unet(tmp, teacher, teacher_hash)
+        want_pipe = Pipeline.load(run.root, precision="fp32")
+        want = want_pipe(list(prompts), seed=0, output="tensor", steps=STUDENT_STEPS, sampler="lcm")
+        want_pipe.unet = rebuilt
+        got = want_pipe(list(prompts), seed=0, output="tensor", steps=STUDENT_STEPS, sampler="lcm")
+        dpixel = _mean_dpixel(got, want)
+        if not dpixel <= MAX_MEAN_DPIXEL:
+            raise CarraraError(f"the {bits}-bit student's images differ from the run's by {dpixel:.2f}/255 on average "
+                               f"(at most {MAX_MEAN_DPIXEL}): use more --bits")
+        index["check"] = {"mean_abs_dpixel_255": round(dpixel, 4), "max_abs_dpixel_255":
+                          round(float((got - want).abs().max() * 127.5), 3), "prompts": len(prompts),
+                          "steps": STUDENT_STEPS, "seed": 0}
+        write_json_atomic(tmp / "model_index.json", index)
+        # 2. the package's budget counts every weights file the model folder will hold
+        out = target.root / STUDENT_FOLDER
+        others = [f for f in target.root.rglob("*.safetensors") if out not in f.parents and tmp not in f.parents]
+        size_mb = sum(f.stat().st_size for f in [*others, *tmp.rglob("*.safetensors")]) / 1e6
+        if max_mb is not None and size_mb > max_mb:
+            raise CarraraError(f"with the student the model's weights take {size_mb:.1f} MB, more than its "
+                               f"{max_mb:.0f} MB budget: use fewer --bits")
+        old = target.root / f".{STUDENT_FOLDER}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    delta_mb = (out / "unet" / DELTA_NAME).stat().st_size / 1e6
+    return {"out": str(out), "delta_mb": round(delta_mb, 2), "model_mb": round(size_mb, 2), **index["check"]}

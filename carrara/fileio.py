@@ -93,6 +93,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def temp_dir_beside(folder: str | os.PathLike, prefix: str) -> Path:
+    """A new hidden folder in `folder` to fill and then rename into place, with the permissions mkdir would give
+    (mkdtemp makes 0700 folders, which would stay private after the rename)."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=folder))
+    os.chmod(tmp, 0o777 & ~_UMASK)
+    return tmp
+
+
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

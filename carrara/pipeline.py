@@ -29,6 +29,8 @@ from carrara.models.blocks import guidance_embedding, text_kv_cache
 from carrara.models.codec import load_codec
 from carrara.models.compiled import Package, find_package
 from carrara.models.unet import UNet2DConditionModel as UNet
+from carrara.student import FOLDER as STUDENT_FOLDER
+from carrara.student import has_student, load_student
 from carrara.text.encoder import TextEncoder, mean_pool
 from carrara.unclip import Unclip, is_unclip
 from carrara.upsampler import Upsampler, UpsamplerSettings
@@ -111,12 +113,14 @@ class Pipeline:
         self.loras: list[dict] = []  # LoRA adapters merged into the U-Net (merge_loras)
 
     @classmethod
-    def load(cls, path: str | Path = "default", *, allow_pickle: bool = False, precision: str = "auto") -> Pipeline:
+    def load(cls, path: str | Path = "default", *, allow_pickle: bool = False, precision: str = "auto",
+             fast: bool = False) -> Pipeline:
         """Load a carrara run folder, the packaged "default" model, or a diffusers SD folder.
 
         Weights are read from safetensors only, unless allow_pickle lets `.bin` files be read weights-only.
         precision: "fp32", "bf16" (U-Net weights in bf16), "auto" (bf16 where the CPU has native bf16) or "int8" (W8A8
-        U-Net with the calibration `carrara quantize` stored beside its weights, models/int8.py)."""
+        U-Net with the calibration `carrara quantize` stored beside its weights, models/int8.py).
+        fast: sample with the few-step student the folder holds (carrara/student.py; a student run already is one)."""
         precision = resolve_precision(precision)
         keep_freed_memory()
         unclip = Unclip.load(path) if is_unclip(path) else None  # an unCLIP folder: its decoder/ is the model
@@ -129,24 +133,33 @@ class Pipeline:
         if text_encoder.dim != unet.config.cross_attention_dim:
             raise CarraraError(f"text encoder gives {text_encoder.dim}-dim states but the U-Net expects "
                                f"{unet.config.cross_attention_dim}")
-        schedule = NoiseSchedule.from_diffusers_config(folder.scheduler_config)
-        VarianceType.of_model(folder.scheduler_config, unet.config.in_channels, unet.config.out_channels)
+        scheduler_config, unet_dir = folder.scheduler_config, folder.unet
+        student = read_json_object(folder.root / "model_index.json").get("carrara", {}).get("student")
+        model_hash = folder.unet_hash(allow_pickle=allow_pickle)
+        if fast and not isinstance(student, dict):  # the student beside its teacher: its weights are a delta of these
+            if not has_student(folder.root):
+                raise CarraraError(f"{path} has no few-step student: make one with carrara distill, then put it "
+                                   f"beside its teacher with carrara export student --student RUN --model {path}")
+            if precision == "int8":
+                raise CarraraError("--fast has no int8 calibration: use --precision auto, bf16 or fp32 with it")
+            unet, student, scheduler_config, model_hash = load_student(folder.root, unet, model_hash)
+            unet_dir = folder.root / STUDENT_FOLDER / "unet"
+        schedule = NoiseSchedule.from_diffusers_config(scheduler_config)
+        VarianceType.of_model(scheduler_config, unet.config.in_channels, unet.config.out_channels)
         upsampler = None  # a cascade folder holds its second stage beside unet/ and vae/
         if (folder.root / "upsampler" / "model_index.json").is_file():
             upsampler = Upsampler.load(folder.root / "upsampler", allow_pickle=allow_pickle)
             if upsampler.unet.config.cross_attention_dim != text_encoder.dim:
                 raise CarraraError(f"{folder.root / 'upsampler'} expects {upsampler.unet.config.cross_attention_dim}-dim "
                                    f"text states but the text encoder gives {text_encoder.dim}")
-        student = read_json_object(folder.root / "model_index.json").get("carrara", {}).get("student")
-        model_hash = folder.unet_hash(allow_pickle=allow_pickle)
         if precision == "int8":
             unet = int8.quantize_unet(unet, int8.read_calibration(folder.unet, model_hash, str(path)))
         pipe = cls(unet=unet, vae=vae, text_encoder=text_encoder, schedule=schedule, model_hash=model_hash,
                    name=str(path),
-                   scheduler_options=SchedulerOptions.from_scheduler_config(folder.scheduler_config),
+                   scheduler_options=SchedulerOptions.from_scheduler_config(scheduler_config),
                    precision=precision, upsampler=upsampler, student=student if isinstance(student, dict) else None,
                    unclip=unclip)
-        pipe.compiled = find_package(folder.unet, model_hash, pipe.precision, pipe.unet)
+        pipe.compiled = find_package(unet_dir, model_hash, pipe.precision, pipe.unet)
         return pipe
 
     def merge_loras(self, specs: list[str]) -> list[dict]:

@@ -21,7 +21,9 @@ def test_default_weights_are_fp16_safetensors_within_100_mb():
 
     files = sorted(DEFAULT.glob("**/diffusion_pytorch_model.safetensors"))
     assert sorted(str(f.parent.relative_to(DEFAULT)) for f in files) == ["unet", "upsampler/unet", "vae"]
-    assert sum(f.stat().st_size for f in files) <= 100e6
+    delta = DEFAULT / "student" / "unet" / "delta.safetensors"  # the few-step student: a 4-bit delta (test below)
+    assert sorted(DEFAULT.glob("**/*.safetensors")) == sorted([*files, delta])
+    assert sum(f.stat().st_size for f in [*files, delta]) <= 100e6
     for f in files:
         with safe_open(f, "pt") as weights:
             dtypes = {str(weights.get_slice(k).get_dtype()) for k in weights.keys()}  # noqa: SIM118 (no __iter__)
@@ -73,3 +75,20 @@ def test_generate_without_model_uses_the_default(tmp_path, pipe):
     assert meta["model"] == "default" and meta["model_hash"] == pipe.model_hash and meta["size"] == 128
     want = pipe(["red heart"], steps=4, seed=0)[0]
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "a.png").convert("RGB")), np.asarray(want))
+
+
+def test_default_student_ships_with_its_record_and_follows_the_prompt(pipe):
+    """`carrara generate --fast`: the distilled student beside the teacher (recipes/distill-default.toml, exported by
+    `carrara export student --into-package`), made from these weights, checked against its run when exported."""
+    index = json.loads((DEFAULT / "student" / "model_index.json").read_text())
+    assert index["student"]["teacher_hash"] == pipe.model_hash and index["bits"] == 4
+    assert index["check"]["mean_abs_dpixel_255"] <= 2.0 and index["check"]["prompts"] >= 8
+    assert (DEFAULT / "student" / "training" / "loss.png").is_file()
+    assert json.loads((DEFAULT / "student" / "training" / "config.json").read_text())["stage"] == "distill"
+    fast = Pipeline.load("default", fast=True)
+    assert fast.student == index["student"] and fast.sizes == (64, 128) and fast.model_hash == index["weights_hash"]
+    prompts = ["red heart", "blue heart", "red circle", "blue circle"] * 4
+    rgb = (fast(prompts, seed=0, output="tensor", size=64, **fast.defaults) + 1) / 2  # 4 steps, no CFG pair
+    red_minus_blue = (rgb[:, 0] - rgb[:, 2]).mean((1, 2))
+    red, blue = red_minus_blue[0::2], red_minus_blue[1::2]
+    assert red.mean() - blue.mean() > 3 * ((red.var() + blue.var()) / 8).sqrt() and red.mean() > 0 > blue.mean()

@@ -24,7 +24,7 @@ LAYERS = [  # (rank, groups): a group is a module or a subpackage of carrara
     (1, ["data"]),
     (2, ["text"]),
     (3, ["models", "diffusion", "modelfolder"]),
-    (4, ["upsampler", "prior", "unclip"]),
+    (4, ["upsampler", "prior", "unclip", "student"]),
     (5, ["pipeline"]),
     (6, ["train", "evaluate", "export", "families"]),
     (7, ["recipe"]),

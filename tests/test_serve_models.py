@@ -49,8 +49,11 @@ class CountingLoad:
 def test_discover_lists_started_packaged_and_folder_models(tiny_diffusion_run, models_dir):
     choices = discover(str(tiny_diffusion_run), models_dir)
     packaged = sorted(sub.name for sub in PACKAGED.iterdir() if (sub / "model_index.json").is_file())
-    assert [c.name for c in choices] == [tiny_diffusion_run.name, *packaged, f"{models_dir.name}/default", "other"]
-    assert choices[0].ref == str(tiny_diffusion_run.resolve()) and choices[-1].ref == str(models_dir / "other")
+    fast = [f"{name}-fast" for name in packaged if (PACKAGED / name / "student" / "model_index.json").is_file()]
+    assert [c.name for c in choices] == [tiny_diffusion_run.name, *packaged, f"{models_dir.name}/default", "other",
+                                         *fast]  # a packaged model's student is offered after every model
+    assert all(c.fast == c.name.endswith("-fast") for c in choices)
+    assert choices[0].ref == str(tiny_diffusion_run.resolve()) and choices[-1 - len(fast)].ref == str(models_dir / "other")
     assert next(c for c in choices if c.name == "default").ref == "default"  # the packaged one, as PNGs record it
     again = discover(str(models_dir / "other"), models_dir)  # the started model is listed once, under its name
     assert [c.name for c in again].count("other") == 1 and again[0].name == "other"

@@ -28,13 +28,14 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from carrara import __version__
+from carrara.diffusion.consistency import STUDENT_STEPS
 from carrara.diffusion.settings import MAX_GUIDANCE, MAX_STEPS, SAMPLER_NAMES
 from carrara.errors import CarraraError
 from carrara.modelfolder import packaged
 from carrara.pipeline import IMG2IMG_STRENGTH, INPAINT_STRENGTH, MAX_BATCH, Pipeline
 from carrara.serve.gallery import Gallery
 from carrara.serve.jobs import FINISHED, JobQueue, QueueFull
-from carrara.serve.models import MAX_LOADED, Choice, ModelStore, discover
+from carrara.serve.models import MAX_LOADED, Choice, ModelStore, discover, fast_name
 from carrara.serve.schema import (
     MAX_PROMPT_CHARS,
     MAX_SEED,
@@ -183,7 +184,7 @@ def _validation_error(request: Request, exc: RequestValidationError) -> JSONResp
     return JSONResponse({"detail": errors, "message": message}, 422)
 
 
-def describe(pipe, choice: Choice) -> dict:
+def describe(pipe, choice: Choice, fast: str | None = None) -> dict:
     """What GET /api/model says of one loaded model: its name, hash, the sizes it makes, and the page's defaults."""
     latent = pipe.latent_shape()  # (c, h, w)
     sizes = list(getattr(pipe, "sizes", (latent[1] * pipe.vae.config.downsample_factor,)))  # a cascade has two
@@ -191,8 +192,11 @@ def describe(pipe, choice: Choice) -> dict:
         "prompt", "width", "height", "model", "init_image", "init_image_id", "mask", "prior_guidance", "draft"}),
         **getattr(pipe, "sampling", {})}  # a distilled student's own steps and sampler
     student = getattr(pipe, "student", None)
-    # a live preview: the smallest size (no upsampler), a student's own steps, else at most DRAFT_STEPS
+    # a live preview: the smallest size (no upsampler), a student's own steps, else at most DRAFT_STEPS; a model with
+    # its student beside it (the choice `fast`) previews with the student
     draft = {"size": sizes[0], "steps": defaults["steps"] if student else min(defaults["steps"], DRAFT_STEPS)}
+    if fast is not None:
+        draft.update(model=fast, steps=STUDENT_STEPS, sampler="lcm")
     return {"name": choice.name, "ref": choice.ref, "model_hash": pipe.model_hash,
             "precision": getattr(pipe, "precision", "fp32"), "image_size": [sizes[-1], sizes[-1]], "sizes": sizes,
             "latent_shape": list(latent), "samplers": list(SAMPLER_NAMES), "defaults": defaults, "draft": draft,
@@ -222,7 +226,8 @@ def create_app(pipe, data_dir: str | Path, *, max_queued: int = 32, batch_images
         """describe() of a choice, loading it first if it is not in memory (CarraraError: unknown or unloadable)."""
         choice = models.choice(name)
         if choice.name not in described:
-            described[choice.name] = describe(await run_in_threadpool(models.get, choice.name), choice)
+            fast = fast_name(choice.name) if fast_name(choice.name) in models.choices and not choice.fast else None
+            described[choice.name] = describe(await run_in_threadpool(models.get, choice.name), choice, fast)
         return described[choice.name]
 
     async def requested_model(name: str | None) -> dict | JSONResponse:

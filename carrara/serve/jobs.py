@@ -278,6 +278,7 @@ class JobQueue:
         return {"prompt": s.prompt, "negative_prompt": s.negative_prompt, "steps": s.steps, "sampler": s.sampler,
                 "guidance": s.guidance, "seed": s.seed + i, "n": 1, "model": self.models.choice(job.model).ref,
                 "model_name": job.model, **self._edit_metadata(job.edit),
+                **({"fast": True, "student": pipe.student} if self.models.choice(job.model).fast else {}),
                 **({"lora": pipe.loras} if getattr(pipe, "loras", None) else {}),  # adapters merged at start (--lora)
                 "model_hash": pipe.model_hash, "precision": getattr(pipe, "precision", "fp32"), "size": size}
 

@@ -2,7 +2,8 @@
 
 The choices are the packaged models (each folder under carrara/assets that `modelfolder.resolve` accepts: "default",
 and "shapes" when a checkout has it), the model the server started with, and each sub-folder of `--models DIR` that
-is a model folder (a diffusion run or a diffusers Stable Diffusion folder). A model is loaded when a request first
+is a model folder (a diffusion run or a diffusers Stable Diffusion folder); a model with a distilled student beside it
+(carrara/student.py) is offered twice, as NAME and as NAME-fast, the student. A model is loaded when a request first
 names it; at most `max_loaded` stay in memory: the started one always (it carries the adapters `--lora` merged into
 it), the others by least recent use.
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from carrara.errors import CarraraError
 from carrara.modelfolder import PACKAGED, PACKAGED_BUDGET_MB, packaged, resolve
+from carrara.student import has_student
 
 MAX_LOADED = 2  # the started model and one other (~0.5 GB for two of the default's size); a third is loaded again
 
@@ -27,6 +29,7 @@ class Choice:
     name: str  # what a request and the menu call it
     path: str  # what Pipeline.load takes: "default" or a folder
     ref: str  # what PNG metadata records as "model" ("default" or the absolute folder): `generate --from` loads it
+    fast: bool = False  # the folder's few-step student (carrara/student.py), offered as "NAME-fast"
 
 
 def is_model_folder(path: Path) -> bool:
@@ -62,7 +65,15 @@ def discover(started: str, models_dir: str | Path | None = None) -> list[Choice]
         if choice.name in choices:
             choice = Choice(f"{Path(choice.ref).parent.name}/{choice.name}", choice.path, choice.ref)
         choices.setdefault(choice.name, choice)
+    for choice in list(choices.values()):  # a teacher with its student beside it: the student is a choice too
+        if has_student(resolve(choice.path).root) and fast_name(choice.name) not in choices:
+            choices[fast_name(choice.name)] = Choice(fast_name(choice.name), choice.path, choice.ref, fast=True)
     return list(choices.values())
+
+
+def fast_name(name: str) -> str:
+    """The menu's name of a model's few-step student."""
+    return f"{name}-fast"
 
 
 class ModelStore:
@@ -91,7 +102,7 @@ class ModelStore:
             if choice.name in self._loaded:
                 self._loaded.move_to_end(choice.name)
                 return self._loaded[choice.name]
-            pipe = self._load(choice.path)
+            pipe = self._load(choice.path, fast=True) if choice.fast else self._load(choice.path)
             self.loads += 1
             self._loaded[choice.name] = pipe
             while len(self._loaded) > self.max_loaded:

@@ -391,11 +391,13 @@ async function reuseSettings(item, button) {
 function draftSettings() {
   // the form's settings as one small, fast image: the model's smallest size, at most its draft steps (a distilled
   // student's own; else 10, which match 20 on FD_clip), a fixed seed when the form's is random (the picture then
-  // changes with the words, not with the dice)
+  // changes with the words, not with the dice). A model with its student beside it previews with the student
+  // (draft.model, its own steps and sampler).
   const s = formSettings();
   const d = currentModel.draft;
+  const student = d.model ? { model: d.model, sampler: d.sampler, steps: d.steps } : {};
   return { ...s, n: 1, draft: true, width: d.size, height: d.size, steps: Math.min(s.steps, d.steps),
-           seed: s.seed === "random" ? 0 : s.seed };
+           seed: s.seed === "random" ? 0 : s.seed, ...student };
 }
 
 function cancelDraft() {
