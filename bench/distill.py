@@ -27,9 +27,11 @@ from lora import tiny_base
 from PIL import Image
 
 from carrara.data.shapes import build_shapes
+from carrara.errors import CarraraError
 from carrara.evaluate.faithfulness import evaluate_faithfulness
 from carrara.evaluate.suite import EvalSettings, run_eval
 from carrara.fileio import ensure_dir, save_image_atomic, write_json_atomic
+from carrara.modelfolder import resolve
 from carrara.pipeline import Pipeline
 from carrara.train.clip import ClipRecipe, train_clip
 from carrara.train.core import TrainConfig
@@ -42,22 +44,24 @@ PROMPTS = ["a large red circle on the left", "a small blue square at the top", "
 
 
 def images_per_second(pipe: Pipeline, steps: int, sampler: str, guidance: float, batch: int, rounds: int) -> float:
-    """Median over `rounds` timed batches of images per second, after one warm-up batch."""
-    prompts = (PROMPTS * batch)[:batch]
-    pipe(prompts, steps=steps, sampler=sampler, guidance=guidance, seed=0, output="tensor")
+    """Median over `rounds` timed batches of images per second, after one warm-up batch; a cascade at its base's side
+    (the student is a base model: the upsampler would cost both the same)."""
+    prompts, size = (PROMPTS * batch)[:batch], pipe.sizes[0]
+    pipe(prompts, steps=steps, sampler=sampler, guidance=guidance, seed=0, output="tensor", size=size)
     rates = []
     for r in range(rounds):
         started = time.perf_counter()
-        pipe(prompts, steps=steps, sampler=sampler, guidance=guidance, seed=1000 * (r + 1), output="tensor")
+        pipe(prompts, steps=steps, sampler=sampler, guidance=guidance, seed=1000 * (r + 1), output="tensor", size=size)
         rates.append(batch / (time.perf_counter() - started))
     return statistics.median(rates)
 
 
-def quality(model: str, steps: int, sampler: str, args, out: Path) -> dict:
-    """FD_clip and retrieval (run_eval), and faithfulness on shapes, for one model at one step count."""
+def quality(model: str, steps: int, sampler: str, args, out: Path, fast: bool = False) -> dict:
+    """FD_clip and retrieval (run_eval), and faithfulness on shapes, for one model (fast: the student beside it) at
+    one step count."""
     report = run_eval(EvalSettings(model=model, data=args.data, n=args.n, metrics=("fd", "retrieval"), clip=args.clip,
                                    guidance=args.guidance, steps=steps, sampler=sampler, batch_size=args.batch,
-                                   bootstrap=args.bootstrap, kid_subset_size=min(1000, args.n)),
+                                   bootstrap=args.bootstrap, kid_subset_size=min(1000, args.n), fast=fast),
                       out, progress=not args.quiet)
     metrics = report["metrics"]
     pick = lambda prefix: next(v for k, v in metrics.items() if k.startswith(prefix))
@@ -65,7 +69,7 @@ def quality(model: str, steps: int, sampler: str, args, out: Path) -> dict:
     row = {"fd_clip": fd["value"], "fd_clip_ci95": fd["ci95"], "feature_network": fd["extractor"],
            "t2i_top1": pick("T2I-top1")["value"], "t2i_top5": pick("T2I-top5")["value"]}
     if args.shapes:
-        faith = evaluate_faithfulness(Pipeline.load(model, precision=args.precision), n=args.n_faithfulness,
+        faith = evaluate_faithfulness(Pipeline.load(model, precision=args.precision, fast=fast), n=args.n_faithfulness,
                                       steps=steps, sampler=sampler, guidance=args.guidance, batch_size=args.batch,
                                       progress=not args.quiet)
         row["faithfulness"] = {a: faith["attributes"][a]["accuracy"] for a in FAITHFULNESS}
@@ -75,13 +79,14 @@ def quality(model: str, steps: int, sampler: str, args, out: Path) -> dict:
 def figure(teacher: Pipeline, student: Pipeline, steps: list[int], args) -> Image.Image:
     """The teacher at its steps and the student at each step count on the student run's sample prompts (the
     recipe's; else PROMPTS), image i from seed i in every row."""
-    config = Path(args.student) / "config.json"
+    config = Path(args.student) / "config.json" if args.student else resolve(args.teacher).root / "student" / \
+        "training" / "config.json"
     prompts = (json.loads(config.read_text()).get("sample_prompts") if config.is_file() else None) or PROMPTS
     settings = {"guidance": args.guidance, "seed": 0}
     rows = {f"teacher {args.teacher_steps}": image_row(teacher(prompts, steps=args.teacher_steps, sampler="dpmpp",
                                                                size=teacher.sizes[0], **settings))}
     for k in steps:
-        rows[f"student {k}"] = image_row(student(prompts, steps=k, sampler="lcm", **settings))
+        rows[f"student {k}"] = image_row(student(prompts, steps=k, sampler="lcm", size=student.sizes[0], **settings))
     return families_grid(rows, prompts)
 
 
@@ -121,7 +126,11 @@ def run(args: argparse.Namespace) -> dict:
                           bootstrap=5, rounds=1)
     torch.set_num_threads(args.threads or torch.get_num_threads())
     teacher_pipe = Pipeline.load(args.teacher, precision=args.precision)
-    student_pipe = Pipeline.load(args.student, precision=args.precision)
+    try:  # the run, or the student shipped beside the teacher (carrara export student)
+        student_pipe = Pipeline.load(args.student or args.teacher, precision=args.precision, fast=not args.student)
+    except CarraraError as e:
+        raise SystemExit(f"bench/distill.py: {e}") from None
+    student_model, fast = (args.student, False) if args.student else (args.teacher, True)
     if not student_pipe.student or teacher_pipe.student:
         raise SystemExit(f"bench/distill.py: {args.student} must be a distilled student of {args.teacher}")
     teacher = {"steps": args.teacher_steps, "sampler": "dpmpp",
@@ -132,10 +141,10 @@ def run(args: argparse.Namespace) -> dict:
     for steps in args.steps:
         row = {"steps": steps, "sampler": "lcm",
                "images_per_s": images_per_second(student_pipe, steps, "lcm", args.guidance, args.batch, args.rounds),
-               **quality(args.student, steps, "lcm", args, out / "eval" / f"student-{steps}")}
+               **quality(student_model, steps, "lcm", args, out / "eval" / f"student-{steps}", fast)}
         students[str(steps)] = {**row, "vs_teacher": compare(row, teacher)}
     result = {"cpu": cpu_kind(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "tiny": args.tiny,
-              "teacher_model": args.teacher, "student_model": args.student, "student_record": student_pipe.student,
+              "teacher_model": args.teacher, "student_model": args.student or f"{args.teacher} --fast", "student_record": student_pipe.student,
               "guidance": args.guidance, "batch": args.batch, "n": args.n, "precision": teacher_pipe.precision,
               "teacher": teacher, "students": students}
     json_path = args.json or f"bench/results/distill{'-tiny' if args.tiny else ''}.json"
@@ -158,7 +167,8 @@ def _steps(text: str) -> list[int]:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher", default="default", help="the teacher model (default: the packaged one)")
-    p.add_argument("--student", help="the `carrara distill` run of that teacher")
+    p.add_argument("--student", help="the `carrara distill` run of that teacher (default: the student shipped beside "
+                   "it, `carrara export student`)")
     p.add_argument("--data", help="real images and captions (FD_clip's reference, the prompts)")
     p.add_argument("--clip", help="a `carrara train clip` run: FD_clip's features and the retrieval")
     p.add_argument("--shapes", action="store_true", help="also faithfulness (a model trained on shapes)")
@@ -178,8 +188,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="seconds on a tiny random teacher: checks the bench")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
-    if not args.tiny and not (args.student and args.data and args.clip):
-        p.error("give --student RUN, --data DIR and --clip RUN (or --tiny)")
+    if not args.tiny and not (args.data and args.clip):
+        p.error("give --data DIR and --clip RUN (and --student RUN unless the teacher has its student beside it), "
+                "or --tiny")
     return args
 
 

@@ -29,6 +29,7 @@ from distill import tiny_setup
 from families import cpu_kind
 from sample import PROMPTS, diffusers_pipeline, image_runner, interleaved_seconds
 
+from carrara.errors import CarraraError
 from carrara.fileio import ensure_dir, write_json_atomic
 from carrara.pipeline import Pipeline
 
@@ -40,7 +41,10 @@ def runner(teacher: str, student: str, steps: list[int], guidance: float, precis
     ours = {"carrara-fp32": Pipeline.load(teacher, precision="fp32"), "teacher": Pipeline.load(teacher,
                                                                                                precision=precision)}
     base = image_runner(ours, diffusers_pipeline(teacher), PROMPTS, teacher_steps, guidance)
-    pupil = Pipeline.load(student, precision=precision)
+    try:  # the run, or the student shipped beside the teacher (carrara export student)
+        pupil = Pipeline.load(student or teacher, precision=precision, fast=not student)
+    except CarraraError as e:
+        raise SystemExit(f"bench/fast.py: {e}") from None
     if not pupil.student or ours["teacher"].student:
         raise SystemExit(f"bench/fast.py: {student} must be a distilled student of {teacher}")
     if pupil.unet.config.sample_size != ours["teacher"].unet.config.sample_size:
@@ -49,7 +53,7 @@ def runner(teacher: str, student: str, steps: list[int], guidance: float, precis
     def run(name: str, n: int):
         if name.startswith("student-"):
             return pupil((PROMPTS * n)[:n], steps=int(name.split("-")[1]), sampler="lcm", guidance=guidance, seed=0,
-                         output="tensor")
+                         output="tensor", size=pupil.sizes[0])
         return base(name, n)
 
     return run, ["diffusers", "teacher", *(f"student-{s}" for s in steps)], pupil
@@ -87,7 +91,7 @@ def run_bench(args: argparse.Namespace) -> dict:
         "what": f"images/s at {args.teacher_steps} DPM-Solver++ steps (diffusers, teacher) and the student's lcm steps, "
                 f"guidance {args.guidance}; medians of {args.runs} interleaved rounds in one process",
         "cpu": cpu_kind(), "torch": torch.__version__, "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
-        "tiny": args.tiny, "teacher": args.teacher, "student": args.student, "student_record": pupil.student,
+        "tiny": args.tiny, "teacher": args.teacher, "student": args.student or f"{args.teacher} --fast", "student_record": pupil.student,
         "precision": pupil.precision, "compiled": os.environ["CARRARA_COMPILED"] == "1", "results": results,
         "targets": {f"student-{s}": {
             f"speedup_vs_diffusers_batch_{max(args.batches)}_ge_{TARGET_SPEEDUP:g}":
@@ -116,7 +120,8 @@ def _ints(text: str) -> list[int]:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher", default="default", help="the teacher model (default: the packaged one)")
-    p.add_argument("--student", help="the `carrara distill` run of that teacher")
+    p.add_argument("--student", help="the `carrara distill` run of that teacher (default: the student shipped beside "
+                   "it, `carrara export student`)")
     p.add_argument("--steps", type=_ints, default=[1, 2, 4], help="the student's step counts (default 1,2,4)")
     p.add_argument("--teacher-steps", type=int, default=20, help="diffusers' and the teacher's steps (default 20)")
     p.add_argument("--batches", type=_ints, default=[1, 16], help="batch sizes (default 1,16)")
@@ -129,8 +134,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="seconds on a tiny random teacher: checks the bench")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     args = p.parse_args(argv)
-    if not args.tiny and not args.student:
-        p.error("give --student RUN (a `carrara distill` run of --teacher), or --tiny")
     return args
 
 

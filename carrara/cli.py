@@ -171,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--prompts", default=None, help="text file of prompts to generate from (default: the data's captions)")
     ev.add_argument("--clip", help="a `carrara train clip` run: features for FD/KID and the CLIP score")
     ev.add_argument("--inception-weights", help="pytorch-fid's pt_inception-2015-12-05 file: FID on Inception-v3")
-    _sampling_flags(ev, defaults=True)
+    _sampling_flags(ev, defaults=False)  # None: the model's own (a distilled student's 4 lcm steps)
+    ev.add_argument("--fast", action="store_true", help="judge the model's few-step student (`carrara export "
+                    "student`), at its own steps unless --steps")
     ev.add_argument("--seed", type=int, default=0, help="seed for captions and noise (default 0)")
     ev.add_argument("--bootstrap", type=_positive_int, default=50, help="bootstrap resamples for intervals (50)")
     ev.add_argument("--out", help="report folder: metrics.json, report.html, samples.png")

@@ -204,15 +204,17 @@ def cmd_recipe(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from carrara.diffusion.settings import DEFAULTS
     from carrara.evaluate.suite import EvalSettings, format_metrics, run_eval
 
     if not args.model or not args.out:
         raise CarraraError("carrara eval needs --model RUN and --out REPORT_DIR (see carrara eval --help)")
     settings = EvalSettings(model=args.model, data=args.data, n=args.n, clip=args.clip, prompts=args.prompts,
                             metrics=tuple(m.strip() for m in args.metrics.split(",") if m.strip()),
-                            inception_weights=args.inception_weights, guidance=args.guidance, steps=args.steps,
+                            inception_weights=args.inception_weights, steps=args.steps,
+                            guidance=DEFAULTS.guidance if args.guidance is None else args.guidance,
                             sampler=args.sampler, seed=args.seed, bootstrap=args.bootstrap,
-                            allow_pickle=args.allow_pickle)
+                            allow_pickle=args.allow_pickle, fast=args.fast)
     report = run_eval(settings, args.out, progress=not args.quiet)
     print(format_metrics(report))
     print(f"wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'report.html'}")

@@ -26,7 +26,7 @@ from carrara.diffusion.schedule import NoiseSchedule
 from carrara.diffusion.settings import DEFAULTS as SETTINGS
 from carrara.diffusion.settings import SAMPLER_NAMES, GenerationSettings
 from carrara.errors import CarraraError
-from carrara.families.pipeline import FamilyPipeline, is_family_run, load_any
+from carrara.families.pipeline import FamilyPipeline, load_any
 from carrara.fileio import check_writable, file_sha256
 from carrara.images import image_grid, open_picture
 from carrara.modelfolder import packaged, read_json_object
@@ -175,8 +175,6 @@ def generate_command(args: argparse.Namespace) -> int:
     out = asked if args.overwrite else _next_free(asked, s["n"])
     t0 = time.perf_counter()
     fast = args.fast or (meta or {}).get("fast") is True  # the model's few-step student (carrara/student.py)
-    if fast and is_family_run(model):
-        raise CarraraError(f"--fast samples a diffusion model's distilled student; {model} is a family model")
     pipe = load_any(model, allow_pickle=args.allow_pickle, precision=s["precision"],  # a diffusion or family model
                     **({"fast": True} if fast else {}))
     lora_specs = _lora_specs(args, meta)

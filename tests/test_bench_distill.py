@@ -39,3 +39,33 @@ def test_tiny_distill_bench_has_every_number(tmp_path):
         assert (out / "eval" / name / "metrics.json").is_file()
     grid = Image.open(tmp_path / "grid.png")  # a labelled row each: the teacher and the student at 1, 2, 4 steps
     assert grid.height > 4 * 96 and grid.width > 4 * 96  # four rows; a column per sample prompt (the tiny run: 4)
+
+
+def test_distill_bench_judges_the_student_shipped_beside_its_teacher(tmp_path):
+    """No --student: the teacher's student/ (carrara export student) is judged, through `carrara eval --fast`."""
+    import shutil
+
+    from carrara.export import export_student
+
+    out = tmp_path / "runs"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    common = [sys.executable, str(ROOT / "bench" / "distill.py"), "--quiet", "--threads", "1", "--steps", "4"]
+    done = subprocess.run([*common, "--tiny", "--out", str(out), "--json", str(tmp_path / "run.json")], check=False,
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    first = json.loads((tmp_path / "run.json").read_text())
+    teacher = tmp_path / "teacher"
+    shutil.copytree(first["teacher_model"], teacher)
+    export_student(first["student_model"], teacher, prompts=("a red circle",))
+    done = subprocess.run([*common, "--teacher", str(teacher), "--data", str(out / "shapes"), "--clip", str(out / "clip"),
+                           "--shapes", "--n", "16", "--n-faithfulness", "8", "--batch", "4", "--bootstrap", "5",
+                           "--rounds", "1", "--out", str(tmp_path / "shipped"), "--json", str(tmp_path / "shipped.json")],
+                          check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    shipped = json.loads((tmp_path / "shipped.json").read_text())
+    assert shipped["student_model"] == f"{teacher} --fast" and shipped["student_record"] == first["student_record"]
+    report = json.loads((tmp_path / "shipped" / "eval" / "student-4" / "metrics.json").read_text())
+    assert report["settings"]["fast"] and report["model_hash"] != json.loads(
+        (tmp_path / "shipped" / "eval" / "teacher" / "metrics.json").read_text())["model_hash"]
+    # the shipped student is the run's up to 4-bit rounding: the same faithfulness on the same prompts and seeds
+    assert shipped["students"]["4"]["faithfulness"] == first["students"]["4"]["faithfulness"]

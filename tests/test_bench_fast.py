@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -32,8 +34,12 @@ def test_tiny_fast_bench_times_every_contender(tmp_path):
         assert target["seconds_per_image_batch_1_le_0.1"] == (result["results"]["batch_1"]["seconds_per_image"][s] <= 0.1)
 
 
-def test_fast_bench_refuses_a_model_that_is_not_a_student(tmp_path):
+@pytest.mark.parametrize("student, words", [(None, "has no few-step student"),
+                                            ("teacher", "must be a distilled student of")])
+def test_fast_bench_refuses_a_model_that_is_not_a_student(tiny_diffusion_run, student, words):
+    """Without --student the teacher's shipped student is timed: a teacher without one is one error line."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "fast.py"), "--quiet"], check=False, cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "give --student RUN" in done.stderr
+    args = ["--teacher", str(tiny_diffusion_run), *(["--student", str(tiny_diffusion_run)] if student else [])]
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "fast.py"), "--quiet", *args], check=False, cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and words in done.stderr and "Traceback" not in done.stderr, done.stderr[-500:]

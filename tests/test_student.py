@@ -246,3 +246,19 @@ def test_rank_energy_is_what_a_rank_r_approximation_keeps():
     full = torch.randn(100, 90, generator=g)  # white noise: rank r keeps a little more than r/90 of the energy
     kept = bench_delta.rank_energy(teacher, {"w": full})
     assert 8 / 90 < kept[8] < kept[16] < kept[32] < kept[64] < 1
+
+
+def test_eval_fast_judges_the_student_at_its_own_steps(teacher_and_student, tiny_shapes, tmp_path, capsys):
+    teacher_src, run = teacher_and_student
+    teacher = tmp_path / "teacher"
+    shutil.copytree(teacher_src, teacher)
+    export_student(run, teacher, prompts=("a red circle",))
+    args = ["eval", "--model", str(teacher), "--data", str(tiny_shapes), "--n", "4", "--metrics", "faithfulness",
+            "--quiet"]
+    assert main([*args, "--fast", "--out", str(tmp_path / "fast")]) == 0
+    fast = json.loads((tmp_path / "fast" / "metrics.json").read_text())
+    assert fast["settings"]["fast"] and (fast["settings"]["steps"], fast["settings"]["sampler"]) == (4, "lcm")
+    assert fast["model_hash"] == json.loads((teacher / "student" / "model_index.json").read_text())["weights_hash"]
+    assert main([*args, "--out", str(tmp_path / "teacher-report")]) == 0  # without --fast: the teacher, its own 20
+    plain = json.loads((tmp_path / "teacher-report" / "metrics.json").read_text())
+    assert (plain["settings"]["steps"], plain["settings"]["sampler"]) == (20, "dpmpp") and not plain["settings"]["fast"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,13 +47,14 @@ class EvalSettings:
     prompts: str | None = None  # a text file of prompts (one per line, # comments) instead of the data's captions
     inception_weights: str | None = None
     guidance: float = DEFAULTS.guidance
-    steps: int = DEFAULTS.steps
-    sampler: str = DEFAULTS.sampler
+    steps: int | None = None  # None: the model's own (diffusion/settings.py's 20 dpmpp; a student's 4 lcm)
+    sampler: str | None = None
     seed: int = 0
     batch_size: int = 32
     bootstrap: int = 50
     allow_pickle: bool = False  # let the model's or the Inception's weights be pickles, read weights-only
     kid_subset_size: int = 1000
+    fast: bool = False  # judge the few-step student beside the model (carrara/student.py)
     extra: dict = field(default_factory=dict)
 
 
@@ -142,7 +143,10 @@ def run_eval(settings: EvalSettings, out_dir: str | Path, progress: bool = True)
             raise CarraraError(f"{metric} needs --clip RUN (a `carrara train clip` run)")
     own_prompts = read_prompts(settings.prompts) if settings.prompts else None
     out_dir = ensure_dir(out_dir)
-    pipe = load_any(settings.model, allow_pickle=settings.allow_pickle)  # a diffusion model, a cascade or a family
+    pipe = load_any(settings.model, allow_pickle=settings.allow_pickle,  # a diffusion model, a cascade or a family
+                    **({"fast": True} if settings.fast else {}))
+    own = getattr(pipe, "sampling", {"steps": DEFAULTS.steps, "sampler": DEFAULTS.sampler})  # the model's defaults
+    settings = replace(settings, steps=settings.steps or own["steps"], sampler=settings.sampler or own["sampler"])
     report = {"settings": asdict(settings), "model_hash": pipe.model_hash, "precision": pipe.precision, "metrics": {}}
     started = time.perf_counter()
 

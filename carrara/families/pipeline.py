@@ -82,7 +82,11 @@ def draw(kind: str, model: torch.nn.Module, cond: torch.Tensor, null: torch.Tens
 def load_any(path: str | Path, **options):
     """A family run's `FamilyPipeline`, or `Pipeline.load(path, **options)` for a diffusion model or cascade: what
     `carrara generate` and `carrara eval` load, so every family is judged like the diffusion models."""
-    return FamilyPipeline.load(path) if is_family_run(path) else Pipeline.load(path, **options)
+    if is_family_run(path):
+        if options.get("fast"):
+            raise CarraraError(f"--fast samples a diffusion model's distilled student; {path} is a family model")
+        return FamilyPipeline.load(path)
+    return Pipeline.load(path, **options)
 
 
 class FamilyPipeline:
