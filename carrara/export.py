@@ -161,7 +161,7 @@ def _mean_dpixel(a, b) -> float:
 
 
 def export_student(student_run: str | Path, model: str | Path, *, bits: int = BITS, max_mb: float | None = None,
-                   prompts=CHECK_PROMPTS, progress: bool = True) -> dict:
+                   prompts=CHECK_PROMPTS) -> dict:
     """Put `carrara distill` run `student_run` into model folder `model` (its teacher) as MODEL/student/, replacing
     an earlier one only when every check has passed. Returns what was written and measured."""
     run, target = resolve(student_run), resolve(model)
