@@ -312,7 +312,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = PACKAGED / args.into_package if args.into_package else args.out
     result = export_default(args.model, out, autoencoder_run=args.autoencoder, upsampler_run=args.upsampler,
                             max_mb=PACKAGED_BUDGET_MB.get(args.into_package, PACKAGED_BUDGET_MB["default"]))
-    print(f"wrote {result['out']} ({result['weights_mb']:.1f} MB of fp16 weights)")
+    print(f"wrote {result['out']} ({result['weights_mb']:.1f} MB of fp16 weights"
+          + (f", with the student from {result['student']})" if result["student"] else ")"))
     return 0
 
 

@@ -25,7 +25,7 @@ import torch
 from carrara.diffusion.consistency import STUDENT_STEPS
 from carrara.errors import CarraraError
 from carrara.fileio import file_sha256, temp_dir_beside, write_json_atomic
-from carrara.modelfolder import resolve
+from carrara.modelfolder import read_json_object, resolve, weights_hash
 from carrara.models.codec import PixelCodecConfig, codec_config
 from carrara.models.config import CONFIG_NAME
 from carrara.models.delta import BITS, DELTA_NAME, save_delta
@@ -84,6 +84,7 @@ def export_default(model: str | Path, out: str | Path, *, autoencoder_run: str |
             runs["upsampler"] = Path(upsampler_run)
         for stage, run in runs.items():
             _copy_files(run, tmp / "training" / stage, TRAINING_FILES)
+        student = _keep_student(tmp, [folder.root, out])
         size_mb = sum(f.stat().st_size for f in tmp.rglob("*.safetensors")) / 1e6
         if size_mb > max_mb:
             raise CarraraError(f"the exported weights take {size_mb:.1f} MB, more than the {max_mb:.0f} MB budget")
@@ -97,7 +98,20 @@ def export_default(model: str | Path, out: str | Path, *, autoencoder_run: str |
             tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"out": str(out), "weights_mb": round(size_mb, 2)}
+    return {"out": str(out), "weights_mb": round(size_mb, 2), "student": student}
+
+
+def _keep_student(tmp: Path, sources: list[Path]) -> str | None:
+    """Copy a student/ (carrara/student.py) from the first of `sources` whose student was distilled from exactly the
+    U-Net weights just written to `tmp`, so re-exporting a model keeps its student; returns where it came from."""
+    new_hash = weights_hash(tmp / "unet")
+    for root in sources:
+        folder = root / STUDENT_FOLDER
+        if (folder / "model_index.json").is_file() and \
+                read_json_object(folder / "model_index.json").get("student", {}).get("teacher_hash") == new_hash:
+            shutil.copytree(folder, tmp / STUDENT_FOLDER)
+            return str(folder)
+    return None
 
 
 def _copy_files(src: Path, dst: Path, names) -> None:

@@ -262,3 +262,22 @@ def test_eval_fast_judges_the_student_at_its_own_steps(teacher_and_student, tiny
     assert main([*args, "--out", str(tmp_path / "teacher-report")]) == 0  # without --fast: the teacher, its own 20
     plain = json.loads((tmp_path / "teacher-report" / "metrics.json").read_text())
     assert (plain["settings"]["steps"], plain["settings"]["sampler"]) == (20, "dpmpp") and not plain["settings"]["fast"]
+
+
+def test_export_default_keeps_a_student_made_for_the_same_weights(teacher_and_student, tmp_path):
+    from carrara.export import export_default
+
+    teacher_src, run = teacher_and_student
+    first = export_default(teacher_src, tmp_path / "fp16")  # fp16 weights: another hash than the fp32 teacher's
+    assert first["student"] is None and not (tmp_path / "fp16" / "student").exists()
+    teacher = tmp_path / "teacher"
+    shutil.copytree(teacher_src, teacher)
+    export_student(run, teacher, prompts=("a red circle",))
+    again = export_default(teacher, tmp_path / "fp16")  # the student was made for the fp32 weights: not carried
+    assert again["student"] is None and not (tmp_path / "fp16" / "student").exists()
+    same = export_default(teacher, tmp_path / "fp32", dtype=torch.float32)  # the same weights: it comes along
+    assert same["student"] == str(teacher / "student") and (tmp_path / "fp32" / "student" / "unet").is_dir()
+    before = (tmp_path / "fp32" / "student" / "unet" / "delta.safetensors").read_bytes()
+    assert export_default(tmp_path / "fp32", tmp_path / "fp32", dtype=torch.float32)["student"]  # re-export in place
+    assert (tmp_path / "fp32" / "student" / "unet" / "delta.safetensors").read_bytes() == before
+    assert Pipeline.load(tmp_path / "fp32", precision="fp32", fast=True).student["method"] == "lcm"
