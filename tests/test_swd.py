@@ -45,6 +45,7 @@ def test_sliced_wasserstein_is_scipys_wasserstein_distance_averaged_over_directi
     dirs = directions(6, 5, seed=3)
     expected = np.mean([stats.wasserstein_distance(a @ d, b @ d) for d in dirs.T])
     assert sliced_wasserstein(a, b, dirs) == pytest.approx(expected, rel=1e-9)
+    assert sliced_wasserstein(a, b, dirs, chunk=2) == pytest.approx(expected, rel=1e-9)  # 2 + 2 + 1 directions
     assert np.allclose(np.linalg.norm(dirs, axis=0), 1)
 
 
