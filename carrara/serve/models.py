@@ -66,7 +66,7 @@ def discover(started: str, models_dir: str | Path | None = None) -> list[Choice]
             choice = Choice(f"{Path(choice.ref).parent.name}/{choice.name}", choice.path, choice.ref)
         choices.setdefault(choice.name, choice)
     for choice in list(choices.values()):  # a teacher with its student beside it: the student is a choice too
-        if has_student(resolve(choice.path).root) and fast_name(choice.name) not in choices:
+        if has_student(packaged(choice.path) or Path(choice.path)) and fast_name(choice.name) not in choices:
             choices[fast_name(choice.name)] = Choice(fast_name(choice.name), choice.path, choice.ref, fast=True)
     return list(choices.values())
 
