@@ -72,7 +72,8 @@ def main(argv=None) -> int:
         print(f"bench/delta.py: error: {e}", file=sys.stderr)
         return 2
     student = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
-    rel = [float((student[k].float() - w.float()).norm() / w.float().norm().clamp_min(1e-12)) for k, w in teacher.items()]
+    rel = [float((student[k].float() - w.float()).norm() / w.float().norm().clamp_min(1e-12))
+           for k, w in teacher.items()]
     prompts = list(CHECK_PROMPTS)
 
     def images():

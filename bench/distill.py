@@ -33,6 +33,7 @@ from carrara.evaluate.suite import EvalSettings, run_eval
 from carrara.fileio import ensure_dir, save_image_atomic, write_json_atomic
 from carrara.modelfolder import resolve
 from carrara.pipeline import Pipeline
+from carrara.student import FOLDER as STUDENT_FOLDER
 from carrara.train.clip import ClipRecipe, train_clip
 from carrara.train.core import TrainConfig
 from carrara.train.distill import DistillRecipe, train_distill
@@ -79,8 +80,8 @@ def quality(model: str, steps: int, sampler: str, args, out: Path, fast: bool = 
 def figure(teacher: Pipeline, student: Pipeline, steps: list[int], args) -> Image.Image:
     """The teacher at its steps and the student at each step count on the student run's sample prompts (the
     recipe's; else PROMPTS), image i from seed i in every row."""
-    config = Path(args.student) / "config.json" if args.student else resolve(args.teacher).root / "student" / \
-        "training" / "config.json"
+    config = Path(args.student) / "config.json" if args.student else \
+        resolve(args.teacher).root / STUDENT_FOLDER / "training" / "config.json"
     prompts = (json.loads(config.read_text()).get("sample_prompts") if config.is_file() else None) or PROMPTS
     settings = {"guidance": args.guidance, "seed": 0}
     rows = {f"teacher {args.teacher_steps}": image_row(teacher(prompts, steps=args.teacher_steps, sampler="dpmpp",

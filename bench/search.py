@@ -4,7 +4,8 @@ Loads (or first builds, with `carrara index`'s code) the index of a dataset, war
 search` does, then times `--queries` distinct text queries (the first lines of carrara/data/emoji_paraphrases.txt, or
 the data's own captions when there are fewer) and as many image queries (data images, each a file on disk, as a user
 passes one), each `--rounds` times; per kind the median and max over queries of a query's first run (a new query:
-the text encoder caches prompts it has seen), the median of repeats, and the part that is the kNN itself. Image queries also check the index: a data image's own file should come first.
+the text encoder caches prompts it has seen), the median of repeats, and the part that is the kNN itself. Image
+queries also check the index: a data image's own file should come first.
 
     python bench/search.py --data runs/emoji/data --clip runs/clip-emoji [--index runs/emoji-index.safetensors]
         [--queries 20] [--rounds 3] [--json bench/results/search-<cpu kind>.json]
@@ -118,7 +119,8 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="tiny data and an untrained CLIP: checks the bench")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
-    args.json = args.json or (None if args.tiny else str(ROOT / "bench" / "results" / f"search-{cpu_kind()['kind']}.json"))
+    if not args.tiny and not args.json:
+        args.json = str(ROOT / "bench" / "results" / f"search-{cpu_kind()['kind']}.json")
     try:
         r = run(args)
     except CarraraError as e:
@@ -126,9 +128,9 @@ def main(argv=None) -> int:
         return 2
     for kind in ("text", "image"):
         s = r[kind]
-        print(f"{kind} queries: median {s['median_ms']:.1f} ms, max {s['max_ms']:.1f} ms (repeated {s['median_repeat_ms']:.1f}"
-              f" ms; kNN {s['median_knn_ms']:.2f} ms)"
-              f" over {s['n']} distinct queries × {r['rounds']} rounds")
+        print(f"{kind} queries: median {s['median_ms']:.1f} ms, max {s['max_ms']:.1f} ms (repeated "
+              f"{s['median_repeat_ms']:.1f} ms; kNN {s['median_knn_ms']:.2f} ms) over {s['n']} distinct queries × "
+              f"{r['rounds']} rounds")
     print(f"{r['images']} images, {r['dim']}-d, {r['backend']}; index loaded in {r['load_s']:.2f} s"
           + (f", built in {r['index_build_s']:.0f} s" if r["index_build_s"] else "")
           + f"; own file first for {r['image_own_file_first']:.0%} of image queries; {r['cpu']['kind']} "

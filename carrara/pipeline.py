@@ -23,14 +23,14 @@ from carrara.diffusion.settings import DEFAULTS, GenerationSettings
 from carrara.errors import CarraraError
 from carrara.hardware import cpu_supports_bf16, keep_freed_memory
 from carrara.images import from_pil, to_pil
-from carrara.modelfolder import read_json_object, resolve
+from carrara.modelfolder import resolve
 from carrara.models import int8
 from carrara.models.blocks import guidance_embedding, text_kv_cache
 from carrara.models.codec import load_codec
 from carrara.models.compiled import Package, find_package
 from carrara.models.unet import UNet2DConditionModel as UNet
 from carrara.student import FOLDER as STUDENT_FOLDER
-from carrara.student import has_student, load_student
+from carrara.student import has_student, load_student, student_record
 from carrara.text.encoder import TextEncoder, mean_pool
 from carrara.unclip import Unclip, is_unclip
 from carrara.upsampler import Upsampler, UpsamplerSettings
@@ -134,9 +134,9 @@ class Pipeline:
             raise CarraraError(f"text encoder gives {text_encoder.dim}-dim states but the U-Net expects "
                                f"{unet.config.cross_attention_dim}")
         scheduler_config, unet_dir = folder.scheduler_config, folder.unet
-        student = read_json_object(folder.root / "model_index.json").get("carrara", {}).get("student")
+        student = student_record(folder.root)  # a student run's own record, or None
         model_hash = folder.unet_hash(allow_pickle=allow_pickle)
-        if fast and not isinstance(student, dict):  # the student beside its teacher: its weights are a delta of these
+        if fast and student is None:  # the student beside its teacher: its weights are a delta of these
             if not has_student(folder.root):
                 raise CarraraError(f"{path} has no few-step student: make one with carrara distill, then put it "
                                    f"beside its teacher with carrara export student --student RUN --model {path}")
@@ -157,7 +157,7 @@ class Pipeline:
         pipe = cls(unet=unet, vae=vae, text_encoder=text_encoder, schedule=schedule, model_hash=model_hash,
                    name=str(path),
                    scheduler_options=SchedulerOptions.from_scheduler_config(scheduler_config),
-                   precision=precision, upsampler=upsampler, student=student if isinstance(student, dict) else None,
+                   precision=precision, upsampler=upsampler, student=student,
                    unclip=unclip)
         pipe.compiled = find_package(unet_dir, model_hash, pipe.precision, pipe.unet)
         return pipe

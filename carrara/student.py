@@ -56,6 +56,6 @@ def load_student(root: str | Path, teacher: UNet, teacher_hash: str) -> tuple[UN
 def rebuild_unet(folder: Path, teacher: UNet, teacher_hash: str) -> UNet:
     """The student U-Net (float32) of a student folder: its config, the teacher's weights plus the stored delta."""
     unet = UNet(UNetConfig.from_diffusers_config(folder / "unet"))
-    state = apply_delta(teacher.float().state_dict(), folder / "unet" / DELTA_NAME, teacher_hash=teacher_hash)
+    state = apply_delta(teacher.state_dict(), folder / "unet" / DELTA_NAME, teacher_hash=teacher_hash)
     load_into(unet, state, str(folder / "unet" / DELTA_NAME))
     return unet.eval()

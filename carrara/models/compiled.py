@@ -12,8 +12,8 @@ whether bf16 is native, the torch version, the weights' hash, frozen or not, the
 A package is *frozen* by default (inductor's `freezing`): the weights become constants of the compiled graph, so
 oneDNN's convolutions and GEMMs get them prepacked in their blocked layouts and constant subgraphs are folded. That
 is where compilation pays on the bf16 kind (AMD Zen 5, 2026-11-30, `bench/aot_freeze.py`: one batch-2 U-Net pass
-15.1 ms frozen, 25.8 ms code-only, 26.1 ms eager; docs/performance.md), at the price of a copy of the weights in every package (56 MB each
-for the default U-Net in bf16). `--no-freeze` makes code-only packages instead (AOTInductor's
+15.1 ms frozen, 25.8 ms code-only, 26.1 ms eager; docs/performance.md), at the price of a copy of the weights in
+every package (56 MB each for the default U-Net in bf16). `--no-freeze` makes code-only packages instead (AOTInductor's
 `package_constants_in_so = False`): at load they are handed the eager U-Net's weights (`load_constants`), so five
 batch sizes cost a few MB on disk. Either is for the weights it was compiled with (the name carries their hash),
 and weights changed after loading (a LoRA merge) set it aside (`Pipeline.merge_loras`). A call pads its batch

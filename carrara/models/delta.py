@@ -9,8 +9,8 @@ convolution, each row of a linear layer; a 1-D tensor is one row) gets its own s
     s_row = max |Δ_row| / q,   code = round(Δ / s_row) ∈ [−q, q],   q = 2^(bits−1) − 1,   W = W_teacher + s · code
 
 so a weight's error is at most s_row / 2. At 4 bits the default model's student (25.5 M parameters) takes 12.9 MB
-against 51 MB in fp16, and its images differ from the unquantized student's by 0.14/255 on average (max 3.5/255;
-8 bits: 0.009/255, less than casting the student to fp16). Tensors the teacher lacks (the student's guidance
+against 51 MB in fp16, and its 64-px images differ from the unquantized student's by 0.14/255 on average (max
+5.6/255; 8 bits: 0.008/255, less than casting the student to fp16: `python bench/delta.py`, docs/distill.md). Tensors the teacher lacks (the student's guidance
 embedding) are stored whole, in fp16. Codes are packed two per byte (offset by 8, low nibble first).
 
 The file is a safetensors file with, per tensor NAME, `NAME.codes` (uint8, packed) and `NAME.scale` (fp32, one per
@@ -107,7 +107,8 @@ def read_delta(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
         header["bits"], header["shapes"] = int(header["bits"]), json.loads(header["shapes"])
     except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
-        raise CarraraError(f"{path}: not a readable student delta ({str(e).splitlines()[0] if str(e) else e!r})") from None
+        why = str(e).splitlines()[0] if str(e) else repr(e)
+        raise CarraraError(f"{path}: not a readable student delta ({why})") from None
     return tensors, header
 
 
@@ -116,8 +117,8 @@ def apply_delta(teacher: dict[str, torch.Tensor], path: str | Path, *, teacher_h
     teacher's weights hash and every tensor's shape."""
     tensors, header = read_delta(path)
     if header.get("teacher_hash") != teacher_hash:
-        raise CarraraError(f"{path} was made from a teacher with weights {header.get('teacher_hash')}, but this model's "
-                           f"are {teacher_hash}: export the student again from this model")
+        raise CarraraError(f"{path} was made from a teacher with weights {header.get('teacher_hash')}, but this "
+                           f"model's are {teacher_hash}: export the student again from this model")
     bits, state = header["bits"], {}
     try:
         for name, shape in header["shapes"].items():
