@@ -27,7 +27,9 @@ of its dataset (`carrara data build emoji --size 128`: images + metadata.jsonl):
   SWD       the sliced Wasserstein distance ×10³ over 7×7 Laplacian-pyramid neighbourhoods at 128, 64, 32, 16 px
             (Karras et al. 2018; evaluate/swd.py) between each set and the n real images of its captions: the 128-px
             level holds only the detail between 64 and 128 px — what an upsampler adds and a text-trained CLIP may
-            not see. The 128-px level has a 95 % bootstrap interval over images for the rows that decide;
+            not see. The 128-px level has a 95 % bootstrap interval over images for the rows that decide
+            (--swd-bootstrap resamples: one SWD of 3,789 images takes ~15 s on one core, so 50 resamples per
+            row would take 1 h at that n);
   floor     the same n real 128-px images box-downsampled to 64 (upsampler.downsample: the stage's training
             condition), then bicubic ×2: what bicubic reaches from perfect 64-px images;
   stage     the upsampler (chosen setting) on those real 64-px images as it was trained to see them (a stage with
@@ -315,6 +317,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--aug-levels", help=f"the sweep's augmentation levels s (default {FULL['aug_levels']})")
     p.add_argument("--up-steps", help=f"the sweep's upsampler steps (default {FULL['up_steps']})")
     p.add_argument("--bootstrap", type=int, help=f"bootstrap resamples per interval (default {FULL['bootstrap']})")
+    p.add_argument("--swd-bootstrap", type=int, help="bootstrap resamples per SWD interval (default --bootstrap's; "
+                   "each costs one SWD: ~15 s at n = 3,789 on one core)")
     p.add_argument("--batch", type=int, help=f"images per call, and the timed batch (default {FULL['batch']})")
     p.add_argument("--rounds", type=int, help=f"timed calls per row, median (default {FULL['rounds']})")
     p.add_argument("--figure-n", type=int, help=f"captions in the figure (default {FULL['figure_n']})")
@@ -372,8 +376,10 @@ def measure(args: argparse.Namespace, out: Path) -> dict:
     """Every row of the module docstring, into the JSON and the figure; the costly images cached in `out`."""
     started, scale, progress = time.perf_counter(), TINY if args.tiny else FULL, not args.quiet
     n, bootstrap, batch, figure_n = (getattr(args, k) or scale[k] for k in ("n", "bootstrap", "batch", "figure_n"))
-    if n < 2 or bootstrap < 1 or batch < 1 or figure_n < 1 or (args.threads is not None and args.threads < 1):
-        raise CarraraError("--n must be at least 2; --bootstrap, --batch, --figure-n and --threads at least 1")
+    swd_bootstrap = args.swd_bootstrap or bootstrap
+    if n < 2 or min(bootstrap, swd_bootstrap, batch, figure_n) < 1 or (args.threads is not None and args.threads < 1):
+        raise CarraraError("--n must be at least 2; --bootstrap, --swd-bootstrap, --batch, --figure-n and --threads "
+                           "at least 1")
     aug_levels = int_list(args.aug_levels or scale["aug_levels"], "--aug-levels")
     up_steps = int_list(args.up_steps or scale["up_steps"], "--up-steps")
     if args.threads:
@@ -417,7 +423,7 @@ def measure(args: argparse.Namespace, out: Path) -> dict:
     real_f = features(real)
     real_d = descriptors(real_n, seed=args.seed)  # the captions' own real images, for SWD
     rows = {"bicubic": {**fd_row(features(bicubic_up), real_f, bootstrap),
-                        **swd_row(bicubic_up, real_d, bootstrap, args.seed)},
+                        **swd_row(bicubic_up, real_d, swd_bootstrap, args.seed)},
             "cascade": {name: {**dataclasses.asdict(sweep[name]), **fd_row(features(images), real_f, bootstrap),
                                **swd_row(images, real_d, 0, args.seed)}
                         for name, images in tqdm(cascade.items(), desc="judging", disable=not progress, leave=False)}}
@@ -425,7 +431,7 @@ def measure(args: argparse.Namespace, out: Path) -> dict:
     chosen = min(rows["cascade"], key=lambda k: rows["cascade"][k]["swd"][finest])
     rows["chosen"] = chosen
     best = rows["cascade"][chosen]
-    best.update(swd_row(cascade[chosen], real_d, bootstrap, args.seed))  # its interval too
+    best.update(swd_row(cascade[chosen], real_d, swd_bootstrap, args.seed))  # its interval too
     # 3. The stage alone, on the real images downsampled as in its training, beside bicubic of the same.
     real_low = downsample(to_model_range(real_n), factor)  # (n, 3, 64, 64)
     stage_in = real_low
@@ -437,7 +443,7 @@ def measure(args: argparse.Namespace, out: Path) -> dict:
                       lambda: upsample(pipe, stage_in, prompts, sweep[chosen], args.seed, batch, progress))
     for name, images in (("real64_bicubic", floor_up), ("real64_upsampler", stage_up)) + (
             (("real64_input_bicubic", to_uint8(bicubic(stage_in, factor))),) if stage_in is not real_low else ()):
-        rows[name] = {**fd_row(features(images), real_f, bootstrap), **swd_row(images, real_d, bootstrap, args.seed),
+        rows[name] = {**fd_row(features(images), real_f, bootstrap), **swd_row(images, real_d, swd_bootstrap, args.seed),
                       **psnr_row(psnr(images, real_n), bootstrap)}
     rows["real64_upsampler"].update({**dataclasses.asdict(sweep[chosen]), "input": pipe.upsampler.degrade or "clean"})
     halves = torch.randperm(len(real), generator=torch.Generator().manual_seed(args.seed))
@@ -458,7 +464,8 @@ def measure(args: argparse.Namespace, out: Path) -> dict:
             row.update(patch_fd_row(patch_features(images), real_p, dim, bootstrap))
         rows["real128_halves"].update(patch_fd_row(real_p[halves[: len(real) // 2]], real_p[halves[len(real) // 2:]],
                                                    dim, bootstrap))
-    rows["real128_other"] = swd_row(real[pick_captions(texts, n, args.seed + 1)], real_d, bootstrap, args.seed)
+    rows["real128_other"] = swd_row(real[pick_captions(texts, n, args.seed + 1)], real_d, swd_bootstrap,
+                                    args.seed)
     # 4. Time, 5. the figure.
     times = timings(pipe, prompts, sampling, sweep[chosen], batch, args.rounds or scale["rounds"])
     k = min(figure_n, n)
@@ -472,7 +479,7 @@ def measure(args: argparse.Namespace, out: Path) -> dict:
         "precision": pipe.precision, "data": data, "clip": clip, "feature_network": scorer.name, "sizes": [low_side, side],
         "patch_clip": patch_clip, "patch_feature_network": patch_name,
         "n": n, "n_real": len(real), "real_set": f"all {len(real)} images of --data (no held-out split)",
-        "seed": args.seed, "bootstrap": bootstrap, "batch": batch, "base_sampling": sampling,
+        "seed": args.seed, "bootstrap": bootstrap, "swd_bootstrap": swd_bootstrap, "batch": batch, "base_sampling": sampling,
         "upsampler_recorded": dataclasses.asdict(pipe.upsampler.settings), "rows": rows,
         "cascade_vs_bicubic": {"fd_lower": best["fd"] < rows["bicubic"]["fd"],
                                "intervals_disjoint": disjoint_below(best, rows["bicubic"]),

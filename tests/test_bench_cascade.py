@@ -82,6 +82,7 @@ def test_tiny_bench_has_every_row_with_its_interval(tiny):
     out, r, stdout = tiny
     assert r["cpu"]["kind"] in ("avx512_bf16", "avx2-only", "other") and r["command"].endswith("--out " + str(out))
     assert r["sizes"] == [64, 128] and r["n"] == 8 and r["n_real"] == 24 and r["bootstrap"] == 5
+    assert r["swd_bootstrap"] == 5  # SWD's resamples follow --bootstrap unless given
     assert r["real_set"].startswith("all 24 images") and r["feature_network"] == "carrara-clip[clip]"
     rows = r["rows"]
     assert set(rows["cascade"]) == {"aug0_steps2", "aug100_steps2"} and rows["chosen"] in rows["cascade"]
@@ -168,7 +169,7 @@ def test_rerun_reuses_the_images_and_adds_only_the_new_setting(tiny):
 
 
 @pytest.mark.parametrize("case", ["no model", "no upsampler", "clip at 64", "no data", "data at 64", "aug level",
-                                  "nothing given"])
+                                  "swd bootstrap", "nothing given"])
 def test_bad_input_is_one_error_line(tiny, case, tmp_path, capsys):
     out, _, _ = tiny
     model, data, clip = out / "tiny" / "model", out / "tiny" / "data128", out / "tiny" / "clip"
@@ -180,14 +181,15 @@ def test_bad_input_is_one_error_line(tiny, case, tmp_path, capsys):
     model = {"no model": tmp_path / "absent", "no upsampler": out / "tiny" / "base"}.get(case, model)
     data = {"no data": tmp_path / "absent", "data at 64": out / "tiny" / "data64"}.get(case, data)
     args = ["--model", str(model), "--data", str(data), "--clip", str(clip), "--out", str(tmp_path / "o"), "--quiet"]
-    args = {"aug level": [*args, "--aug-levels", "0,1000"], "nothing given": ["--out", str(tmp_path / "o")]}.get(
+    args = {"aug level": [*args, "--aug-levels", "0,1000"], "swd bootstrap": [*args, "--swd-bootstrap", "-1"],
+            "nothing given": ["--out", str(tmp_path / "o")]}.get(
         case, args)
     with pytest.raises(SystemExit) as exit_:
         cascade.main(args)
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and err.startswith("carrara: error: ") and "\n" not in err, err
     expected = {"no upsampler": "no upsampler stage", "clip at 64": "trained at 64 px", "data at 64": "64×64 images",
-                "aug level": "[0, 999]", "nothing given": "--tiny", "no data": "does not exist"}
+                "aug level": "[0, 999]", "swd bootstrap": "--swd-bootstrap", "nothing given": "--tiny", "no data": "does not exist"}
     assert expected.get(case, "") in err
     assert not (tmp_path / "o").exists()  # refused before writing anything: no empty --out folder left
 
