@@ -22,6 +22,10 @@ Judged per entrant (one-object captions; image i of every set from seed i):
     exact (dequantized 8-bit pixels); VAE an upper bound (−ELBO of its Gaussian decoder, bins of width 2/256);
     vqvae+ar and igpt the cross-entropy of their tokens (VQ codes, palette-quantised pixels) summed per image
     and divided by its 3,072 dimensions — a likelihood of the tokens, not of the pixels;
+  diversity (recall-like; mode collapse shows as a value far below the renderer's): the mean pairwise CLIP distance
+    1 − cos among 8 seeds of each of 8 one-object captions (carrara/evaluate/diversity.py, issue 20's measure),
+    beside the renderer's own: the same captions drawn 8 times with new position jitter, the only thing that varies
+    among real images of one fully specified caption;
   sampling seconds per image (median of 3 batches of 16, after one warm-up batch), trained parameters (the GAN's
     discriminator, the VAE's and the autoencoder's encoders included; the frozen text encoder excluded);
   and a grid of the same 8 prompts, one labelled row per entrant.
@@ -37,6 +41,7 @@ import json
 import math
 import os
 import platform
+import random
 import shutil
 import statistics
 import subprocess
@@ -45,19 +50,24 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from carrara.data import shapes
 from carrara.data.load import load_dataset, preload_images
 from carrara.data.shapes import build_shapes
 from carrara.diffusion.settings import DEFAULTS
 from carrara.errors import CarraraError
+from carrara.evaluate.diversity import diversity
 from carrara.evaluate.faithfulness import detector_ceiling, evaluate_faithfulness
-from carrara.evaluate.suite import EvalSettings, run_eval
+from carrara.evaluate.faithfulness import sample_prompts as caption_scenes
+from carrara.evaluate.suite import EvalSettings, generate_images, run_eval
 from carrara.families import family
 from carrara.families.pipeline import load_any
 from carrara.families.train import FamilyRecipe, train_family
 from carrara.fileio import atomic_path, ensure_dir, save_image_atomic, write_json_atomic
+from carrara.models.clip import ClipScorer
 from carrara.recipe import apply_overrides, flatten, load_recipe_file
 from carrara.train.autoencoder import AutoencoderRecipe, train_autoencoder
 from carrara.train.clip import ClipRecipe, train_clip
@@ -85,6 +95,7 @@ FAITHFULNESS = ("color", "position", "size", "shape", "all")
 SAMPLING_ROUNDS = 3
 NLL_EXAMPLES = 500  # held-out images the NLL is measured on
 PROBE_IMAGES = 512  # images a probe trains on
+DIVERSITY_SEED = 2  # the draw of the diversity's one-object captions (faithfulness draws with seed 0)
 
 
 @dataclass
@@ -102,6 +113,7 @@ class Scale:
     clip_minutes: float
     checkpoints: int  # per training run
     sampling_batch: int  # images per timed sampling call
+    diversity: tuple[int, int] = (8, 8)  # one-object captions × seeds per caption
     models: dict = field(default_factory=dict)  # stage → model overrides
     batch: dict = field(default_factory=dict)  # stage → batch size override
 
@@ -111,7 +123,7 @@ FULL = Scale(size=32, n_train=5000, n_heldout=1000, n=200, n_fd=1000, bootstrap=
 TINY_GPT = {"n_layer": 1, "n_head": 2, "n_embd": 32}
 TINY_VQ = {"base_channels": 8, "codebook_size": 16, "code_dim": 8}
 TINY = Scale(size=16, n_train=24, n_heldout=12, n=8, n_fd=8, bootstrap=5, probe_steps=3, minutes=0.01,
-             clip_minutes=0.01, checkpoints=1, sampling_batch=4, models={
+             clip_minutes=0.01, checkpoints=1, sampling_batch=4, diversity=(2, 3), models={
                  "vae": {"base_channels": 8, "z_dim": 8, "cond_width": 16},
                  "vqvae": TINY_VQ,
                  "ar": {"gpt": TINY_GPT},
@@ -356,7 +368,11 @@ def evaluate_entrant(name: str, trained: dict, ctx: dict) -> dict:
                 "steps": trained["steps"]}
     cache = out / "eval" / name / "bench.json"
     if cache.is_file() and json.loads(cache.read_text()).get("settings") == settings:
-        return json.loads(cache.read_text())
+        row = json.loads(cache.read_text())
+        if "diversity" not in row:  # a row measured before the column existed gets it alone
+            row.update(entrant_diversity(load_any(trained["model"]), ctx))
+            write_json_atomic(cache, row)
+        return row
     model_dir, progress = trained["model"], ctx["progress"]
     pipe = load_any(model_dir)
     faith = evaluate_faithfulness(pipe, n=scale.n, objects=1, guidance=guidance, progress=progress)
@@ -379,10 +395,45 @@ def evaluate_entrant(name: str, trained: dict, ctx: dict) -> dict:
         "nll_kind": NLL_KIND.get(name),
         "sampling_s_per_image": sampling_seconds(pipe, ctx["prompts"], guidance, scale.sampling_batch),
         "parameters": trained_parameters(pipe),
+        **entrant_diversity(pipe, ctx),
     }
     save_image_atomic(out / "eval" / name / "row.png", image_row(images))
     write_json_atomic(cache, row)
     return row
+
+
+def diversity_captions(scale: Scale) -> list:
+    """The diversity's one-object (scene, caption) pairs."""
+    return caption_scenes(scale.diversity[0], objects=1, seed=DIVERSITY_SEED)
+
+
+def entrant_diversity(pipe, ctx: dict) -> dict:
+    """{diversity, diversity_ci95}: `Scale.diversity`'s seeds of each caption (seeds 10,000 on), embedded by the
+    bench's CLIP; the interval is over captions."""
+    scale = ctx["scale"]
+    k = scale.diversity[1]
+    prompts = [text for _, text in diversity_captions(scale) for _ in range(k)]
+    settings = EvalSettings(model="", guidance=ctx["guidance"], steps=DEFAULTS.steps, sampler=DEFAULTS.sampler,
+                            batch_size=16, seed=10_000)
+    images = generate_images(pipe, prompts, settings, progress=False)
+    embeds = ClipScorer.load(ctx["clip"]).embed_images(images)
+    d = diversity(embeds.reshape(-1, k, embeds.shape[-1]), bootstrap=scale.bootstrap)
+    return {"diversity": d["value"], "diversity_ci95": d["ci95"]}
+
+
+def renderer_diversity(ctx: dict) -> dict:
+    """The same measure on the renderer's images: each caption drawn k times with new position jitter."""
+    scale = ctx["scale"]
+    k, rng = scale.diversity[1], random.Random(DIVERSITY_SEED)
+    images = []
+    for scene, _ in diversity_captions(scale):
+        o = scene.objects[0]
+        for _ in range(k):
+            moved = shapes.Scene((shapes.place(rng, o.shape, o.color, o.size, o.position),))
+            images.append(torch.from_numpy(np.array(shapes.render(moved, scale.size))).permute(2, 0, 1))
+    embeds = ClipScorer.load(ctx["clip"]).embed_images(torch.stack(images))
+    d = diversity(embeds.reshape(-1, k, embeds.shape[-1]), bootstrap=scale.bootstrap)
+    return {"diversity": d["value"], "diversity_ci95": d["ci95"]}
 
 
 def image_row(images: list[Image.Image]) -> Image.Image:
@@ -423,17 +474,18 @@ def fmt(value, spec: str) -> str:
 def markdown_table(result: dict) -> str:
     """The table for docs/families.md: one row per entrant, and the detector's ceiling."""
     head = ("| model | params | steps | train min | color | position | size | shape | all | FD | KID | CLIP score "
-            "| NLL bits/dim | s/image |")
+            "| diversity | NLL bits/dim | s/image |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, r in result["entrants"].items():
         f = r["faithfulness"]
         lines.append(f"| {name} | {r['parameters'] / 1e6:.2f}M | {r['steps']} | {r['train_wall_s'] / 60:.1f} | "
                      + " | ".join(f"{100 * f[a]:.1f}%" for a in FAITHFULNESS)
-                     + f" | {r['fd']:.4g} | {r['kid']:.3g} | {r['clip_score']:.1f} | "
+                     + f" | {r['fd']:.4g} | {r['kid']:.3g} | {r['clip_score']:.1f} | {r['diversity']:.3f} | "
                      f"{fmt(r['nll_bits_per_dim'], '.3f')} | {r['sampling_s_per_image']:.4f} |")
     ceiling = result["reference"]["detector_ceiling"]
     lines.append("| *renderer (ceiling)* | | | | " + " | ".join(f"{100 * ceiling[a]:.1f}%" for a in FAITHFULNESS)
-                 + f" | | | {result['reference']['clip_score_real']:.1f} | | |")
+                 + f" | | | {result['reference']['clip_score_real']:.1f} | "
+                 f"{result['reference']['renderer_diversity']['diversity']:.3f} | | |")
     cpu = result["cpu"]
     lines.append("")
     lines.append(f"`shapes` at {result['size']} px, {result['minutes']:g} CPU-minutes of training per model "
@@ -513,7 +565,9 @@ def run(args: argparse.Namespace) -> dict:
         "n_heldout": scale.n_heldout, "guidance": args.guidance,
         "feature_network": first["feature_network"], "clip": str(ctx["clip"]), "clip_training": clip_budget,
         "nll_kind": NLL_KIND, "reference": {"detector_ceiling": {a: ceiling[a]["accuracy"] for a in FAITHFULNESS},
-                                            "clip_score_real": first["clip_score_real"]},
+                                            "clip_score_real": first["clip_score_real"],
+                                            "renderer_diversity": renderer_diversity(ctx)},
+        "diversity": {"captions": scale.diversity[0], "seeds": scale.diversity[1], "caption_seed": DIVERSITY_SEED},
         "entrants": entrants, "wall_s": round(time.perf_counter() - started, 1),
     }
     json_path = args.json or f"bench/results/families{'-tiny' if args.tiny else ''}.json"

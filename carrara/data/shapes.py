@@ -133,7 +133,9 @@ def relation_holds(a: ShapeObject, b: ShapeObject, relation: str, gap: float = M
             "above": ay1 + gap <= by0, "below": by1 + gap <= ay0}[relation]
 
 
-def _place(rng: random.Random, shape: str, color: str, size: str, position: str) -> ShapeObject:
+def place(rng: random.Random, shape: str, color: str, size: str, position: str) -> ShapeObject:
+    """An object with these words at its position's anchor, moved by a random jitter (what varies among the images
+    of one one-object caption)."""
     ax, ay = POSITIONS[position]
     return ShapeObject(shape, color, size, position, ax + rng.uniform(-POSITION_JITTER, POSITION_JITTER),
                        ay + rng.uniform(-POSITION_JITTER, POSITION_JITTER), SIZES[size])
@@ -142,14 +144,14 @@ def _place(rng: random.Random, shape: str, color: str, size: str, position: str)
 def sample_attributes(rng: random.Random, *, two_object_fraction: float = 0.5) -> Scene:
     """Draw a random scene: one object, or (with probability `two_object_fraction`) two related ones."""
     if rng.random() >= two_object_fraction:
-        return Scene((_place(rng, rng.choice(SHAPES), rng.choice(list(COLORS)), rng.choice(list(SIZES)),
+        return Scene((place(rng, rng.choice(SHAPES), rng.choice(list(COLORS)), rng.choice(list(SIZES)),
                              rng.choice(list(POSITIONS))),))
     while True:  # rejection sampling: only pairs whose relation holds with a clear gap
         axis = rng.choice(list(_AXES))
         first, second = sorted(rng.sample(range(3), 2))  # a lies before b along the axis
         ca, cb = rng.sample(list(COLORS), 2)
-        a = _place(rng, rng.choice(SHAPES), ca, rng.choice(list(SIZES)), _AXES[axis][first])
-        b = _place(rng, rng.choice(SHAPES), cb, rng.choice(list(SIZES)), _AXES[axis][second])
+        a = place(rng, rng.choice(SHAPES), ca, rng.choice(list(SIZES)), _AXES[axis][first])
+        b = place(rng, rng.choice(SHAPES), cb, rng.choice(list(SIZES)), _AXES[axis][second])
         relation = "left of" if axis == "x" else "above"
         if relation_holds(a, b, relation):
             if rng.random() < 0.5:  # name the later object first half of the time
