@@ -75,6 +75,7 @@ def distill(teacher, data, out, *flags) -> list:
     ("train.lr=-1", "train.lr must be a finite number ≥ 0, got -1.0"),  # was: torch's ValueError traceback
     ("train.ema_decay=2", "train.ema_decay must be between 0 and 1, got 2.0"),  # was: θ⁻ extrapolated, run "done"
     ("train.checkpoint_every=0", "train.checkpoint_every must be at least 1"),  # was: ZeroDivisionError
+    ("train.beta1=1", "train.beta1 and train.beta2 must be in [0, 1), got 1.0 and 0.999"),  # Adam would diverge
     ("embed_dim=4098", "embed_dim=4098 must be an even whole number from 4 to 4096"),  # 10⁸ asked for tens of GB
 ])
 def test_distill_refuses_absurd_settings_before_any_work(tiny_diffusion_run, tiny_shapes, tmp_path, capsys,

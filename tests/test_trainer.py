@@ -192,6 +192,14 @@ def test_bf16_training_on_cpu_takes_the_math_attention_kernel_with_the_same_loss
     assert losses["bf16"] == pytest.approx(losses["fp32"], rel=5e-2)
 
 
+def test_adam_moment_decays_are_settings(tmp_path):
+    """train.beta1 / train.beta2 reach the optimiser (a GAN trains with β1 = 0); the defaults are torch's."""
+    assert all(g["betas"] == (0.9, 0.999) for g in Trainer(tmp_path / "a", make_model(), cfg(), n_examples=N,
+                                                            loss_fn=loss_fn).optimizer.param_groups)
+    trainer = Trainer(tmp_path / "b", make_model(), cfg(beta1=0.0, beta2=0.9), n_examples=N, loss_fn=loss_fn)
+    assert all(g["betas"] == (0.0, 0.9) for g in trainer.optimizer.param_groups)
+
+
 def test_the_fused_optimizer_step_equals_the_reference_adamw(tmp_path):
     """The trainer's AdamW is the fused kernel; one step of it equals torch's per-tensor AdamW (same groups)."""
     trainer = Trainer(tmp_path, make_model(), cfg(), n_examples=N, loss_fn=loss_fn)

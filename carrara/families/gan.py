@@ -25,7 +25,11 @@ from carrara.families.base import Batch, randn_per_image
 from carrara.families.nets import level_channels, text_projection
 from carrara.images import to_model_range
 
-TRAIN = {"steps": 3000, "batch_size": 64, "lr": 2e-4, "warmup_steps": 0, "ema_decay": 0.999, "sample_every": 500}  # TrainConfig fields (train.py)
+# TrainConfig fields (train.py). Adam with β1 = 0, β2 = 0.9, no weight decay, no clipping that couples the players:
+# SNGAN's and BigGAN's optimiser. With the trainer's defaults (β1 = 0.9, weight decay 0.01, clip 1.0 over both
+# players) the generator collapsed on `shapes` to one dot per colour (docs/families.md).
+TRAIN = {"steps": 3000, "batch_size": 64, "lr": 2e-4, "warmup_steps": 0, "ema_decay": 0.999, "sample_every": 500,
+         "beta1": 0.0, "beta2": 0.9, "weight_decay": 0.0, "grad_clip": 100.0}
 COND_DROPOUT = 0.0
 
 
