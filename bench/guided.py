@@ -29,7 +29,9 @@ Experiments (`--only`):
               both curves on one plot (`--plot`);
   adagn       AdaGN on vs off at the default sampler, steps and guidance: FD, faithfulness;
   two-object  the two-object numbers (both objects drawn, relation right, everything right) of every model trained
-              for the chosen experiments, at the default sampler and its 20 steps.
+              for the chosen experiments, at the default sampler and its 20 steps; and of the base on the caption
+              (w = 4) with the classifier's relation head as guidance at each scale of `--two-object-cg` (each
+              image toward its own caption's relation of its first object, by colour: item 5's lever).
 Before starting, the bench prints its plan: each training run with its budget, each evaluation with its network
 calls and the seconds they take at the speed measured on this machine, and the estimated total. A trained run is
 not trained again and an interrupted one resumes; a finished evaluation is kept in out/eval/ for the same settings.
@@ -244,7 +246,8 @@ def default_point(scale: Scale, kind: str, model: str, **settings) -> Point:
     return Point(kind, model, steps=scale.sample_steps, **settings)
 
 
-def experiment_points(name: str, scale: Scale, models: list[str], cg_scales, cfg_scales) -> list[Point]:
+def experiment_points(name: str, scale: Scale, models: list[str], cg_scales, cfg_scales,
+                      two_object_cg=()) -> list[Point]:
     """The evaluations of one experiment (a point shared by two experiments is measured once)."""
     if name == "variance":
         quality = [Point("quality", m, v, "ddpm", s, VARIANCE_GUIDANCE) for s in scale.steps
@@ -257,7 +260,12 @@ def experiment_points(name: str, scale: Scale, models: list[str], cg_scales, cfg
     if name == "guidance":
         return ([default_point(scale, "quality", "base", guidance=1.0, cg_scale=s, diversity=True) for s in cg_scales]
                 + [default_point(scale, "quality", "base", guidance=w, diversity=True) for w in cfg_scales])
-    return [default_point(scale, "two-object", m) for m in models]
+    return ([default_point(scale, "two-object", m) for m in models]
+            + [default_point(scale, "two-object", "base", cg_scale=s) for s in two_object_cg])
+
+
+def needs_classifier(experiments: list[str], two_object_cg) -> bool:
+    return "guidance" in experiments or ("two-object" in experiments and bool(two_object_cg))
 
 
 def point_calls(p: Point, scale: Scale, T: int) -> dict[str, int]:
@@ -311,7 +319,8 @@ def training_runs(args, scale: Scale, models: list[str], experiments: list[str])
     runs = [] if args.autoencoder else [("autoencoder", scale.ae_minutes)]
     runs += [] if args.clip else [("clip", scale.clip_minutes)]
     runs += [(f"diffusion {m}", scale.minutes) for m in models]
-    return runs + ([("classifier", scale.classifier_minutes)] if "guidance" in experiments else [])
+    classifier = needs_classifier(experiments, two_object_scales(args))
+    return runs + ([("classifier", scale.classifier_minutes)] if classifier else [])
 
 
 def plan_text(runs: list[tuple[str, float]], points: dict[str, list[Point]], scale: Scale, costs: dict, T: int,
@@ -465,7 +474,9 @@ def evaluate_point(p: Point, ctx: dict) -> dict:
             bpd = latent_nll(pipe, images, texts, seed=0, progress=ctx["progress"])
             row = {"nll_bits_per_dim": float(bpd.mean()), "n": len(bpd)}
         elif p.kind == "two-object":
-            row = faithfulness_numbers(evaluate_faithfulness(pipe, n=scale.n, objects=2, steps=p.steps,
+            fn = pipe if p.cg_scale is None else ClassifierGuidedPipe(pipe, ctx["classifier"], p.cg_scale,
+                                                                      ctx["classes"], conditional=True)
+            row = faithfulness_numbers(evaluate_faithfulness(fn, n=scale.n, objects=2, steps=p.steps,
                                                              sampler=p.sampler, guidance=p.guidance,
                                                              batch_size=EVAL_BATCH, progress=ctx["progress"]))
         else:
@@ -500,8 +511,10 @@ def experiment_result(name: str, rows: dict[str, dict], ctx: dict) -> dict:
                                for s in ctx["cg_scales"]],
                 "classifier_free": [{"w": w, **quality(row("quality", "base", guidance=w, diversity=True))}
                                     for w in ctx["cfg_scales"]]}
-    return {m: {k: row("two-object", m)[k] for k in ("faithfulness", "faithfulness_ci95", "seconds")}
-            for m in ctx["models"]}
+    keys = ("faithfulness", "faithfulness_ci95", "seconds")
+    return ({m: {k: row("two-object", m)[k] for k in keys} for m in ctx["models"]}
+            | {f"base + relation guidance s={s:g}": {k: row("two-object", "base", cg_scale=s)[k] for k in keys}
+               for s in ctx["two_object_cg"]})
 
 
 def plot_tradeoff(result: dict, path: Path) -> None:
@@ -619,6 +632,11 @@ def numbers(text: str | None, kind=float) -> tuple | None:
     return values
 
 
+def two_object_scales(args: argparse.Namespace) -> tuple:
+    """--two-object-cg's scales; none for an empty string."""
+    return numbers(args.two_object_cg) if args.two_object_cg else ()
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--minutes", type=float, help=f"budget of the base diffusion run; the variants train as many "
@@ -630,6 +648,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                    + ",".join(map(str, FULL.steps)) + ")")
     p.add_argument("--cg-scales", default="0,1,2,4,8", help="classifier guidance scales s (default 0,1,2,4,8)")
     p.add_argument("--cfg-scales", default="1,2,3,4,6,8", help="classifier-free guidance w (default 1,2,3,4,6,8)")
+    p.add_argument("--two-object-cg", default="2,4", help="relation-guidance scales s of the two-object experiment, "
+                   "on the caption at w = 4 (default 2,4; '' for none)")
     p.add_argument("--cg-on", choices=("unconditional", "conditional"), default="unconditional",
                    help="classifier guidance on the empty prompt, or on the caption at w = 1")
     p.add_argument("--autoencoder", help="a trained autoencoder run to use (default: train one)")
@@ -691,7 +711,7 @@ def prepare_eval(ctx: dict) -> None:
     diversity = sample_prompts(scale.diversity[0], 1, seed=1)
     ctx["diversity_prompts"] = [text for _, text in diversity]
     classes = {text: classes_of(r.extra["objects"], r.extra.get("relation")) for r, text in zip(dataset.records, texts)}
-    for scene, text in sample_prompts(scale.n, 1, 0) + diversity:
+    for scene, text in sample_prompts(scale.n, 1, 0) + sample_prompts(scale.n, 2, 0) + diversity:
         classes[text] = scene_classes(scene)
     ctx["classes"] = classes
 
@@ -708,12 +728,14 @@ def run(args: argparse.Namespace) -> dict | None:
     shapes_recipe["diffusion"].update(scale.overrides.get("diffusion", {}))  # tiny: a shorter chain, one-prompt grids
     ctx = {"scale": scale, "out": out, "progress": not args.quiet, "shapes_recipe": shapes_recipe, "pipes": {},
            "data": out / "data", "probe_data": out / "probe-data", "heldout": out / "heldout", "models": models,
-           "cg_on": args.cg_on, "cg_scales": numbers(args.cg_scales), "cfg_scales": numbers(args.cfg_scales)}
+           "cg_on": args.cg_on, "cg_scales": numbers(args.cg_scales), "cfg_scales": numbers(args.cfg_scales),
+           "two_object_cg": two_object_scales(args)}
     if min(ctx["cfg_scales"]) < 1:
         raise CarraraError("--cfg-scales: w is at least 1 (1 = the conditional model alone)")
     ctx["base_recipe"] = diffusion_recipe(1, ctx, {})[0]
     T = ctx["base_recipe"].num_train_timesteps
-    points = {e: experiment_points(e, scale, models, ctx["cg_scales"], ctx["cfg_scales"]) for e in experiments}
+    points = {e: experiment_points(e, scale, models, ctx["cg_scales"], ctx["cfg_scales"], ctx["two_object_cg"])
+              for e in experiments}
     clip = check_clip(Path(args.clip), scale.size) if args.clip else None
     autoencoder = check_autoencoder(args.autoencoder, out) if args.autoencoder else None
     cpu = cpu_kind()
@@ -736,7 +758,7 @@ def run(args: argparse.Namespace) -> dict | None:
     ctx["base"] = budgets["base"] = train_in_budget("diffusion", scale.minutes * 60, ctx)
     for m in models:
         budgets[m] = train_variant(m, ctx["base"]["steps"], ctx)
-    if "guidance" in experiments:
+    if needs_classifier(experiments, ctx["two_object_cg"]):
         budgets["classifier"] = train_guide(ctx)
         ctx["classifier_steps"] = budgets["classifier"]["steps"]
         ctx["classifier"] = NoiseAwareClassifier.from_pretrained(out / "classifier")

@@ -111,6 +111,10 @@ def test_plan_point_counts():
     images = scale.n + scale.n_fd + 2 * 3
     assert guided.point_calls(p, scale, 50) == {"unet": images * 20, "classifier": images * 10, "decode": images}
     assert guided.point_calls(guided.Point("nll", "base"), scale, 50)["unet"] == scale.n_nll * 50
+    two = guided.experiment_points("two-object", scale, ["base"], (0, 4), (1, 4), (2.0,))
+    assert [(p.model, p.cg_scale) for p in two] == [("base", None), ("base", 2.0)]
+    assert guided.point_calls(two[1], scale, 50)["classifier"] == scale.n * scale.sample_steps
+    assert guided.needs_classifier(["two-object"], (2.0,)) and not guided.needs_classifier(["two-object"], ())
 
 
 @pytest.mark.parametrize(("args", "message"), [(("--only", "colour"), "unknown experiment 'colour'"),
@@ -128,7 +132,7 @@ def test_bad_settings_are_one_line(tmp_path, capsys, args, message):
 def test_tiny_bench_has_every_experiment_and_every_number(tmp_path):
     out, result_path, plot = tmp_path / "runs", tmp_path / "guided.json", tmp_path / "tradeoff.png"
     args = ("--out", str(out), "--json", str(result_path), "--plot", str(plot), "--cg-scales", "0,4",
-            "--cfg-scales", "1,4")
+            "--cfg-scales", "1,4", "--two-object-cg", "3")
     done = bench(*args)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith("plan on ")  # the plan comes before anything runs
@@ -164,7 +168,7 @@ def test_tiny_bench_has_every_experiment_and_every_number(tmp_path):
     for label in ("off", "on"):
         check_quality(r["experiments"]["adagn"][label])
     two = r["experiments"]["two-object"]
-    assert list(two) == MODELS
+    assert list(two) == [*MODELS, "base + relation guidance s=3"]  # item 5's lever beside every model
     for q in two.values():
         assert set(TWO) <= set(q["faithfulness"]) and all(0 <= q["faithfulness"][a] <= 1 for a in TWO)
     assert r["reference"]["detector_ceiling_two_objects"]["relation"] == 1.0
@@ -174,14 +178,15 @@ def test_tiny_bench_has_every_experiment_and_every_number(tmp_path):
     assert [s.split("|")[1].strip() for s in heads] == ["σ²", "Schedule", "AdaGN", "guidance", "model"]
     assert all(s.count("|") == h.count("|") for h in heads for s in table[table.index(h):][:2])
     two_rows = table[table.index(heads[-1]) + 1:]  # (the separator row starts "|---")
-    assert [s.split("|")[1].strip() for s in two_rows] == [*MODELS, "*renderer (ceiling)*"]
+    assert [s.split("|")[1].strip() for s in two_rows] == [*MODELS, "base + relation guidance s=3",
+                                                           "*renderer (ceiling)*"]
     assert guided.table_of(str(result_path)) in done.stdout  # --table prints the same tables from the JSON
 
     marks = {p: p.stat().st_mtime_ns for p in out.glob("*/budget.json")}
-    again = bench(*args[:4], "--only", "two-object,adagn")  # resumed: nothing trained or measured again
+    again = bench(*args[:4], "--two-object-cg", "3", "--only", "two-object,adagn")  # nothing trained or measured
     assert again.returncode == 0, again.stderr[-3000:]
     resumed = json.loads(result_path.read_text())["experiments"]
-    assert resumed["two-object"] == {m: two[m] for m in ("base", "adagn")}
+    assert resumed["two-object"] == {m: two[m] for m in ("base", "adagn", "base + relation guidance s=3")}
     assert resumed["adagn"] == r["experiments"]["adagn"]
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/budget.json")} == marks
     other = bench("--out", str(out), "--json", str(result_path), "--minutes", "0.02", "--only", "adagn")
