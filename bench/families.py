@@ -50,11 +50,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from carrara.data import shapes
+from carrara.data.folder import to_tensor
 from carrara.data.load import load_dataset, preload_images
 from carrara.data.shapes import build_shapes
 from carrara.diffusion.settings import DEFAULTS
@@ -415,10 +415,7 @@ def entrant_diversity(pipe, ctx: dict) -> dict:
     prompts = [text for _, text in diversity_captions(scale) for _ in range(k)]
     settings = EvalSettings(model="", guidance=ctx["guidance"], steps=DEFAULTS.steps, sampler=DEFAULTS.sampler,
                             batch_size=16, seed=10_000)
-    images = generate_images(pipe, prompts, settings, progress=False)
-    embeds = ClipScorer.load(ctx["clip"]).embed_images(images)
-    d = diversity(embeds.reshape(-1, k, embeds.shape[-1]), bootstrap=scale.bootstrap)
-    return {"diversity": d["value"], "diversity_ci95": d["ci95"]}
+    return clip_diversity(generate_images(pipe, prompts, settings, progress=False), ctx)
 
 
 def renderer_diversity(ctx: dict) -> dict:
@@ -430,9 +427,18 @@ def renderer_diversity(ctx: dict) -> dict:
         o = scene.objects[0]
         for _ in range(k):
             moved = shapes.Scene((shapes.place(rng, o.shape, o.color, o.size, o.position),))
-            images.append(torch.from_numpy(np.array(shapes.render(moved, scale.size))).permute(2, 0, 1))
-    embeds = ClipScorer.load(ctx["clip"]).embed_images(torch.stack(images))
-    d = diversity(embeds.reshape(-1, k, embeds.shape[-1]), bootstrap=scale.bootstrap)
+            images.append(to_tensor(shapes.render(moved, scale.size)))
+    return clip_diversity(torch.stack(images), ctx)
+
+
+def clip_diversity(images: torch.Tensor, ctx: dict) -> dict:
+    """{diversity, diversity_ci95} of uint8 images (captions × seeds, in that order) in the bench's CLIP (loaded
+    once per run)."""
+    scale = ctx["scale"]
+    if "scorer" not in ctx:
+        ctx["scorer"] = ClipScorer.load(ctx["clip"])
+    embeds = ctx["scorer"].embed_images(images)
+    d = diversity(embeds.reshape(-1, scale.diversity[1], embeds.shape[-1]), bootstrap=scale.bootstrap)
     return {"diversity": d["value"], "diversity_ci95": d["ci95"]}
 
 
