@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--n", type=_positive_int, default=None, help="number of images (shapes; default 2000)")
     build.add_argument("--size", type=_positive_int, default=64, help="image side in pixels (default 64, at most 1024)")
     build.add_argument("--seed", type=int, default=0, help="random seed (shapes)")
+    build.add_argument("--two-object-fraction", type=float, default=None, metavar="F",
+                       help="shapes: the share of scenes with two related objects, in [0, 1] (default 0.5)")
     build.add_argument("--font", default=None, help="color emoji font (emoji; default Debian's NotoColorEmoji.ttf)")
     build.add_argument("--overwrite", action="store_true", help="replace the dataset in a non-empty --out folder")
     build.add_argument("--categories", nargs="?", const="kinds", choices=("kinds", "groups"), default=None,

@@ -20,12 +20,16 @@ def cmd_data_build(args: argparse.Namespace) -> int:
         if args.categories or args.emoji_test:
             raise CarraraError("--categories and --emoji-test apply to emoji: shapes captions already describe each "
                                "image fully")
-        stats = build_shapes(args.out, n=args.n or 2000, size=args.size, seed=args.seed, overwrite=args.overwrite)
+        fraction = 0.5 if args.two_object_fraction is None else args.two_object_fraction
+        stats = build_shapes(args.out, n=args.n or 2000, size=args.size, seed=args.seed, overwrite=args.overwrite,
+                             two_object_fraction=fraction)
     elif args.dataset == "emoji":
         from carrara.data.emoji import build_emoji
 
         if args.n is not None:
             raise CarraraError("--n does not apply to emoji: every fully-qualified emoji is rendered")
+        if args.two_object_fraction is not None:
+            raise CarraraError("--two-object-fraction applies to shapes: emoji images have one emoji each")
         stats = build_emoji(args.out, size=args.size, font=args.font, overwrite=args.overwrite,
                             categories=args.categories or False, emoji_test=args.emoji_test)
     else:  # argparse's choices make this unreachable

@@ -94,7 +94,8 @@ def _build_data(cfg: dict, folder: Path, size: int, progress: bool) -> Path:
         return Path(cfg["dataset"])  # a user's own folder, resized on load
     if not (folder / "metadata.jsonl").is_file():  # the recipe's own folder: no metadata.jsonl = an interrupted build
         if cfg["dataset"] == "shapes":
-            build_shapes(folder, n=cfg["n"], size=size, seed=cfg["seed"], progress=progress, overwrite=True)
+            build_shapes(folder, n=cfg["n"], size=size, seed=cfg["seed"], progress=progress, overwrite=True,
+                         two_object_fraction=cfg.get("two_object_fraction", 0.5))
         else:
             build_emoji(folder, size=size, progress=progress, overwrite=True, categories=cfg.get("categories", False))
     return folder
@@ -134,6 +135,8 @@ def run_recipe(path: str | Path, out: str | Path, *, resume: bool = False, overr
         if stage[where].get("categories", False) not in (False, True, "kinds", "groups"):
             raise CarraraError(f"[{where}] categories = {stage[where]['categories']!r}: use true (the kinds' "
                                "captions) or \"groups\" (and the CLDR subgroups')")
+    if "two_object_fraction" in data_cfg and data_cfg["dataset"] != "shapes":
+        raise CarraraError("[data] two_object_fraction applies to the shapes dataset only")
     data_dir = _build_data(data_cfg, out / "data", data_cfg["size"], progress)
 
     ae_dir = Path(stage["autoencoder"].pop("from", out / "autoencoder"))  # `from`: reuse a finished autoencoder run

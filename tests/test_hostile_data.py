@@ -54,6 +54,44 @@ def test_categories_are_refused_for_shapes(tmp_path, capsys):
     assert not (tmp_path / "d").exists()
 
 
+def test_two_object_fraction_sets_the_share_of_two_object_scenes(tmp_path, capsys):
+    def relations(out):
+        return [json.loads(s).get("relation") for s in (out / "metadata.jsonl").read_text().splitlines()]
+
+    args = ("--n", "40", "--size", "16")
+    assert build(capsys, "shapes", "--out", str(tmp_path / "all"), *args, "--two-object-fraction", "1")[0] == 0
+    assert build(capsys, "shapes", "--out", str(tmp_path / "none"), *args, "--two-object-fraction", "0")[0] == 0
+    assert build(capsys, "shapes", "--out", str(tmp_path / "default"), *args)[0] == 0
+    assert all(r is not None for r in relations(tmp_path / "all"))
+    assert all(r is None for r in relations(tmp_path / "none"))
+    assert 5 < sum(r is not None for r in relations(tmp_path / "default")) < 35  # about half of 40
+
+
+@pytest.mark.parametrize("args, message", [
+    (("shapes", "--two-object-fraction", "1.5"), "two_object_fraction must be in [0, 1], got 1.5"),
+    (("emoji", "--two-object-fraction", "0.5"),
+     ("--two-object-fraction applies to shapes: emoji images have one emoji each")),
+])
+def test_a_bad_two_object_fraction_is_one_line(tmp_path, capsys, args, message):
+    code, err = build(capsys, args[0], "--out", str(tmp_path / "d"), "--size", "16", *args[1:])
+    assert code == 2 and error_lines(err) == [f"carrara: error: {message}"]
+    assert not (tmp_path / "d").exists() or not any((tmp_path / "d").iterdir())
+
+
+def test_a_recipe_sets_the_two_object_fraction_and_refuses_it_for_emoji(tmp_path):
+    from carrara.recipe import _build_data, run_recipe
+
+    folder = _build_data({"dataset": "shapes", "n": 12, "seed": 0, "two_object_fraction": 1.0}, tmp_path / "d", 16,
+                         False)
+    lines = [json.loads(s) for s in (folder / "metadata.jsonl").read_text().splitlines()]
+    assert len(lines) == 12 and all(e["relation"] is not None for e in lines)
+
+    (tmp_path / "r.toml").write_text('[data]\ndataset = "emoji"\ntwo_object_fraction = 0.5\n')
+    with pytest.raises(CarraraError, match=r"^\[data\] two_object_fraction applies to the shapes dataset only$"):
+        run_recipe(tmp_path / "r.toml", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / "data").exists()
+
+
 def test_a_folder_of_other_files_is_refused_too(tmp_path, capsys):
     (tmp_path / "holiday.jpg").write_bytes(b"my photo")
     code, err = build(capsys, "shapes", "--out", str(tmp_path), "--n", "2", "--size", "16")
