@@ -38,7 +38,7 @@ not trained again and an interrupted one resumes; a finished evaluation is kept 
 The results go to one JSON (bench/results/guided-<cpu kind>.json), written again after each experiment.
 
     python bench/guided.py [--minutes 15] [--only variance,schedule] [--autoencoder RUN] [--clip RUN] [--plan]
-    python bench/guided.py --table bench/results/guided-avx2-only.json     # the markdown tables, from a result
+    python bench/guided.py --table bench/results/guided-avx512_bf16.json  # the markdown tables, from a result
     python bench/guided.py --tiny          # seconds per model on tiny data: checks the bench, measures nothing
 """
 from __future__ import annotations
