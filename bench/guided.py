@@ -31,7 +31,7 @@ Experiments (`--only`):
   two-object  the two-object numbers (both objects drawn, relation right, everything right) of every model trained
               for the chosen experiments, at the default sampler and its 20 steps; and of the base on the caption
               (w = 4) with the classifier's relation head as guidance at each scale of `--two-object-cg` (each
-              image toward its own caption's relation of its first object, by colour: item 5's lever).
+              image toward its own caption's relations, each object's by its colour: item 5's lever).
 Before starting, the bench prints its plan: each training run with its budget, each evaluation with its network
 calls and the seconds they take at the speed measured on this machine, and the estimated total. A trained run is
 not trained again and an interrupted one resumes; a finished evaluation is kept in out/eval/ for the same settings.
@@ -74,18 +74,23 @@ from families import (
 
 from carrara.data import shapes
 from carrara.data.load import load_dataset, preload_images
-from carrara.diffusion.guidance import ClassifierGuidance, LogProbFn
 from carrara.diffusion.settings import DEFAULTS
 from carrara.errors import CarraraError
 from carrara.evaluate.diversity import pairwise_distances
-from carrara.evaluate.faithfulness import detector_ceiling, evaluate_faithfulness, sample_prompts
+from carrara.evaluate.faithfulness import (
+    ClassifierGuided,
+    caption_classes,
+    detector_ceiling,
+    evaluate_faithfulness,
+    sample_prompts,
+)
 from carrara.evaluate.fid import feature_stats, frechet_distance
 from carrara.evaluate.nll import latent_nll
 from carrara.evaluate.suite import EvalSettings, generate_images
 from carrara.families.pipeline import load_any
 from carrara.fileio import atomic_path, ensure_dir, write_json_atomic
 from carrara.models.autoencoder import AutoencoderKL
-from carrara.models.classifier import RELATION, RELATION_BY, ClassifierConfig, NoiseAwareClassifier
+from carrara.models.classifier import ClassifierConfig, NoiseAwareClassifier
 from carrara.models.clip import ClipScorer
 from carrara.models.config import AutoencoderConfig, UNetConfig
 from carrara.models.unet import UNet2DConditionModel
@@ -156,50 +161,6 @@ TINY = Scale(size=32, n_train=24, n_heldout=12, n=4, n_fd=6, n_nll=2, probe_step
                  "clip": {"channels": [8, 16], "embed_dim": 16, "groups": 4},
              }, batch=dict.fromkeys(("autoencoder", "diffusion", "classifier", "clip"), 4),
              overrides={"diffusion": {"num_train_timesteps": 50, "sample_prompts": ["a large red circle on the left"]}})
-
-
-# ---- the classifier's classes of a caption, and guidance toward each image's own ----
-
-
-def classes_of(objects: list[dict], relation: str | None) -> dict:
-    """The classifier's classes of a scene (metadata form): a one-object scene's shape, colour, size and position;
-    a two-object scene's relation of its first object (named by its colour) to the other (train/classifier.py)."""
-    if len(objects) == 1:
-        return {name: classes.index(objects[0][name]) for name, classes in HEADS.items()}
-    return {RELATION: (HEADS[RELATION_BY].index(objects[0][RELATION_BY]), shapes.RELATIONS.index(relation))}
-
-
-def scene_classes(scene: shapes.Scene) -> dict:
-    return classes_of(shapes.scene_metadata(scene, 1)["objects"], scene.relation)
-
-
-def batch_log_prob(classifier: NoiseAwareClassifier, wanted: list[dict]) -> LogProbFn:
-    """log p_φ(y_i | x_t) of each image for its own classes y_i: `NoiseAwareClassifier.log_prob` of one image at a
-    time, in one forward pass (a batch of different captions wants different classes)."""
-    def log_prob(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        logits = classifier(x, t)  # head → (B, K), the relation's (B, n_colors, n_relations)
-        rows = [sum((logits[name][i].float().log_softmax(-1)[index] for name, index in w.items()), x.new_zeros(()))
-                for i, w in enumerate(wanted)]
-        return torch.stack(rows)  # (B,)
-
-    return log_prob
-
-
-class ClassifierGuidedPipe:
-    """A pipeline for the evaluation functions that guides each image toward its caption's classes with scale s:
-    on the unconditional model (the empty prompt) or, `conditional`, on the caption itself."""
-
-    def __init__(self, pipe, classifier: NoiseAwareClassifier, scale: float, classes: dict[str, dict],
-                 conditional: bool):
-        self.pipe, self.classifier, self.scale, self.classes, self.conditional = pipe, classifier, scale, classes, \
-            conditional
-
-    def __call__(self, prompts: list[str], **settings):
-        guide = None
-        if self.scale:
-            wanted = [self.classes[p] for p in prompts]
-            guide = ClassifierGuidance(batch_log_prob(self.classifier, wanted), self.scale)
-        return self.pipe(prompts if self.conditional else [""] * len(prompts), classifier=guide, **settings)
 
 
 @contextmanager
@@ -302,8 +263,11 @@ def measure_costs(ctx: dict) -> dict[str, float]:
     model = {**ClassifierRecipe().model, **ctx["scale"].models.get("classifier", {})}
     classifier = NoiseAwareClassifier(ClassifierConfig(**{**model, "in_channels": c, "sample_size": side,
                                                           "heads": dict(HEADS), "relations": list(shapes.RELATIONS)}))
-    wanted = [classes_of([{"shape": "star", "color": "red", "size": "large", "position": "left"}], None)] * EVAL_BATCH
-    log_prob = batch_log_prob(classifier, wanted)
+    wanted = [classifier.scene_classes([{"shape": "star", "color": "red", "size": "large", "position": "left"}],
+                                       None)] * EVAL_BATCH
+
+    def log_prob(x, t):
+        return classifier.log_prob_each(x, t, wanted)
 
     def gradient():
         with torch.enable_grad():
@@ -439,8 +403,8 @@ def faithfulness_numbers(report: dict) -> dict:
 def quality_row(p: Point, pipe, ctx: dict) -> dict:
     """FD of `--n-fd` images for held-out captions, one-object faithfulness, and (if asked) the diversity."""
     scale, progress = ctx["scale"], ctx["progress"]
-    fn = pipe if p.cg_scale is None else ClassifierGuidedPipe(pipe, ctx["classifier"], p.cg_scale, ctx["classes"],
-                                                              ctx["cg_on"] == "conditional")
+    fn = pipe if p.cg_scale is None else ClassifierGuided(pipe, ctx["classifier"], p.cg_scale, ctx["classes"],
+                                                          conditional=ctx["cg_on"] == "conditional")
     faith = evaluate_faithfulness(fn, n=scale.n, objects=1, steps=p.steps, sampler=p.sampler, guidance=p.guidance,
                                   batch_size=EVAL_BATCH, progress=progress)
     settings = EvalSettings(model=p.model, steps=p.steps, sampler=p.sampler, guidance=p.guidance,
@@ -463,7 +427,11 @@ def evaluate_point(p: Point, ctx: dict) -> dict:
                                       "n_nll": scale.n_nll, "diversity_grid": scale.diversity,
                                       "clip": str(ctx["clip"]), "trained_steps": ctx["base"]["steps"],
                                       **({"cg_on": ctx["cg_on"], "classifier_steps": ctx["classifier_steps"]}
-                                         if p.cg_scale is not None else {})}))
+                                         if p.cg_scale is not None else {}),
+                                      # two objects are guided toward both objects' relations (before 2026-12-01:
+                                      # the first object's only)
+                                      **({"relations": "both"} if p.cg_scale is not None and p.kind == "two-object"
+                                         else {})}))
     cache = ctx["out"] / "eval" / f"{p.key}.json"
     if cache.is_file() and json.loads(cache.read_text()).get("settings") == settings:
         return json.loads(cache.read_text())
@@ -474,8 +442,8 @@ def evaluate_point(p: Point, ctx: dict) -> dict:
             bpd = latent_nll(pipe, images, texts, seed=0, progress=ctx["progress"])
             row = {"nll_bits_per_dim": float(bpd.mean()), "n": len(bpd)}
         elif p.kind == "two-object":
-            fn = pipe if p.cg_scale is None else ClassifierGuidedPipe(pipe, ctx["classifier"], p.cg_scale,
-                                                                      ctx["classes"], conditional=True)
+            fn = pipe if p.cg_scale is None else ClassifierGuided(pipe, ctx["classifier"], p.cg_scale,
+                                                                  ctx["classes"], conditional=True)
             row = faithfulness_numbers(evaluate_faithfulness(fn, n=scale.n, objects=2, steps=p.steps,
                                                              sampler=p.sampler, guidance=p.guidance,
                                                              batch_size=EVAL_BATCH, progress=ctx["progress"]))
@@ -710,10 +678,12 @@ def prepare_eval(ctx: dict) -> None:
     ctx["fd_prompts"], ctx["nll_data"] = texts[:scale.n_fd], (images[:scale.n_nll], texts[:scale.n_nll])
     diversity = sample_prompts(scale.diversity[0], 1, seed=1)
     ctx["diversity_prompts"] = [text for _, text in diversity]
-    classes = {text: classes_of(r.extra["objects"], r.extra.get("relation")) for r, text in zip(dataset.records, texts)}
-    for scene, text in sample_prompts(scale.n, 1, 0) + sample_prompts(scale.n, 2, 0) + diversity:
-        classes[text] = scene_classes(scene)
-    ctx["classes"] = classes
+    guide = ctx.get("classifier")
+    if guide is not None:  # each caption's classes, for the points the classifier guides
+        records = {text: guide.scene_classes(r.extra["objects"], r.extra.get("relation"))
+                   for r, text in zip(dataset.records, texts)}
+        ctx["classes"] = records | caption_classes(guide, sample_prompts(scale.n, 1, 0) + sample_prompts(scale.n, 2, 0)
+                                                   + diversity)
 
 
 def run(args: argparse.Namespace) -> dict | None:

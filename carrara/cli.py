@@ -189,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_flags(faith, defaults=True)
     faith.add_argument("--seed", type=int, default=0, help="seed for prompts and noise (default 0)")
     faith.add_argument("--out", default=None, help="write the report JSON here")
+    faith.add_argument("--classifier", default=None, metavar="RUN", help="also guide every image toward its "
+                       "caption's ground truth with this `carrara train classifier` run (one object: its attributes; "
+                       "two objects: both relations)")
+    faith.add_argument("--classifier-scale", type=_nonnegative_float, default=None,
+                       help="with --classifier: the guidance scale s (default 1)")
     faith.add_argument("--allow-pickle", action="store_true", help="let the model's weights be pickles (.bin), read weights-only; default: safetensors only")
     faith.add_argument("--quiet", action="store_true", help="no progress bar")
     faith.set_defaults(func=handlers.cmd_eval_faithfulness)

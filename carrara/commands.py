@@ -240,8 +240,12 @@ def cmd_eval_memorisation(args: argparse.Namespace) -> int:
 def cmd_eval_faithfulness(args: argparse.Namespace) -> int:
     from carrara.evaluate.faithfulness import faithfulness_report, format_report
 
+    if args.classifier is None and args.classifier_scale is not None:
+        raise CarraraError("--classifier-scale steers a classifier's guidance: give it with --classifier RUN")
     report = faithfulness_report(args.model, args.n, args.guidance, steps=args.steps, sampler=args.sampler,
-                                 seed=args.seed, out=args.out, progress=not args.quiet, allow_pickle=args.allow_pickle)
+                                 seed=args.seed, out=args.out, progress=not args.quiet, allow_pickle=args.allow_pickle,
+                                 classifier=args.classifier,
+                                 classifier_scale=1.0 if args.classifier_scale is None else args.classifier_scale)
     print(format_report(report))
     if args.out:
         print(f"wrote {args.out}")

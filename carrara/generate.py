@@ -16,23 +16,20 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from PIL import Image
 from tqdm import tqdm
 
 from carrara.diffusion.editing import check_strength
 from carrara.diffusion.guidance import ClassifierGuidance
-from carrara.diffusion.schedule import NoiseSchedule
 from carrara.diffusion.settings import DEFAULTS as SETTINGS
 from carrara.diffusion.settings import SAMPLER_NAMES, GenerationSettings
 from carrara.errors import CarraraError
 from carrara.families.pipeline import FamilyPipeline, load_any
 from carrara.fileio import check_writable, file_sha256
 from carrara.images import image_grid, open_picture
-from carrara.modelfolder import packaged, read_json_object
-from carrara.models.classifier import NoiseAwareClassifier
+from carrara.modelfolder import packaged
 from carrara.models.lora import file_hash
-from carrara.pipeline import IMG2IMG_STRENGTH, INPAINT_STRENGTH, MAX_BATCH
+from carrara.pipeline import IMG2IMG_STRENGTH, INPAINT_STRENGTH, MAX_BATCH, load_classifier
 from carrara.png import A1111_SAMPLERS, read_png_metadata, save_pngs
 
 DEFAULTS = {**dataclasses.asdict(SETTINGS), "precision": "auto", "n": 1}
@@ -324,14 +321,8 @@ def _classifier_guidance(args: argparse.Namespace, pipe) -> tuple[dict, dict]:
         return {}, {}
     if isinstance(pipe, FamilyPipeline):
         raise CarraraError(f"--classifier guides a diffusion model; this is a {pipe.kind} model")
-    classifier = NoiseAwareClassifier.from_pretrained(args.classifier)
+    classifier = load_classifier(args.classifier, pipe.schedule)
     wanted = classifier.parse_classes(args.classes or "")
-    folder = Path(args.classifier) / "classifier" if (Path(args.classifier) / "classifier").is_dir() else Path(
-        args.classifier)
-    trained = NoiseSchedule.from_diffusers_config(read_json_object(folder / "scheduler_config.json"))
-    if trained.T != pipe.schedule.T or not torch.allclose(trained.alphas_cumprod, pipe.schedule.alphas_cumprod):
-        raise CarraraError(f"--classifier {args.classifier} learned the {trained.kind.value} noise schedule, the model "
-                           f"uses {pipe.schedule.kind.value}: train it with --set schedule={pipe.schedule.kind.value}")
     scale = 1.0 if args.classifier_scale is None else args.classifier_scale
     guide = ClassifierGuidance(lambda x, t: classifier.log_prob(x, t, wanted), scale)
     return {"classifier": guide}, {"classifier": {"run": str(Path(args.classifier).resolve()), "classes": args.classes,

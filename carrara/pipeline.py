@@ -23,9 +23,10 @@ from carrara.diffusion.settings import DEFAULTS, GenerationSettings
 from carrara.errors import CarraraError
 from carrara.hardware import cpu_supports_bf16, keep_freed_memory
 from carrara.images import from_pil, to_pil
-from carrara.modelfolder import resolve
+from carrara.modelfolder import read_json_object, resolve
 from carrara.models import int8
 from carrara.models.blocks import guidance_embedding, text_kv_cache
+from carrara.models.classifier import NoiseAwareClassifier
 from carrara.models.codec import load_codec
 from carrara.models.compiled import Package, find_package
 from carrara.models.unet import UNet2DConditionModel as UNet
@@ -55,6 +56,18 @@ def _check_finite(x: torch.Tensor, part: str) -> torch.Tensor:
     if not torch.isfinite(x).all():
         raise CarraraError(f"the {part} produced non-finite values (NaN or inf): its weights are damaged")
     return x
+
+
+def load_classifier(run: str | Path, schedule: NoiseSchedule) -> NoiseAwareClassifier:
+    """A `carrara train classifier` run (or its classifier/ folder) to guide a model with `schedule`: refused in one
+    line when it learned another noise schedule (its x_t would not be the model's)."""
+    classifier = NoiseAwareClassifier.from_pretrained(run)
+    folder = Path(run) / "classifier" if (Path(run) / "classifier").is_dir() else Path(run)
+    trained = NoiseSchedule.from_diffusers_config(read_json_object(folder / "scheduler_config.json"))
+    if trained.T != schedule.T or not torch.allclose(trained.alphas_cumprod, schedule.alphas_cumprod):
+        raise CarraraError(f"--classifier {run} learned the {trained.kind.value} noise schedule, the model uses "
+                           f"{schedule.kind.value}: train it with --set schedule={schedule.kind.value}")
+    return classifier
 
 
 @dataclass

@@ -1,5 +1,4 @@
-"""bench/guided.py: its plan, its pieces (classes of a caption, per-image classifier guidance, fixed β_t variance,
-diversity), and --tiny end to end: every experiment's numbers in range, resumed without training again."""
+"""bench/guided.py: its plan, its pieces (fixed β_t variance, diversity), and --tiny end to end: every experiment's numbers in range, resumed without training again."""
 import json
 import math
 import os
@@ -12,7 +11,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 from PIL import Image
-from test_classifier_guidance import tiny_classifier
 
 from carrara.diffusion.objectives import step_betas
 from carrara.diffusion.samplers import sample_ddpm
@@ -36,25 +34,6 @@ def bench(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, str(ROOT / "bench" / "guided.py"), "--tiny", "--quiet", *args],
                           check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def test_classes_of_a_scene():
-    """A one-object scene's four heads; a two-object scene's relation of its first object, by colour."""
-    one = {"shape": "star", "color": "red", "size": "large", "position": "left"}
-    assert guided.classes_of([one], None) == {"shape": 4, "color": 0, "size": 1, "position": 0}
-    two = [{**one, "color": "blue"}, {**one, "color": "green"}]
-    assert guided.classes_of(two, "below") == {"relation": (5, 3)}
-
-
-def test_batch_log_prob_is_each_images_own_log_prob():
-    """One forward pass, each image scored for its own classes: NoiseAwareClassifier.log_prob image by image."""
-    model = tiny_classifier()
-    x, t = torch.randn(3, 3, 8, 8, dtype=torch.float64), torch.tensor([10, 500, 900])
-    wanted = [{"shape": 1, "color": 0}, {"shape": 2}, {"color": 1, "relation": (1, 3)}]
-    got = guided.batch_log_prob(model, wanted)(x, t)
-    expected = torch.cat([model.log_prob(x[i:i + 1], t[i:i + 1], w) for i, w in enumerate(wanted)])
-    torch.testing.assert_close(got, expected.to(got.dtype))
-    assert len(set(got.tolist())) == 3
 
 
 def test_fixed_beta_variance_widens_the_ddpm_step_by_sqrt_beta():

@@ -36,6 +36,33 @@ def tiny_classifier(seed=0, dtype=torch.float64):
     return model
 
 
+def test_scene_classes_name_one_objects_attributes_and_both_relations_of_a_pair():
+    model = tiny_classifier()
+    one = {"shape": "star", "color": "blue", "size": "large", "position": "left"}
+    assert model.scene_classes([one], None) == {"shape": 1, "color": 1}  # the heads it has: no size or position
+    assert model.scene_classes([{**one, "shape": "square"}], None) == {"color": 1}  # a shape it does not know
+    pair = [{**one, "color": "red"}, {**one, "color": "blue"}]
+    assert model.scene_classes(pair, "below") == {"relation": [(0, 3), (1, 2)]}  # red below blue, blue above red
+    assert model.scene_classes(pair, "left of") == {"relation": [(0, 0), (1, 1)]}
+
+
+def test_log_prob_each_is_each_images_own_classes_from_the_logits():
+    """One forward pass, image i scored for its own classes: the sum of the heads' log-softmax at them, written out
+    from the logits; a list of relations sums each pair's term; log_prob is the same classes for every image."""
+    model = tiny_classifier()
+    x, t = torch.randn(3, 3, 8, 8, dtype=torch.float64), torch.tensor([10, 500, 900])
+    wanted = [{"shape": 1, "color": 0}, {"shape": 2}, {"color": 1, "relation": [(1, 3), (0, 2)]}]
+    got = model.log_prob_each(x, t, wanted)
+    with torch.no_grad():
+        log_p = {k: v.log_softmax(-1) for k, v in model(x, t).items()}
+    expected = torch.stack([log_p["shape"][0, 1] + log_p["color"][0, 0], log_p["shape"][1, 2],
+                            log_p["color"][2, 1] + log_p["relation"][2, 1, 3] + log_p["relation"][2, 0, 2]])
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(model.log_prob(x, t, {"relation": (1, 3)}), log_p["relation"][:, 1, 3])
+    with pytest.raises(CarraraError, match="2 sets of classes for 3 images"):
+        model.log_prob_each(x, t, wanted[:2])
+
+
 def test_gradient_matches_finite_differences():
     """∇_{x_t} log p_φ(y | x_t) by autograd equals central differences, and gradcheck passes, in float64."""
     model = tiny_classifier()
@@ -228,3 +255,65 @@ def test_classifier_flags_need_a_classifier_and_the_same_schedule(classifier_run
     assert gen(model, "a shape", "--classifier", str(classifier_run), "--classes", "color=red",
                "-o", str(tmp_path / "x.png")) == 2
     assert "learned the scaled_linear noise schedule, the model uses linear" in one_error_line(capsys)
+
+
+def test_classifier_guided_pipe_guides_each_caption_toward_its_own_scene():
+    """evaluate/faithfulness.ClassifierGuided: the guide it hands the pipeline scores image i for caption i's scene
+    (both relations of a pair), on the caption itself or, unconditional, on the empty prompt; scale 0 guides nothing."""
+    from carrara.evaluate.faithfulness import ClassifierGuided, caption_classes, sample_prompts
+    from carrara.train.classifier import HEADS as SHAPES_HEADS
+
+    torch.manual_seed(0)
+    model = NoiseAwareClassifier(ClassifierConfig(in_channels=3, sample_size=8, block_out_channels=(8, 16),
+                                                  norm_num_groups=4, head_channels=8, heads=dict(SHAPES_HEADS),
+                                                  relations=RELATIONS)).double().eval()
+    prompts = sample_prompts(3, 2, seed=0)
+    classes = caption_classes(model, prompts)
+    calls = []
+
+    def pipe(texts, classifier=None, **settings):
+        calls.append((texts, classifier, settings))
+        return ["image"] * len(texts)
+
+    texts = [text for _, text in prompts]
+    assert ClassifierGuided(pipe, model, 3.0, classes)(texts, steps=2) == ["image"] * 3
+    seen, guide, settings = calls[-1]
+    assert seen == texts and guide.scale == 3.0 and settings == {"steps": 2}
+    x, t = torch.randn(3, 3, 8, 8, dtype=torch.float64), torch.tensor([100, 100, 100])
+    expected = [model.log_prob(x[i:i + 1], t[i:i + 1],
+                               model.scene_classes(shapes_objects(scene), scene.relation)) for i, (scene, _) in
+                enumerate(prompts)]
+    torch.testing.assert_close(guide.log_prob(x, t), torch.cat(expected))
+    assert all(len(classes[text]["relation"]) == 2 for text in texts)
+
+    ClassifierGuided(pipe, model, 3.0, classes, conditional=False)(texts)
+    assert calls[-1][0] == [""] * 3
+    ClassifierGuided(pipe, model, 0.0, classes)(texts)
+    assert calls[-1][1] is None
+
+
+def shapes_objects(scene):
+    from carrara.data.shapes import scene_metadata
+
+    return scene_metadata(scene, 1)["objects"]
+
+
+def test_eval_faithfulness_with_a_classifier(classifier_run, tmp_path, capsys):
+    """`carrara eval faithfulness --classifier RUN --classifier-scale S` records the guide in its report; the flags'
+    errors are one line."""
+    model = write_tiny_model(tmp_path / "model")
+    common = ["eval", "faithfulness", "--model", str(model), "--n", "2", "--steps", "2", "--quiet"]
+    assert main([*common, "--classifier", str(classifier_run), "--classifier-scale", "4",
+                 "--out", str(tmp_path / "guided.json")]) == 0
+    assert "classifier guidance s=4 with" in capsys.readouterr().out
+    report = json.loads((tmp_path / "guided.json").read_text())
+    assert report["classifier"]["scale"] == 4 and report["classifier"]["run"] == str(classifier_run.resolve())
+    assert report["two_objects"]["model"]["relation"]["n"] == 2
+
+    assert main([*common, "--classifier-scale", "4"]) == 2
+    assert "--classifier RUN" in one_error_line(capsys)
+    scheduler = tmp_path / "model" / "scheduler" / "scheduler_config.json"
+    scheduler.write_text(json.dumps({**json.loads(scheduler.read_text()), "beta_schedule": "linear"}))
+    assert main([*common, "--classifier", str(classifier_run), "--out", str(tmp_path / "x.json")]) == 2
+    assert "learned the scaled_linear noise schedule, the model uses linear" in one_error_line(capsys)
+    assert not (tmp_path / "x.json").exists()

@@ -56,6 +56,7 @@ SUPERSAMPLE = 8  # 8×8 samples per pixel: anti-aliasing by exact area coverage 
 
 POSITION_PHRASES = {"left": "on the left", "right": "on the right", "top": "at the top",
                     "bottom": "at the bottom", "center": "in the center"}
+INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}  # b's relation to a
 RELATION_PHRASES = {"left of": "to the left of", "right of": "to the right of", "above": "above", "below": "below"}
 SINGLE_TEMPLATES = (
     "a {size} {color} {shape} {where}",
@@ -155,7 +156,7 @@ def sample_attributes(rng: random.Random, *, two_object_fraction: float = 0.5) -
         relation = "left of" if axis == "x" else "above"
         if relation_holds(a, b, relation):
             if rng.random() < 0.5:  # name the later object first half of the time
-                return Scene((b, a), {"left of": "right of", "above": "below"}[relation])
+                return Scene((b, a), INVERSE[relation])
             return Scene((a, b), relation)
 
 

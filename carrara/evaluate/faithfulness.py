@@ -21,16 +21,19 @@ import math
 import random
 import time
 from collections.abc import Callable
+from pathlib import Path
 from statistics import NormalDist
 
 from tqdm import tqdm
 
 from carrara.data import shapes
+from carrara.diffusion.guidance import ClassifierGuidance
 from carrara.diffusion.settings import DEFAULTS
 from carrara.errors import CarraraError
 from carrara.evaluate.detector import Detection, detect, relation_between
 from carrara.families.pipeline import load_any
 from carrara.fileio import write_json_atomic
+from carrara.pipeline import load_classifier
 
 OBJECT_ATTRIBUTES = {1: ("color", "shape", "size", "position"), 2: ("color", "shape", "size")}
 SCENE_ATTRIBUTES = {1: ("count", "all"), 2: ("relation", "both objects", "count", "all")}
@@ -94,6 +97,32 @@ def _summarize(outcomes: list[dict[str, list[bool]]], objects: int) -> dict[str,
     return summary
 
 
+class ClassifierGuided:
+    """`pipe` with classifier guidance (Dhariwal & Nichol 2021, `diffusion/guidance.py`) of scale s toward each
+    caption's own ground truth: the classes `NoiseAwareClassifier.scene_classes` gives its scene (one object: shape,
+    colour, size, position; two: both objects' relations). `classes` maps each caption to them (`caption_classes`);
+    the caption itself is drawn at the caller's w, or with `conditional=False` the empty prompt (the unconditional
+    model, as the paper guides it)."""
+
+    def __init__(self, pipe: Callable, classifier, scale: float, classes: dict[str, dict], *,
+                 conditional: bool = True):
+        self.pipe, self.classifier, self.scale, self.classes = pipe, classifier, scale, classes
+        self.conditional = conditional
+
+    def __call__(self, prompts: list[str], **settings):
+        guide = None
+        if self.scale:
+            wanted = [self.classes[p] for p in prompts]
+            guide = ClassifierGuidance(lambda x, t: self.classifier.log_prob_each(x, t, wanted), self.scale)
+        return self.pipe(prompts if self.conditional else [""] * len(prompts), classifier=guide, **settings)
+
+
+def caption_classes(classifier, prompts: list[tuple[shapes.Scene, str]]) -> dict[str, dict]:
+    """caption → the classifier's classes of its scene, for `sample_prompts`' (scene, caption) pairs."""
+    return {text: classifier.scene_classes(shapes.scene_metadata(scene, 1)["objects"], scene.relation)
+            for scene, text in prompts}
+
+
 def evaluate_faithfulness(pipe: Callable, *, n: int = 200, objects: int = 1, steps: int = DEFAULTS.steps,
                           sampler: str = DEFAULTS.sampler, guidance: float = DEFAULTS.guidance, seed: int = 0,
                           batch_size: int = 16, progress: bool = True) -> dict:
@@ -126,8 +155,11 @@ def detector_ceiling(n: int = 200, objects: int = 1, seed: int = 0, *, size: int
 
 def faithfulness_report(model_path, n: int = 200, guidance: float = DEFAULTS.guidance, *, steps: int = DEFAULTS.steps,
                         sampler: str = DEFAULTS.sampler, seed: int = 0, batch_size: int = 16, out=None,
+                        classifier: str | None = None, classifier_scale: float = 1.0,
                         progress: bool = True, allow_pickle: bool = False) -> dict:
-    """Load a model, evaluate one- and two-object captions beside the detector's ceiling; write JSON to `out`."""
+    """Load a model, evaluate one- and two-object captions beside the detector's ceiling; write JSON to `out`.
+    With `classifier` (a `carrara train classifier` run), every image is also guided toward its caption's ground
+    truth with scale `classifier_scale` (`ClassifierGuided`)."""
     if n < 1:
         raise CarraraError(f"--n must be at least 1, got {n}")
     pipe = load_any(model_path, allow_pickle=allow_pickle)
@@ -135,8 +167,17 @@ def faithfulness_report(model_path, n: int = 200, guidance: float = DEFAULTS.gui
               "sampler": sampler, "seed": seed,
               "detector": "analytic color/shape detector (carrara.evaluate.detector); ceiling = same captions, "
                           "rendered by carrara.data.shapes"}
+    guide = None
+    if classifier is not None:
+        if not hasattr(pipe, "schedule"):
+            raise CarraraError(f"--classifier guides a diffusion model; {model_path} is a {pipe.kind} model")
+        guide = load_classifier(classifier, pipe.schedule)
+        report["classifier"] = {"run": str(Path(classifier).resolve()), "scale": classifier_scale,
+                                "classes": "each caption's own: one object's attributes, two objects' relations"}
     for objects, key in ((1, "one_object"), (2, "two_objects")):
-        model = evaluate_faithfulness(pipe, n=n, objects=objects, steps=steps, sampler=sampler, guidance=guidance,
+        fn = pipe if guide is None else ClassifierGuided(pipe, guide, classifier_scale,
+                                                         caption_classes(guide, sample_prompts(n, objects, seed)))
+        model = evaluate_faithfulness(fn, n=n, objects=objects, steps=steps, sampler=sampler, guidance=guidance,
                                       seed=seed, batch_size=batch_size, progress=progress)
         ceiling = detector_ceiling(n, objects, seed)
         report[key] = {"model": model["attributes"], "ceiling": ceiling["attributes"], "seconds": model["seconds"]}
@@ -149,6 +190,8 @@ def format_report(report: dict) -> str:
     """A short table: per attribute, the model's share with its 95 % interval and the detector's ceiling."""
     title = (f"faithfulness on shapes: {report['model']} (n={report['n']} per set, guidance {report['guidance']}, "
              f"{report['steps']} {report['sampler']} steps, seed {report['seed']})")
+    if "classifier" in report:
+        title += f"\nclassifier guidance s={report['classifier']['scale']:g} with {report['classifier']['run']}"
     lines = [title, f"{'':14s}{'model':>22s}{'ceiling':>9s}"]
     for key, title in (("one_object", "1 object"), ("two_objects", "2 objects")):
         lines.append(title)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from carrara.data import shapes
 from carrara.errors import CarraraError
 from carrara.models.blocks import Attention, Downsample2D, ResnetBlock2D, TimestepEmbedding, timestep_embedding
 from carrara.models.config import CONFIG_NAME
@@ -30,6 +32,7 @@ from carrara.models.weights import load_into, load_weights, save_folder
 CLASS_NAME = "NoiseAwareClassifier"
 RELATION = "relation"  # the optional head's name, conditioned on a class of RELATION_BY
 RELATION_BY = "color"
+Wanted = dict[str, "int | tuple[int, int] | list[tuple[int, int]]"]  # head → class; the relation's (colour, relation)
 
 
 @dataclass
@@ -136,15 +139,43 @@ class NoiseAwareClassifier(nn.Module):
             logits[RELATION] = logits[RELATION].unflatten(1, (len(cfg.heads[RELATION_BY]), len(cfg.relations)))
         return logits
 
-    def log_prob(self, x: torch.Tensor, t: torch.Tensor, wanted: dict[str, int | tuple[int, int]]) -> torch.Tensor:
+    def log_prob(self, x: torch.Tensor, t: torch.Tensor, wanted: Wanted) -> torch.Tensor:
         """log p_φ(y | x_t) = Σ over the wanted heads of log softmax at the wanted class (heads treated as independent,
-        as a product of classifiers); the relation head's class is (colour index, relation index). (B,)"""
-        logits = self(x, t)
-        total = x.new_zeros(x.shape[0])
-        for name, index in wanted.items():
-            log_p = logits[name].to(torch.promote_types(logits[name].dtype, torch.float32)).log_softmax(-1)
-            total = total + (log_p[:, index[0], index[1]] if name == RELATION else log_p[:, index])
-        return total
+        as a product of classifiers); the relation head's class is (colour index, relation index), or a list of
+        them (both objects of a pair). (B,)"""
+        return self.log_prob_each(x, t, [wanted] * x.shape[0])
+
+    def log_prob_each(self, x: torch.Tensor, t: torch.Tensor, wanted: Sequence[Wanted]) -> torch.Tensor:
+        """log p_φ(y_i | x_t) of each image for its own classes y_i, in one forward pass (a batch of different
+        captions wants different classes). (B,)"""
+        if len(wanted) != x.shape[0]:
+            raise CarraraError(f"log_prob_each: {len(wanted)} sets of classes for {x.shape[0]} images")
+        log_p = {name: v.to(torch.promote_types(v.dtype, torch.float32)).log_softmax(-1)
+                 for name, v in self(x, t).items()}
+        rows = []
+        for i, classes in enumerate(wanted):
+            terms = []
+            for name, index in classes.items():
+                if name == RELATION:
+                    terms += [log_p[name][i, c, r] for c, r in ([index] if isinstance(index, tuple) else index)]
+                else:
+                    terms.append(log_p[name][i, index])
+            rows.append(sum(terms, x.new_zeros(())))
+        return torch.stack(rows)
+
+    def scene_classes(self, objects: Sequence[dict], relation: str | None) -> Wanted:
+        """The classes this classifier has of a `shapes` scene (its metadata's `objects` and `relation`): one object's
+        shape, colour, size and position (those it has heads for); two objects' relations, each object's (by its
+        colour) to the other one — both, so guidance asks for the pair rather than one side of it."""
+        cfg = self.config
+        if len(objects) == 1:
+            return {name: classes.index(objects[0][name]) for name, classes in cfg.heads.items()
+                    if objects[0].get(name) in classes}
+        if not cfg.relations or relation not in cfg.relations:
+            return {}
+        colors, (a, b) = cfg.heads[RELATION_BY], objects[:2]
+        return {RELATION: [(colors.index(a[RELATION_BY]), cfg.relations.index(relation)),
+                           (colors.index(b[RELATION_BY]), cfg.relations.index(shapes.INVERSE[relation]))]}
 
     def parse_classes(self, text: str) -> dict[str, int | tuple[int, int]]:
         """`"shape=star,color=red"` → head → class index; the relation ("relation=left of") needs a color too."""

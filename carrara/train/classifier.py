@@ -30,7 +30,7 @@ from carrara.train.diffusion import first_stage
 IGNORE = -100  # a label the example does not have (F.cross_entropy's ignore_index)
 HEADS = {"shape": list(shapes.SHAPES), "color": list(shapes.COLORS), "size": list(shapes.SIZES),
          "position": list(shapes.POSITIONS)}
-INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+INVERSE = shapes.INVERSE
 
 
 def default_classifier_model() -> dict:
