@@ -179,6 +179,46 @@ def test_shape_labels_from_metadata(tmp_path):
             assert {int(v) for v in rows[rows != IGNORE]} in ({0, 1}, {2, 3})
 
 
+def test_pair_shape_labels_and_classes_name_each_colours_shape(tmp_path):
+    """The pair-shape head: on a two-object image, the row of each object's colour holds its shape; one-object
+    images have none; scene_classes asks for both objects' shapes by colour, and log_prob_each sums those terms."""
+    from carrara.data.load import load_dataset
+    from carrara.models.classifier import PAIR_SHAPE
+    from carrara.train.classifier import HEADS as SHAPES_HEADS
+
+    build_shapes(tmp_path, n=30, size=16, seed=4, progress=False)
+    records = load_dataset(str(tmp_path)).records
+    labels = shape_labels(records, relation=True, pair_shapes=True)
+    colors, kinds = SHAPES_HEADS["color"], SHAPES_HEADS["shape"]
+    pairs = 0
+    for i, r in enumerate(records):
+        objects, row = r.extra["objects"], labels[PAIR_SHAPE][i]
+        if len(objects) == 1:
+            assert row.eq(IGNORE).all()
+            continue
+        pairs += 1
+        assert {(colors[c], kinds[int(row[c])]) for c in range(len(colors)) if row[c] != IGNORE} == \
+            {(o["color"], o["shape"]) for o in objects}
+    assert pairs >= 5
+
+    torch.manual_seed(0)
+    model = NoiseAwareClassifier(ClassifierConfig(in_channels=3, sample_size=8, block_out_channels=(8, 16),
+                                                  norm_num_groups=4, head_channels=8, heads=dict(SHAPES_HEADS),
+                                                  relations=RELATIONS, pair_shapes=True)).double().eval()
+    pair = [{"shape": "star", "color": "red"}, {"shape": "circle", "color": "blue"}]
+    wanted = model.scene_classes(pair, "above")
+    assert wanted == {"relation": [(0, 2), (5, 3)], PAIR_SHAPE: [(0, 4), (5, 0)]}
+    x, t = torch.randn(2, 3, 8, 8, dtype=torch.float64), torch.tensor([50, 700])
+    with torch.no_grad():
+        log_p = {k: v.log_softmax(-1) for k, v in model(x, t).items()}
+    assert log_p[PAIR_SHAPE].shape == (2, len(colors), len(kinds))
+    expected = log_p["relation"][:, 0, 2] + log_p["relation"][:, 5, 3] + log_p[PAIR_SHAPE][:, 0, 4] + \
+        log_p[PAIR_SHAPE][:, 5, 0]
+    torch.testing.assert_close(model.log_prob_each(x, t, [wanted, wanted]), expected)
+    with pytest.raises(CarraraError, match="pair-shape head needs"):
+        ClassifierConfig(heads={"color": ["red", "blue"]}, pair_shapes=True)
+
+
 @pytest.fixture(scope="module")
 def classifier_run(tiny_ae_run, tmp_path_factory):
     """`carrara train classifier` for 150 steps on 300 tiny shapes (70 % one object); a few seconds."""

@@ -32,6 +32,8 @@ from carrara.models.weights import load_into, load_weights, save_folder
 CLASS_NAME = "NoiseAwareClassifier"
 RELATION = "relation"  # the optional head's name, conditioned on a class of RELATION_BY
 RELATION_BY = "color"
+PAIR_SHAPE = "pair_shape"  # the optional head of a pair's shapes: for each colour, the shape of that colour's object
+BY_COLOR = (RELATION, PAIR_SHAPE)  # heads whose logits are (B, n_colors, K) and whose classes are (colour, class)
 Wanted = dict[str, "int | tuple[int, int] | list[tuple[int, int]]"]  # head → class; the relation's (colour, relation)
 
 
@@ -47,6 +49,7 @@ class ClassifierConfig:
     head_channels: int = 32  # attention pooling: channels per head (guided-diffusion's num_head_channels)
     heads: dict[str, list[str]] = field(default_factory=dict)  # head name → class names, e.g. "shape": [circle, …]
     relations: list[str] = field(default_factory=list)  # the relation head's classes (none: no relation head)
+    pair_shapes: bool = False  # a head for the shape of each colour's object in a two-object scene
 
     def __post_init__(self):
         self.block_out_channels = tuple(self.block_out_channels)
@@ -64,6 +67,8 @@ class ClassifierConfig:
             raise CarraraError(f"{CLASS_NAME} config: give heads, each with at least two class names")
         if self.relations and RELATION_BY not in self.heads:
             raise CarraraError(f"{CLASS_NAME} config: the relation head needs a {RELATION_BY!r} head")
+        if self.pair_shapes and not {RELATION_BY, "shape"} <= set(self.heads):
+            raise CarraraError(f"{CLASS_NAME} config: the pair-shape head needs {RELATION_BY!r} and 'shape' heads")
 
     @classmethod
     def from_dict(cls, data: dict) -> ClassifierConfig:
@@ -117,9 +122,12 @@ class NoiseAwareClassifier(nn.Module):
         self.heads = nn.ModuleDict({name: nn.Linear(ch[-1], len(classes)) for name, classes in cfg.heads.items()})
         if cfg.relations:
             self.heads[RELATION] = nn.Linear(ch[-1], len(cfg.heads[RELATION_BY]) * len(cfg.relations))
+        if cfg.pair_shapes:
+            self.heads[PAIR_SHAPE] = nn.Linear(ch[-1], len(cfg.heads[RELATION_BY]) * len(cfg.heads["shape"]))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float) -> dict[str, torch.Tensor]:
-        """Logits per head: (B, K) each; the relation head's (B, n_colors, n_relations)."""
+        """Logits per head: (B, K) each; the relation head's (B, n_colors, n_relations), the pair-shape head's
+        (B, n_colors, n_shapes)."""
         cfg, B = self.config, x.shape[0]
         if tuple(x.shape[1:]) != (cfg.in_channels, cfg.sample_size, cfg.sample_size):
             raise CarraraError(f"the classifier reads latents ({cfg.in_channels}, {cfg.sample_size}, "
@@ -137,6 +145,8 @@ class NoiseAwareClassifier(nn.Module):
         logits = {name: head(h) for name, head in self.heads.items()}
         if RELATION in logits:
             logits[RELATION] = logits[RELATION].unflatten(1, (len(cfg.heads[RELATION_BY]), len(cfg.relations)))
+        if PAIR_SHAPE in logits:
+            logits[PAIR_SHAPE] = logits[PAIR_SHAPE].unflatten(1, (len(cfg.heads[RELATION_BY]), len(cfg.heads["shape"])))
         return logits
 
     def log_prob(self, x: torch.Tensor, t: torch.Tensor, wanted: Wanted) -> torch.Tensor:
@@ -156,8 +166,8 @@ class NoiseAwareClassifier(nn.Module):
         for i, classes in enumerate(wanted):
             terms = []
             for name, index in classes.items():
-                if name == RELATION:
-                    terms += [log_p[name][i, c, r] for c, r in ([index] if isinstance(index, tuple) else index)]
+                if name in BY_COLOR:
+                    terms += [log_p[name][i, c, k] for c, k in ([index] if isinstance(index, tuple) else index)]
                 else:
                     terms.append(log_p[name][i, index])
             rows.append(sum(terms, x.new_zeros(())))
@@ -166,16 +176,19 @@ class NoiseAwareClassifier(nn.Module):
     def scene_classes(self, objects: Sequence[dict], relation: str | None) -> Wanted:
         """The classes this classifier has of a `shapes` scene (its metadata's `objects` and `relation`): one object's
         shape, colour, size and position (those it has heads for); two objects' relations, each object's (by its
-        colour) to the other one — both, so guidance asks for the pair rather than one side of it."""
+        colour) to the other one — both, so guidance asks for the pair rather than one side of it — and, with a
+        pair-shape head, each object's shape by its colour."""
         cfg = self.config
         if len(objects) == 1:
             return {name: classes.index(objects[0][name]) for name, classes in cfg.heads.items()
                     if objects[0].get(name) in classes}
-        if not cfg.relations or relation not in cfg.relations:
-            return {}
-        colors, (a, b) = cfg.heads[RELATION_BY], objects[:2]
-        return {RELATION: [(colors.index(a[RELATION_BY]), cfg.relations.index(relation)),
-                           (colors.index(b[RELATION_BY]), cfg.relations.index(shapes.INVERSE[relation]))]}
+        colors, (a, b), wanted = cfg.heads[RELATION_BY], objects[:2], {}
+        if cfg.relations and relation in cfg.relations:
+            wanted[RELATION] = [(colors.index(a[RELATION_BY]), cfg.relations.index(relation)),
+                                (colors.index(b[RELATION_BY]), cfg.relations.index(shapes.INVERSE[relation]))]
+        if cfg.pair_shapes:
+            wanted[PAIR_SHAPE] = [(colors.index(o[RELATION_BY]), cfg.heads["shape"].index(o["shape"])) for o in (a, b)]
+        return wanted
 
     def parse_classes(self, text: str) -> dict[str, int | tuple[int, int]]:
         """`"shape=star,color=red"` → head → class index; the relation ("relation=left of") needs a color too."""

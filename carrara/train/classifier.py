@@ -22,7 +22,14 @@ from carrara.data.load import load_dataset, preload_images
 from carrara.diffusion.schedule import NoiseSchedule, add_noise
 from carrara.errors import CarraraError
 from carrara.fileio import ensure_dir, write_json_atomic
-from carrara.models.classifier import RELATION, RELATION_BY, ClassifierConfig, NoiseAwareClassifier
+from carrara.models.classifier import (
+    BY_COLOR,
+    PAIR_SHAPE,
+    RELATION,
+    RELATION_BY,
+    ClassifierConfig,
+    NoiseAwareClassifier,
+)
 from carrara.train.cache import encode_latents
 from carrara.train.core import TrainConfig, Trainer
 from carrara.train.diffusion import first_stage
@@ -48,18 +55,22 @@ class ClassifierRecipe:
     schedule: str = "scaled_linear"  # the diffusion model's: guidance checks that they agree
     num_train_timesteps: int = 1000
     relation: bool = True  # also learn the two-object relation head
+    pair_shapes: bool = True  # and the head of a pair's shapes (each colour's object's shape)
     holdout: int = 200  # the last images, kept out of training for the accuracy report (at most a fifth of the data)
     model: dict = field(default_factory=default_classifier_model)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=2000, batch_size=64, lr=3e-4,
                                                                    sample_every=10**9))
 
 
-def shape_labels(records: list, relation: bool) -> dict[str, torch.Tensor]:
-    """Per head, each image's class index (N,), IGNORE where it has none; the relation's (N, n_colors)."""
+def shape_labels(records: list, relation: bool, pair_shapes: bool = False) -> dict[str, torch.Tensor]:
+    """Per head, each image's class index (N,), IGNORE where it has none; the relation's and the pair shapes'
+    (N, n_colors)."""
     colors = HEADS[RELATION_BY]
     labels = {name: torch.full((len(records),), IGNORE) for name in HEADS}
     if relation:
         labels[RELATION] = torch.full((len(records), len(colors)), IGNORE)
+    if pair_shapes:
+        labels[PAIR_SHAPE] = torch.full((len(records), len(colors)), IGNORE)
     for i, record in enumerate(records):
         objects = record.extra.get("objects")
         if not isinstance(objects, list) or not objects:
@@ -73,6 +84,9 @@ def shape_labels(records: list, relation: bool) -> dict[str, torch.Tensor]:
             rel = record.extra["relation"]
             labels[RELATION][i, colors.index(a["color"])] = shapes.RELATIONS.index(rel)
             labels[RELATION][i, colors.index(b["color"])] = shapes.RELATIONS.index(INVERSE[rel])
+        if len(objects) == 2 and pair_shapes and objects[0]["color"] != objects[1]["color"]:
+            for o in objects:
+                labels[PAIR_SHAPE][i, colors.index(o["color"])] = HEADS["shape"].index(o["shape"])
     return labels
 
 
@@ -80,7 +94,7 @@ def classifier_loss(logits: dict[str, torch.Tensor], labels: dict[str, torch.Ten
     """Σ over heads of the mean cross-entropy over the examples that have that label (0 for a head with none)."""
     total = torch.zeros((), device=next(iter(logits.values())).device)
     for name, y in labels.items():
-        scores = logits[name].flatten(0, 1) if name == RELATION else logits[name]  # (B·n_colors, 4) or (B, K)
+        scores = logits[name].flatten(0, 1) if name in BY_COLOR else logits[name]  # (B·n_colors, K) or (B, K)
         y = y.flatten()
         if (y != IGNORE).any():
             total = total + F.cross_entropy(scores.float(), y, ignore_index=IGNORE)
@@ -95,7 +109,7 @@ def accuracy(model: NoiseAwareClassifier, z0: torch.Tensor, labels: dict[str, to
     logits = model.eval()(add_noise(schedule, z0, noise, t), torch.full((len(z0),), t))
     out = {}
     for name, y in labels.items():
-        scores = logits[name].flatten(0, 1) if name == RELATION else logits[name]
+        scores = logits[name].flatten(0, 1) if name in BY_COLOR else logits[name]
         y, keep = y.flatten(), y.flatten() != IGNORE
         out[name] = float((scores.argmax(-1)[keep] == y[keep]).float().mean()) if keep.any() else float("nan")
     return out
@@ -108,7 +122,7 @@ def train_classifier(recipe: ClassifierRecipe, out: str | Path, *, resume: bool 
     schedule = NoiseSchedule.from_config(recipe.schedule, T=recipe.num_train_timesteps)
     vae, _ = first_stage(recipe.autoencoder, recipe.size)  # a trained autoencoder, or "pixels[:F]" (Imagen's route)
     dataset = load_dataset(recipe.data, size=recipe.size)
-    labels = shape_labels(dataset.records, recipe.relation)
+    labels = shape_labels(dataset.records, recipe.relation, recipe.pair_shapes)
     images, _ = preload_images(dataset, progress=progress)  # (N, 3, H, W) uint8
     mean, std = encode_latents(vae, images, progress=progress)  # (N, c, h, w) each, unscaled
     scale = vae.config.scaling_factor
@@ -118,7 +132,8 @@ def train_classifier(recipe: ClassifierRecipe, out: str | Path, *, resume: bool 
         raise CarraraError(f"{recipe.data}: too few images to train a classifier")
 
     config = ClassifierConfig(**{**recipe.model, "in_channels": mean.shape[1], "sample_size": mean.shape[-1],
-                                 "heads": dict(HEADS), "relations": list(shapes.RELATIONS) if recipe.relation else []})
+                                 "heads": dict(HEADS), "relations": list(shapes.RELATIONS) if recipe.relation else [],
+                                 "pair_shapes": recipe.pair_shapes})
     recipe.model = dataclasses.asdict(config)
     torch.manual_seed(recipe.train.seed)
     model = NoiseAwareClassifier(config)
