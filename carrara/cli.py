@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     faith.add_argument("--out", default=None, help="write the report JSON here")
     faith.add_argument("--classifier", default=None, metavar="RUN", help="also guide every image toward its "
                        "caption's ground truth with this `carrara train classifier` run (one object: its attributes; "
-                       "two objects: both relations)")
+                       "two objects: their relations and shapes)")
     faith.add_argument("--classifier-scale", type=_nonnegative_float, default=None,
                        help="with --classifier: the guidance scale s (default 1)")
     faith.add_argument("--allow-pickle", action="store_true", help="let the model's weights be pickles (.bin), read weights-only; default: safetensors only")

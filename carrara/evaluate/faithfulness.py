@@ -173,7 +173,7 @@ def faithfulness_report(model_path, n: int = 200, guidance: float = DEFAULTS.gui
             raise CarraraError(f"--classifier guides a diffusion model; {model_path} is a {pipe.kind} model")
         guide = load_classifier(classifier, pipe.schedule)
         report["classifier"] = {"run": str(Path(classifier).resolve()), "scale": classifier_scale,
-                                "classes": "each caption's own: one object's attributes, two objects' relations"}
+                                "classes": "each caption's own: one object's attributes, two objects' relations and shapes"}
     for objects, key in ((1, "one_object"), (2, "two_objects")):
         fn = pipe if guide is None else ClassifierGuided(pipe, guide, classifier_scale,
                                                          caption_classes(guide, sample_prompts(n, objects, seed)))
