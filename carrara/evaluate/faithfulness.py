@@ -100,7 +100,7 @@ def _summarize(outcomes: list[dict[str, list[bool]]], objects: int) -> dict[str,
 class ClassifierGuided:
     """`pipe` with classifier guidance (Dhariwal & Nichol 2021, `diffusion/guidance.py`) of scale s toward each
     caption's own ground truth: the classes `NoiseAwareClassifier.scene_classes` gives its scene (one object: shape,
-    colour, size, position; two: both objects' relations). `classes` maps each caption to them (`caption_classes`);
+    colour, size, position; two: both objects' relations and shapes). `classes` maps each caption to them (`caption_classes`);
     the caption itself is drawn at the caller's w, or with `conditional=False` the empty prompt (the unconditional
     model, as the paper guides it)."""
 
