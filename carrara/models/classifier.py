@@ -34,7 +34,7 @@ RELATION = "relation"  # the optional head's name, conditioned on a class of REL
 RELATION_BY = "color"
 PAIR_SHAPE = "pair_shape"  # the optional head of a pair's shapes: for each colour, the shape of that colour's object
 BY_COLOR = (RELATION, PAIR_SHAPE)  # heads whose logits are (B, n_colors, K) and whose classes are (colour, class)
-Wanted = dict[str, "int | tuple[int, int] | list[tuple[int, int]]"]  # head → class; the relation's (colour, relation)
+Wanted = dict[str, "int | tuple[int, int] | list[tuple[int, int]]"]  # head → class; BY_COLOR heads: (colour, class)
 
 
 @dataclass

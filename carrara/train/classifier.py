@@ -37,7 +37,6 @@ from carrara.train.diffusion import first_stage
 IGNORE = -100  # a label the example does not have (F.cross_entropy's ignore_index)
 HEADS = {"shape": list(shapes.SHAPES), "color": list(shapes.COLORS), "size": list(shapes.SIZES),
          "position": list(shapes.POSITIONS)}
-INVERSE = shapes.INVERSE
 
 
 def default_classifier_model() -> dict:
@@ -79,11 +78,11 @@ def shape_labels(records: list, relation: bool, pair_shapes: bool = False) -> di
         if len(objects) == 1:
             for name, classes in HEADS.items():
                 labels[name][i] = classes.index(objects[0][name])
-        elif relation and record.extra.get("relation") in INVERSE:
+        elif relation and record.extra.get("relation") in shapes.INVERSE:
             a, b = objects[0], objects[1]
             rel = record.extra["relation"]
             labels[RELATION][i, colors.index(a["color"])] = shapes.RELATIONS.index(rel)
-            labels[RELATION][i, colors.index(b["color"])] = shapes.RELATIONS.index(INVERSE[rel])
+            labels[RELATION][i, colors.index(b["color"])] = shapes.RELATIONS.index(shapes.INVERSE[rel])
         if len(objects) == 2 and pair_shapes and objects[0]["color"] != objects[1]["color"]:
             for o in objects:
                 labels[PAIR_SHAPE][i, colors.index(o["color"])] = HEADS["shape"].index(o["shape"])
