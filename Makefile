@@ -58,9 +58,10 @@ $(CHROMIUM):
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2  # both cores: one test process each (tests run one thread)
 
-# The suite on the AVX2 kind's code paths from any CPU: PyTorch's AVX2 kernels, oneDNN capped at AVX2, and
-# carrara's fp32 path (CARRARA_BF16=0; an AVX-512 BF16 CPU would otherwise pick bf16). See docs/performance.md.
-AVX2 := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 CARRARA_BF16=0
+# The suite on the AVX2 kind's code paths from any CPU: PyTorch's AVX2 kernels, oneDNN and FBGEMM (int8) capped at
+# AVX2, and carrara's fp32 path (CARRARA_BF16=0; an AVX-512 BF16 CPU would otherwise pick bf16). See
+# docs/performance.md.
+AVX2 := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2 CARRARA_BF16=0
 
 # The bench scripts' --tiny runs (tests/test_bench_*.py) check orchestration, not kernels: make test runs them.
 # tests/test_compiled.py too: inductor compiles for the CPU's own ISA whatever ATEN_CPU_CAPABILITY says.

@@ -142,6 +142,9 @@ TINY = Scale(size=16, n_train=24, n_heldout=12, n=8, n_fd=8, bootstrap=5, probe_
                                               "clip")})
 
 
+ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "FBGEMM_ENABLE_INSTRUCTIONS", "CARRARA_BF16")
+
+
 def cpu_kind() -> dict:
     """The CPU kind every figure is measured on, from lscpu's flags (docs: the fleet is mixed)."""
     try:
@@ -152,8 +155,11 @@ def cpu_kind() -> dict:
     flags = set(next((s.split(":", 1)[1] for s in lines if s.lower().startswith("flags")), "").split())
     model = next((s.split(":", 1)[1].strip() for s in lines if s.lower().startswith("model name")), "")
     kind = ("avx512_bf16" if flags & {"avx512_bf16", "amx_bf16"} else "avx2-only" if "avx2" in flags else "other")
+    # the kind is the CPU's; these variables make it run another kind's code paths (docs/performance.md), so a JSON
+    # measured under them says so rather than passing for the CPU's own numbers
+    caps = {k: os.environ[k] for k in ISA_CAPS if os.environ.get(k)}
     return {"kind": kind, "model": model, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-            "bf16_training": TrainConfig().use_bf16(), "machine": platform.machine()}
+            "bf16_training": TrainConfig().use_bf16(), "machine": platform.machine(), **({"isa_caps": caps} if caps else {})}
 
 
 def load_cached(path: Path, key: dict) -> torch.Tensor | None:

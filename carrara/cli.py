@@ -283,8 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]", help="merge a LoRA adapter into the U-Net "
                      "at WEIGHT (default 1); repeatable")
     gen.add_argument("--classifier", default=None, metavar="RUN", help="classifier guidance (Dhariwal & Nichol 2021) "
-                     "with this `carrara train classifier` run, towards --classes")
-    gen.add_argument("--classes", default=None, help='with --classifier: the wanted classes, e.g. "shape=star,color=red"')
+                     "with this `carrara train classifier` run, towards what the prompt names (a pair: both relations and shapes) "
+                     "or --classes")
+    gen.add_argument("--classes", default=None, help='with --classifier: the wanted classes instead of the prompt\'s, '
+                     'e.g. "shape=star,color=red"')
     gen.add_argument("--classifier-scale", type=_nonnegative_float, default=None,
                      help="with --classifier: the guidance scale s (default 1)")
     gen.add_argument("--variations", default=None, metavar="IMAGE", help="unCLIP model: images like this picture "
@@ -323,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--prompts", default=None, metavar="FILE", help="calibration prompts, one per line "
                           "(default: emoji names)")
     quantize.add_argument("--n", type=_positive_int, default=64, help="how many prompts to calibrate on (default 64)")
+    quantize.add_argument("--fast", action="store_true", help="calibrate the few-step student beside the model "
+                          "(for generate --fast --precision int8) instead of the model's own U-Net")
     quantize.set_defaults(func=handlers.cmd_quantize)
 
     compiled = commands.add_parser("compile", help="compile a model's U-Net ahead of time for this CPU kind "

@@ -337,10 +337,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from carrara.modelfolder import resolve
     from carrara.models import int8
     from carrara.pipeline import Pipeline
+    from carrara.student import FOLDER as STUDENT_FOLDER
 
     prompts = (read_prompts(args.prompts) if args.prompts else int8.calibration_prompts(args.n))[:args.n]
-    pipe = Pipeline.load(args.model, precision="fp32")
+    pipe = Pipeline.load(args.model, precision="fp32", fast=args.fast)
     unet_dir = resolve(pipe.unclip.decoder if pipe.unclip else args.model).unet  # unCLIP: its decoder's U-Net
+    if args.fast:  # the student beside its teacher (carrara export student): its own U-Net, its own calibration
+        unet_dir = resolve(args.model).root / STUDENT_FOLDER / "unet"
     int8.check_cpu()
     check_writable(unet_dir / int8.CALIBRATION_FILE, "the calibration")  # before the calibration run, not after
     settings = {**pipe.sampling, "output": "latent"}  # the model's own sampling (every step, both guidance halves)
@@ -349,9 +352,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                             {k: v for k, v in settings.items() if k != "output"})
     path = int8.write_calibration(unet_dir, record)
     print(f"wrote {path}: {len(record['layers'])} layers in int8, {len(record['kept_fp32'])} kept fp32")
-    fast, check = Pipeline.load(args.model, precision="int8"), list(int8.QUALITY_PROMPTS)
+    quantized, check = Pipeline.load(args.model, precision="int8", fast=args.fast), list(int8.QUALITY_PROMPTS)
     diff = int8.pixel_diff_255(pipe(check, **settings | {"output": "tensor"}),
-                               fast(check, **settings | {"output": "tensor"}))
+                               quantized(check, **settings | {"output": "tensor"}))
     print(f"quality: mean |Δpixel| int8 vs fp32 = {diff:.2f}/255 over {len(check)} prompts, same seeds "
           f"(target ≤ 2/255){'' if diff <= 2 else ': ABOVE the target, keep fp32'}")
     return 0

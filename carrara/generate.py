@@ -180,7 +180,7 @@ def generate_command(args: argparse.Namespace) -> int:
     loras = pipe.merge_loras(lora_specs) if lora_specs else []  # merged into the weights (models/lora.py)
     if edit_kwargs and isinstance(pipe, FamilyPipeline):
         raise CarraraError(f"--init edits with a diffusion model; {model} is a {pipe.kind} model")
-    guide_kwargs, guide_record = _classifier_guidance(args, pipe)
+    guide_kwargs, guide_record = _classifier_guidance(args, pipe, s.get("prompt") or "")
     unclip_kwargs, unclip_record, per_image = _unclip_inputs(args, request, pipe, s, model, meta)
     student = None if isinstance(pipe, FamilyPipeline) else pipe.student
     for key, value in ({} if student is None else pipe.defaults).items():  # a student's own sampler and steps
@@ -312,8 +312,9 @@ def _unclip_inputs(args: argparse.Namespace, request, pipe, s: dict, model: str,
     return kwargs, {"unclip": record}, per_image
 
 
-def _classifier_guidance(args: argparse.Namespace, pipe) -> tuple[dict, dict]:
-    """(Pipeline keyword arguments, metadata) for classifier guidance: --classifier RUN --classes … --classifier-scale."""
+def _classifier_guidance(args: argparse.Namespace, pipe, prompt: str) -> tuple[dict, dict]:
+    """(Pipeline keyword arguments, metadata) for classifier guidance: --classifier RUN [--classes …]
+    --classifier-scale; without --classes, toward what the prompt names (`NoiseAwareClassifier.prompt_classes`)."""
     if args.classifier is None:
         for flag, given in (("--classes", args.classes), ("--classifier-scale", args.classifier_scale)):
             if given is not None:
@@ -322,8 +323,14 @@ def _classifier_guidance(args: argparse.Namespace, pipe) -> tuple[dict, dict]:
     if isinstance(pipe, FamilyPipeline):
         raise CarraraError(f"--classifier guides a diffusion model; this is a {pipe.kind} model")
     classifier = load_classifier(args.classifier, pipe.schedule)
-    wanted = classifier.parse_classes(args.classes or "")
+    if args.classes is None:
+        if not prompt.strip():
+            raise CarraraError('--classifier with an empty prompt (the unconditional model) needs --classes, e.g. '
+                               '--classes "shape=star,color=red"')
+        wanted = classifier.prompt_classes(prompt)
+    else:
+        wanted = classifier.parse_classes(args.classes)
     scale = 1.0 if args.classifier_scale is None else args.classifier_scale
     guide = ClassifierGuidance(lambda x, t: classifier.log_prob(x, t, wanted), scale)
-    return {"classifier": guide}, {"classifier": {"run": str(Path(args.classifier).resolve()), "classes": args.classes,
-                                                  "scale": scale}}
+    return {"classifier": guide}, {"classifier": {"run": str(Path(args.classifier).resolve()),
+                                                  "classes": args.classes or "the prompt's", "scale": scale}}

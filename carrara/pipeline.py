@@ -153,8 +153,6 @@ class Pipeline:
             if not has_student(folder.root):
                 raise CarraraError(f"{path} has no few-step student: make one with carrara distill, then put it "
                                    f"beside its teacher with carrara export student --student RUN --model {path}")
-            if precision == "int8":
-                raise CarraraError("--fast has no int8 calibration: use --precision auto, bf16 or fp32 with it")
             unet, student, scheduler_config, model_hash = load_student(folder.root, unet, model_hash)
             unet_dir = folder.root / STUDENT_FOLDER / "unet"
         schedule = NoiseSchedule.from_diffusers_config(scheduler_config)
@@ -165,8 +163,9 @@ class Pipeline:
             if upsampler.unet.config.cross_attention_dim != text_encoder.dim:
                 raise CarraraError(f"{folder.root / 'upsampler'} expects {upsampler.unet.config.cross_attention_dim}-dim "
                                    f"text states but the text encoder gives {text_encoder.dim}")
-        if precision == "int8":
-            unet = int8.quantize_unet(unet, int8.read_calibration(folder.unet, model_hash, str(path)))
+        if precision == "int8":  # the student beside its teacher has its own calibration, in student/unet/
+            unet = int8.quantize_unet(unet, int8.read_calibration(unet_dir, model_hash,
+                                                                  f"{path}{' --fast' if fast else ''}"))
         pipe = cls(unet=unet, vae=vae, text_encoder=text_encoder, schedule=schedule, model_hash=model_hash,
                    name=str(path),
                    scheduler_options=SchedulerOptions.from_scheduler_config(scheduler_config),

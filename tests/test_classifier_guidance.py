@@ -46,6 +46,20 @@ def test_scene_classes_name_one_objects_attributes_and_both_relations_of_a_pair(
     assert model.scene_classes(pair, "left of") == {"relation": [(0, 0), (1, 1)]}
 
 
+def test_prompt_classes_read_what_the_prompt_names():
+    model = tiny_classifier()
+    assert model.prompt_classes("a blue cross, small, at the top") == {"shape": 2, "color": 1}
+    # a pair: both objects' relations, by colour (red left of blue, blue right of red)
+    assert model.prompt_classes("a red star to the left of a blue circle") == {"relation": [(0, 0), (1, 1)]}
+    assert model.prompt_classes("a blue star below a red circle") == {"relation": [(1, 3), (0, 2)]}
+    for prompt, message in [("a happy kitty", "names no object to guide toward"),
+                            ("a red star left of a red circle", "names red twice"),
+                            ("a large square", "has no head for what 'a large square' names"),
+                            ("a green star left of a red circle", "has no head for")]:  # no green in its heads
+        with pytest.raises(CarraraError, match=message):
+            model.prompt_classes(prompt)
+
+
 def test_log_prob_each_is_each_images_own_classes_from_the_logits():
     """One forward pass, image i scored for its own classes: the sum of the heads' log-softmax at them, written out
     from the logits; a list of relations sums each pair's term; log_prob is the same classes for every image."""
@@ -271,6 +285,24 @@ def test_generate_with_classifier_guidance(classifier_run, tmp_path, capsys):
     assert gen(model, "a shape", "-o", str(plain), "--quiet") == 0
     a, b = (np.asarray(Image.open(p), dtype=np.int16) for p in (out, plain))
     assert np.abs(a - b).max() > 0  # the guidance moved the sample
+
+
+def test_generate_guides_toward_the_prompt_without_classes(classifier_run, tmp_path, capsys):
+    """No --classes: the classes are the prompt's, so the image is the one --classes naming them makes."""
+    model = write_tiny_model(tmp_path / "model")
+    prompt = "a large red star on the left"
+    read, named = tmp_path / "read.png", tmp_path / "named.png"
+    assert gen(model, prompt, "--classifier", str(classifier_run), "--classifier-scale", "5", "-o", str(read),
+               "--quiet") == 0
+    assert gen(model, prompt, "--classifier", str(classifier_run), "--classifier-scale", "5", "--classes",
+               "shape=star,color=red,size=large,position=left", "-o", str(named), "--quiet") == 0
+    assert read_png_metadata(read)["classifier"]["classes"] == "the prompt's"
+    np.testing.assert_array_equal(np.asarray(Image.open(read)), np.asarray(Image.open(named)))
+    for prompt, message in [("a happy kitty", "names no object to guide toward; give --classes"),
+                            ("", "an empty prompt (the unconditional model) needs --classes")]:
+        assert gen(model, prompt, "--classifier", str(classifier_run), "-o", str(tmp_path / "x.png")) == 2
+        assert message in one_error_line(capsys)
+        assert not (tmp_path / "x.png").exists()
 
 
 @pytest.mark.parametrize("argv, message", [

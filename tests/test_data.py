@@ -109,6 +109,34 @@ def test_shapes_captions_name_every_attribute(shapes300):
     assert len(used) >= 4  # several templates of both kinds
 
 
+def test_read_caption_inverts_every_template(shapes300):
+    """Each caption of every template reads back to its scene's named attributes (a pair's positions are not in its
+    words) and relation."""
+    _, _, lines = shapes300
+    for line in lines:
+        pair = line["relation"] is not None
+        named = [{k: o[k] for k in ("shape", "color", "size", *(() if pair else ("position",)))} for o in line["objects"]]
+        for template in range(len(shapes.PAIR_TEMPLATES if pair else shapes.SINGLE_TEMPLATES)):
+            scene = shapes.Scene(tuple(shapes.place(random.Random(0), o["shape"], o["color"], o["size"], o["position"])
+                                       for o in line["objects"]), line["relation"])
+            assert shapes.read_caption(shapes.caption(scene, template)) == (named, line["relation"])
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("A Red Circle to the left of a blue square", ([{"shape": "circle", "color": "red"},
+                                                    {"shape": "square", "color": "blue"}], "left of")),
+    ("a red star left of a big green cross", ([{"shape": "star", "color": "red"},
+                                               {"shape": "cross", "color": "green"}], "left of")),
+    ("green squares in the middle", ([{"shape": "square", "color": "green", "position": "center"}], None)),
+    ("something red on the right side", ([{"color": "red", "position": "right"}], None)),
+    ("a red star above a circle", None),  # a pair is told apart by colour: both need one, and a shape
+    ("a happy kitty", None),
+    ("", None),
+])
+def test_read_caption_on_other_wordings(text, expected):
+    assert shapes.read_caption(text) == expected
+
+
 @pytest.mark.parametrize("shape", shapes.SHAPES)
 def test_shapes_antialiased_coverage_equals_analytic_area(shape):
     obj = shapes.ShapeObject(shape, "blue", "large", "center", 0.5, 0.5, 0.2)

@@ -92,3 +92,19 @@ def test_default_student_ships_with_its_record_and_follows_the_prompt(pipe):
     red_minus_blue = (rgb[:, 0] - rgb[:, 2]).mean((1, 2))
     red, blue = red_minus_blue[0::2], red_minus_blue[1::2]
     assert red.mean() - blue.mean() > 3 * ((red.var() + blue.var()) / 8).sqrt() and red.mean() > 0 > blue.mean()
+
+
+def test_default_ships_int8_calibrations_for_the_model_and_its_student():
+    """`--precision int8` (models/int8.py) works out of the box for the model and, with --fast, its student: each
+    calibration is of its own weights (`carrara quantize [--fast]`), and the int8 student's images stay near fp32's."""
+    from carrara.models import int8
+
+    for pipe, folder in ((Pipeline.load("default", precision="int8"), DEFAULT / "unet"),
+                         (Pipeline.load("default", precision="int8", fast=True), DEFAULT / "student" / "unet")):
+        record = json.loads((folder / int8.CALIBRATION_FILE).read_text())
+        assert record["unet_hash"] == pipe.model_hash and int8.is_int8(pipe.unet)
+    assert pipe.student and record["settings"]["sampler"] == "lcm"
+    fp32 = Pipeline.load("default", precision="fp32", fast=True)
+    prompts = ["red heart", "a cat face", "pizza", "rocket"]
+    a, b = (p(prompts, seed=0, output="tensor", size=64, **p.defaults) for p in (fp32, pipe))
+    assert 0 < int8.pixel_diff_255(a, b) <= 3.0

@@ -175,6 +175,33 @@ def test_bad_input_is_one_error_line(teacher_and_student, tmp_path, capsys):
         Pipeline.load(teacher, precision="int8", fast=True)
 
 
+def test_quantize_fast_calibrates_the_student_for_int8(teacher_and_student, tmp_path, capsys):
+    """`carrara quantize --fast` writes the student's own calibration into student/unet/ (keyed by the student's
+    weights, not the teacher's); then --fast --precision int8 samples the student in int8, near its fp32 images, and
+    the teacher's own int8 still asks for its own calibration."""
+    from carrara.models import int8
+
+    teacher_src, run = teacher_and_student
+    teacher = tmp_path / "teacher"
+    shutil.copytree(teacher_src, teacher)
+    export_student(run, teacher, prompts=("a red circle",))
+    with pytest.raises(CarraraError, match=r"--fast has no int8 calibration .*carrara quantize --model .* --fast"):
+        Pipeline.load(teacher, precision="int8", fast=True)
+    (tmp_path / "p.txt").write_text("a red circle\na blue square\n")
+    assert main(["quantize", "--model", str(teacher), "--fast", "--prompts", str(tmp_path / "p.txt"), "--n", "2"]) == 0
+    assert "quality: mean |Δpixel| int8 vs fp32" in capsys.readouterr().out
+    record = json.loads((teacher / "student" / "unet" / int8.CALIBRATION_FILE).read_text())
+    fp32 = Pipeline.load(teacher, precision="fp32", fast=True)
+    assert record["unet_hash"] == fp32.model_hash and record["settings"]["sampler"] == "lcm"
+    assert not (teacher / "unet" / int8.CALIBRATION_FILE).exists()
+    quantized = Pipeline.load(teacher, precision="int8", fast=True)
+    assert int8.is_int8(quantized.unet) and quantized.student == fp32.student
+    a, b = (p(["a red circle", "a green star"], seed=3, output="tensor") for p in (fp32, quantized))
+    assert 0 < int8.pixel_diff_255(a, b) <= 4.0  # int8 arithmetic, not the fp32 weights, and close to them
+    with pytest.raises(CarraraError, match="no int8 calibration"):
+        Pipeline.load(teacher, precision="int8")
+
+
 def test_serve_offers_the_student_and_previews_with_it(teacher_and_student, tmp_path):
     from fastapi.testclient import TestClient
 

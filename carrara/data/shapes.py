@@ -18,6 +18,7 @@ import colorsys
 import json
 import math
 import random
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -169,6 +170,47 @@ def caption(scene: Scene, template: int = 0) -> str:
                                                  where=POSITION_PHRASES[o.position])
     a, b = (f"{o.size} {o.color} {o.shape}" for o in scene.objects)
     return PAIR_TEMPLATES[template].format(a=a, b=b, relation=RELATION_PHRASES[scene.relation])
+
+
+# the words a caption names things with: the longest phrase first, so "to the left of" is a relation, not "left"
+_RELATION_WORDS = sorted([(p, r) for r, p in RELATION_PHRASES.items()] + [(r, r) for r in RELATIONS],
+                         key=lambda pr: -len(pr[0]))
+_POSITION_WORDS = sorted([(p, k) for k, p in POSITION_PHRASES.items()]
+                         + [(f"{k} side", k) for k in ("left", "right")] + [(k, k) for k in POSITIONS]
+                         + [("centre", "center"), ("middle", "center")],
+                         key=lambda pk: -len(pk[0]))
+
+
+def _phrase(words) -> re.Pattern:
+    """Any of `words` as whole words (a plural s allowed)."""
+    return re.compile(r"\b(" + "|".join(re.escape(w) for w in words) + r")s?\b")
+
+
+_FINDERS = {"shape": _phrase(SHAPES), "color": _phrase(COLORS), "size": _phrase(SIZES)}
+_RELATION_FINDERS = [(_phrase([p]), r) for p, r in _RELATION_WORDS]
+_POSITION_FINDERS = [(_phrase([p]), k) for p, k in _POSITION_WORDS]
+
+
+def _read_object(text: str) -> dict:
+    """The attributes one object's words name (the first word of each kind)."""
+    return {name: m.group(1) for name, pattern in _FINDERS.items() if (m := pattern.search(text))}
+
+
+def read_caption(text: str) -> tuple[list[dict], str | None] | None:
+    """A caption's objects (the attributes it names of each: shape, color, size, position) and its relation, read
+    back from its words — the inverse of `caption` for every template, and lenient with other wordings ("a red star
+    left of a blue circle", "green squares"): what classifier guidance toward the prompt needs. A relation splits the
+    caption into its two objects, each of which must name a colour and a shape (how a pair is told apart); one object
+    needs a colour or a shape. None when the text names no such object or pair."""
+    text = " ".join(text.lower().replace(",", " ").split())
+    for pattern, relation in _RELATION_FINDERS:
+        if m := pattern.search(text):
+            a, b = _read_object(text[:m.start()]), _read_object(text[m.end():])
+            return ([a, b], relation) if all({"shape", "color"} <= o.keys() for o in (a, b)) else None
+    if not (o := _read_object(text)):
+        return None
+    position = next((k for pattern, k in _POSITION_FINDERS if pattern.search(text)), None)
+    return [{**o, **({"position": position} if position else {})}], None
 
 
 def _inside(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:

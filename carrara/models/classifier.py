@@ -182,12 +182,32 @@ class NoiseAwareClassifier(nn.Module):
         if len(objects) == 1:
             return {name: classes.index(objects[0][name]) for name, classes in cfg.heads.items()
                     if objects[0].get(name) in classes}
-        colors, (a, b), wanted = cfg.heads[RELATION_BY], objects[:2], {}
+        colors, (a, b), wanted = cfg.heads.get(RELATION_BY, ()), objects[:2], {}
+        if not {a[RELATION_BY], b[RELATION_BY]} <= set(colors):
+            return wanted
         if cfg.relations and relation in cfg.relations:
             wanted[RELATION] = [(colors.index(a[RELATION_BY]), cfg.relations.index(relation)),
                                 (colors.index(b[RELATION_BY]), cfg.relations.index(shapes.INVERSE[relation]))]
         if cfg.pair_shapes:
             wanted[PAIR_SHAPE] = [(colors.index(o[RELATION_BY]), cfg.heads["shape"].index(o["shape"])) for o in (a, b)]
+        return wanted
+
+    def prompt_classes(self, prompt: str) -> Wanted:
+        """The classes of the scene a `shapes` prompt describes (`shapes.read_caption`, then `scene_classes`): guidance
+        toward what was asked for, a pair's both relations and shapes included. Refused in one line when the prompt
+        names no object this classifier reads."""
+        read = shapes.read_caption(prompt)
+        example = ('--classes "shape=star,color=red", or a prompt that names a colour and a shape ("a red star on '
+                   'the left", "a red circle to the left of a blue square")')
+        if read is None:
+            raise CarraraError(f"--classifier: the prompt {prompt!r} names no object to guide toward; give {example}")
+        objects, relation = read
+        if relation is not None and objects[0]["color"] == objects[1]["color"]:
+            raise CarraraError(f"--classifier: the classifier tells a pair's objects apart by colour; {prompt!r} names "
+                               f"{objects[0]['color']} twice")
+        wanted = self.scene_classes(objects, relation)
+        if not wanted:
+            raise CarraraError(f"--classifier: this classifier has no head for what {prompt!r} names; give {example}")
         return wanted
 
     def parse_classes(self, text: str) -> dict[str, int | tuple[int, int]]:
