@@ -62,7 +62,8 @@ def quality(model: str, steps: int, sampler: str, args, out: Path, fast: bool = 
     one step count."""
     report = run_eval(EvalSettings(model=model, data=args.data, n=args.n, metrics=("fd", "retrieval"), clip=args.clip,
                                    guidance=args.guidance, steps=steps, sampler=sampler, batch_size=args.batch,
-                                   bootstrap=args.bootstrap, kid_subset_size=min(1000, args.n), fast=fast),
+                                   bootstrap=args.bootstrap, kid_subset_size=min(1000, args.n), fast=fast,
+                                   precision=args.precision),
                       out, progress=not args.quiet)
     metrics = report["metrics"]
     pick = lambda prefix: next(v for k, v in metrics.items() if k.startswith(prefix))

@@ -176,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_flags(ev, defaults=False)  # None: the model's own (a distilled student's 4 lcm steps)
     ev.add_argument("--fast", action="store_true", help="judge the model's few-step student (`carrara export "
                     "student`), at its own steps unless --steps")
+    ev.add_argument("--precision", choices=["auto", "fp32", "bf16", "int8"], default="auto",
+                    help="the U-Net's precision (default auto: bf16 where the CPU has native bf16; int8 checks the "
+                         "calibrated int8 U-Net)")
     ev.add_argument("--seed", type=int, default=0, help="seed for captions and noise (default 0)")
     ev.add_argument("--bootstrap", type=_positive_int, default=50, help="bootstrap resamples for intervals (50)")
     ev.add_argument("--out", help="report folder: metrics.json, report.html, samples.png")

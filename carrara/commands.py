@@ -218,8 +218,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                             inception_weights=args.inception_weights, steps=args.steps,
                             guidance=DEFAULTS.guidance if args.guidance is None else args.guidance,
                             sampler=args.sampler, seed=args.seed, bootstrap=args.bootstrap,
-                            allow_pickle=args.allow_pickle, fast=args.fast)
-    report = run_eval(settings, args.out, progress=not args.quiet)
+                            allow_pickle=args.allow_pickle, fast=args.fast, precision=args.precision)
+    with no_empty_folder_left(args.out):  # a refused model or setting leaves no empty report folder
+        report = run_eval(settings, args.out, progress=not args.quiet)
     print(format_metrics(report))
     print(f"wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'report.html'}")
     return 0

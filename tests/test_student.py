@@ -175,7 +175,7 @@ def test_bad_input_is_one_error_line(teacher_and_student, tmp_path, capsys):
         Pipeline.load(teacher, precision="int8", fast=True)
 
 
-def test_quantize_fast_calibrates_the_student_for_int8(teacher_and_student, tmp_path, capsys):
+def test_quantize_fast_calibrates_the_student_for_int8(teacher_and_student, tiny_shapes, tmp_path, capsys):
     """`carrara quantize --fast` writes the student's own calibration into student/unet/ (keyed by the student's
     weights, not the teacher's); then --fast --precision int8 samples the student in int8, near its fp32 images, and
     the teacher's own int8 still asks for its own calibration."""
@@ -187,6 +187,10 @@ def test_quantize_fast_calibrates_the_student_for_int8(teacher_and_student, tmp_
     export_student(run, teacher, prompts=("a red circle",))
     with pytest.raises(CarraraError, match=r"--fast has no int8 calibration .*carrara quantize --model .* --fast"):
         Pipeline.load(teacher, precision="int8", fast=True)
+    judge = ["eval", "--model", str(teacher), "--data", str(tiny_shapes), "--n", "4", "--metrics", "faithfulness",
+             "--fast", "--precision", "int8", "--quiet", "--out", str(tmp_path / "report")]
+    assert main(judge) == 2 and "carrara quantize" in capsys.readouterr().err
+    assert not (tmp_path / "report").exists()
     (tmp_path / "p.txt").write_text("a red circle\na blue square\n")
     assert main(["quantize", "--model", str(teacher), "--fast", "--prompts", str(tmp_path / "p.txt"), "--n", "2"]) == 0
     assert "quality: mean |Δpixel| int8 vs fp32" in capsys.readouterr().out
@@ -200,6 +204,10 @@ def test_quantize_fast_calibrates_the_student_for_int8(teacher_and_student, tmp_
     assert 0 < int8.pixel_diff_255(a, b) <= 4.0  # int8 arithmetic, not the fp32 weights, and close to them
     with pytest.raises(CarraraError, match="no int8 calibration"):
         Pipeline.load(teacher, precision="int8")
+    assert main(judge) == 0  # carrara eval --precision int8 judges the int8 student
+    report = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert report["precision"] == "int8" and report["settings"]["precision"] == "int8"
+    assert report["model_hash"] == record["unet_hash"]
 
 
 def test_serve_offers_the_student_and_previews_with_it(teacher_and_student, tmp_path):

@@ -55,6 +55,7 @@ class EvalSettings:
     allow_pickle: bool = False  # let the model's or the Inception's weights be pickles, read weights-only
     kid_subset_size: int = 1000
     fast: bool = False  # judge the few-step student beside the model (carrara/student.py)
+    precision: str = "auto"  # the U-Net's (Pipeline.load): auto, fp32, bf16 or int8 (its calibration beside it)
     extra: dict = field(default_factory=dict)
 
 
@@ -144,7 +145,8 @@ def run_eval(settings: EvalSettings, out_dir: str | Path, progress: bool = True)
     own_prompts = read_prompts(settings.prompts) if settings.prompts else None
     out_dir = ensure_dir(out_dir)
     pipe = load_any(settings.model, allow_pickle=settings.allow_pickle,  # a diffusion model, a cascade or a family
-                    **({"fast": True} if settings.fast else {}))
+                    **({"fast": True} if settings.fast else {}),
+                    **({"precision": settings.precision} if settings.precision != "auto" else {}))
     own = getattr(pipe, "sampling", {"steps": DEFAULTS.steps, "sampler": DEFAULTS.sampler})  # the model's defaults
     settings = replace(settings, steps=settings.steps or own["steps"], sampler=settings.sampler or own["sampler"])
     report = {"settings": asdict(settings), "model_hash": pipe.model_hash, "precision": pipe.precision, "metrics": {}}

@@ -197,8 +197,8 @@ class NoiseAwareClassifier(nn.Module):
         toward what was asked for, a pair's both relations and shapes included. Refused in one line when the prompt
         names no object this classifier reads."""
         read = shapes.read_caption(prompt)
-        example = ('--classes "shape=star,color=red", or a prompt that names a colour and a shape ("a red star on '
-                   'the left", "a red circle to the left of a blue square")')
+        example = ('--classes "shape=star,color=red", or a prompt in shapes\' words ("a red star on the left", '
+                   '"a red circle to the left of a blue square")')
         if read is None:
             raise CarraraError(f"--classifier: the prompt {prompt!r} names no object to guide toward; give {example}")
         objects, relation = read
