@@ -5,7 +5,8 @@ same timesteps (carrara's logSNR grid is handed to diffusers' DPMSolverMultistep
 same arithmetic; the runs are interleaved (carrara, diffusers, carrara, …) in one process and the medians
 compared. Also timed: carrara in fp32, to separate the bf16 lever from the rest. The images must match:
 the mean |Δpixel| between carrara (fp32) and diffusers is reported and must stay ≤ 1/255; carrara's default
-(bf16 U-Net weights where the CPU has native bf16) is reported against diffusers too (tolerance 2/255).
+(bf16 U-Net weights where the CPU has native bf16; else the int8 U-Net where the model has a calibration, as the
+packaged default does) is reported against diffusers too (tolerance 2/255).
 
 A cascade model is timed at its base's side (64 px): diffusers' pipeline has no upsampler. `--compiled` adds
 carrara with the U-Net packages `carrara compile` made for this machine (loaded at once), beside eager.

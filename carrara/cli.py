@@ -11,6 +11,9 @@ from carrara.diffusion.settings import DEFAULTS, SAMPLER_NAMES
 from carrara.errors import CarraraError
 from carrara.hardware import keep_freed_memory
 
+PRECISION_AUTO = ("auto: bf16 where the CPU has native bf16, else int8 where the model has an int8 calibration of its "
+                  "weights (`carrara quantize`; the default model ships them), else fp32")
+
 
 def _positive_int(text: str) -> int:
     try:
@@ -177,8 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--fast", action="store_true", help="judge the model's few-step student (`carrara export "
                     "student`), at its own steps unless --steps")
     ev.add_argument("--precision", choices=["auto", "fp32", "bf16", "int8"], default="auto",
-                    help="the U-Net's precision (default auto: bf16 where the CPU has native bf16; int8 checks the "
-                         "calibrated int8 U-Net)")
+                    help=f"the U-Net's precision (default {PRECISION_AUTO})")
     ev.add_argument("--seed", type=int, default=0, help="seed for captions and noise (default 0)")
     ev.add_argument("--bootstrap", type=_positive_int, default=50, help="bootstrap resamples for intervals (50)")
     ev.add_argument("--out", help="report folder: metrics.json, report.html, samples.png")
@@ -272,8 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--overwrite", action="store_true", help="replace existing output files instead of numbering")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.add_argument("--precision", choices=["auto", "fp32", "bf16", "int8"], default=None,
-                     help="U-Net precision (default auto: bf16 where the CPU has native bf16, else fp32; int8 needs "
-                     "`carrara quantize` first)")
+                     help=f"U-Net precision (default {PRECISION_AUTO})")
     gen.add_argument("--fast", action="store_true", help="sample with the model's few-step student (4 steps, guidance "
                      "built in; `carrara export student` puts one beside its teacher)")
     gen.add_argument("--from", dest="from_png", default=None, help="re-create an image from its PNG metadata")
@@ -319,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--index", default=None, help="a CLIP retrieval index (from carrara index): the page gets a "
                        "search box over its images")
     serve.add_argument("--precision", choices=["auto", "fp32", "bf16", "int8"], default="auto",
-                       help="the model's U-Net precision (default auto; int8 needs `carrara quantize` first)")
+                       help=f"the model's U-Net precision (default {PRECISION_AUTO})")
     serve.set_defaults(func=handlers.cmd_serve)
 
     quantize = commands.add_parser("quantize", help="calibrate a model's int8 U-Net (for --precision int8) and "

@@ -368,7 +368,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from carrara.models import compiled as aot
     from carrara.pipeline import Pipeline
 
-    pipe = Pipeline.load(args.model, precision=args.precision)
+    pipe = Pipeline.load(args.model, precision=args.precision, auto_int8=False)  # compiles fp32 or bf16
     if pipe.unclip is not None:
         raise CarraraError("carrara compile takes a text-conditioned model; an unCLIP decoder's context also holds "
                            "its image tokens, which the compiled U-Net does not take yet")
@@ -460,7 +460,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     sock = listen(args.host, args.port)
     try:
         searcher = Searcher.load(args.index) if args.index else None  # before the model: a bad index fails at once
-        pipe = Pipeline.load(args.model, allow_pickle=args.allow_pickle, precision=args.precision)
+        pipe = Pipeline.load(args.model, allow_pickle=args.allow_pickle, precision=args.precision,
+                             auto_int8=not args.lora)  # LoRA merges into fp32 weights
         if args.lora:  # merged into the starting model's U-Net; pipe.loras is what its PNGs should record
             pipe.merge_loras(args.lora)
         app = create_app(pipe, args.data_dir, allowed_hosts=LOOPBACK_HOSTS if loopback else None,

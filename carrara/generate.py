@@ -172,9 +172,9 @@ def generate_command(args: argparse.Namespace) -> int:
     out = asked if args.overwrite else _next_free(asked, s["n"])
     t0 = time.perf_counter()
     fast = args.fast or (meta or {}).get("fast") is True  # the model's few-step student (carrara/student.py)
+    lora_specs = _lora_specs(args, meta)  # LoRA merges into fp32 weights: then "auto" is not int8
     pipe = load_any(model, allow_pickle=args.allow_pickle, precision=s["precision"],  # a diffusion or family model
-                    **({"fast": True} if fast else {}))
-    lora_specs = _lora_specs(args, meta)
+                    **({"fast": True} if fast else {}), **({"auto_int8": False} if lora_specs else {}))
     if lora_specs and isinstance(pipe, FamilyPipeline):
         raise CarraraError(f"--lora adapts a diffusion model's U-Net; {model} is a {pipe.kind} model")
     loras = pipe.merge_loras(lora_specs) if lora_specs else []  # merged into the weights (models/lora.py)

@@ -43,7 +43,8 @@ PRECISIONS = ("auto", "fp32", "bf16", "int8")
 
 
 def resolve_precision(precision: str) -> str:
-    """"auto" → "bf16" where the CPU has native bf16 dot products (docs/performance.md measures both), else "fp32"."""
+    """"auto" → "bf16" where the CPU has native bf16 dot products (docs/performance.md measures both), else "fp32"
+    (which `Pipeline.load` makes "int8" where the model has a calibration of its weights)."""
     if precision not in PRECISIONS:
         raise CarraraError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if precision == "auto":
@@ -127,14 +128,16 @@ class Pipeline:
 
     @classmethod
     def load(cls, path: str | Path = "default", *, allow_pickle: bool = False, precision: str = "auto",
-             fast: bool = False) -> Pipeline:
+             fast: bool = False, auto_int8: bool = True) -> Pipeline:
         """Load a carrara run folder, the packaged "default" model, or a diffusers SD folder.
 
         Weights are read from safetensors only, unless allow_pickle lets `.bin` files be read weights-only.
-        precision: "fp32", "bf16" (U-Net weights in bf16), "auto" (bf16 where the CPU has native bf16) or "int8" (W8A8
-        U-Net with the calibration `carrara quantize` stored beside its weights, models/int8.py).
+        precision: "fp32", "bf16" (U-Net weights in bf16), "int8" (W8A8 U-Net with the calibration `carrara quantize`
+        stored beside its weights, models/int8.py) or "auto": bf16 where the CPU has native bf16; else int8 where
+        the U-Net has a calibration of these weights (the packaged default has one for the model and its student)
+        and `auto_int8` (False for weights about to change: a LoRA merge); else fp32.
         fast: sample with the few-step student the folder holds (carrara/student.py; a student run already is one)."""
-        precision = resolve_precision(precision)
+        auto, precision = precision == "auto", resolve_precision(precision)
         keep_freed_memory()
         unclip = Unclip.load(path) if is_unclip(path) else None  # an unCLIP folder: its decoder/ is the model
         folder = resolve(unclip.decoder if unclip else path)
@@ -163,6 +166,8 @@ class Pipeline:
             if upsampler.unet.config.cross_attention_dim != text_encoder.dim:
                 raise CarraraError(f"{folder.root / 'upsampler'} expects {upsampler.unet.config.cross_attention_dim}-dim "
                                    f"text states but the text encoder gives {text_encoder.dim}")
+        if auto and precision == "fp32" and auto_int8 and int8.calibrated(unet_dir, model_hash):
+            precision = "int8"  # no native bf16: int8 is this CPU's fast path (docs/performance.md), fp32 by asking
         if precision == "int8":  # the student beside its teacher has its own calibration, in student/unet/
             unet = int8.quantize_unet(unet, int8.read_calibration(unet_dir, model_hash,
                                                                   f"{path}{' --fast' if fast else ''}"))

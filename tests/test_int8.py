@@ -15,6 +15,7 @@ from carrara.errors import CarraraError
 from carrara.models import int8
 from carrara.models.config import UNetConfig
 from carrara.models.unet import UNet2DConditionModel
+from carrara.png import read_png_metadata
 
 MATCH = 2e-3  # an int8 layer vs its quantization simulated in fp32: rounding ties and fp32 sum order only
 MEAN_MATCH = 5e-5  # the same, averaged over the layers: most are exact (measured 6e-6 FBGEMM, 2e-7 oneDNN)
@@ -248,3 +249,30 @@ def test_quantization_parameters_by_hand():
     w8, scales = int8.weight_qparams(torch.tensor([[0.5, -1.27], [2.54, 0.0]]))
     assert torch.equal(w8, torch.tensor([[50, -127], [127, 0]], dtype=torch.int8))
     assert torch.allclose(scales, torch.tensor([0.01, 0.02]))
+
+
+def test_auto_is_int8_without_native_bf16_where_a_calibration_is(model_copy, tmp_path, monkeypatch, capsys):
+    """precision "auto" on a CPU without native bf16 (CARRARA_BF16=0 makes this one such): fp32 until `carrara
+    quantize` has calibrated these weights, int8 after; explicit fp32 and a LoRA merge stay fp32; with native bf16,
+    bf16 still."""
+    from carrara.pipeline import Pipeline
+
+    monkeypatch.setenv("CARRARA_BF16", "0")
+    assert Pipeline.load(model_copy).precision == "fp32"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    assert main(["quantize", "--model", str(model_copy), "--prompts", str(prompts), "--n", "1"]) == 0
+    auto = Pipeline.load(model_copy)
+    assert auto.precision == "int8" and int8.is_int8(auto.unet)
+    assert Pipeline.load(model_copy, precision="fp32").precision == "fp32"
+    assert Pipeline.load(model_copy, auto_int8=False).precision == "fp32"
+    record = json.loads((model_copy / "unet" / int8.CALIBRATION_FILE).read_text())
+    (model_copy / "unet" / int8.CALIBRATION_FILE).write_text(json.dumps({**record, "unet_hash": "ffffffffffff"}))
+    assert Pipeline.load(model_copy).precision == "fp32"  # a calibration of other weights: auto does not take it
+    (model_copy / "unet" / int8.CALIBRATION_FILE).write_text(json.dumps(record))
+    out = tmp_path / "auto.png"
+    assert main(["generate", "a red circle", "--model", str(model_copy), "--steps", "2", "-o", str(out),
+                 "--quiet"]) == 0
+    assert read_png_metadata(out)["precision"] == "int8"  # recorded, so --from makes it again in int8
+    monkeypatch.setenv("CARRARA_BF16", "1")
+    assert Pipeline.load(model_copy).precision == "bf16"

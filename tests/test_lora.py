@@ -420,3 +420,28 @@ def test_merging_into_an_int8_unet_is_one_clear_refusal(tiny_diffusion_run):
     with pytest.raises(CarraraError, match="--lora merges into fp32 weights"):
         pipe.merge_loras(["any.safetensors"])
     assert pipe.loras == [] and all(torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items())
+
+
+def test_lora_with_auto_precision_stays_out_of_int8(tiny_diffusion_run, adapter_file, tmp_path, monkeypatch):
+    """Where "auto" would be int8 (no native bf16, a calibration beside the weights), --lora loads fp32 to merge into,
+    in generate and serve, instead of refusing."""
+    import shutil
+
+    import carrara.serve.app as app_module
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_diffusion_run, model)
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    assert main(["quantize", "--model", str(model), "--prompts", str(tmp_path / "p.txt"), "--n", "1"]) == 0
+    monkeypatch.setenv("CARRARA_BF16", "0")
+    assert Pipeline.load(model).precision == "int8"
+    out = tmp_path / "lora.png"
+    assert main(["generate", "a red circle", "--model", str(model), "--steps", "2", "--lora", str(adapter_file),
+                 "-o", str(out), "--quiet"]) == 0
+    assert read_png_metadata(out)["precision"] == "fp32" and read_png_metadata(out)["lora"][0]["weight"] == 1.0
+    served = []
+    monkeypatch.setattr(app_module, "server", lambda app: type("S", (), {"run": lambda self, sockets: served.append(
+        app)})())
+    assert main(["serve", "--model", str(model), "--port", "0", "--data-dir", str(tmp_path / "g"),
+                 "--lora", str(adapter_file)]) == 0
+    assert served[0].state.models.get().precision == "fp32"

@@ -261,6 +261,17 @@ def read_calibration(unet_dir: str | Path, unet_hash: str, model: str) -> dict:
     return record
 
 
+def calibrated(unet_dir: str | Path, unet_hash: str) -> bool:
+    """Whether this CPU has int8 kernels and `unet_dir` a readable calibration of these weights (precision "auto"
+    takes int8 then, where there is no native bf16)."""
+    try:
+        check_cpu()
+        read_calibration(unet_dir, unet_hash, str(unet_dir))
+    except CarraraError:
+        return False
+    return True
+
+
 def quantize_unet(unet: nn.Module, record: dict) -> nn.Module:
     """Replace, in place, every quantizable layer of an fp32 U-Net by its int8 module (weights packed now)."""
     check_cpu()
