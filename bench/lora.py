@@ -225,7 +225,7 @@ def run(args: argparse.Namespace) -> dict:
     lora = train_lora(out, base, concept, args, scale, progress)
     prompts = {"taught_styled": [f"{n}, {STYLE}" for n in sets["taught"]],
                "unseen_styled": [f"{n}, {STYLE}" for n in sets["unseen"]], "old": sets["old"]}
-    pipe = Pipeline.load(base, precision=args.precision)
+    pipe = Pipeline.load(base, precision=args.precision, auto_int8=False)  # the LoRA merges into its weights
     started = time.perf_counter()
     before = {k: generate(pipe, v) for k, v in prompts.items()}
     by_weight = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import sys
 from pathlib import Path
@@ -338,21 +339,31 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from carrara.modelfolder import resolve
     from carrara.models import int8
     from carrara.pipeline import Pipeline
-    from carrara.student import FOLDER as STUDENT_FOLDER
+    from carrara.upsampler import FOLDER as UPSAMPLER_FOLDER
 
     prompts = (read_prompts(args.prompts) if args.prompts else int8.calibration_prompts(args.n))[:args.n]
     pipe = Pipeline.load(args.model, precision="fp32", fast=args.fast)
-    unet_dir = resolve(pipe.unclip.decoder if pipe.unclip else args.model).unet  # unCLIP: its decoder's U-Net
-    if args.fast:  # the student beside its teacher (carrara export student): its own U-Net, its own calibration
-        unet_dir = resolve(args.model).root / STUDENT_FOLDER / "unet"
+    # the folder the pipeline read the U-Net from: a model's unet/, an unCLIP decoder's, the student's beside its
+    # teacher (--fast) or a student run's own
+    root, unet_dir = resolve(pipe.unclip.decoder if pipe.unclip else args.model).root, pipe.unet_dir
+    # a cascade's upsampler is calibrated with its model (the student shares it: --fast leaves it as it is)
+    up_dir = root / UPSAMPLER_FOLDER / "unet" if pipe.upsampler is not None and not args.fast else None
     int8.check_cpu()
-    check_writable(unet_dir / int8.CALIBRATION_FILE, "the calibration")  # before the calibration run, not after
+    for folder in (unet_dir, up_dir):  # before the calibration run, not after
+        if folder is not None:
+            check_writable(folder / int8.CALIBRATION_FILE, "the calibration")
     settings = {**pipe.sampling, "output": "latent"}  # the model's own sampling (every step, both guidance halves)
     print(f"carrara quantize: calibrating on {len(prompts)} prompts …", flush=True)
     record = int8.calibrate(pipe.unet, lambda ps, seed: pipe(ps, seed=seed, **settings), prompts, pipe.model_hash,
                             {k: v for k, v in settings.items() if k != "output"})
     path = int8.write_calibration(unet_dir, record)
     print(f"wrote {path}: {len(record['layers'])} layers in int8, {len(record['kept_fp32'])} kept fp32")
+    if up_dir is not None:  # on the base's images, at the upsampler's recorded settings
+        print(f"carrara quantize: calibrating the upsampler on {len(prompts)} prompts …", flush=True)
+        up = int8.calibrate(pipe.upsampler.unet, lambda ps, seed: pipe(ps, seed=seed, **settings | {"output": "tensor"}),
+                            prompts, pipe.upsampler.weights_hash, dataclasses.asdict(pipe.upsampler.settings))
+        path = int8.write_calibration(up_dir, up)
+        print(f"wrote {path}: {len(up['layers'])} layers in int8, {len(up['kept_fp32'])} kept fp32")
     quantized, check = Pipeline.load(args.model, precision="int8", fast=args.fast), list(int8.QUALITY_PROMPTS)
     diff = int8.pixel_diff_255(pipe(check, **settings | {"output": "tensor"}),
                                quantized(check, **settings | {"output": "tensor"}))
@@ -366,12 +377,16 @@ def cmd_compile(args: argparse.Namespace) -> int:
     it is faster. Whatever stops it before the end (an error, a mismatch, Ctrl-C) leaves no package behind."""
     from carrara.modelfolder import resolve
     from carrara.models import compiled as aot
+    from carrara.models import int8
     from carrara.pipeline import Pipeline
 
     pipe = Pipeline.load(args.model, precision=args.precision, auto_int8=False)  # compiles fp32 or bf16
     if pipe.unclip is not None:
         raise CarraraError("carrara compile takes a text-conditioned model; an unCLIP decoder's context also holds "
                            "its image tokens, which the compiled U-Net does not take yet")
+    if args.precision == "auto" and pipe.precision == "fp32" and int8.calibrated(pipe.unet_dir, pipe.model_hash):
+        print(f"carrara compile: note: without native bf16 here, generate and serve sample {args.model} in int8 "
+              "(precision auto); the compiled fp32 U-Net serves --precision fp32", flush=True)
     pipe.compiled = None  # eager, for the check
     unet_dir = resolve(args.model).unet
     folder, tokens = aot.package_dir(unet_dir), pipe.text_encoder.max_length
@@ -465,7 +480,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if args.lora:  # merged into the starting model's U-Net; pipe.loras is what its PNGs should record
             pipe.merge_loras(args.lora)
         app = create_app(pipe, args.data_dir, allowed_hosts=LOOPBACK_HOSTS if loopback else None,
-                         models_dir=args.models, load=functools.partial(Pipeline.load, allow_pickle=args.allow_pickle),
+                         models_dir=args.models, load=functools.partial(Pipeline.load, allow_pickle=args.allow_pickle,
+                                                                        precision=args.precision),  # every model
                          searcher=searcher)
         host, port = sock.getsockname()[:2]
         url_host = f"[{host}]" if ":" in host else host

@@ -333,4 +333,5 @@ def _classifier_guidance(args: argparse.Namespace, pipe, prompt: str) -> tuple[d
     scale = 1.0 if args.classifier_scale is None else args.classifier_scale
     guide = ClassifierGuidance(lambda x, t: classifier.log_prob(x, t, wanted), scale)
     return {"classifier": guide}, {"classifier": {"run": str(Path(args.classifier).resolve()),
-                                                  "classes": args.classes or "the prompt's", "scale": scale}}
+                                                  "classes": classifier.describe(wanted), "scale": scale,
+                                                  **({} if args.classes else {"classes_from": "prompt"})}}

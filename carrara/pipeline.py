@@ -34,6 +34,7 @@ from carrara.student import FOLDER as STUDENT_FOLDER
 from carrara.student import has_student, load_student, student_record
 from carrara.text.encoder import TextEncoder, mean_pool
 from carrara.unclip import Unclip, is_unclip
+from carrara.upsampler import FOLDER as UPSAMPLER_FOLDER
 from carrara.upsampler import Upsampler, UpsamplerSettings
 
 MAX_BATCH = 64
@@ -125,6 +126,7 @@ class Pipeline:
             upsampler.unet.to(self.unet_dtype)
         self.compiled: Package | None = None  # `carrara compile`'s package of this U-Net (models/compiled.py)
         self.loras: list[dict] = []  # LoRA adapters merged into the U-Net (merge_loras)
+        self.unet_dir: Path | None = None  # the U-Net's folder, when loaded from one (Pipeline.load)
 
     @classmethod
     def load(cls, path: str | Path = "default", *, allow_pickle: bool = False, precision: str = "auto",
@@ -161,8 +163,8 @@ class Pipeline:
         schedule = NoiseSchedule.from_diffusers_config(scheduler_config)
         VarianceType.of_model(scheduler_config, unet.config.in_channels, unet.config.out_channels)
         upsampler = None  # a cascade folder holds its second stage beside unet/ and vae/
-        if (folder.root / "upsampler" / "model_index.json").is_file():
-            upsampler = Upsampler.load(folder.root / "upsampler", allow_pickle=allow_pickle)
+        if (folder.root / UPSAMPLER_FOLDER / "model_index.json").is_file():
+            upsampler = Upsampler.load(folder.root / UPSAMPLER_FOLDER, allow_pickle=allow_pickle)
             if upsampler.unet.config.cross_attention_dim != text_encoder.dim:
                 raise CarraraError(f"{folder.root / 'upsampler'} expects {upsampler.unet.config.cross_attention_dim}-dim "
                                    f"text states but the text encoder gives {text_encoder.dim}")
@@ -171,12 +173,16 @@ class Pipeline:
         if precision == "int8":  # the student beside its teacher has its own calibration, in student/unet/
             unet = int8.quantize_unet(unet, int8.read_calibration(unet_dir, model_hash,
                                                                   f"{path}{' --fast' if fast else ''}"))
+            up_dir = folder.root / UPSAMPLER_FOLDER / "unet"
+            if upsampler is not None and int8.calibrated(up_dir, upsampler.weights_hash):  # else it stays fp32
+                int8.quantize_unet(upsampler.unet, int8.read_calibration(up_dir, upsampler.weights_hash, str(path)))
         pipe = cls(unet=unet, vae=vae, text_encoder=text_encoder, schedule=schedule, model_hash=model_hash,
                    name=str(path),
                    scheduler_options=SchedulerOptions.from_scheduler_config(scheduler_config),
                    precision=precision, upsampler=upsampler, student=student,
                    unclip=unclip)
         pipe.compiled = find_package(unet_dir, model_hash, pipe.precision, pipe.unet)
+        pipe.unet_dir = unet_dir  # where its weights' companions live: the int8 calibration, compiled packages
         return pipe
 
     def merge_loras(self, specs: list[str]) -> list[dict]:

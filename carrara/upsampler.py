@@ -44,6 +44,7 @@ from carrara.models.codec import depth_to_space, space_to_depth
 from carrara.models.unet import UNet2DConditionModel as UNet
 
 KIND = "CarraraUpsampler"  # model_index.json _class_name of an upsampler folder
+FOLDER = "upsampler"  # a cascade's second stage, beside the base's unet/ and vae/
 
 
 @dataclass

@@ -7,6 +7,7 @@ import torch
 from conftest import TINY_UNET
 from reference import reference_pair
 
+from carrara.cli import main
 from carrara.diffusion.schedule import NoiseSchedule
 from carrara.errors import CarraraError
 from carrara.models import UNet2DConditionModel, UNetConfig
@@ -441,3 +442,26 @@ def test_eval_judges_a_cascade_at_the_datas_side(cascade_folder, tiny_shapes, ti
         build_shapes(bigger, n=4, size=48, seed=0, progress=False)
         run_eval(EvalSettings(model=str(cascade_folder), data=str(bigger), **settings), tmp_path / "x",
                  progress=False)
+
+
+def test_quantize_calibrates_the_upsampler_too_and_int8_runs_both(cascade_folder, tmp_path, capsys):
+    """`carrara quantize` on a cascade writes the upsampler's own calibration (keyed by its weights) beside the base's;
+    int8 then runs both U-Nets in int8, near fp32 at the big size; an upsampler without one stays fp32."""
+    from carrara.models import int8
+
+    model = tmp_path / "model"
+    shutil.copytree(cascade_folder, model)
+    (tmp_path / "p.txt").write_text("a red circle\na blue square\n")
+    assert main(["quantize", "--model", str(model), "--prompts", str(tmp_path / "p.txt"), "--n", "2"]) == 0
+    assert "calibrating the upsampler" in capsys.readouterr().out
+    fp32 = Pipeline.load(model, precision="fp32")
+    record = json.loads((model / "upsampler" / "unet" / int8.CALIBRATION_FILE).read_text())
+    assert record["unet_hash"] == fp32.upsampler.weights_hash != fp32.model_hash
+    assert record["settings"]["steps"] == fp32.upsampler.settings.steps and record["settings"]["prompts"] == 2
+    quantized = Pipeline.load(model, precision="int8")
+    assert int8.is_int8(quantized.unet) and int8.is_int8(quantized.upsampler.unet)
+    a, b = (p(["a red circle", "a green star"], seed=1, steps=3, output="tensor") for p in (fp32, quantized))
+    assert a.shape[-1] == 32 and 0 < int8.pixel_diff_255(a, b) <= 8.0
+    (model / "upsampler" / "unet" / int8.CALIBRATION_FILE).unlink()
+    base_only = Pipeline.load(model, precision="int8")
+    assert int8.is_int8(base_only.unet) and not int8.is_int8(base_only.upsampler.unet)

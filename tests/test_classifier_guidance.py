@@ -52,6 +52,9 @@ def test_prompt_classes_read_what_the_prompt_names():
     # a pair: both objects' relations, by colour (red left of blue, blue right of red)
     assert model.prompt_classes("a red star to the left of a blue circle") == {"relation": [(0, 0), (1, 1)]}
     assert model.prompt_classes("a blue star below a red circle") == {"relation": [(1, 3), (0, 2)]}
+    assert model.describe(model.prompt_classes("a blue star below a red circle")) == \
+        "relation[blue]=below,relation[red]=above"
+    assert model.describe({"shape": 1, "color": 0, "relation": (1, 0)}) == "shape=star,color=red,relation[blue]=left of"
     for prompt, message in [("a happy kitty", "names no object to guide toward"),
                             ("a red star left of a red circle", "names red twice"),
                             ("a large square", "has no head for what 'a large square' names"),
@@ -296,7 +299,8 @@ def test_generate_guides_toward_the_prompt_without_classes(classifier_run, tmp_p
                "--quiet") == 0
     assert gen(model, prompt, "--classifier", str(classifier_run), "--classifier-scale", "5", "--classes",
                "shape=star,color=red,size=large,position=left", "-o", str(named), "--quiet") == 0
-    assert read_png_metadata(read)["classifier"]["classes"] == "the prompt's"
+    assert read_png_metadata(read)["classifier"]["classes"] == "shape=star,color=red,size=large,position=left"
+    assert read_png_metadata(read)["classifier"]["classes_from"] == "prompt"
     np.testing.assert_array_equal(np.asarray(Image.open(read)), np.asarray(Image.open(named)))
     for prompt, message in [("a happy kitty", "names no object to guide toward; give --classes"),
                             ("", "an empty prompt (the unconditional model) needs --classes")]:

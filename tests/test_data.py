@@ -130,6 +130,9 @@ def test_read_caption_inverts_every_template(shapes300):
     ("green squares in the middle", ([{"shape": "square", "color": "green", "position": "center"}], None)),
     ("something red on the right side", ([{"color": "red", "position": "right"}], None)),
     ("a red star above a circle", None),  # a pair is told apart by colour: both need one, and a shape
+    ("red crosses", ([{"shape": "cross", "color": "red"}], None)),
+    ("a red circle and a blue square", None),  # two objects, no relation it reads: not guided toward one of them
+    ("a red circle next to a red square", None),
     ("a happy kitty", None),
     ("", None),
 ])

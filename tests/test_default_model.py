@@ -94,12 +94,16 @@ def test_default_student_ships_with_its_record_and_follows_the_prompt(pipe):
     assert red.mean() - blue.mean() > 3 * ((red.var() + blue.var()) / 8).sqrt() and red.mean() > 0 > blue.mean()
 
 
-def test_default_ships_int8_calibrations_for_the_model_and_its_student():
-    """`--precision int8` (models/int8.py) works out of the box for the model and, with --fast, its student: each
-    calibration is of its own weights (`carrara quantize [--fast]`), and the int8 student's images stay near fp32's."""
+def test_default_ships_int8_calibrations_for_the_model_its_upsampler_and_its_student():
+    """`--precision int8` (models/int8.py) works out of the box for the model, its upsampler and, with --fast, its
+    student: each calibration is of its own weights (`carrara quantize [--fast]`), and the int8 student's images stay
+    near fp32's."""
     from carrara.models import int8
 
-    for pipe, folder in ((Pipeline.load("default", precision="int8"), DEFAULT / "unet"),
+    teacher = Pipeline.load("default", precision="int8")
+    up = json.loads((DEFAULT / "upsampler" / "unet" / int8.CALIBRATION_FILE).read_text())
+    assert up["unet_hash"] == teacher.upsampler.weights_hash and int8.is_int8(teacher.upsampler.unet)
+    for pipe, folder in ((teacher, DEFAULT / "unet"),
                          (Pipeline.load("default", precision="int8", fast=True), DEFAULT / "student" / "unet")):
         record = json.loads((folder / int8.CALIBRATION_FILE).read_text())
         assert record["unet_hash"] == pipe.model_hash and int8.is_int8(pipe.unet)

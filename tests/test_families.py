@@ -308,5 +308,7 @@ def test_the_cli_trains_a_family_and_generates_from_it(tiny_shapes, tmp_path, ca
     assert main(["generate", "--from", str(out), "--quiet", "-o", str(tmp_path / "again.png")]) == 0
     assert Image.open(out).tobytes() == Image.open(tmp_path / "again.png").tobytes()
     capsys.readouterr()
+    assert main(["generate", "a red circle", "--model", str(run), "--precision", "int8", "-o", str(tmp_path / "q.png")]) == 2
+    assert "is a family model, which runs in fp32" in capsys.readouterr().err and not (tmp_path / "q.png").exists()
     assert main(["train", "family", "--kind", "nope", "--data", str(tiny_shapes), "--out", str(tmp_path / "n")]) == 2
     assert "unknown family 'nope'" in capsys.readouterr().err

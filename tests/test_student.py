@@ -210,6 +210,34 @@ def test_quantize_fast_calibrates_the_student_for_int8(teacher_and_student, tiny
     assert report["model_hash"] == record["unet_hash"]
 
 
+def test_quantize_fast_on_a_student_run_calibrates_its_own_unet(teacher_and_student, tmp_path):
+    """A student run is its own model: --fast changes nothing, and the calibration goes into RUN/unet/."""
+    from carrara.models import int8
+
+    run = tmp_path / "run"
+    shutil.copytree(teacher_and_student[1], run, ignore=shutil.ignore_patterns("checkpoints", "samples"))
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    assert main(["quantize", "--model", str(run), "--fast", "--prompts", str(tmp_path / "p.txt"), "--n", "1"]) == 0
+    assert (run / "unet" / int8.CALIBRATION_FILE).is_file() and not (run / "student").exists()
+    assert int8.is_int8(Pipeline.load(run, precision="int8", fast=True).unet)
+
+
+def test_serve_loads_every_model_at_the_asked_precision(teacher_and_student, tmp_path, monkeypatch):
+    import carrara.serve.app as app_module
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(teacher_and_student[0], teacher)
+    export_student(teacher_and_student[1], teacher, prompts=("a red circle",))
+    served = []
+    monkeypatch.setattr(app_module, "server", lambda app: type("S", (), {"run": lambda self, sockets: served.append(
+        app)})())
+    monkeypatch.setenv("CARRARA_BF16", "1")  # auto would be bf16
+    assert main(["serve", "--model", str(teacher), "--port", "0", "--data-dir", str(tmp_path / "g"),
+                 "--precision", "fp32"]) == 0
+    models = served[0].state.models
+    assert models.get().precision == "fp32" and models.get("teacher-fast").precision == "fp32"
+
+
 def test_serve_offers_the_student_and_previews_with_it(teacher_and_student, tmp_path):
     from fastapi.testclient import TestClient
 

@@ -182,8 +182,8 @@ _POSITION_WORDS = sorted([(p, k) for k, p in POSITION_PHRASES.items()]
 
 
 def _phrase(words) -> re.Pattern:
-    """Any of `words` as whole words (a plural s allowed)."""
-    return re.compile(r"\b(" + "|".join(re.escape(w) for w in words) + r")s?\b")
+    """Any of `words` as whole words (a plural -s or -es allowed)."""
+    return re.compile(r"\b(" + "|".join(re.escape(w) for w in words) + r")(?:es|s)?\b")
 
 
 _FINDERS = {"shape": _phrase(SHAPES), "color": _phrase(COLORS), "size": _phrase(SIZES)}
@@ -201,14 +201,15 @@ def read_caption(text: str) -> tuple[list[dict], str | None] | None:
     back from its words — the inverse of `caption` for every template, and lenient with other wordings ("a red star
     left of a blue circle", "green squares"): what classifier guidance toward the prompt needs. A relation splits the
     caption into its two objects, each of which must name a colour and a shape (how a pair is told apart); one object
-    needs a colour or a shape. None when the text names no such object or pair."""
+    needs a colour or a shape. None when the text names no such object or pair, or two colours, shapes or sizes
+    without one of the four relations between them."""
     text = " ".join(text.lower().replace(",", " ").split())
     for pattern, relation in _RELATION_FINDERS:
         if m := pattern.search(text):
             a, b = _read_object(text[:m.start()]), _read_object(text[m.end():])
             return ([a, b], relation) if all({"shape", "color"} <= o.keys() for o in (a, b)) else None
-    if not (o := _read_object(text)):
-        return None
+    if not (o := _read_object(text)) or any(len(set(p.findall(text))) > 1 for p in _FINDERS.values()):
+        return None  # nothing, or two objects without a relation carrara reads ("a red circle and a blue square")
     position = next((k for pattern, k in _POSITION_FINDERS if pattern.search(text)), None)
     return [{**o, **({"position": position} if position else {})}], None
 

@@ -85,6 +85,9 @@ def load_any(path: str | Path, **options):
     if is_family_run(path):
         if options.get("fast"):
             raise CarraraError(f"--fast samples a diffusion model's distilled student; {path} is a family model")
+        if options.get("precision", "auto") not in ("auto", "fp32"):
+            raise CarraraError(f"--precision {options['precision']} sets a diffusion model's U-Net; {path} is a family "
+                               "model, which runs in fp32")
         return FamilyPipeline.load(path)
     return Pipeline.load(path, **options)
 

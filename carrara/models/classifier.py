@@ -192,6 +192,19 @@ class NoiseAwareClassifier(nn.Module):
             wanted[PAIR_SHAPE] = [(colors.index(o[RELATION_BY]), cfg.heads["shape"].index(o["shape"])) for o in (a, b)]
         return wanted
 
+    def describe(self, wanted: Wanted) -> str:
+        """The classes in words, as a PNG records them: "shape=star,color=red"; a colour-indexed head's by colour,
+        "relation[red]=left of,relation[blue]=right of,pair_shape[red]=circle"."""
+        cfg, parts = self.config, []
+        names = {**cfg.heads, RELATION: cfg.relations, PAIR_SHAPE: cfg.heads.get("shape", [])}
+        for head, index in wanted.items():
+            if head in BY_COLOR:
+                parts += [f"{head}[{cfg.heads[RELATION_BY][c]}]={names[head][k]}"
+                          for c, k in ([index] if isinstance(index, tuple) else index)]
+            else:
+                parts.append(f"{head}={names[head][index]}")
+        return ",".join(parts)
+
     def prompt_classes(self, prompt: str) -> Wanted:
         """The classes of the scene a `shapes` prompt describes (`shapes.read_caption`, then `scene_classes`): guidance
         toward what was asked for, a pair's both relations and shapes included. Refused in one line when the prompt
