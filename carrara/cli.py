@@ -320,7 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--index", default=None, help="a CLIP retrieval index (from carrara index): the page gets a "
                        "search box over its images")
     serve.add_argument("--precision", choices=["auto", "fp32", "bf16", "int8"], default="auto",
-                       help=f"the model's U-Net precision (default {PRECISION_AUTO})")
+                       help=f"every served model's U-Net precision (default {PRECISION_AUTO}; int8 needs each "
+                            "model's calibration)")
     serve.set_defaults(func=handlers.cmd_serve)
 
     quantize = commands.add_parser("quantize", help="calibrate a model's int8 U-Net (for --precision int8) and "

@@ -367,8 +367,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     quantized, check = Pipeline.load(args.model, precision="int8", fast=args.fast), list(int8.QUALITY_PROMPTS)
     diff = int8.pixel_diff_255(pipe(check, **settings | {"output": "tensor"}),
                                quantized(check, **settings | {"output": "tensor"}))
-    print(f"quality: mean |Δpixel| int8 vs fp32 = {diff:.2f}/255 over {len(check)} prompts, same seeds "
-          f"(target ≤ 2/255){'' if diff <= 2 else ': ABOVE the target, keep fp32'}")
+    ran = "the U-Net" if quantized.upsampler is None else \
+        f"the U-Net and {'the' if int8.is_int8(quantized.upsampler.unet) else 'not the'} upsampler"
+    print(f"quality: mean |Δpixel| int8 vs fp32 = {diff:.2f}/255 over {len(check)} prompts, same seeds, {ran} in "
+          f"int8 (target ≤ 2/255){'' if diff <= 2 else ': ABOVE the target, keep fp32'}")
     return 0
 
 

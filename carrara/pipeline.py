@@ -173,8 +173,8 @@ class Pipeline:
         if precision == "int8":  # the student beside its teacher has its own calibration, in student/unet/
             unet = int8.quantize_unet(unet, int8.read_calibration(unet_dir, model_hash,
                                                                   f"{path}{' --fast' if fast else ''}"))
-            up_dir = folder.root / UPSAMPLER_FOLDER / "unet"
-            if upsampler is not None and int8.calibrated(up_dir, upsampler.weights_hash):  # else it stays fp32
+            up_dir = folder.root / UPSAMPLER_FOLDER / "unet"  # without a calibration the upsampler stays fp32;
+            if upsampler is not None and (up_dir / int8.CALIBRATION_FILE).exists():  # a stale one is refused
                 int8.quantize_unet(upsampler.unet, int8.read_calibration(up_dir, upsampler.weights_hash, str(path)))
         pipe = cls(unet=unet, vae=vae, text_encoder=text_encoder, schedule=schedule, model_hash=model_hash,
                    name=str(path),

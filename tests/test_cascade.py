@@ -453,7 +453,8 @@ def test_quantize_calibrates_the_upsampler_too_and_int8_runs_both(cascade_folder
     shutil.copytree(cascade_folder, model)
     (tmp_path / "p.txt").write_text("a red circle\na blue square\n")
     assert main(["quantize", "--model", str(model), "--prompts", str(tmp_path / "p.txt"), "--n", "2"]) == 0
-    assert "calibrating the upsampler" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "calibrating the upsampler" in out and "the U-Net and the upsampler in int8" in out
     fp32 = Pipeline.load(model, precision="fp32")
     record = json.loads((model / "upsampler" / "unet" / int8.CALIBRATION_FILE).read_text())
     assert record["unet_hash"] == fp32.upsampler.weights_hash != fp32.model_hash
@@ -462,6 +463,10 @@ def test_quantize_calibrates_the_upsampler_too_and_int8_runs_both(cascade_folder
     assert int8.is_int8(quantized.unet) and int8.is_int8(quantized.upsampler.unet)
     a, b = (p(["a red circle", "a green star"], seed=1, steps=3, output="tensor") for p in (fp32, quantized))
     assert a.shape[-1] == 32 and 0 < int8.pixel_diff_255(a, b) <= 8.0
-    (model / "upsampler" / "unet" / int8.CALIBRATION_FILE).unlink()
+    up_file = model / "upsampler" / "unet" / int8.CALIBRATION_FILE
+    up_file.write_text(json.dumps({**record, "unet_hash": "ffffffffffff"}))
+    with pytest.raises(CarraraError, match="calibrated for U-Net weights ffffffffffff"):
+        Pipeline.load(model, precision="int8")  # a stale calibration is refused, not silently left in fp32
+    up_file.unlink()
     base_only = Pipeline.load(model, precision="int8")
     assert int8.is_int8(base_only.unet) and not int8.is_int8(base_only.upsampler.unet)
