@@ -70,6 +70,7 @@ def _settings(args: argparse.Namespace, meta: dict | None) -> tuple[dict, str]:
     if args.model is not None:
         model = args.model
     if not base.get("prompt", "").strip() and not getattr(args, "classifier", None) and not _unclip_mode(args) and (
+            "classifier" not in (meta or {})) and (
             "unclip" not in (meta or {})):  # an unCLIP strip's PNG: _unclip_request says why it is not re-made
         raise CarraraError('give a prompt, e.g. carrara generate "a red circle" (or --from image.png)')
     if not 1 <= base["n"] <= MAX_BATCH:
@@ -180,7 +181,7 @@ def generate_command(args: argparse.Namespace) -> int:
     loras = pipe.merge_loras(lora_specs) if lora_specs else []  # merged into the weights (models/lora.py)
     if edit_kwargs and isinstance(pipe, FamilyPipeline):
         raise CarraraError(f"--init edits with a diffusion model; {model} is a {pipe.kind} model")
-    guide_kwargs, guide_record = _classifier_guidance(args, pipe, s.get("prompt") or "")
+    guide_kwargs, guide_record = _classifier_guidance(args, pipe, s.get("prompt") or "", meta)
     unclip_kwargs, unclip_record, per_image = _unclip_inputs(args, request, pipe, s, model, meta)
     student = None if isinstance(pipe, FamilyPipeline) else pipe.student
     for key, value in ({} if student is None else pipe.defaults).items():  # a student's own sampler and steps
@@ -312,26 +313,47 @@ def _unclip_inputs(args: argparse.Namespace, request, pipe, s: dict, model: str,
     return kwargs, {"unclip": record}, per_image
 
 
-def _classifier_guidance(args: argparse.Namespace, pipe, prompt: str) -> tuple[dict, dict]:
+def _classifier_guidance(args: argparse.Namespace, pipe, prompt: str, meta: dict | None) -> tuple[dict, dict]:
     """(Pipeline keyword arguments, metadata) for classifier guidance: --classifier RUN [--classes …]
-    --classifier-scale; without --classes, toward what the prompt names (`NoiseAwareClassifier.prompt_classes`)."""
-    if args.classifier is None:
+    --classifier-scale; without --classes, toward what the prompt names (`NoiseAwareClassifier.prompt_classes`);
+    with --from, what the PNG records unless a flag says otherwise."""
+    record = _recorded_classifier(args, meta)
+    run = args.classifier or (record or {}).get("run")
+    if run is None:
         for flag, given in (("--classes", args.classes), ("--classifier-scale", args.classifier_scale)):
             if given is not None:
                 raise CarraraError(f"{flag} steers a classifier's guidance: give it with --classifier RUN")
         return {}, {}
     if isinstance(pipe, FamilyPipeline):
         raise CarraraError(f"--classifier guides a diffusion model; this is a {pipe.kind} model")
-    classifier = load_classifier(args.classifier, pipe.schedule)
-    if args.classes is None:
+    classifier = load_classifier(run, pipe.schedule)
+    classes = args.classes
+    if classes is None and record is not None and record.get("classes_from") != "prompt":
+        classes = record["classes"]
+    if classes is None:
         if not prompt.strip():
             raise CarraraError('--classifier with an empty prompt (the unconditional model) needs --classes, e.g. '
                                '--classes "shape=star,color=red"')
         wanted = classifier.prompt_classes(prompt)
     else:
-        wanted = classifier.parse_classes(args.classes)
-    scale = 1.0 if args.classifier_scale is None else args.classifier_scale
+        wanted = classifier.parse_classes(classes)
+    scale = args.classifier_scale if args.classifier_scale is not None else (record or {}).get("scale", 1.0)
     guide = ClassifierGuidance(lambda x, t: classifier.log_prob(x, t, wanted), scale)
-    return {"classifier": guide}, {"classifier": {"run": str(Path(args.classifier).resolve()),
-                                                  "classes": classifier.describe(wanted), "scale": scale,
-                                                  **({} if args.classes else {"classes_from": "prompt"})}}
+    return {"classifier": guide}, {"classifier": {"run": str(Path(run).resolve()), "classes": classifier.describe(wanted),
+                                                  "scale": scale, **({} if classes else {"classes_from": "prompt"})}}
+
+
+def _recorded_classifier(args: argparse.Namespace, meta: dict | None) -> dict | None:
+    """The classifier guidance a --from PNG records (unless --classifier names another), checked: one line if it is
+    malformed or its run is gone."""
+    record = (meta or {}).get("classifier") if args.classifier is None else None
+    if record is None:
+        return None
+    scale = record.get("scale") if isinstance(record, dict) else None
+    if not (isinstance(record, dict) and isinstance(record.get("run"), str) and isinstance(record.get("classes"), str)
+            and isinstance(scale, int | float) and not isinstance(scale, bool) and scale >= 0):
+        raise CarraraError(f"{args.from_png}: metadata field 'classifier' must be {{run, classes, scale}}")
+    if not Path(record["run"]).exists():
+        raise CarraraError(f"{args.from_png} was made with the classifier {record['run']}, which is gone: pass "
+                           "--classifier RUN")
+    return record

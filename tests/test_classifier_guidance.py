@@ -55,6 +55,13 @@ def test_prompt_classes_read_what_the_prompt_names():
     assert model.describe(model.prompt_classes("a blue star below a red circle")) == \
         "relation[blue]=below,relation[red]=above"
     assert model.describe({"shape": 1, "color": 0, "relation": (1, 0)}) == "shape=star,color=red,relation[blue]=left of"
+    for text in ("shape=star,color=red", "relation[red]=left of,relation[blue]=right of", "color=blue,relation=above"):
+        assert model.parse_classes(model.describe(model.parse_classes(text))) == model.parse_classes(text)
+    assert model.parse_classes("relation[blue]=below,relation[red]=above") == {"relation": [(1, 3), (0, 2)]}
+    with pytest.raises(CarraraError, match="not a colour this classifier knows; choose one of red, blue"):
+        model.parse_classes("relation[green]=above")
+    with pytest.raises(CarraraError, match="unknown attribute 'shape\\[red\\]'"):
+        model.parse_classes("shape[red]=star")
     for prompt, message in [("a happy kitty", "names no object to guide toward"),
                             ("a red star left of a red circle", "names red twice"),
                             ("a large square", "has no head for what 'a large square' names"),
@@ -307,6 +314,36 @@ def test_generate_guides_toward_the_prompt_without_classes(classifier_run, tmp_p
         assert gen(model, prompt, "--classifier", str(classifier_run), "-o", str(tmp_path / "x.png")) == 2
         assert message in one_error_line(capsys)
         assert not (tmp_path / "x.png").exists()
+
+
+def test_classes_name_each_object_of_a_pair_by_colour_and_from_remakes_a_guided_image(classifier_run, tmp_path,
+                                                                                         capsys):
+    """--classes "relation[red]=…,pair_shape[red]=…" asks for a pair on the command line (what the prompt gives);
+    the PNG records the classes in that form, and --from makes the same image again, or says the run is gone."""
+    model = write_tiny_model(tmp_path / "model")
+    prompt = "a red circle to the left of a blue square"
+    common = ["--classifier", str(classifier_run), "--classifier-scale", "4", "--quiet"]
+    read, named = tmp_path / "read.png", tmp_path / "named.png"
+    assert gen(model, prompt, *common, "-o", str(read)) == 0
+    classes = read_png_metadata(read)["classifier"]["classes"]
+    assert classes == ("relation[red]=left of,relation[blue]=right of,pair_shape[red]=circle,"
+                       "pair_shape[blue]=square")
+    assert gen(model, prompt, *common, "--classes", classes, "-o", str(named)) == 0
+    pixels = lambda p: np.asarray(Image.open(p))
+    np.testing.assert_array_equal(pixels(read), pixels(named))
+    for made in (read, named):  # from the prompt, and from --classes
+        again = tmp_path / f"again-{made.name}"
+        assert main(["generate", "--from", str(made), "-o", str(again), "--quiet"]) == 0
+        np.testing.assert_array_equal(pixels(made), pixels(again))
+        assert read_png_metadata(again)["classifier"] == read_png_metadata(made)["classifier"]
+    moved = tmp_path / "moved"
+    classifier_run.rename(moved)
+    try:
+        assert main(["generate", "--from", str(read), "-o", str(tmp_path / "x.png")]) == 2
+        assert "which is gone: pass --classifier RUN" in one_error_line(capsys)
+    finally:
+        moved.rename(classifier_run)
+    assert not (tmp_path / "x.png").exists()
 
 
 @pytest.mark.parametrize("argv, message", [

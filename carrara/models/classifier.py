@@ -223,28 +223,45 @@ class NoiseAwareClassifier(nn.Module):
             raise CarraraError(f"--classifier: this classifier has no head for what {prompt!r} names; give {example}")
         return wanted
 
-    def parse_classes(self, text: str) -> dict[str, int | tuple[int, int]]:
-        """`"shape=star,color=red"` → head → class index; the relation ("relation=left of") needs a color too."""
-        cfg, wanted = self.config, {}
-        names = {**cfg.heads, **({RELATION: cfg.relations} if cfg.relations else {})}
+    def parse_classes(self, text: str) -> Wanted:
+        """`"shape=star,color=red"` → head → class index, the inverse of `describe`. A colour-indexed head names its
+        colour in brackets, as often as wanted: "relation[red]=left of,relation[blue]=right of,pair_shape[red]=circle"
+        (a pair: each object's relation to the other and its shape); "relation=left of" alone takes the colour from
+        "color=…"."""
+        cfg, wanted, by_color = self.config, {}, {}
+        names = {**cfg.heads, **({RELATION: cfg.relations} if cfg.relations else {}),
+                 **({PAIR_SHAPE: cfg.heads["shape"]} if cfg.pair_shapes else {})}
+        colors = cfg.heads.get(RELATION_BY, [])
         for item in (s.strip() for s in text.split(",")):
             if not item:
                 continue
-            head, _, value = (s.strip() for s in item.partition("="))
-            if head not in names:
-                raise CarraraError(f"--classes: unknown attribute {head!r}; this classifier knows "
+            key, _, value = (s.strip() for s in item.partition("="))
+            head, _, color = key.partition("[")
+            head, color = head.strip(), color.rstrip("]").strip()
+            if head not in names or (color and head not in BY_COLOR):
+                raise CarraraError(f"--classes: unknown attribute {key!r}; this classifier knows "
                                    f"{', '.join(names)} (e.g. --classes \"{next(iter(names))}={names[next(iter(names))][0]}\")")
             if value not in names[head]:
-                raise CarraraError(f"--classes {head}={value}: not a {head} this classifier knows; choose one of "
+                raise CarraraError(f"--classes {key}={value}: not a {head} this classifier knows; choose one of "
                                    f"{', '.join(names[head])}")
-            wanted[head] = names[head].index(value)
-        if not wanted:
+            if color:
+                if color not in colors:
+                    raise CarraraError(f"--classes {key}: not a colour this classifier knows; choose one of "
+                                       f"{', '.join(colors)}")
+                by_color.setdefault(head, []).append((colors.index(color), names[head].index(value)))
+            else:
+                wanted[head] = names[head].index(value)
+        if not wanted and not by_color:
             raise CarraraError(f"--classes: name at least one attribute, e.g. \"{', '.join(f'{k}={v[0]}' for k, v in list(names.items())[:2])}\"")
-        if RELATION in wanted:
-            if RELATION_BY not in wanted:
-                raise CarraraError(f"--classes relation={cfg.relations[wanted[RELATION]]}: say of which object, with "
-                                   f"{RELATION_BY}=… (the relation of the object of that colour to the other one)")
-            wanted[RELATION] = (wanted[RELATION_BY], wanted[RELATION])
+        for head in BY_COLOR:
+            if head in wanted:  # the one-object form: of the object of colour color=…
+                if RELATION_BY not in wanted:
+                    raise CarraraError(f"--classes {head}={names[head][wanted[head]]}: say of which object, with "
+                                       f"{RELATION_BY}=… or {head}[colour]=… (the object of that colour)")
+                wanted[head] = (wanted[RELATION_BY], wanted[head])
+        for head, pairs in by_color.items():
+            pairs = ([wanted[head]] if head in wanted else []) + pairs
+            wanted[head] = pairs if len(pairs) > 1 else pairs[0]
         return wanted
 
     @classmethod
