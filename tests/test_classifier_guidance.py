@@ -344,6 +344,15 @@ def test_classes_name_each_object_of_a_pair_by_colour_and_from_remakes_a_guided_
     finally:
         moved.rename(classifier_run)
     assert not (tmp_path / "x.png").exists()
+    from carrara.png import save_png
+
+    meta = read_png_metadata(read)
+    for bad in ("runs/clf", {"run": str(classifier_run), "classes": 3, "scale": 4},
+                {"run": str(classifier_run), "classes": classes, "scale": True}):
+        save_png(tmp_path / "bad.png", Image.open(read), {**meta, "classifier": bad})
+        assert main(["generate", "--from", str(tmp_path / "bad.png"), "-o", str(tmp_path / "x.png")]) == 2
+        assert "metadata field 'classifier' must be {run, classes, scale}" in one_error_line(capsys)
+    assert not (tmp_path / "x.png").exists()
 
 
 @pytest.mark.parametrize("argv, message", [
