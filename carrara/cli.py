@@ -199,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "two objects: their relations and shapes)")
     faith.add_argument("--classifier-scale", type=_nonnegative_float, default=None,
                        help="with --classifier: the guidance scale s (default 1)")
+    faith.add_argument("--precision", choices=["auto", "fp32", "bf16", "int8"], default="auto",
+                       help=f"the U-Net's precision (default {PRECISION_AUTO})")
     faith.add_argument("--allow-pickle", action="store_true", help="let the model's weights be pickles (.bin), read weights-only; default: safetensors only")
     faith.add_argument("--quiet", action="store_true", help="no progress bar")
     faith.set_defaults(func=handlers.cmd_eval_faithfulness)

@@ -247,7 +247,8 @@ def cmd_eval_faithfulness(args: argparse.Namespace) -> int:
     report = faithfulness_report(args.model, args.n, args.guidance, steps=args.steps, sampler=args.sampler,
                                  seed=args.seed, out=args.out, progress=not args.quiet, allow_pickle=args.allow_pickle,
                                  classifier=args.classifier,
-                                 classifier_scale=1.0 if args.classifier_scale is None else args.classifier_scale)
+                                 classifier_scale=1.0 if args.classifier_scale is None else args.classifier_scale,
+                                 precision=args.precision)
     print(format_report(report))
     if args.out:
         print(f"wrote {args.out}")

@@ -274,5 +274,9 @@ def test_auto_is_int8_without_native_bf16_where_a_calibration_is(model_copy, tmp
     assert main(["generate", "a red circle", "--model", str(model_copy), "--steps", "2", "-o", str(out),
                  "--quiet"]) == 0
     assert read_png_metadata(out)["precision"] == "int8"  # recorded, so --from makes it again in int8
+    report = tmp_path / "faith.json"
+    assert main(["eval", "faithfulness", "--model", str(model_copy), "--n", "2", "--steps", "2", "--precision", "fp32",
+                 "--out", str(report), "--quiet"]) == 0
+    assert json.loads(report.read_text())["precision"] == "fp32"  # asked for, though auto would be int8 here
     monkeypatch.setenv("CARRARA_BF16", "1")
     assert Pipeline.load(model_copy).precision == "bf16"

@@ -156,14 +156,15 @@ def detector_ceiling(n: int = 200, objects: int = 1, seed: int = 0, *, size: int
 def faithfulness_report(model_path, n: int = 200, guidance: float = DEFAULTS.guidance, *, steps: int = DEFAULTS.steps,
                         sampler: str = DEFAULTS.sampler, seed: int = 0, batch_size: int = 16, out=None,
                         classifier: str | None = None, classifier_scale: float = 1.0,
-                        progress: bool = True, allow_pickle: bool = False) -> dict:
+                        progress: bool = True, allow_pickle: bool = False, precision: str = "auto") -> dict:
     """Load a model, evaluate one- and two-object captions beside the detector's ceiling; write JSON to `out`.
     With `classifier` (a `carrara train classifier` run), every image is also guided toward its caption's ground
     truth with scale `classifier_scale` (`ClassifierGuided`)."""
     if n < 1:
         raise CarraraError(f"--n must be at least 1, got {n}")
-    pipe = load_any(model_path, allow_pickle=allow_pickle)
-    report = {"model": str(model_path), "model_hash": pipe.model_hash, "n": n, "guidance": guidance, "steps": steps,
+    pipe = load_any(model_path, allow_pickle=allow_pickle, **({"precision": precision} if precision != "auto" else {}))
+    report = {"model": str(model_path), "model_hash": pipe.model_hash, "precision": getattr(pipe, "precision", "fp32"),
+              "n": n, "guidance": guidance, "steps": steps,
               "sampler": sampler, "seed": seed,
               "detector": "analytic color/shape detector (carrara.evaluate.detector); ceiling = same captions, "
                           "rendered by carrara.data.shapes"}
@@ -189,7 +190,7 @@ def faithfulness_report(model_path, n: int = 200, guidance: float = DEFAULTS.gui
 def format_report(report: dict) -> str:
     """A short table: per attribute, the model's share with its 95 % interval and the detector's ceiling."""
     title = (f"faithfulness on shapes: {report['model']} (n={report['n']} per set, guidance {report['guidance']}, "
-             f"{report['steps']} {report['sampler']} steps, seed {report['seed']})")
+             f"{report['steps']} {report['sampler']} steps, seed {report['seed']}, {report.get('precision', 'fp32')})")
     if "classifier" in report:
         title += f"\nclassifier guidance s={report['classifier']['scale']:g} with {report['classifier']['run']}"
     lines = [title, f"{'':14s}{'model':>22s}{'ceiling':>9s}"]
