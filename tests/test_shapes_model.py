@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from carrara.evaluate.faithfulness import evaluate_faithfulness
+from carrara.evaluate.faithfulness import evaluate_faithfulness, sample_prompts
 from carrara.modelfolder import PACKAGED
 from carrara.pipeline import Pipeline
 
@@ -37,3 +37,17 @@ def test_shapes_model_draws_the_colour_and_shape_it_is_asked_for(pipe):
     report = evaluate_faithfulness(pipe, n=16, steps=10, progress=False)
     colour = report["attributes"]["color"]
     assert colour["correct"] >= 12, report["attributes"]
+
+
+def test_shapes_ships_the_int8_calibration_of_its_weights():
+    """`carrara quantize --model shapes --prompts recipes/shapes-int8-calibration.txt` (docs/performance.md): made
+    from the shapes captions of that file for these weights, so int8 (and auto without native bf16) loads it."""
+    from carrara.evaluate.suite import read_prompts
+    from carrara.models import int8
+
+    quantized = Pipeline.load("shapes", precision="int8")
+    record = json.loads((SHAPES / "unet" / int8.CALIBRATION_FILE).read_text())
+    assert record["unet_hash"] == quantized.model_hash and int8.is_int8(quantized.unet)
+    prompts = read_prompts(PACKAGED.parent.parent / "recipes" / "shapes-int8-calibration.txt")
+    made = [text for k in (1, 2) for _, text in sample_prompts(32, k, 12345)]  # as its header says; judged: seed 0
+    assert prompts == made and record["settings"]["prompts"] == 64
