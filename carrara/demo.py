@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     save_png(grid, image_grid(images, rows=4, labels=prompts, scale=2), {"prompts": prompts, "model": str(model),
                                                 **{k: v for k, v in asdict(DEFAULTS).items() if k != "prompt"}})
     print(f"wrote {grid.resolve()}: {len(prompts)} prompts, {per_image:.2f} s per image "
-          f"(batch of {len(prompts)}, {DEFAULTS.steps} {DEFAULTS.sampler} steps, guidance {DEFAULTS.guidance:g})")
+          f"(batch of {len(prompts)}, {DEFAULTS.steps} {DEFAULTS.sampler} steps, guidance {DEFAULTS.guidance:g}, "
+          f"{pipe.precision} U-Net)")
     for i, p in enumerate(prompts):
         print(f"  {i // 4},{i % 4}: {p}")
     return 0
