@@ -387,7 +387,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if pipe.unclip is not None:
         raise CarraraError("carrara compile takes a text-conditioned model; an unCLIP decoder's context also holds "
                            "its image tokens, which the compiled U-Net does not take yet")
-    if args.precision == "auto" and pipe.precision == "fp32" and int8.calibrated(pipe.unet_dir, pipe.model_hash):
+    auto_is_int8 = args.precision == "auto" and pipe.precision == "fp32"
+    if auto_is_int8 and int8.calibrated(pipe.unet_dir, pipe.model_hash) is not None:
         print(f"carrara compile: note: without native bf16 here, generate and serve sample {args.model} in int8 "
               "(precision auto); the compiled fp32 U-Net serves --precision fp32", flush=True)
     pipe.compiled = None  # eager, for the check

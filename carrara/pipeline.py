@@ -135,9 +135,9 @@ class Pipeline:
 
         Weights are read from safetensors only, unless allow_pickle lets `.bin` files be read weights-only.
         precision: "fp32", "bf16" (U-Net weights in bf16), "int8" (W8A8 U-Net with the calibration `carrara quantize`
-        stored beside its weights, models/int8.py) or "auto": bf16 where the CPU has native bf16; else int8 where
-        the U-Net has a calibration of these weights (the packaged default has one for the model and its student)
-        and `auto_int8` (False for weights about to change: a LoRA merge); else fp32.
+        stored beside its weights, models/int8.py; a cascade's upsampler too where it has one) or "auto": bf16 where
+        the CPU has native bf16; else int8 where the U-Net has a calibration of these weights (the packaged models
+        ship theirs) and `auto_int8` (False for weights about to change: a LoRA merge); else fp32.
         fast: sample with the few-step student the folder holds (carrara/student.py; a student run already is one)."""
         auto, precision = precision == "auto", resolve_precision(precision)
         keep_freed_memory()
@@ -168,11 +168,12 @@ class Pipeline:
             if upsampler.unet.config.cross_attention_dim != text_encoder.dim:
                 raise CarraraError(f"{folder.root / 'upsampler'} expects {upsampler.unet.config.cross_attention_dim}-dim "
                                    f"text states but the text encoder gives {text_encoder.dim}")
-        if auto and precision == "fp32" and auto_int8 and int8.calibrated(unet_dir, model_hash):
+        calibration = int8.calibrated(unet_dir, model_hash) if auto and precision == "fp32" and auto_int8 else None
+        if calibration is not None:
             precision = "int8"  # no native bf16: int8 is this CPU's fast path (docs/performance.md), fp32 by asking
         if precision == "int8":  # the student beside its teacher has its own calibration, in student/unet/
-            unet = int8.quantize_unet(unet, int8.read_calibration(unet_dir, model_hash,
-                                                                  f"{path}{' --fast' if fast else ''}"))
+            unet = int8.quantize_unet(unet, calibration or int8.read_calibration(unet_dir, model_hash,
+                                                                                 f"{path}{' --fast' if fast else ''}"))
             up_dir = folder.root / UPSAMPLER_FOLDER / "unet"  # without a calibration the upsampler stays fp32;
             if upsampler is not None and (up_dir / int8.CALIBRATION_FILE).exists():  # a stale one is refused
                 int8.quantize_unet(upsampler.unet, int8.read_calibration(up_dir, upsampler.weights_hash, str(path)))

@@ -162,7 +162,7 @@ def faithfulness_report(model_path, n: int = 200, guidance: float = DEFAULTS.gui
     truth with scale `classifier_scale` (`ClassifierGuided`)."""
     if n < 1:
         raise CarraraError(f"--n must be at least 1, got {n}")
-    pipe = load_any(model_path, allow_pickle=allow_pickle, **({"precision": precision} if precision != "auto" else {}))
+    pipe = load_any(model_path, allow_pickle=allow_pickle, precision=precision)
     report = {"model": str(model_path), "model_hash": pipe.model_hash, "precision": getattr(pipe, "precision", "fp32"),
               "n": n, "guidance": guidance, "steps": steps,
               "sampler": sampler, "seed": seed,

@@ -145,8 +145,7 @@ def run_eval(settings: EvalSettings, out_dir: str | Path, progress: bool = True)
     own_prompts = read_prompts(settings.prompts) if settings.prompts else None
     out_dir = ensure_dir(out_dir)
     pipe = load_any(settings.model, allow_pickle=settings.allow_pickle,  # a diffusion model, a cascade or a family
-                    **({"fast": True} if settings.fast else {}),
-                    **({"precision": settings.precision} if settings.precision != "auto" else {}))
+                    precision=settings.precision, **({"fast": True} if settings.fast else {}))
     own = getattr(pipe, "sampling", {"steps": DEFAULTS.steps, "sampler": DEFAULTS.sampler})  # the model's defaults
     settings = replace(settings, steps=settings.steps or own["steps"], sampler=settings.sampler or own["sampler"])
     report = {"settings": asdict(settings), "model_hash": pipe.model_hash, "precision": pipe.precision, "metrics": {}}

@@ -37,6 +37,11 @@ BY_COLOR = (RELATION, PAIR_SHAPE)  # heads whose logits are (B, n_colors, K) and
 Wanted = dict[str, "int | tuple[int, int] | list[tuple[int, int]]"]  # head → class; BY_COLOR heads: (colour, class)
 
 
+def _by_color(index: tuple[int, int] | list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """A colour-indexed head's wanted (colour, class) pairs: one object's, or a pair's list."""
+    return [index] if isinstance(index, tuple) else index
+
+
 @dataclass
 class ClassifierConfig:
     """Shape of the classifier and the names of its classes (saved as the folder's config.json)."""
@@ -149,6 +154,12 @@ class NoiseAwareClassifier(nn.Module):
             logits[PAIR_SHAPE] = logits[PAIR_SHAPE].unflatten(1, (len(cfg.heads[RELATION_BY]), len(cfg.heads["shape"])))
         return logits
 
+    def class_names(self) -> dict[str, list[str]]:
+        """Every head's class names, the colour-indexed ones included (their classes, not their colours)."""
+        cfg = self.config
+        return {**cfg.heads, **({RELATION: cfg.relations} if cfg.relations else {}),
+                **({PAIR_SHAPE: cfg.heads["shape"]} if cfg.pair_shapes else {})}
+
     def log_prob(self, x: torch.Tensor, t: torch.Tensor, wanted: Wanted) -> torch.Tensor:
         """log p_φ(y | x_t) = Σ over the wanted heads of log softmax at the wanted class (heads treated as independent,
         as a product of classifiers); the relation head's class is (colour index, relation index), or a list of
@@ -167,7 +178,7 @@ class NoiseAwareClassifier(nn.Module):
             terms = []
             for name, index in classes.items():
                 if name in BY_COLOR:
-                    terms += [log_p[name][i, c, k] for c, k in ([index] if isinstance(index, tuple) else index)]
+                    terms += [log_p[name][i, c, k] for c, k in _by_color(index)]
                 else:
                     terms.append(log_p[name][i, index])
             rows.append(sum(terms, x.new_zeros(())))
@@ -195,12 +206,10 @@ class NoiseAwareClassifier(nn.Module):
     def describe(self, wanted: Wanted) -> str:
         """The classes in words, as a PNG records them: "shape=star,color=red"; a colour-indexed head's by colour,
         "relation[red]=left of,relation[blue]=right of,pair_shape[red]=circle"."""
-        cfg, parts = self.config, []
-        names = {**cfg.heads, RELATION: cfg.relations, PAIR_SHAPE: cfg.heads.get("shape", [])}
+        names, parts = self.class_names(), []
         for head, index in wanted.items():
             if head in BY_COLOR:
-                parts += [f"{head}[{cfg.heads[RELATION_BY][c]}]={names[head][k]}"
-                          for c, k in ([index] if isinstance(index, tuple) else index)]
+                parts += [f"{head}[{names[RELATION_BY][c]}]={names[head][k]}" for c, k in _by_color(index)]
             else:
                 parts.append(f"{head}={names[head][index]}")
         return ",".join(parts)
@@ -228,10 +237,8 @@ class NoiseAwareClassifier(nn.Module):
         colour in brackets, as often as wanted: "relation[red]=left of,relation[blue]=right of,pair_shape[red]=circle"
         (a pair: each object's relation to the other and its shape); "relation=left of" alone takes the colour from
         "color=…"."""
-        cfg, wanted, by_color = self.config, {}, {}
-        names = {**cfg.heads, **({RELATION: cfg.relations} if cfg.relations else {}),
-                 **({PAIR_SHAPE: cfg.heads["shape"]} if cfg.pair_shapes else {})}
-        colors = cfg.heads.get(RELATION_BY, [])
+        names, wanted, by_color = self.class_names(), {}, {}
+        colors = names.get(RELATION_BY, [])
         for item in (s.strip() for s in text.split(",")):
             if not item:
                 continue

@@ -261,15 +261,14 @@ def read_calibration(unet_dir: str | Path, unet_hash: str, model: str) -> dict:
     return record
 
 
-def calibrated(unet_dir: str | Path, unet_hash: str) -> bool:
-    """Whether this CPU has int8 kernels and `unet_dir` a readable calibration of these weights (precision "auto"
-    takes int8 then, where there is no native bf16)."""
+def calibrated(unet_dir: str | Path, unet_hash: str) -> dict | None:
+    """The calibration of these weights in `unet_dir` if this CPU has int8 kernels and it is there and readable, else
+    None (precision "auto" takes int8 with it, where there is no native bf16)."""
     try:
         check_cpu()
-        read_calibration(unet_dir, unet_hash, str(unet_dir))
+        return read_calibration(unet_dir, unet_hash, str(unet_dir))
     except CarraraError:
-        return False
-    return True
+        return None
 
 
 def quantize_unet(unet: nn.Module, record: dict) -> nn.Module:
